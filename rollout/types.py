@@ -1,0 +1,111 @@
+"""Rollout data types and generation parameters. Plain data: no torch modules, no Ray."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SamplingParams:
+    """How tokens are sampled. Defaults live here once; configs override them."""
+
+    temperature: float = 1.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1.0: off
+    max_new_tokens: int = 64
+    stop_token_ids: list[int] = field(default_factory=list)  # the tokenizer's EOS is added by callers
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature: must be >= 0 (0 is greedy), got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k: must be >= 0 (0 turns it off), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p: must be in (0, 1] (1 turns it off), got {self.top_p}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens: must be >= 1, got {self.max_new_tokens}")
+
+
+@dataclass
+class SpecParams:
+    """Speculative decoding. mode: off | fixed (always draft k) | entropy (per row and step)."""
+
+    mode: str = "entropy"
+    k: int = 4  # draft depth for mode=fixed
+    max_k: int = 6  # deepest draft for mode=entropy (capped by the heads' depth)
+    draft: str = "sampled"  # sampled | greedy (greedy drafts are a baseline; still exact)
+    calibration_bins: int = 16  # entropy bins of the online acceptance table
+    log_every: int = 0  # log the calibration table and chosen depths every N steps (0: never)
+
+    def __post_init__(self):
+        if self.mode not in ("off", "fixed", "entropy"):
+            raise ValueError(f"mode: must be off, fixed or entropy, got {self.mode!r}")
+        if self.draft not in ("sampled", "greedy"):
+            raise ValueError(f"draft: must be sampled or greedy, got {self.draft!r}")
+        if not 1 <= self.k <= 8:
+            raise ValueError(f"k: must be in 1..8, got {self.k}")
+        if not 1 <= self.max_k <= 8:
+            raise ValueError(f"max_k: must be in 1..8, got {self.max_k}")
+        if self.calibration_bins < 2:
+            raise ValueError(f"calibration_bins: must be >= 2, got {self.calibration_bins}")
+
+
+@dataclass
+class Sequence:
+    """One finished rollout. Per-token lists are aligned with `tokens` (the completion)."""
+
+    prompt_id: int
+    prompt: list[int]
+    tokens: list[int]
+    logprobs: list[float]  # log-prob of each emitted token under the sampling distribution
+    entropies: list[float]  # entropy of the policy's sampling distribution at each token
+    finish_reason: str  # "stop" | "length"
+    policy_version: int = 0
+    draft_lengths: list[int] = field(default_factory=list)  # per verify step of this row
+    accepted: list[int] = field(default_factory=list)  # drafts accepted per verify step
+
+
+@dataclass
+class RolloutStats:
+    """Aggregate counters of one `Engine.generate` call."""
+
+    tokens: int = 0  # completion tokens emitted
+    sequences: int = 0
+    steps: int = 0  # decode steps (each one policy forward over the batch)
+    row_steps: int = 0  # sum over steps of rows in flight
+    time_s: float = 0.0
+    prefill_time_s: float = 0.0
+    draft_time_s: float = 0.0
+    verify_time_s: float = 0.0
+    drafted_per_pos: list[int] = field(default_factory=list)  # [K] drafts proposed at depth i
+    accepted_per_pos: list[int] = field(default_factory=list)  # [K] drafts accepted at depth i
+    depth_hist: list[int] = field(default_factory=list)  # [K+1] row-steps that drafted k tokens
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.time_s if self.time_s > 0 else 0.0
+
+    @property
+    def mean_accepted_len(self) -> float:
+        """Tokens emitted per row per verify step (1.0 without speculation)."""
+        return self.tokens / self.row_steps if self.row_steps else 0.0
+
+    @property
+    def accept_rate_per_pos(self) -> list[float]:
+        return [a / d if d else 0.0 for a, d in zip(self.accepted_per_pos, self.drafted_per_pos)]
+
+    def merge(self, other: "RolloutStats") -> "RolloutStats":
+        def add(a, b):
+            n = max(len(a), len(b))
+            return [(a[i] if i < len(a) else 0) + (b[i] if i < len(b) else 0) for i in range(n)]
+        return RolloutStats(
+            self.tokens + other.tokens, self.sequences + other.sequences, self.steps + other.steps,
+            self.row_steps + other.row_steps, self.time_s + other.time_s,
+            self.prefill_time_s + other.prefill_time_s, self.draft_time_s + other.draft_time_s,
+            self.verify_time_s + other.verify_time_s, add(self.drafted_per_pos, other.drafted_per_pos),
+            add(self.accepted_per_pos, other.accepted_per_pos), add(self.depth_hist, other.depth_hist))
+
+
+@dataclass
+class RolloutBatch:
+    sequences: list[Sequence]  # in prompt order
+    stats: RolloutStats

@@ -1,0 +1,213 @@
+"""Transformer building blocks shared by the policy (rollout/model.py) and the sequential draft
+head: RMSNorm, rotary embeddings (with the common scaling variants), grouped-query attention
+over a slot-indexed KV cache, SwiGLU, one decoder block.
+
+The KV cache knows nothing about sequences or sampling. It is a set of per-layer buffers
+indexed by (slot, position). A row's length lives with its owner (the engine); rolling a row
+back is forgetting: entries past its length are overwritten by the next write and never read
+before that, because attention is causal on absolute positions.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+@dataclass
+class RopeSpec:
+    """Rotary embedding parameters, as in a Hugging Face config (`rope_theta`, `rope_scaling`)."""
+
+    head_dim: int
+    theta: float = 10000.0
+    scaling: dict | None = None  # {"rope_type": "linear"|"llama3"|"yarn"|"dynamic"|"default", ...}
+    max_position_embeddings: int = 2048
+    partial_rotary_factor: float = 1.0
+
+
+def rope_inv_freq(spec: RopeSpec) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies [rot_dim/2] and the attention scaling factor for `spec`."""
+    dim = int(spec.head_dim * spec.partial_rotary_factor)
+    inv = 1.0 / (spec.theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    sc = dict(spec.scaling or {})
+    kind = sc.get("rope_type", sc.get("type", "default"))
+    mscale = 1.0
+    if kind in ("default", None):
+        pass
+    elif kind == "linear":
+        inv = inv / float(sc["factor"])
+    elif kind == "dynamic":
+        # Dynamic NTK equals the default inside max_position_embeddings; the engine never
+        # runs past it (its max_len is checked against the model's), so no rescaling here.
+        pass
+    elif kind == "llama3":  # arXiv:2407.21783, frequency-dependent interpolation
+        factor = float(sc["factor"])
+        lo, hi = float(sc.get("low_freq_factor", 1.0)), float(sc.get("high_freq_factor", 4.0))
+        old = float(sc.get("original_max_position_embeddings", 8192))
+        wavelen = 2 * math.pi / inv
+        smooth = (old / wavelen - lo) / (hi - lo)
+        scaled = torch.where(wavelen > old / lo, inv / factor, inv)
+        mid = (wavelen <= old / lo) & (wavelen >= old / hi)
+        inv = torch.where(mid, (1 - smooth) * inv / factor + smooth * inv, scaled)
+    elif kind == "yarn":  # arXiv:2309.00071
+        factor = float(sc["factor"])
+        old = float(sc.get("original_max_position_embeddings", spec.max_position_embeddings))
+        beta_fast, beta_slow = float(sc.get("beta_fast", 32)), float(sc.get("beta_slow", 1))
+        mscale = float(sc.get("attention_factor") or (0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0))
+
+        def corr(rot):
+            return (dim * math.log(old / (rot * 2 * math.pi))) / (2 * math.log(spec.theta))
+
+        low = max(math.floor(corr(beta_fast)), 0)
+        high = min(math.ceil(corr(beta_slow)), dim - 1)
+        ramp = (torch.arange(dim // 2, dtype=torch.float64) - low) / max(high - low, 1e-3)
+        extrap = 1 - ramp.clamp(0, 1)
+        inv = (inv / factor) * (1 - extrap) + inv * extrap
+    else:
+        raise ValueError(f"rope_scaling.rope_type={kind!r} is not supported; use one of "
+                         "default, linear, dynamic, llama3, yarn")
+    return inv.float(), mscale
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, heads, T, D]; cos/sin [B, T, rot] (rot <= D, Hugging Face half-split layout)."""
+    rot = cos.shape[-1]
+    cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
+    if rot == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    xr, xp = x[..., :rot], x[..., rot:]
+    return torch.cat((xr * cos + rotate_half(xr) * sin, xp), dim=-1)
+
+
+class Rotary(nn.Module):
+    def __init__(self, spec: RopeSpec):
+        super().__init__()
+        inv, self.mscale = rope_inv_freq(spec)
+        self.register_buffer("inv_freq", inv, persistent=False)
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [B, T] -> cos, sin [B, T, rot_dim] in fp32."""
+        freqs = positions.float()[..., None] * self.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos() * self.mscale, emb.sin() * self.mscale
+
+
+class KVCache:
+    """Per-layer K/V buffers [max_batch, max_len, n_kv_heads, head_dim], indexed by slot."""
+
+    def __init__(self, num_layers: int, max_batch: int, max_len: int, n_kv_heads: int,
+                 head_dim: int, device=None, dtype=torch.float32):
+        shape = (max_batch, max_len, n_kv_heads, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+        self.max_batch, self.max_len = max_batch, max_len
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+@dataclass
+class CacheView:
+    """Where one forward reads and writes in a KVCache.
+
+    slots [B] (None: rows 0..B-1), positions [B, T] absolute positions of the new tokens,
+    kv_len: attend over cache positions [0, kv_len) (static per batch bucket).
+    """
+
+    cache: KVCache
+    positions: torch.Tensor
+    kv_len: int
+    slots: torch.Tensor | None = None
+
+
+def causal_mask(query_pos: torch.Tensor, kv_len: int) -> torch.Tensor:
+    """[B, 1, T, kv_len] boolean, True where key position <= query position."""
+    keys = torch.arange(kv_len, device=query_pos.device)
+    return (keys[None, None, :] <= query_pos[:, :, None])[:, None]
+
+
+class Attention(nn.Module):
+    def __init__(self, hidden: int, n_heads: int, n_kv_heads: int, head_dim: int,
+                 bias: bool = False, qk_norm: bool = False, eps: float = 1e-6):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = n_heads, n_kv_heads, head_dim
+        self.q_proj = nn.Linear(hidden, n_heads * head_dim, bias=bias)
+        self.k_proj = nn.Linear(hidden, n_kv_heads * head_dim, bias=bias)
+        self.v_proj = nn.Linear(hidden, n_kv_heads * head_dim, bias=bias)
+        self.o_proj = nn.Linear(n_heads * head_dim, hidden, bias=False)
+        self.q_norm = RMSNorm(head_dim, eps) if qk_norm else None
+        self.k_norm = RMSNorm(head_dim, eps) if qk_norm else None
+
+    def forward(self, x, cos, sin, mask, layer: int = 0, view: CacheView | None = None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(q.transpose(1, 2), cos, sin)  # [B, H, T, D]
+        k = apply_rope(k.transpose(1, 2), cos, sin)  # [B, Hkv, T, D]
+        if view is not None:
+            ck, cv = view.cache.k[layer], view.cache.v[layer]
+            rows = view.slots if view.slots is not None else torch.arange(B, device=x.device)
+            idx = (rows[:, None], view.positions)
+            ck[idx] = k.transpose(1, 2).to(ck.dtype)  # [B, T, Hkv, D]
+            cv[idx] = v.to(cv.dtype)
+            if view.slots is None:
+                k, v = ck[:B, :view.kv_len], cv[:B, :view.kv_len]
+            else:
+                k, v = ck[view.slots, :view.kv_len], cv[view.slots, :view.kv_len]
+            k, v = k.transpose(1, 2), v.transpose(1, 2)  # [B, Hkv, S, D]
+        else:
+            v = v.transpose(1, 2)
+        if self.n_kv != self.n_heads:
+            rep = self.n_heads // self.n_kv
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderBlock(nn.Module):
+    def __init__(self, hidden: int, intermediate: int, n_heads: int, n_kv_heads: int,
+                 head_dim: int, eps: float = 1e-6, bias: bool = False, qk_norm: bool = False):
+        super().__init__()
+        self.input_layernorm = RMSNorm(hidden, eps)
+        self.self_attn = Attention(hidden, n_heads, n_kv_heads, head_dim, bias, qk_norm, eps)
+        self.post_attention_layernorm = RMSNorm(hidden, eps)
+        self.mlp = SwiGLU(hidden, intermediate)
+
+    def forward(self, x, cos, sin, mask, layer: int = 0, view: CacheView | None = None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, layer, view)
+        return x + self.mlp(self.post_attention_layernorm(x))
