@@ -50,6 +50,27 @@ class SpecParams:
 
 
 @dataclass
+class RolloutConfig:
+    """Where and how rollouts are served."""
+
+    num_workers: int = 1  # RolloutWorker actors (one per GPU on a cluster)
+    max_batch: int = 64  # rows in flight per engine (continuous batching refills finished rows)
+    max_seq_len: int = 0  # KV-cache length per row; 0: prompt length + max_new_tokens + draft depth
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
+
+    def __post_init__(self):
+        if self.num_workers < 1:
+            raise ValueError(f"num_workers: must be >= 1, got {self.num_workers}")
+        if self.max_batch < 1:
+            raise ValueError(f"max_batch: must be >= 1, got {self.max_batch}")
+        if self.max_seq_len < 0:
+            raise ValueError(f"max_seq_len: must be >= 0 (0 sizes it from the prompts), got {self.max_seq_len}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype: must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+
+
+@dataclass
 class Sequence:
     """One finished rollout. Per-token lists are aligned with `tokens` (the completion)."""
 

@@ -1,0 +1,79 @@
+"""Learner settings: the RL update loop (`TrainConfig`) and draft-head re-fitting (`RefitConfig`).
+
+Plain dataclasses, one default per setting; `experiments/config.py` composes them into the root
+config and prefixes the dotted path to the `ValueError`s raised here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+REFIT_SCHEDULES = ("never", "every", "on_drop")
+REFIT_LOSSES = ("tv", "e2e_tv", "kl", "ce")
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+@dataclass
+class TrainConfig:
+    """The RL loop: how many steps, how big a step, and the optimiser (AdamW)."""
+
+    steps: int = 30
+    prompts_per_step: int = 8  # prompts per RL step; each is sampled algo.group_size times
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    grad_clip: float = 1.0  # max global grad norm; 0 turns clipping off
+    micro_batch_size: int = 16  # sequences per forward/backward; gradients accumulate over the step
+    epochs_per_step: int = 1  # passes over each rollout batch (> 1 makes the later passes off-policy)
+    checkpoint_every: int = 10  # steps; 0 = only at the end
+    log_every: int = 1
+
+    def __post_init__(self):
+        _require(self.steps >= 1, f"steps: must be >= 1, got {self.steps}")
+        _require(self.prompts_per_step >= 1, f"prompts_per_step: must be >= 1, got {self.prompts_per_step}")
+        _require(self.lr > 0, f"lr: must be > 0 (typical 1e-6..1e-4), got {self.lr}")
+        _require(self.weight_decay >= 0, f"weight_decay: must be >= 0 (0 turns it off), got {self.weight_decay}")
+        self.betas = list(self.betas)
+        _require(len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas),
+                 f"betas: must be two numbers in [0, 1), e.g. [0.9, 0.999], got {self.betas}")
+        _require(self.grad_clip >= 0, f"grad_clip: must be >= 0 (0 turns clipping off), got {self.grad_clip}")
+        _require(self.micro_batch_size >= 1, f"micro_batch_size: must be >= 1, got {self.micro_batch_size}")
+        _require(self.epochs_per_step >= 1, f"epochs_per_step: must be >= 1, got {self.epochs_per_step}")
+        _require(self.checkpoint_every >= 0,
+                 f"checkpoint_every: must be >= 0 (0 saves only at the end), got {self.checkpoint_every}")
+        _require(self.log_every >= 1, f"log_every: must be >= 1, got {self.log_every}")
+
+
+@dataclass
+class RefitConfig:
+    """When and how the draft heads are re-fitted to the moving policy (trunk frozen)."""
+
+    schedule: str = "on_drop"  # never | every | on_drop
+    every: int = 10  # RL steps between re-fits, for schedule=every
+    # on_drop: re-fit when the mean accepted length falls below drop_fraction * its value
+    # right after the last fit (a stale head can drop acceptance to ~0 silently).
+    drop_fraction: float = 0.85
+    steps: int = 60  # optimiser steps per re-fit
+    lr: float = 1e-3
+    loss: str = "tv"  # tv | e2e_tv | kl | ce
+    kl_warmup_steps: int = 0  # KL first, then `loss`: TV gradients vanish when the distributions barely overlap
+    micro_batch_size: int = 16
+
+    def __post_init__(self):
+        _require(self.schedule in REFIT_SCHEDULES,
+                 f"schedule: must be one of {', '.join(REFIT_SCHEDULES)}, got {self.schedule!r}")
+        _require(self.every >= 1, f"every: must be >= 1 (RL steps between re-fits), got {self.every}")
+        _require(0.0 < self.drop_fraction < 1.0,
+                 f"drop_fraction: must be in (0, 1), e.g. 0.85 re-fits after a 15% drop, got {self.drop_fraction}")
+        _require(self.steps >= 1, f"steps: must be >= 1, got {self.steps}")
+        _require(self.lr > 0, f"lr: must be > 0 (typical 1e-3), got {self.lr}")
+        _require(self.loss in REFIT_LOSSES, f"loss: must be one of {', '.join(REFIT_LOSSES)}, got {self.loss!r}")
+        _require(self.kl_warmup_steps >= 0,
+                 f"kl_warmup_steps: must be >= 0 (0 skips the KL warm-up), got {self.kl_warmup_steps}")
+        _require(self.kl_warmup_steps <= self.steps,
+                 f"kl_warmup_steps: must be <= steps ({self.steps}); lower it or raise steps, "
+                 f"got {self.kl_warmup_steps}")
+        _require(self.micro_batch_size >= 1, f"micro_batch_size: must be >= 1, got {self.micro_batch_size}")

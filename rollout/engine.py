@@ -1,0 +1,420 @@
+"""Batched generation with continuous batching, plain or speculative.
+
+The engine owns a preallocated KV cache of `max_batch` rows. Active rows live in slots
+[0, n): a finished row is refilled from the prompt queue at once; once the queue is empty,
+finished rows are compacted away so the long tail runs at its true batch size.
+
+One decode step per row, vectorised over rows (no per-row Python loop inside a step):
+- plain: feed the last sampled token, sample the next one.
+- speculative (DESIGN.md): draft up to K tokens with the heads (sampled from the fp32 draft
+  distribution), choose each row's depth (spec_heads.depth), verify every row's drafts in one
+  policy forward, accept/reject exactly (spec_heads.rejection), emit accepted + one more token,
+  and roll the cache back by simply not advancing past rejections.
+
+Every row draws from its own counter-based random stream (keyed by its prompt id), so its
+output never depends on its batch neighbours, on `max_batch` or on scheduling, and a seed
+reproduces a run exactly. The engine knows nothing about tokenizers, tasks or Ray.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+
+import torch
+
+from rollout.types import RolloutBatch, RolloutStats, Sequence, SamplingParams, SpecParams
+from spec_heads.depth import DepthPolicy
+from spec_heads.rejection import rejection_sample
+from spec_heads.sampling import (entropy_from_logprobs, row_keys, row_uniforms, sample_with_uniforms,
+                                 sampling_logprobs)
+
+log = logging.getLogger(__name__)
+
+# random streams: a row never reuses a draw across uses
+_S_SAMPLE, _S_DRAFT, _S_ACCEPT, _S_FINAL = 1, 2, 3, 4
+
+
+def _bucket(n: int, quantum: int) -> int:
+    return -(-n // quantum) * quantum
+
+
+class Engine:
+    def __init__(self, model, heads=None, *, max_batch: int = 64, max_len: int | None = None,
+                 device=None, sync_every: int | None = None):
+        self.model = model.eval()
+        self.heads = heads.eval() if heads is not None else None
+        p = next(model.parameters())
+        self.device, self.dtype = (torch.device(device) if device else p.device), p.dtype
+        self.max_batch = max_batch
+        self.max_len = max_len or model.config.max_position_embeddings
+        self.policy_version = 0
+        self.cuda = self.device.type == "cuda"
+        # On a GPU, reading state back each step costs a sync; on a CPU it is free.
+        self.sync_every = sync_every or (4 if self.cuda else 1)
+        self.depth_policy: DepthPolicy | None = None
+        self._cache = self._head_cache = None
+
+    # ------------------------------------------------------------------ public
+    def set_heads(self, heads):
+        self.heads = heads.eval() if heads is not None else None
+        self._head_cache = None
+
+    @torch.inference_mode()
+    def generate(self, prompts: list[list[int]], sampling: SamplingParams,
+                 spec: SpecParams | None = None, seed: int = 0, ids: list[int] | None = None,
+                 progress=None) -> RolloutBatch:
+        """Generate one completion per prompt. `ids` (default 0..n-1) key each row's random
+        stream; give equal prompts distinct ids to get distinct samples."""
+        spec = spec or SpecParams(mode="off")
+        if spec.mode != "off" and self.heads is None:
+            raise ValueError(f"spec.mode={spec.mode!r} needs draft heads: fit them with "
+                             "`specroll fit-heads` or set spec.mode=off")
+        if not prompts:
+            return RolloutBatch([], RolloutStats())
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token (add a BOS token)")
+        ids = list(range(len(prompts))) if ids is None else list(ids)
+        K = 0 if spec.mode == "off" else min(spec.k if spec.mode == "fixed" else spec.max_k,
+                                            self.heads.config.num_depths)
+        need = max(map(len, prompts)) + sampling.max_new_tokens + K + 2
+        if need > self.max_len:
+            raise ValueError(f"prompt length + max_new_tokens + draft depth = {need} exceeds the "
+                             f"engine's max_len={self.max_len}; shorten prompts, lower "
+                             "sampling.max_new_tokens, or raise rollout.max_seq_len")
+        run = _Run(self, prompts, ids, sampling, spec, K, seed, progress)
+        return run.loop()
+
+    # ------------------------------------------------------------ internals
+    def caches(self, max_len: int):
+        if self._cache is None or self._cache.max_len < max_len or self._cache.max_batch < self.max_batch:
+            self._cache = self.model.new_cache(self.max_batch, max_len, self.device, self.dtype)
+            self._head_cache = None
+        if self.heads is not None and self._head_cache is None:
+            self._head_cache = self.heads.new_cache(self.max_batch, self._cache.max_len, self.device, self.dtype)
+        return self._cache, self._head_cache
+
+    def ensure_depth_policy(self, spec: SpecParams, K: int) -> DepthPolicy:
+        dp = self.depth_policy
+        if dp is None or dp.mode != spec.mode or dp.max_k < K:
+            dp = DepthPolicy(spec.mode, spec.k, K, spec.calibration_bins, self.model.config.vocab_size,
+                             self.max_batch, device=self.device)
+            self.depth_policy = dp
+            if spec.mode == "entropy":
+                self._probe_costs(dp, K)
+        return dp
+
+    def _probe_costs(self, dp: DepthPolicy, K: int):
+        """Time dummy verify forwards (rows x tokens) so the depth policy knows what one more
+        verified token costs before it has seen real steps."""
+        plan = dp.cost.probe_plan(self.max_batch, K + 1)
+        m, heads = self.model, self.heads
+        cache = m.new_cache(self.max_batch, 64 + K + 2, self.device, self.dtype)
+        hcache = heads.new_cache(self.max_batch, 64 + K + 2, self.device, self.dtype)
+        g = torch.Generator(device="cpu").manual_seed(0)
+        for rows, tokens in plan:
+            ids = torch.randint(0, m.config.vocab_size, (rows, tokens), generator=g).to(self.device)
+            pos = (32 + torch.arange(tokens)).expand(rows, tokens).to(self.device)
+            hid = torch.randn(rows, 1, m.config.hidden_size, generator=g).to(self.device, self.dtype)
+            last = torch.zeros(rows, dtype=torch.int64, device=self.device)
+            kv = _bucket(32 + tokens, 16)
+            for rep in range(3):
+                t0 = time.perf_counter()
+                # a whole step: draft tokens-1 with the heads, then verify `tokens` per row
+                logits, st = heads.begin(hid, ids[:, :1], pos[:, :1], last, m.embed_tokens, m.logits, hcache, kv)
+                for i in range(tokens - 1):
+                    tok = logits.argmax(-1)
+                    if i + 1 < tokens - 1:
+                        logits, st = heads.step(st, tok, m.embed_tokens, m.logits)
+                sampling_logprobs(m.logits(m(ids, pos, cache, kv)), 1.0)
+                if self.cuda:
+                    torch.cuda.synchronize()
+                if rep:  # first call warms up
+                    dp.record_step(rows, tokens, time.perf_counter() - t0)
+
+
+class _Run:
+    """State of one generate() call: per-row device tensors indexed by slot."""
+
+    def __init__(self, eng: Engine, prompts, ids, sampling: SamplingParams, spec: SpecParams, K,
+                 seed, progress):
+        self.e, self.prompts, self.ids, self.sp, self.spec, self.K = eng, prompts, ids, sampling, spec, K
+        self.seed, self.progress = seed, progress
+        B, dev = eng.max_batch, eng.device
+        self.max_len = max(map(len, prompts)) + sampling.max_new_tokens + K + 2
+        self.cache, self.hcache = eng.caches(_bucket(self.max_len, 64))
+        self.policy = eng.ensure_depth_policy(spec, K) if K else None
+        cap = sampling.max_new_tokens + K + 1
+        z = lambda *s, dt=torch.int64: torch.zeros(*s, dtype=dt, device=dev)
+        self.lengths, self.last_tok, self.n_out, self.keys = z(B), z(B), z(B), z(B)
+        self.done = torch.ones(B, dtype=torch.bool, device=dev)
+        self.out_tok, self.out_lp, self.out_ent = z(B, cap), z(B, cap, dt=torch.float32), z(B, cap, dt=torch.float32)
+        self.n_steps, self.out_dl, self.out_acc = z(B), z(B, cap), z(B, cap)
+        self.stop_ids = torch.tensor(sampling.stop_token_ids or [-1], device=dev)
+        if eng.heads is not None and K:
+            H = eng.model.config.hidden_size
+            self.hid = torch.zeros(B, K + 1, H, dtype=eng.dtype, device=dev)
+            self.nxt, self.hstart, self.hlast = z(B, K + 1), z(B), z(B)
+            self.hwidth = 1
+        self.slot_prompt = [-1] * B  # host: prompt index in each slot
+        self.n = 0  # active rows occupy slots [0, n)
+        self.len_bound = 0  # host upper bound of lengths[:n]
+        self.queue = deque(range(len(prompts)))
+        self.results: list[Sequence | None] = [None] * len(prompts)
+        self.stats = RolloutStats(drafted_per_pos=[0] * K, accepted_per_pos=[0] * K, depth_hist=[0] * (K + 1))
+        self.acc_drafted, self.acc_accepted = z(max(K, 1)), z(max(K, 1))
+        self.acc_hist, self.acc_tokens, self.acc_rowsteps = z(K + 1), z(()), z(())
+
+    def _kv(self, n: int) -> int:
+        """Attention span for a forward: a bucketed bound on the longest row (static shapes)."""
+        return min(_bucket(n, 64), self.cache.max_len)
+
+    # ----------------------------------------------------------------- loop
+    def loop(self) -> RolloutBatch:
+        e, t0 = self.e, time.perf_counter()
+        self._refill()
+        step = 0
+        while self.n:
+            if self.K:
+                self._spec_step()
+            else:
+                self._plain_step()
+            step += 1
+            self.stats.steps += 1
+            if step % e.sync_every == 0 or self.len_bound + self.K + 1 >= self.max_len:
+                self._collect()
+                self._refill()
+        s = self.stats
+        s.time_s = time.perf_counter() - t0
+        s.sequences = len(self.prompts)
+        s.tokens, s.row_steps = int(self.acc_tokens), int(self.acc_rowsteps)
+        if self.K:
+            s.drafted_per_pos = self.acc_drafted.tolist()[: self.K]
+            s.accepted_per_pos = self.acc_accepted.tolist()[: self.K]
+            s.depth_hist = self.acc_hist.tolist()
+        return RolloutBatch(self.results, s)
+
+    # ------------------------------------------------------------- prefill
+    def _refill(self):
+        """Prefill queued prompts into free slots [n, ...) (finished rows were compacted)."""
+        free = self.e.max_batch - self.n
+        take = [self.queue.popleft() for _ in range(min(free, len(self.queue)))]
+        if not take:
+            return
+        t0 = time.perf_counter()
+        dev, m = self.e.device, len(take)
+        slots = torch.arange(self.n, self.n + m, device=dev)
+        lens = [len(self.prompts[i]) for i in take]
+        P = max(lens)
+        ids = torch.zeros(m, P, dtype=torch.int64)
+        for r, i in enumerate(take):
+            ids[r, : lens[r]] = torch.tensor(self.prompts[i])
+        ids = ids.to(dev)
+        lens_t = torch.tensor(lens, device=dev)
+        pos = torch.arange(P, device=dev).expand(m, P)
+        h = self.e.model(ids, pos, self.cache, _bucket(P, 16), slots)  # [m, P, H]
+        last = h[torch.arange(m, device=dev), lens_t - 1]  # [m, H]
+        lp = sampling_logprobs(self.e.model.logits(last), self.sp.temperature, self.sp.top_k, self.sp.top_p)
+        keys = row_keys(self.seed, torch.tensor([self.ids[i] for i in take], device=dev))
+        zero = torch.zeros(m, dtype=torch.int64, device=dev)
+        tok = sample_with_uniforms(lp.exp(), row_uniforms(keys, zero, _S_SAMPLE, 1)[:, 0])
+        sl = slice(self.n, self.n + m)
+        self.keys[sl], self.lengths[sl], self.n_out[sl], self.n_steps[sl] = keys, lens_t, 0, 0
+        self.done[sl] = False
+        if self.K:
+            # the heads catch up over the prompt (sequential heads fill their own KV cache),
+            # then start each row from its last prompt position
+            nxt = torch.cat([ids[:, 1:], ids[:, :1]], 1).scatter(1, (lens_t - 1)[:, None], tok[:, None])
+            self.e.heads.begin(h, nxt, pos, lens_t - 1, self.e.model.embed_tokens, self.e.model.logits,
+                               self.hcache, _bucket(P + 1, 16), slots)
+            self.hid[sl, 0], self.nxt[sl, 0] = last, tok
+            self.hstart[sl], self.hlast[sl] = lens_t - 1, 0
+        for r, i in enumerate(take):
+            self.slot_prompt[self.n + r] = i
+        self._emit(sl, tok[:, None], lp.gather(1, tok[:, None]), entropy_from_logprobs(lp)[:, None],
+                   torch.ones(m, dtype=torch.int64, device=dev), count_step=False)
+        self.n += m
+        self.len_bound = max(self.len_bound, P)
+        self.stats.prefill_time_s += time.perf_counter() - t0
+
+    # ---------------------------------------------------------------- steps
+    def _plain_step(self):
+        n, sp, m = self.n, self.sp, self.e.model
+        pos = self.lengths[:n, None]
+        h = m(self.last_tok[:n, None], pos, self.cache, self._kv(self.len_bound + 1))
+        lp = sampling_logprobs(m.logits(h[:, 0]), sp.temperature, sp.top_k, sp.top_p)  # [n, V]
+        tok = sample_with_uniforms(lp.exp(), row_uniforms(self.keys[:n], self.n_out[:n], _S_SAMPLE, 1)[:, 0])
+        self._emit(slice(0, n), tok[:, None], lp.gather(1, tok[:, None]), entropy_from_logprobs(lp)[:, None],
+                   torch.ones(n, dtype=torch.int64, device=self.e.device))
+        self.len_bound += 1
+
+    def _draft(self, n: int, K: int):
+        """Draft K tokens per row. Returns draft_probs [n, K, V] fp32, tokens [n, K], entropy [n, K]."""
+        e, sp = self.e, self.sp
+        V = e.model.config.vocab_size
+        if K == 0 and self.hcache is None:  # nothing to draft, no head cache to keep in step
+            z = torch.zeros(n, 0, dtype=torch.int64, device=e.device)
+            return torch.zeros(n, 0, V, device=e.device), z, torch.zeros(n, 0, device=e.device)
+        w = self.hwidth
+        pos = self.hstart[:n, None] + torch.arange(w, device=e.device)
+        logits, st = e.heads.begin(self.hid[:n, :w], self.nxt[:n, :w], pos, self.hlast[:n],
+                                   e.model.embed_tokens, e.model.logits, self.hcache,
+                                   self._kv(self.len_bound + K + 2))
+        u = row_uniforms(self.keys[:n], self.n_out[:n], _S_DRAFT, self.K)  # [n, K]
+        probs, toks, ents = [], [], []
+        for i in range(K):
+            dlp = sampling_logprobs(logits, sp.temperature, sp.top_k, sp.top_p)  # [n, V]
+            ents.append(entropy_from_logprobs(dlp))
+            dp = dlp.exp()
+            if self.spec.draft == "greedy":  # baseline: argmax drafts, still exact (one-hot draft)
+                dp = torch.zeros_like(dp).scatter_(1, dp.argmax(1, keepdim=True), 1.0)
+            tok = sample_with_uniforms(dp, u[:, i])
+            probs.append(dp), toks.append(tok)
+            if i + 1 < K:
+                logits, st = e.heads.step(st, tok, e.model.embed_tokens, e.model.logits)
+        if K == 0:  # the sequential head only caught its cache up
+            z = torch.zeros(n, 0, dtype=torch.int64, device=e.device)
+            return torch.zeros(n, 0, V, device=e.device), z, torch.zeros(n, 0, device=e.device)
+        return torch.stack(probs, 1), torch.stack(toks, 1), torch.stack(ents, 1)
+
+    def _spec_step(self):
+        e, sp, n, dev = self.e, self.sp, self.n, self.e.device
+        t0 = time.perf_counter()
+        # where verifying is dear the policy's budget is 0: no drafting, a plain step
+        Kd = min(self.K, self.policy.draft_budget(n))
+        draft_probs, draft_tok, draft_ent = self._draft(n, Kd)  # [n, Kd, V], [n, Kd], [n, Kd]
+        dlen = self.policy.choose(draft_ent, n)  # [n]
+        # verify width: the batch's deepest draft (read back on CPU, where it is free; on a
+        # GPU keep the static width Kd so no sync is needed)
+        W = 1 + (Kd if e.cuda or Kd == 0 else int(dlen.max()))
+        t1 = time.perf_counter()
+        inp = torch.cat([self.last_tok[:n, None], draft_tok[:, : W - 1]], 1)  # [n, W]
+        pos = self.lengths[:n, None] + torch.arange(W, device=dev)
+        h = e.model(inp, pos, self.cache, self._kv(self.len_bound + W))  # [n, W, H]
+        tlp = sampling_logprobs(e.model.logits(h), sp.temperature, sp.top_k, sp.top_p)  # [n, W, V]
+        acc_u = row_uniforms(self.keys[:n], self.n_out[:n], _S_ACCEPT, W - 1)
+        fin_u = row_uniforms(self.keys[:n], self.n_out[:n], _S_FINAL, 1)[:, 0]
+        toks, num = rejection_sample(tlp.exp(), draft_probs[:, : W - 1], draft_tok[:, : W - 1], dlen,
+                                     uniforms=(acc_u, fin_u))  # [n, W], [n]
+        safe = toks.clamp(min=0)
+        lps = tlp.gather(2, safe[..., None])[..., 0]  # [n, W]
+        ents = entropy_from_logprobs(tlp)  # [n, W]
+        live = ~self.done[:n]
+        self._emit(slice(0, n), toks, lps, ents, num, dlen=dlen)
+        # the heads start next step from the fed positions that were accepted
+        self.hid[:n, :W], self.nxt[:n, :W] = h, safe
+        self.hstart[:n] = torch.where(live, pos[:, 0], self.hstart[:n])
+        self.hlast[:n] = torch.where(live, num - 1, self.hlast[:n])
+        self.hwidth = W
+        zero = torch.zeros_like(dlen)  # rows that were already done count for nothing
+        if Kd:
+            self.policy.observe(draft_ent, torch.where(live, dlen, zero), torch.where(live, num - 1, zero))
+        self.len_bound += W
+        # stats (device accumulators, read once at the end)
+        d = torch.arange(self.K, device=dev)
+        dlen = torch.where(live, dlen, zero)
+        # a draft counts as tested at depth i only if every earlier draft was accepted, so
+        # accepted/drafted is the conditional acceptance per position
+        tested = (d[None] < dlen[:, None]) & (d[None] <= (num - 1)[:, None])
+        self.acc_drafted[: self.K] += (tested & live[:, None]).sum(0)
+        self.acc_accepted[: self.K] += ((d[None] < (num - 1)[:, None]) & live[:, None]).sum(0)
+        self.acc_hist.scatter_add_(0, dlen, live.long())
+        if e.cuda:
+            torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        self.stats.draft_time_s += t1 - t0
+        self.stats.verify_time_s += t2 - t1
+        self.policy.record_step(n, W, t2 - t0)
+        if self.spec.log_every and self.stats.steps % self.spec.log_every == 0:
+            log.info("depth policy at step %d (rows=%d, width=%d): %s", self.stats.steps, n, W,
+                     self.policy.summary())
+
+    # ----------------------------------------------------------- bookkeeping
+    def _emit(self, sl: slice, toks, lps, ents, num, dlen=None, count_step=True):
+        """Append up to num[b] tokens per row (stopping at a stop token or max_new_tokens);
+        rows already done are left untouched. toks/lps/ents [m, W], num [m]."""
+        m, W = toks.shape
+        dev = toks.device
+        done, n_out = self.done[sl], self.n_out[sl]
+        j = torch.arange(W, device=dev)
+        valid = j[None] < num[:, None]
+        is_stop = torch.isin(toks, self.stop_ids) & valid
+        # keep tokens up to and including the first stop, and within max_new_tokens
+        first_stop = torch.where(is_stop.any(1), is_stop.int().argmax(1) + 1, num)
+        room = self.sp.max_new_tokens - n_out
+        cnt = torch.minimum(torch.minimum(num, first_stop), room)
+        cnt = torch.where(done, torch.zeros_like(cnt), cnt)
+        keep = j[None] < cnt[:, None]  # [m, W]
+        col = (n_out[:, None] + j[None]).clamp(max=self.out_tok.shape[1] - 1)
+        rows = torch.arange(sl.start, sl.start + m, device=dev)[:, None].expand(m, W)
+        for buf, val in ((self.out_tok, toks), (self.out_lp, lps), (self.out_ent, ents)):
+            cur = buf[rows, col]
+            buf[rows, col] = torch.where(keep, val.to(buf.dtype), cur)
+        new_out = n_out + cnt
+        finished = ~done & ((first_stop <= cnt) & is_stop.any(1) | (new_out >= self.sp.max_new_tokens))
+        last = toks.gather(1, (num - 1).clamp(min=0)[:, None])[:, 0]
+        if count_step:
+            live = ~done
+            step_col = self.n_steps[sl].clamp(max=self.out_dl.shape[1] - 1)
+            r1 = torch.arange(sl.start, sl.start + m, device=dev)
+            if dlen is not None:
+                self.out_dl[r1, step_col] = torch.where(live, dlen, self.out_dl[r1, step_col])
+                self.out_acc[r1, step_col] = torch.where(live, num - 1, self.out_acc[r1, step_col])
+            self.n_steps[sl] += live.long()
+            self.lengths[sl] += torch.where(live, num, torch.zeros_like(num))
+            self.acc_rowsteps += live.sum()
+        self.acc_tokens += cnt.sum()
+        self.last_tok[sl] = torch.where(done, self.last_tok[sl], last)
+        self.n_out[sl] = new_out
+        self.done[sl] = done | finished
+
+    def _collect(self):
+        """Hand finished rows to the results (one read-back), then compact the active slots."""
+        n = self.n
+        done = self.done[:n].tolist()
+        fin = [b for b in range(n) if done[b]]
+        if not fin:
+            return
+        idx = torch.tensor(fin, device=self.e.device)
+        n_out, n_steps = self.n_out[idx].tolist(), self.n_steps[idx].tolist()
+        toks, lps, ents = self.out_tok[idx].tolist(), self.out_lp[idx].tolist(), self.out_ent[idx].tolist()
+        dls, accs = self.out_dl[idx].tolist(), self.out_acc[idx].tolist()
+        for r, b in enumerate(fin):
+            i = self.slot_prompt[b]
+            k = n_out[r]
+            stop = k > 0 and toks[r][k - 1] in self.sp.stop_token_ids
+            self.results[i] = Sequence(
+                prompt_id=self.ids[i], prompt=list(self.prompts[i]), tokens=toks[r][:k], logprobs=lps[r][:k],
+                entropies=ents[r][:k], finish_reason="stop" if stop else "length",
+                policy_version=self.e.policy_version,
+                draft_lengths=dls[r][: n_steps[r]] if self.K else [], accepted=accs[r][: n_steps[r]] if self.K else [])
+            self.slot_prompt[b] = -1
+            if self.progress is not None:
+                self.progress.update(1)
+        keep = [b for b in range(n) if not done[b]]
+        self._compact(keep)
+
+    def _compact(self, keep: list[int]):
+        """Move the rows in `keep` to slots [0, len(keep)) (cache rows included)."""
+        m = len(keep)
+        moves = [(src, dst) for dst, src in enumerate(keep) if src != dst]
+        if moves:
+            dev = self.e.device
+            src = torch.tensor([s for s, _ in moves], device=dev)
+            dst = torch.tensor([d for _, d in moves], device=dev)
+            tensors = [self.lengths, self.last_tok, self.n_out, self.keys, self.done, self.out_tok,
+                       self.out_lp, self.out_ent, self.n_steps, self.out_dl, self.out_acc]
+            if self.K:
+                tensors += [self.hid, self.nxt, self.hstart, self.hlast]
+            for c in (self.cache, self.hcache):
+                if c is not None:
+                    tensors += c.k + c.v
+            for t in tensors:
+                t[dst] = t[src]
+            for s, d in moves:
+                self.slot_prompt[d] = self.slot_prompt[s]
+        for b in range(m, self.n):
+            self.slot_prompt[b] = -1
+        self.done[m:self.n] = True
+        self.n = m
+        self.len_bound = int(self.lengths[:m].max()) if m else 0

@@ -1,0 +1,327 @@
+"""Draft heads: `parallel` (Medusa, arXiv:2401.10774) and `sequential` (DeepSeek-V3 MTP,
+arXiv:2412.19437; Qwen3.5 native MTP), behind one interface.
+
+The heads never own the policy's embedding or LM head. Both come in per call as callables
+`embed(ids [..]) -> [.., H]` and `lm_head(h [.., H]) -> [.., V]` (the engine passes
+`model.embed_tokens` and `model.logits`), so saving heads saves only head weights. This module
+knows nothing about sampling, acceptance or the policy's KV cache.
+
+Alignment (everything below follows from it):
+- Trunk: the policy's final-normed hidden state h_t at position t predicts token x_{t+1}.
+- Depth i (1-based) predicts x_{t+1+i} from h_t (and, for `sequential`, from x_{t+1..t+i}).
+- `parallel`: depth i is its own residual block `h + W2(SiLU(W1 h))` (W2 zero-initialised, so
+  a fresh head equals the trunk's next-token head) followed by the shared LM head. No weights
+  are shared between depths (Medusa's `[ResBlock] * n` shared one block by accident).
+- `sequential`: ONE module applied recursively. Its input for an entry at position t+m is
+  `proj(cat(norm_h(g), norm_e(embed(x_{t+m}))))`, where g = h_t for depth 1 and g = the previous
+  depth's block output (before the final norm) for depth m > 1. Then one DecoderBlock (the
+  trunk's dims and RoPE) at position t+m, a final RMSNorm and the LM head: the output predicts
+  x_{t+1+m}.
+
+The sequential block attends over the sequence, so it keeps a KV cache of its OWN (never mixed
+with the policy's; mixing the two shipped in a production MTP model as a train/inference
+mismatch). At inference the cache holds the depth-1 entry of every committed position (entry
+t+1 from h_t and x_{t+1}); a draft chain's entries (depth >= 2) sit at the positions after
+them. `begin` writes the depth-1 entries of the newly accepted positions, overwriting the
+chain's entries there (rollback is forgetting, as in layers.py). Position 0 holds no entry and
+is never attended. `train_logits` reproduces exactly this view with a block/diagonal mask:
+depth d for start t sees the depth-1 entries of starts s <= t and the chain entries of depths
+2..d of start t only (tests/spec_heads/test_heads.py checks inference == training to 1e-5).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from spec_heads.layers import (CacheView, DecoderBlock, KVCache, RMSNorm, RopeSpec, Rotary,
+                               apply_rope, causal_mask)
+
+KINDS = ("parallel", "sequential")
+MAX_DEPTHS = 8
+WEIGHTS_FILE = "heads.safetensors"
+CONFIG_FILE = "heads_config.json"
+# Model dims a head set is tied to; a mismatch at load means the heads belong to another model.
+MODEL_DIMS = ("hidden_size", "vocab_size", "intermediate_size", "num_attention_heads",
+              "num_key_value_heads", "head_dim")
+
+
+@dataclass
+class HeadConfig:
+    kind: str = "parallel"  # parallel | sequential
+    num_depths: int = 4  # 1..8
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"kind: must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        if isinstance(self.num_depths, bool) or not isinstance(self.num_depths, int) \
+                or not 1 <= self.num_depths <= MAX_DEPTHS:
+            raise ValueError(f"num_depths: must be an integer in 1..{MAX_DEPTHS} (drafts per "
+                             f"step; deeper drafts are rarely accepted), got {self.num_depths!r}")
+
+
+@dataclass
+class DraftState:
+    """Where a draft chain stands after the call that returned it.
+
+    depth: the depth of the logits just returned (1 after `begin`).
+    hidden [B, H]: parallel: the trunk's h at the row's last position; sequential: the block
+      output of the last depth (before the final norm), the next depth's input.
+    positions [B]: sequential: head-cache position of the last entry written (None: parallel).
+    """
+
+    depth: int
+    hidden: torch.Tensor
+    positions: torch.Tensor | None = None
+    cache: KVCache | None = None
+    kv_len: int | None = None
+    slots: torch.Tensor | None = None
+    out_dtype: torch.dtype = torch.float32  # the trunk's dtype, which its lm_head expects
+
+
+class ResBlock(nn.Module):
+    """h + W2(SiLU(W1 h)), W2 zero-initialised so a fresh block is the identity."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(hidden, hidden)
+        self.w2 = nn.Linear(hidden, hidden)
+        nn.init.zeros_(self.w2.weight)
+        nn.init.zeros_(self.w2.bias)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + self.w2(F.silu(self.w1(h)))
+
+
+class MTPModule(nn.Module):
+    """The sequential head's one module: fuse, one decoder block, final norm."""
+
+    def __init__(self, mc):
+        super().__init__()
+        H, eps = mc.hidden_size, mc.rms_norm_eps
+        self.norm_h = RMSNorm(H, eps)
+        self.norm_e = RMSNorm(H, eps)
+        self.proj = nn.Linear(2 * H, H, bias=False)
+        self.block = DecoderBlock(H, mc.intermediate_size, mc.num_attention_heads,
+                                  mc.num_key_value_heads, mc.head_dim, eps,
+                                  mc.attention_bias, mc.qk_norm)
+        self.final_norm = RMSNorm(H, eps)
+        extra = getattr(mc, "extra", None) or {}
+        self.rotary = Rotary(RopeSpec(mc.head_dim, mc.rope_theta, mc.rope_scaling,
+                                      mc.max_position_embeddings,
+                                      extra.get("partial_rotary_factor", 1.0)))
+
+    def fuse(self, g: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """g, emb [.., H] -> block input [.., H]."""
+        return self.proj(torch.cat((self.norm_h(g), self.norm_e(emb)), dim=-1))
+
+
+class DraftHeads(nn.Module):
+    def __init__(self, config: HeadConfig, model_config):
+        super().__init__()
+        self.config = config
+        self.num_depths = config.num_depths
+        self.kind = config.kind
+        self.model_dims = {k: int(getattr(model_config, k)) for k in MODEL_DIMS}
+        if config.kind == "parallel":
+            self.blocks = nn.ModuleList(ResBlock(model_config.hidden_size)
+                                        for _ in range(config.num_depths))
+        else:
+            self.mtp = MTPModule(model_config)
+            self._n_kv, self._head_dim = model_config.num_key_value_heads, model_config.head_dim
+
+    def _param(self) -> torch.Tensor:
+        return next(self.parameters())
+
+    # ------------------------------------------------------------------ inference
+    def new_cache(self, max_batch: int, max_len: int, device=None, dtype=None) -> KVCache | None:
+        """The sequential head's own 1-layer KV cache; None for parallel heads.
+
+        max_len: the policy cache's max_len. The head cache adds num_depths + 1 positions: the
+        chain runs num_depths past the last committed position, and the last position is a
+        scratch slot where `begin` writes its padding entries.
+        """
+        if self.kind == "parallel":
+            return None
+        p = self._param()
+        return KVCache(1, max_batch, max_len + self.num_depths + 1, self._n_kv, self._head_dim,
+                       device or p.device, dtype or p.dtype)
+
+    def begin(self, hidden, next_tokens, positions, last_index, embed, lm_head,
+              cache: KVCache | None = None, kv_len: int | None = None,
+              slots: torch.Tensor | None = None):
+        """Start a draft chain; returns depth-1 logits [B, V] and the chain's state.
+
+        hidden [B, T, H]: trunk hidden states at the T positions just fed (row b valid at
+        t <= last_index[b]); next_tokens [B, T]: the token that follows positions[b, t];
+        positions [B, T]: absolute positions of `hidden` (any values in padding);
+        last_index [B]. Depth 1 predicts the token after next_tokens[b, last_index[b]].
+        Sequential only: `cache` from `new_cache`, `slots` [B] its rows (default 0..B-1),
+        `kv_len` attends over head-cache positions [0, kv_len) and must exceed
+        max_b positions[b, last_index[b]] + num_depths (default: the whole cache).
+        """
+        B = hidden.shape[0]
+        rows = torch.arange(B, device=hidden.device)
+        if self.kind == "parallel":
+            h_last = hidden[rows, last_index]  # [B, H]
+            state = DraftState(depth=1, hidden=h_last, out_dtype=hidden.dtype)
+            return self._parallel_logits(state, lm_head), state
+        if cache is None:
+            raise ValueError("cache: sequential heads keep their own KV cache; pass "
+                             "heads.new_cache(max_batch, max_len) to begin")
+        kv_len = kv_len or cache.max_len
+        mtp, dt = self.mtp, self._param().dtype
+        T = hidden.shape[1]
+        valid = torch.arange(T, device=hidden.device)[None, :] <= last_index[:, None]  # [B, T]
+        # Depth-1 entry for position p sits at p+1. Padding goes to the scratch position, so
+        # whatever positions the caller put in padding can never overwrite a committed entry.
+        write_pos = torch.where(valid, positions + 1, cache.max_len - 1)  # [B, T]
+        x = mtp.fuse(hidden.to(dt), embed(next_tokens).to(dt))  # [B, T, H]
+        out = self._cached_block(x, write_pos, cache, kv_len, slots)  # [B, T, H]
+        state = DraftState(depth=1, hidden=out[rows, last_index],
+                           positions=write_pos[rows, last_index],
+                           cache=cache, kv_len=kv_len, slots=slots, out_dtype=hidden.dtype)
+        return lm_head(mtp.final_norm(state.hidden).to(hidden.dtype)), state
+
+    def step(self, state: DraftState, token: torch.Tensor, embed, lm_head):
+        """Depth m+1 logits [B, V] given the depth-m drafted token [B]; returns (logits, state)."""
+        if state.depth >= self.num_depths:
+            raise ValueError(f"step: the chain already drafted all num_depths={self.num_depths} "
+                             "depths; call begin to start a new chain (or fit deeper heads)")
+        if self.kind == "parallel":
+            state = replace(state, depth=state.depth + 1)
+            return self._parallel_logits(state, lm_head), state
+        mtp, dt = self.mtp, self._param().dtype
+        pos = state.positions + 1  # [B]
+        x = mtp.fuse(state.hidden, embed(token).to(dt))[:, None]  # [B, 1, H]
+        out = self._cached_block(x, pos[:, None], state.cache, state.kv_len, state.slots)[:, 0]
+        state = replace(state, depth=state.depth + 1, hidden=out, positions=pos)
+        return lm_head(mtp.final_norm(out).to(state.out_dtype)), state
+
+    def _parallel_logits(self, state: DraftState, lm_head) -> torch.Tensor:
+        h = state.hidden
+        return lm_head(self.blocks[state.depth - 1](h.to(self._param().dtype)).to(h.dtype))
+
+    def _cached_block(self, x, write_pos, cache, kv_len, slots) -> torch.Tensor:
+        """The decoder block over x [B, T, H] at head-cache positions write_pos [B, T]."""
+        cos, sin = self.mtp.rotary(write_pos)
+        keys = torch.arange(kv_len, device=x.device)
+        mask = causal_mask(write_pos, kv_len) & (keys >= 1)  # position 0 never holds an entry
+        view = CacheView(cache, write_pos, kv_len, slots)
+        return self.mtp.block(x, cos, sin, mask, 0, view)
+
+    # ------------------------------------------------------------------ training
+    def train_logits(self, hidden, tokens, embed, lm_head, depths: int | None = None):
+        """Teacher-forced draft logits [B, K, T, V], K = depths (default num_depths).
+
+        hidden [B, T, H]: the trunk's hidden at position t of `tokens` [B, T] (it predicted
+        tokens[:, t+1]). logits[:, i-1, t] is depth i's draft for tokens[:, t+1+i] given the
+        true tokens up to t+i; its target is the trunk's distribution at position t+i, so it
+        is valid only for t+i <= T-1 (finite garbage elsewhere).
+        """
+        return lm_head(self.train_features(hidden, tokens, embed, depths).to(hidden.dtype))
+
+    def train_features(self, hidden, tokens, embed, depths: int | None = None) -> torch.Tensor:
+        """`train_logits` before the LM head: [B, K, T, H] (lets a loss chunk the vocab)."""
+        depths = self.num_depths if depths is None else depths
+        if not 1 <= depths <= self.num_depths:
+            raise ValueError(f"depths: must be in 1..{self.num_depths} (the heads' num_depths), "
+                             f"got {depths}")
+        h = hidden.to(self._param().dtype)
+        if self.kind == "parallel":
+            return torch.stack([self.blocks[i](h) for i in range(depths)], dim=1)
+        return self._sequential_features(h, tokens, embed, depths)
+
+    def _sequential_features(self, h, tokens, embed, depths: int) -> torch.Tensor:
+        B, T, _ = h.shape
+        mtp, attn = self.mtp, self.mtp.block.self_attn
+        start = torch.arange(T, device=h.device)
+        # Depth m (1-based) for start t: input token x_{t+m}, entry at position t+m. Tokens
+        # past the end feed only entries whose outputs are invalid (t+m > T-1).
+        shifted = F.pad(tokens, (0, depths), value=0)
+        g, keys, values, feats = h, [], [], []
+        for m in range(1, depths + 1):
+            x = mtp.fuse(g, embed(shifted[:, m:m + T]).to(h.dtype))  # [B, T, H]
+            cos, sin = mtp.rotary((start + m).expand(B, T))
+            q, k, v = _qkv(attn, mtp.block.input_layernorm(x), cos, sin)  # [B, heads, T, D]
+            keys.append(k)
+            values.append(v)
+            out = x + _attend(attn, q, torch.cat(keys, 2), torch.cat(values, 2),
+                              _train_mask(m, T, h.device))
+            g = out + mtp.block.mlp(mtp.block.post_attention_layernorm(out))
+            feats.append(mtp.final_norm(g))
+        return torch.stack(feats, dim=1)
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self, path_dir, policy_version: int, extra: dict | None = None) -> None:
+        """Head weights (safetensors) + heads_config.json; each written to a temp file, then renamed."""
+        from safetensors.torch import save_file
+
+        path = Path(path_dir)
+        path.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        meta = {"kind": self.kind, "num_depths": self.num_depths, **self.model_dims,
+                "policy_version": int(policy_version), "extra": extra or {}}
+        tmp_w, tmp_c = path / (WEIGHTS_FILE + ".tmp"), path / (CONFIG_FILE + ".tmp")
+        save_file(tensors, str(tmp_w))
+        tmp_c.write_text(json.dumps(meta, indent=2))
+        os.replace(tmp_w, path / WEIGHTS_FILE)
+        os.replace(tmp_c, path / CONFIG_FILE)
+
+    @classmethod
+    def load(cls, path_dir, model_config, device=None, dtype=None):
+        """-> (heads, policy_version). Raises ValueError if the heads belong to another model."""
+        from safetensors.torch import load_file
+
+        path = Path(path_dir)
+        if not (path / CONFIG_FILE).exists() or not (path / WEIGHTS_FILE).exists():
+            raise FileNotFoundError(f"path_dir: {path} holds no {CONFIG_FILE} + {WEIGHTS_FILE}; "
+                                    "point it at a directory written by DraftHeads.save")
+        meta = json.loads((path / CONFIG_FILE).read_text())
+        saved = {k: meta[k] for k in MODEL_DIMS}
+        wanted = {k: int(getattr(model_config, k)) for k in MODEL_DIMS}
+        if saved != wanted:
+            show = lambda d: ", ".join(f"{k}={d[k]}" for k in MODEL_DIMS if saved[k] != wanted[k])
+            raise ValueError(f"path_dir: heads at {path} were fit for a model with ({show(saved)}) "
+                             f"but the policy has ({show(wanted)}); re-fit heads for this policy "
+                             "(`specroll fit-heads`)")
+        heads = cls(HeadConfig(meta["kind"], meta["num_depths"]), model_config)
+        heads.load_state_dict(load_file(str(path / WEIGHTS_FILE)))
+        heads.to(device=device, dtype=dtype)
+        return heads, int(meta["policy_version"])
+
+
+def _qkv(attn, x, cos, sin):
+    """Attention projections of x [B, T, H] exactly as layers.Attention does them."""
+    B, T, _ = x.shape
+    q = attn.q_proj(x).view(B, T, attn.n_heads, attn.head_dim)
+    k = attn.k_proj(x).view(B, T, attn.n_kv, attn.head_dim)
+    v = attn.v_proj(x).view(B, T, attn.n_kv, attn.head_dim)
+    if attn.q_norm is not None:
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    return apply_rope(q.transpose(1, 2), cos, sin), apply_rope(k.transpose(1, 2), cos, sin), \
+        v.transpose(1, 2)
+
+
+def _attend(attn, q, k, v, mask):
+    """q [B, heads, T, D], k/v [B, kv_heads, S, D], mask [T, S] -> o_proj output [B, T, H]."""
+    if attn.n_kv != attn.n_heads:
+        rep = attn.n_heads // attn.n_kv
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    B, _, T, _ = q.shape
+    return attn.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+def _train_mask(depth: int, T: int, device) -> torch.Tensor:
+    """[T, depth*T] boolean: depth `depth` for start t sees the depth-1 entries of starts
+    s <= t and the chain entries (depths 2..depth) of start t only, as in rollout."""
+    idx = torch.arange(T, device=device)
+    first = idx[None, :] <= idx[:, None]  # [T, T] causal over depth-1 entries
+    chain = torch.eye(T, dtype=torch.bool, device=device)  # [T, T] same start only
+    return torch.cat([first] + [chain] * (depth - 1), dim=1)

@@ -1,0 +1,226 @@
+"""Draft-depth policy: acceptance table, cost model and the per-row depth rule."""
+import math
+
+import pytest
+import torch
+
+from spec_heads.depth import (AcceptanceTable, CostModel, DepthPolicy, isotonic_decreasing,
+                              predicted_speedup)
+
+VOCAB, MAX_BATCH = 1000, 64
+
+
+def linear_cost(cost: CostModel, a_of_rows, b_of_rows, max_tokens: int) -> None:
+    """Record t = a(rows) + b(rows) * tokens for every bucket's representative rows."""
+    for rows, tokens in CostModel.probe_plan(cost.max_batch, max_tokens):
+        cost.record(rows, tokens, a_of_rows(rows) + b_of_rows(rows) * tokens)
+
+
+def fill_table(table: AcceptanceTable, accept_of_bin, n_per_bin: int, seed: int = 0) -> None:
+    """Feed `update` with Bernoulli outcomes: a draft in bin b is accepted w.p. accept_of_bin[b]."""
+    gen = torch.Generator().manual_seed(seed)
+    edges = table.edges.float()
+    bins = torch.arange(table.num_bins).repeat_interleave(n_per_bin)  # [N]
+    entropy = edges[bins] + (edges[bins + 1] - edges[bins]) * torch.rand(bins.shape, generator=gen)
+    accepted = torch.rand(bins.shape, generator=gen) < torch.tensor(accept_of_bin)[bins]
+    table.update(entropy[:, None], accepted[:, None], torch.ones_like(accepted)[:, None])
+
+
+def policy_with(accept_of_bin, slope: float, mode="entropy", max_k=6, bins=8) -> DepthPolicy:
+    """Entropy policy whose table learnt `accept_of_bin` and whose step time is 1 + slope * (tokens - 1)."""
+    policy = DepthPolicy(mode, k=3, max_k=max_k, num_bins=bins, vocab_size=VOCAB, max_batch=MAX_BATCH)
+    fill_table(policy.table, accept_of_bin, 4000)
+    linear_cost(policy.cost, lambda r: 1.0 - slope, lambda r: slope, 1 + max_k)
+    return policy
+
+
+def test_off_and_fixed_depths():
+    entropy = torch.rand(5, 4)
+    off = DepthPolicy("off", k=3, max_k=6, num_bins=8, vocab_size=VOCAB, max_batch=MAX_BATCH)
+    assert off.choose(entropy, 5).tolist() == [0] * 5
+    fixed = DepthPolicy("fixed", k=3, max_k=6, num_bins=8, vocab_size=VOCAB, max_batch=MAX_BATCH)
+    assert fixed.choose(entropy, 5).tolist() == [3] * 5
+    assert fixed.choose(entropy[:, :2], 5).tolist() == [2] * 5  # capped at the drafts available
+    assert fixed.choose(entropy, 5).dtype == torch.int64
+    assert fixed.summary()["depth_hist"] == [0, 0, 5, 10, 0, 0, 0]
+
+
+def test_entropy_drafts_deep_when_acceptance_high_and_cost_low():
+    policy = policy_with([0.97] * 8, slope=0.02)
+    depth = policy.choose(torch.full((4, 6), 0.05), rows_in_flight=4)
+    assert depth.tolist() == [6] * 4
+
+
+def test_entropy_drafts_nothing_when_compute_bound():
+    # t proportional to tokens: the first extra token costs a whole step (marginal ratio 1).
+    policy = DepthPolicy("entropy", k=3, max_k=6, num_bins=8, vocab_size=VOCAB, max_batch=MAX_BATCH)
+    fill_table(policy.table, [0.99] * 8, 4000)
+    linear_cost(policy.cost, lambda r: 0.0, lambda r: 0.01 * r, 7)
+    assert policy.cost.marginal_ratio(64, 1) == pytest.approx(1.0)
+    assert policy.choose(torch.zeros(8, 6), rows_in_flight=64).tolist() == [0] * 8
+    assert policy.draft_budget(64) == 0
+
+
+def test_high_entropy_rows_draft_less_than_low_entropy_rows():
+    policy = policy_with([0.95, 0.9, 0.8, 0.65, 0.5, 0.35, 0.2, 0.1], slope=0.05)
+    edges = policy.table.edges
+    low, high = float(edges[0] + edges[1]) / 2, float(edges[6] + edges[7]) / 2
+    entropy = torch.tensor([[low] * 6, [high] * 6, [low] * 6, [high] * 6])
+    depth = policy.choose(entropy, rows_in_flight=4)
+    assert depth[0] == depth[2] and depth[1] == depth[3]
+    assert depth[0] >= 3 and depth[1] < depth[0]
+
+
+def test_depth_monotone_in_entropy_for_identical_rows():
+    # Noisy, non-monotone observations: the fitted table (and so depth) is still monotone.
+    accept = [0.9, 0.95, 0.7, 0.75, 0.4, 0.5, 0.2, 0.3]
+    policy = DepthPolicy("entropy", k=3, max_k=6, num_bins=8, vocab_size=VOCAB, max_batch=MAX_BATCH)
+    fill_table(policy.table, accept, 300, seed=3)
+    linear_cost(policy.cost, lambda r: 1.0, lambda r: 0.03, 7)
+    levels = torch.linspace(0.0, math.log(VOCAB), 200)  # [200]
+    depth = policy.choose(levels[:, None].expand(200, 6), rows_in_flight=2)
+    assert (depth[1:] <= depth[:-1]).all()
+    assert depth[0] > depth[-1]
+
+
+def test_isotonic_fit_matches_pool_adjacent_violators():
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        values = torch.rand(12, generator=gen, dtype=torch.float64)
+        weights = torch.rand(12, generator=gen, dtype=torch.float64) * 10 + 0.1
+        blocks = []  # [value, weight, length]; a non-increasing PAV, one loop
+        for v, w in zip(values.tolist(), weights.tolist()):
+            blocks.append([v, w, 1])
+            while len(blocks) > 1 and blocks[-2][0] < blocks[-1][0]:
+                (v2, w2, n2), (v1, w1, n1) = blocks.pop(), blocks.pop()
+                blocks.append([(v1 * w1 + v2 * w2) / (w1 + w2), w1 + w2, n1 + n2])
+        reference = torch.tensor([v for v, _, n in blocks for _ in range(n)], dtype=torch.float64)
+        torch.testing.assert_close(isotonic_decreasing(values, weights), reference)
+
+
+def test_acceptance_table_converges_through_observe():
+    # Sequential process: draft i is judged only if drafts < i were accepted (rejection sampling).
+    true_accept = torch.tensor([0.95, 0.9, 0.8, 0.7, 0.55, 0.4, 0.25, 0.1])
+    policy = DepthPolicy("entropy", k=3, max_k=4, num_bins=8, vocab_size=VOCAB, max_batch=MAX_BATCH)
+    table, gen = policy.table, torch.Generator().manual_seed(1)
+    edges = table.edges.float()
+    for _ in range(60):
+        bins = torch.randint(0, 8, (256, 4), generator=gen)  # [B, K]
+        entropy = edges[bins] + (edges[bins + 1] - edges[bins]) * torch.rand(bins.shape, generator=gen)
+        accepted = torch.rand(bins.shape, generator=gen) < true_accept[bins]  # [B, K]
+        lengths = torch.randint(1, 5, (256,), generator=gen)  # [B]
+        pos = torch.arange(4)
+        num_accepted = ((accepted | (pos >= lengths[:, None])).int().cumprod(-1).sum(-1)).clamp(max=lengths)
+        policy.observe(entropy, lengths, num_accepted)
+    predicted = table.predict((edges[:-1] + edges[1:]) / 2)
+    assert (predicted - true_accept).abs().max() < 0.03
+    assert all(row["count"] > 1000 for row in table.table())
+
+
+def test_acceptance_table_converges_without_monotone_fit():
+    true_accept = [0.3, 0.8, 0.5, 0.9]  # not monotone: only the raw estimate can follow it
+    table = AcceptanceTable(4, math.log(VOCAB), monotone=False)
+    fill_table(table, true_accept, 3000, seed=2)
+    predicted = table.predict((table.edges[:-1] + table.edges[1:]) / 2)
+    assert (predicted - torch.tensor(true_accept)).abs().max() < 0.03
+    assert AcceptanceTable(4, 5.0).predict(torch.tensor([0.1, 4.0])).tolist() == [0.5, 0.5]  # the prior
+
+
+def test_observe_counts_only_judged_drafts():
+    policy = DepthPolicy("entropy", k=2, max_k=4, num_bins=4, vocab_size=VOCAB, max_batch=MAX_BATCH)
+    table = policy.table
+    # One bin per depth, so each depth's counts can be read off its own bin.
+    entropy = ((table.edges[:-1] + table.edges[1:]) / 2).float()[None].expand(3, 4)  # [3, 4]
+    lengths = torch.tensor([2, 4, 0])
+    num_accepted = torch.tensor([2, 1, 0])
+    policy.observe(entropy, lengths, num_accepted)
+    # row 0: depths 0,1 accepted; row 1: depth 0 accepted, depth 1 rejected, 2..3 never judged;
+    # row 2: drafted nothing.
+    assert table.trials.tolist() == [2.0, 2.0, 0.0, 0.0]
+    assert table.accepts.tolist() == [2.0, 1.0, 0.0, 0.0]
+    fixed = DepthPolicy("fixed", k=2, max_k=4, num_bins=4, vocab_size=VOCAB, max_batch=MAX_BATCH)
+    fixed.observe(entropy, lengths, num_accepted)  # only the entropy policy calibrates
+    assert fixed.table.trials.sum() == 0
+
+
+def test_acceptance_table_window_forgets_old_outcomes():
+    table = AcceptanceTable(2, 5.0, window=1000.0)
+    fill_table(table, [0.9, 0.9], 5000)
+    for seed in range(1, 11):  # heads went stale: 10 steps of 500 outcomes per bin
+        fill_table(table, [0.1, 0.1], 500, seed=seed)
+    assert table.table()[0]["count"] == pytest.approx(1000.0)
+    assert (table.predict(torch.tensor([0.1, 4.0])) - 0.1).abs().max() < 0.03
+
+
+def test_cost_model_interpolates_linear_cost():
+    cost = CostModel(max_batch=MAX_BATCH, max_tokens=7)
+    a, b = (lambda r: 0.01 + 0.001 * r), (lambda r: 0.0005 * r)
+    for rows in (1, 4, 16, 64):  # buckets 0, 2, 4, 6, at tokens 1, 3, 7 only
+        for tokens in (1, 3, 7):
+            cost.record(rows, tokens, a(rows) + b(rows) * tokens)
+    for rows in (1, 4, 16, 64):
+        for tokens in range(1, 8):
+            assert cost.step_time(rows, tokens) == pytest.approx(a(rows) + b(rows) * tokens)
+            want = b(rows) / (a(rows) + b(rows) * tokens)
+            assert cost.marginal_ratio(rows, tokens) == pytest.approx(want)
+    assert cost.step_time(64, 9) == pytest.approx(a(64) + b(64) * 9)  # extrapolated
+    assert not cost.is_calibrated()  # buckets 1, 3, 5 never timed
+    # An untimed bucket borrows the nearest timed one (ties to the larger), scaled by rows.
+    assert cost.step_time(2, 3) == pytest.approx(cost.step_time(4, 3) * 2 / 4)
+    linear_cost(cost, a, b, 7)
+    assert cost.is_calibrated()
+
+
+def test_cost_model_prior_and_single_point():
+    cost = CostModel(max_batch=MAX_BATCH, max_tokens=5)
+    assert cost.marginal_ratio(1, 1) == pytest.approx(0.1)  # documented prior, before any timing
+    assert cost.marginal_ratio(64, 1) == pytest.approx(0.8)
+    cost.record(1, 2, 3.0)  # one anchor: the prior slope through it
+    assert cost.step_time(1, 1) == pytest.approx(3.0 / 1.1)
+    cost.record(1, 2, 5.0)  # EMA
+    assert cost.table()[0]["seconds"] == pytest.approx(3.0 + 0.1 * 2.0)
+    with pytest.raises(ValueError, match="^tokens_per_row"):
+        cost.record(1, 6, 1.0)
+    with pytest.raises(ValueError, match="^rows"):
+        cost.step_time(65, 1)
+
+
+def test_choose_deterministic_and_row_independent():
+    policy = policy_with([0.95, 0.9, 0.8, 0.65, 0.5, 0.35, 0.2, 0.1], slope=0.04)
+    entropy = torch.rand(16, 6, generator=torch.Generator().manual_seed(5)) * 4
+    first = policy.choose(entropy, rows_in_flight=16)
+    assert torch.equal(first, policy.choose(entropy.clone(), rows_in_flight=16))
+    alone = torch.cat([policy.choose(entropy[i:i + 1], rows_in_flight=16) for i in range(16)])
+    assert torch.equal(first, alone)
+    assert len(set(first.tolist())) > 1  # the batch mixes depths, so the check is not vacuous
+
+
+def test_drafting_deepens_as_the_batch_drains():
+    policy = DepthPolicy("entropy", k=3, max_k=6, num_bins=8, vocab_size=VOCAB, max_batch=MAX_BATCH)
+    fill_table(policy.table, [0.8] * 8, 4000)
+    linear_cost(policy.cost, lambda r: 1.0, lambda r: 0.01 * r, 7)  # verify dearer with more rows
+    entropy = torch.full((1, 6), 0.5)
+    depths = [int(policy.choose(entropy, rows)) for rows in (64, 16, 4, 1)]
+    assert depths == sorted(depths) and depths[0] < depths[-1]
+    assert policy.draft_budget(1) == 6
+
+
+@pytest.mark.parametrize("a,k", [(0.7, 4), (0.9, 2), (0.5, 6)])
+def test_predicted_speedup_iid(a, k):
+    cost = CostModel(max_batch=8, max_tokens=7)
+    linear_cost(cost, lambda r: 1.0, lambda r: 0.1 * r, 7)
+    ratio = cost.step_time(8, 1 + k) / cost.step_time(8, 1)
+    want = (1 - a ** (k + 1)) / (1 - a) / ratio
+    assert predicted_speedup([a] * 6, cost, rows=8, k=k) == pytest.approx(want)
+
+
+def test_config_errors_name_the_input():
+    with pytest.raises(ValueError, match="^mode"):
+        DepthPolicy("greedy", k=3, max_k=6, num_bins=8, vocab_size=VOCAB, max_batch=8)
+    with pytest.raises(ValueError, match="^k"):
+        DepthPolicy("fixed", k=7, max_k=6, num_bins=8, vocab_size=VOCAB, max_batch=8)
+    policy = DepthPolicy("entropy", k=3, max_k=4, num_bins=8, vocab_size=VOCAB, max_batch=8)
+    with pytest.raises(ValueError, match="^draft_entropy"):
+        policy.choose(torch.zeros(2, 5), 2)
+    with pytest.raises(ValueError, match="^accept_rate_per_pos"):
+        predicted_speedup([0.5], policy.cost, rows=2, k=3)

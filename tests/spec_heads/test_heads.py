@@ -1,0 +1,244 @@
+"""Draft heads: inference-style drafting (begin/step over a head KV cache with rollback) equals
+teacher-forced training (train_logits), plus structure, checkpoints and batch independence."""
+import pytest
+import torch
+
+from rollout.model import ModelConfig, Transformer
+from spec_heads.heads import DraftHeads, HeadConfig
+
+KINDS = ["parallel", "sequential"]
+
+
+def tiny(seed=0, **kw):
+    torch.manual_seed(seed)
+    mc = ModelConfig(vocab_size=50, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, **kw)
+    trunk = Transformer(mc).eval()
+    with torch.no_grad():  # N(0, 1) tied embeddings give logits of std ~18; keep them O(1)
+        trunk.embed_tokens.weight.mul_(0.25)
+    return mc, trunk
+
+
+def random_heads(kind, mc, num_depths=4, seed=1):
+    """Heads with every parameter perturbed, so no depth is the identity and norms matter."""
+    torch.manual_seed(seed)
+    heads = DraftHeads(HeadConfig(kind, num_depths), mc)
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    return heads.eval()
+
+
+def pad_rows(rows, fill=0):
+    T = max(len(r) for r in rows)
+    return torch.tensor([list(r) + [fill] * (T - len(r)) for r in rows])
+
+
+@torch.no_grad()
+def draft_along_path(trunk, heads, seq, prompt_lens, rounds, slots):
+    """Simulate the engine: prefill, then rounds of (draft k, verify, accept a_b per row).
+
+    Drafts are the true tokens up to each row's accepted count and wrong tokens after it, so
+    the trunk's and the head's caches hold rejected entries that must be forgotten. Returns
+    {(row, depth, start): logits} for every draft drafted along the true path.
+    """
+    B = seq.shape[0]
+    V = trunk.config.vocab_size
+    emb, lmh = trunk.embed_tokens, trunk.logits
+    trunk_cache = trunk.new_cache(B, 64)
+    head_cache = heads.new_cache(6, 64)
+    if head_cache is not None:  # stale garbage from an earlier occupant must never be read
+        head_cache.k[0].normal_()
+        head_cache.v[0].normal_()
+    # Prefill: trunk over each row's prompt, head begins over all prompt positions.
+    fed = [list(range(n)) for n in prompt_lens]  # absolute positions fed this call
+    accepted = [n - 1 for n in prompt_lens]  # last_index per row
+    out = {}
+    for r, (k, accept) in enumerate([(None, None)] + rounds):
+        if k is not None:  # verify: feed x_{p+1}, d_1..d_k at positions p+1..p+1+k
+            fed = [list(range(p[b] + 1, p[b] + 2 + k)) for b in range(B)]
+            accepted = accept
+        pos = pad_rows(fed)  # [B, T]
+        T = pos.shape[1]
+        for b in range(B):  # padding continues the row's positions (the trunk needs valid ones)
+            pos[b, len(fed[b]):] = fed[b][-1] + 1 + torch.arange(T - len(fed[b]))
+        ids = torch.stack([seq[b, pos[b]] for b in range(B)])  # [B, T]
+        if k is not None:  # rejected drafts are wrong tokens
+            for b in range(B):
+                for t in range(accepted[b] + 1, T):
+                    ids[b, t] = (seq[b, pos[b, t]] + 1 + t) % V
+        hidden = trunk(ids, pos, trunk_cache)
+        next_tokens = torch.stack([seq[b, pos[b] + 1] for b in range(B)])
+        last = torch.tensor(accepted)
+        head_pos = pos.clone()
+        if r % 2:  # the padding convention must not matter: zero padding positions
+            for b in range(B):
+                head_pos[b, last[b] + 1:] = 0
+        logits, state = heads.begin(hidden, next_tokens, head_pos, last, emb, lmh,
+                                    head_cache, None, slots)
+        p = [int(pos[b, last[b]]) for b in range(B)]
+        k_next = rounds[r][0] if r < len(rounds) else heads.num_depths
+        next_accept = rounds[r][1] if r < len(rounds) else [k_next] * B
+        for depth in range(1, k_next + 1):
+            for b in range(B):
+                if depth <= next_accept[b] + 1:  # drafted from true tokens only
+                    out[(b, depth, p[b])] = logits[b]
+            if depth == k_next:
+                break
+            true_tok = seq[torch.arange(B), torch.tensor(p) + 1 + depth]
+            wrong = (true_tok + 7) % V
+            tok = torch.where(torch.tensor(next_accept) >= depth, true_tok, wrong)
+            logits, state = heads.step(state, tok, emb, lmh)
+        if k_next == heads.num_depths:
+            with pytest.raises(ValueError, match="num_depths"):
+                heads.step(state, tok, emb, lmh)
+    return out
+
+
+@pytest.mark.parametrize("kind, arch", [("parallel", {}), ("sequential", {}),
+                                        ("sequential", {"qk_norm": True, "attention_bias": True})])
+def test_inference_drafts_equal_train_logits(kind, arch):
+    mc, trunk = tiny(**arch)
+    heads = random_heads(kind, mc)
+    torch.manual_seed(2)
+    B, L = 3, 40
+    seq = torch.randint(0, mc.vocab_size, (B, L))
+    # (draft depth k, accepted count per row); a=0 after a depth-3 chain leaves a stale
+    # chain entry that the next begin/step must overwrite before it is read.
+    rounds = [(3, [3, 0, 1]), (4, [0, 2, 4]), (2, [1, 0, 2]), (3, [0, 3, 1])]
+    got = draft_along_path(trunk, heads, seq, [5, 8, 3], rounds, slots=torch.tensor([4, 0, 2]))
+    with torch.no_grad():
+        want = heads.train_logits(trunk(seq), seq, trunk.embed_tokens, trunk.logits)  # [B, K, L, V]
+    assert want.shape == (B, 4, L, mc.vocab_size)
+    depths_seen = {d for (_, d, _) in got}
+    assert depths_seen == {1, 2, 3, 4} and len(got) > 30
+    for (b, depth, start), logits in got.items():
+        assert start + depth <= L - 1
+        torch.testing.assert_close(logits, want[b, depth - 1, start], atol=1e-5, rtol=1e-5,
+                                   msg=lambda m: f"row {b} depth {depth} start {start}: {m}")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_train_depths_is_a_prefix_and_trains_every_parameter(kind):
+    mc, trunk = tiny()
+    heads = random_heads(kind, mc)
+    seq = torch.randint(0, mc.vocab_size, (2, 12))
+    with torch.no_grad():
+        hidden = trunk(seq)
+    full = heads.train_logits(hidden, seq, trunk.embed_tokens, trunk.logits)  # [B, 4, T, V]
+    two = heads.train_logits(hidden, seq, trunk.embed_tokens, trunk.logits, depths=2)
+    torch.testing.assert_close(two, full[:, :2], atol=0, rtol=0)
+    full.logsumexp(-1).sum().backward()
+    for name, p in heads.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    with pytest.raises(ValueError, match="depths"):
+        heads.train_logits(hidden, seq, trunk.embed_tokens, trunk.logits, depths=5)
+
+
+def test_fresh_parallel_heads_equal_trunk_head():
+    mc, trunk = tiny()
+    heads = DraftHeads(HeadConfig("parallel", 3), mc)
+    torch.manual_seed(3)
+    seq = torch.randint(0, mc.vocab_size, (2, 7))
+    with torch.no_grad():
+        hidden = trunk(seq)
+        last = torch.tensor([6, 3])
+        logits, state = heads.begin(hidden, seq, torch.arange(7).expand(2, 7), last,
+                                    trunk.embed_tokens, trunk.logits)
+        trunk_logits = trunk.logits(hidden[torch.arange(2), last])
+        assert torch.equal(logits, trunk_logits)
+        logits2, _ = heads.step(state, seq[:, 0], trunk.embed_tokens, trunk.logits)
+        assert torch.equal(logits2, trunk_logits)
+        train = heads.train_logits(hidden, seq, trunk.embed_tokens, trunk.logits)
+    for i in range(3):
+        assert torch.equal(train[:, i], trunk.logits(hidden))
+
+
+def test_parallel_depths_hold_distinct_parameters():
+    mc, _ = tiny()
+    heads = DraftHeads(HeadConfig("parallel", 4), mc)
+    params = list(heads.parameters())
+    assert len({id(p) for p in params}) == len(params)
+    assert len({p.data_ptr() for p in params}) == len(params)
+    per_depth = [sum(p.numel() for p in blk.parameters()) for blk in heads.blocks]
+    one = sum(p.numel() for p in DraftHeads(HeadConfig("parallel", 1), mc).parameters())
+    assert per_depth == [one] * 4
+    assert sum(p.numel() for p in params) == 4 * one
+    # The sequential head is ONE module applied recursively: its size does not grow with depth.
+    seq_sizes = {sum(p.numel() for p in DraftHeads(HeadConfig("sequential", k), mc).parameters())
+                 for k in (1, 4)}
+    assert len(seq_sizes) == 1
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_save_load_round_trip(kind, tmp_path):
+    mc, trunk = tiny()
+    heads = random_heads(kind, mc)
+    heads.save(tmp_path / "h", policy_version=7, extra={"loss": "tv"})
+    loaded, version = DraftHeads.load(tmp_path / "h", mc)
+    assert version == 7 and loaded.kind == kind and loaded.num_depths == 4
+    seq = torch.randint(0, mc.vocab_size, (2, 9))
+    with torch.no_grad():
+        hidden = trunk(seq)
+        a = heads.train_logits(hidden, seq, trunk.embed_tokens, trunk.logits)
+        b = loaded.train_logits(hidden, seq, trunk.embed_tokens, trunk.logits)
+    assert torch.equal(a, b)
+    assert sorted(p.name for p in (tmp_path / "h").iterdir()) == ["heads.safetensors",
+                                                                  "heads_config.json"]
+    for field, value in (("hidden_size", 32), ("vocab_size", 60)):
+        kw = dict(vocab_size=50, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2)
+        kw[field] = value
+        with pytest.raises(ValueError) as err:
+            DraftHeads.load(tmp_path / "h", ModelConfig(**kw))
+        msg = str(err.value)
+        assert f"{field}={kw[field]}" in msg and f"{field}={64 if field == 'hidden_size' else 50}" in msg
+        assert "fit-heads" in msg
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_batch_independence(kind):
+    mc, trunk = tiny()
+    heads = random_heads(kind, mc)
+    torch.manual_seed(4)
+    B, T = 3, 6
+    hidden = torch.randn(B, T, mc.hidden_size)
+    tokens = torch.randint(0, mc.vocab_size, (B, T))
+    positions = torch.arange(T).expand(B, T) + torch.tensor([[0], [3], [1]])
+    last = torch.tensor([5, 2, 4])
+
+    @torch.no_grad()
+    def run(hidden, tokens, last):
+        cache = heads.new_cache(B, 32)
+        logits, state = heads.begin(hidden, tokens, positions, last, trunk.embed_tokens,
+                                    trunk.logits, cache, None, torch.tensor([2, 0, 1]))
+        outs = [logits]
+        for d in range(2):
+            logits, state = heads.step(state, tokens[:, d], trunk.embed_tokens, trunk.logits)
+            outs.append(logits)
+        return torch.stack(outs, 1)  # [B, 3, V]
+
+    base = run(hidden, tokens, last)
+    hidden2, tokens2 = hidden.clone(), tokens.clone()
+    hidden2[1] = torch.randn(T, mc.hidden_size)
+    tokens2[1] = torch.randint(0, mc.vocab_size, (T,))
+    changed = run(hidden2, tokens2, torch.tensor([5, 5, 4]))
+    torch.testing.assert_close(changed[[0, 2]], base[[0, 2]], atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(changed[1], base[1])
+
+
+def test_sequential_begin_needs_its_cache():
+    mc, trunk = tiny()
+    heads = DraftHeads(HeadConfig("sequential", 2), mc)
+    with pytest.raises(ValueError, match="cache"):
+        heads.begin(torch.randn(1, 2, 64), torch.zeros(1, 2, dtype=torch.long),
+                    torch.arange(2)[None], torch.tensor([1]), trunk.embed_tokens, trunk.logits)
+
+
+@pytest.mark.parametrize("kw, field", [({"num_depths": 0}, "num_depths"),
+                                       ({"num_depths": 9}, "num_depths"),
+                                       ({"kind": "medusa"}, "kind")])
+def test_head_config_validation(kw, field):
+    with pytest.raises(ValueError) as err:
+        HeadConfig(**kw)
+    assert str(err.value).startswith(f"{field}:")
