@@ -23,6 +23,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 from experiments.pretrain import PretrainConfig
 from experiments.tasks import TaskConfig
 from learner.config import RefitConfig, TrainConfig
+from learner.refit import HeadFitConfig
 from learner.losses import AlgoConfig
 from rollout.types import RolloutConfig, SamplingParams, SpecParams
 from spec_heads.heads import HeadConfig
@@ -83,6 +84,7 @@ class Config:
     spec: SpecParams = field(default_factory=SpecParams)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     heads: HeadConfig = field(default_factory=HeadConfig)
+    fit: HeadFitConfig = field(default_factory=HeadFitConfig)  # the initial fit of fresh heads (fit-heads)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     refit: RefitConfig = field(default_factory=RefitConfig)

@@ -85,7 +85,9 @@ class Transformer(nn.Module):
         self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
         self.layers = nn.ModuleList(
             DecoderBlock(c.hidden_size, c.intermediate_size, c.num_attention_heads,
-                         c.num_key_value_heads, c.head_dim, c.rms_norm_eps, c.attention_bias, c.qk_norm)
+                         c.num_key_value_heads, c.head_dim, c.rms_norm_eps, c.attention_bias, c.qk_norm,
+                         # Llama and Qwen3 put the bias on o_proj too; Qwen2 only on q/k/v
+                         o_bias=c.attention_bias and c.model_type != "qwen2")
             for _ in range(c.num_hidden_layers))
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.rotary = Rotary(RopeSpec(c.head_dim, c.rope_theta, c.rope_scaling, c.max_position_embeddings,

@@ -106,6 +106,13 @@ class Rotary(nn.Module):
         inv, self.mscale = rope_inv_freq(spec)
         self.register_buffer("inv_freq", inv, persistent=False)
 
+    def _apply(self, fn, recurse=True):
+        # model.to(bfloat16) must not round the frequencies: angles would drift by ~pos * 2^-9
+        inv = self.inv_freq
+        super()._apply(fn, recurse)
+        self.inv_freq = inv.to(self.inv_freq.device, torch.float32)
+        return self
+
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [B, T] -> cos, sin [B, T, rot_dim] in fp32."""
         freqs = positions.float()[..., None] * self.inv_freq
@@ -149,13 +156,13 @@ def causal_mask(query_pos: torch.Tensor, kv_len: int) -> torch.Tensor:
 
 class Attention(nn.Module):
     def __init__(self, hidden: int, n_heads: int, n_kv_heads: int, head_dim: int,
-                 bias: bool = False, qk_norm: bool = False, eps: float = 1e-6):
+                 bias: bool = False, qk_norm: bool = False, eps: float = 1e-6, o_bias: bool = False):
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim = n_heads, n_kv_heads, head_dim
         self.q_proj = nn.Linear(hidden, n_heads * head_dim, bias=bias)
         self.k_proj = nn.Linear(hidden, n_kv_heads * head_dim, bias=bias)
         self.v_proj = nn.Linear(hidden, n_kv_heads * head_dim, bias=bias)
-        self.o_proj = nn.Linear(n_heads * head_dim, hidden, bias=False)
+        self.o_proj = nn.Linear(n_heads * head_dim, hidden, bias=o_bias)
         self.q_norm = RMSNorm(head_dim, eps) if qk_norm else None
         self.k_norm = RMSNorm(head_dim, eps) if qk_norm else None
 
@@ -201,10 +208,11 @@ class SwiGLU(nn.Module):
 
 class DecoderBlock(nn.Module):
     def __init__(self, hidden: int, intermediate: int, n_heads: int, n_kv_heads: int,
-                 head_dim: int, eps: float = 1e-6, bias: bool = False, qk_norm: bool = False):
+                 head_dim: int, eps: float = 1e-6, bias: bool = False, qk_norm: bool = False,
+                 o_bias: bool = False):
         super().__init__()
         self.input_layernorm = RMSNorm(hidden, eps)
-        self.self_attn = Attention(hidden, n_heads, n_kv_heads, head_dim, bias, qk_norm, eps)
+        self.self_attn = Attention(hidden, n_heads, n_kv_heads, head_dim, bias, qk_norm, eps, o_bias)
         self.post_attention_layernorm = RMSNorm(hidden, eps)
         self.mlp = SwiGLU(hidden, intermediate)
 

@@ -1,0 +1,480 @@
+"""`specroll bench`: rollout throughput, speculative against plain sampling, as a printed table.
+
+For each batch size, on one prompt set: the engine with speculation off, each requested
+speculative mode, and transformers' `generate` on the same model (the peer). Every speedup is a
+ratio measured in this run on this machine: against the same engine with speculation off, and
+against the peer. Each configuration gets one warm-up run, then the median of `--repeats` timed
+runs. CPU timings are only ratios; a GPU run names the card.
+
+Next to the measured speedup the table shows the one predicted from the measured per-position
+acceptance and the engine's own measured cost model (spec_heads.depth.predicted_speedup), and
+the fraction of it achieved: a low fraction points at overheads outside the verify forward
+(drafting, bookkeeping, prefill), not at the heads.
+
+This is a script that prints a table, never a test: nothing here asserts a time.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import resource
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from experiments.config import ConfigError, load_config
+from rollout.types import RolloutStats, SamplingParams, SpecParams
+
+_SPEC_RE = re.compile(r"^(off|entropy|fixed:(\d+)(?:\.\.(\d+))?)$")
+MAX_K = 8  # deepest draft SpecParams accepts
+
+
+# ---------------------------------------------------------------------------------------------
+# Arguments
+
+
+def parse_spec_list(items: list[str]) -> list[tuple[str, int]]:
+    """["off,fixed:1..3", "entropy"] -> [("off", 0), ("fixed", 1), ("fixed", 2), ("fixed", 3),
+    ("entropy", 0)]: comma- or space-separated, duplicates dropped, order kept."""
+    out: list[tuple[str, int]] = []
+    for part in (p.strip() for item in items for p in item.split(",")):
+        if not part:
+            continue
+        m = _SPEC_RE.match(part)
+        if not m:
+            raise ValueError(f"--spec {part!r}: not a mode; use off, entropy, fixed:K or fixed:A..B "
+                             f"(K in 1..{MAX_K}), e.g. --spec off,fixed:1..4,entropy")
+        if m.group(2) is None:
+            modes = [(part, 0)]
+        else:
+            lo = int(m.group(2))
+            hi = int(m.group(3)) if m.group(3) is not None else lo
+            if not 1 <= lo <= hi <= MAX_K:
+                raise ValueError(f"--spec {part!r}: draft depths must satisfy 1 <= A <= B <= {MAX_K}; "
+                                 f"e.g. fixed:1..4")
+            modes = [("fixed", k) for k in range(lo, hi + 1)]
+        out += [m_ for m_ in modes if m_ not in out]
+    if not out:
+        raise ValueError("--spec: no modes given; e.g. --spec off,fixed:1..4,entropy")
+    return out
+
+
+def parse_batches(items: list[str]) -> list[int]:
+    """["1,8", "32"] -> [1, 8, 32] (duplicates dropped, order kept)."""
+    out: list[int] = []
+    for part in (p.strip() for item in items for p in item.split(",")):
+        if not part:
+            continue
+        if not part.isdigit() or int(part) < 1:
+            raise ValueError(f"--batch {part!r}: batch sizes must be positive integers, e.g. --batch 1,8,32")
+        if int(part) not in out:
+            out.append(int(part))
+    if not out:
+        raise ValueError("--batch: no batch sizes given; e.g. --batch 1,8,32,128")
+    return out
+
+
+def _argtype(fn):
+    def parse(text: str):
+        try:
+            return fn([text])
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="specroll bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None, help="tiny | smollm2-135m | a HF checkpoint folder "
+                   "(default: the config's model.name, i.e. tiny)")
+    p.add_argument("--heads", default=None, metavar="DIR", help="draft heads folder (default: the heads "
+                   "fitted for this model with the config's head settings, fitted now if missing)")
+    p.add_argument("--batch", nargs="+", type=_argtype(parse_batches), default=[[1, 8, 32, 128]],
+                   help="batch sizes (max rows in flight), e.g. 1,8,32,128 (default)")
+    p.add_argument("--spec", nargs="+", type=_argtype(parse_spec_list),
+                   default=[parse_spec_list(["off,fixed:1..4,entropy"])],
+                   help="modes: off, fixed:K, fixed:A..B, entropy (default off,fixed:1..4,entropy); "
+                        "off is always measured, as the baseline")
+    p.add_argument("--prompts", type=int, default=None, metavar="N",
+                   help="prompts per measurement (default: max(2 * batch, 8))")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: sampling.max_new_tokens")
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="sampling temperature (default 1.0: sampled drafts, exact rejection sampling)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per configuration, after one "
+                   "warm-up run; the median is reported (default 3)")
+    p.add_argument("--hf", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time transformers' generate on the same model and prompts (default on)")
+    p.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N (default: model.device)")
+    p.add_argument("--dtype", default=None, help="auto | float32 | bfloat16 | float16 (default: model.dtype)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: leave as is)")
+    p.add_argument("--seed", type=int, default=None, help="prompt set and sampling seed (default: seed)")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the rows to PATH as JSON")
+    p.add_argument("--config", default="default", metavar="PRESET_OR_PATH",
+                   help="run config for the task, heads and sampling (default: %(default)s)")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    return p
+
+
+# ---------------------------------------------------------------------------------------------
+# Model, heads, prompts
+
+
+def resolve_device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: CUDA is not available here; use --device cpu")
+    if dtype == "auto":
+        return dev, torch.bfloat16 if dev.type == "cuda" else torch.float32
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"--dtype {dtype!r}: must be auto, float32, bfloat16 or float16")
+    return dev, getattr(torch, dtype)
+
+
+def resolve_model_dir(name: str, cfg) -> str:
+    """A checkpoint folder (config.json + safetensors + tokenizer.json) for tiny, a named model or a path."""
+    from rollout.checkpoint import NAMED_MODELS, resolve_model
+
+    if name == "tiny":
+        from experiments.pretrain import ensure_tiny_policy
+
+        return ensure_tiny_policy(cfg)
+    if name not in NAMED_MODELS:
+        p = Path(name)
+        if not (p / "config.json").is_file() or not (p / "tokenizer.json").is_file():
+            raise ConfigError(f"--model {name}: not tiny, not a named model ({', '.join(sorted(NAMED_MODELS))}) "
+                              "and not a checkpoint folder with config.json and tokenizer.json; pass one of those")
+    try:
+        return resolve_model(name)
+    except (FileNotFoundError, NotADirectoryError, ModuleNotFoundError) as e:
+        raise ConfigError(f"--model {name}: {e}") from None
+
+
+def resolve_heads_dir(heads: str | None, cfg, model_dir: str) -> str:
+    if heads is not None:
+        if not Path(heads).is_dir():
+            raise ConfigError(f"--heads {heads}: no such folder; pass a folder written by "
+                              "`specroll fit-heads`, or leave --heads out to fit heads for this model")
+        return heads
+    from experiments.fit_heads import ensure_heads
+
+    return ensure_heads(cfg, model_dir)
+
+
+def machine_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), model)
+    except OSError:
+        pass
+    return f"{model} ({os.cpu_count()} cores)"
+
+
+def peak_mem_mb(device: torch.device) -> float:
+    """CUDA: peak allocated since the last reset; CPU: the process's peak RSS so far (monotone)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing
+
+
+@dataclass
+class Timed:
+    tokens_per_s: float
+    stats: RolloutStats | None  # the median run's (engine only)
+    peak_mem_mb: float
+
+
+def time_engine(eng, prompts, sampling: SamplingParams, spec: SpecParams, seed: int, repeats: int) -> Timed:
+    """One warm-up generate, then the median of `repeats` (by tokens/s; engine time excludes setup)."""
+    _reset_peak(eng.device)
+    eng.generate(prompts, sampling, spec, seed=seed)
+    runs = [eng.generate(prompts, sampling, spec, seed=seed).stats for _ in range(repeats)]
+    runs.sort(key=lambda s: s.tokens_per_s)
+    mid = runs[len(runs) // 2]
+    return Timed(mid.tokens_per_s, mid, peak_mem_mb(eng.device))
+
+
+def _hf_generate_once(hf_model, batches, gen_kwargs, eos_id: int, device) -> tuple[int, float]:
+    """Generated tokens (each row up to and including its first EOS, as the engine counts) and seconds."""
+    tokens, t0 = 0, time.perf_counter()
+    for input_ids, mask in batches:
+        out = hf_model.generate(input_ids=input_ids, attention_mask=mask, **gen_kwargs)
+        gen = out[:, input_ids.shape[1]:]  # [b, T_new]
+        is_eos = gen == eos_id
+        first = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, torch.full_like(gen[:, 0], gen.shape[1]))
+        tokens += int(first.sum())
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return tokens, time.perf_counter() - t0
+
+
+def time_hf(hf_model, prompts, batch: int, sampling: SamplingParams, eos_id: int, pad_id: int,
+            seed: int, repeats: int, device) -> Timed:
+    """transformers' generate over left-padded batches of `batch` prompts, same sampling and EOS."""
+    from transformers import GenerationConfig
+
+    batches = []
+    for i in range(0, len(prompts), batch):
+        chunk = prompts[i:i + batch]
+        width = max(map(len, chunk))
+        ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in chunk], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
+        batches.append((ids, mask))
+    sample = sampling.temperature > 0
+    gc = GenerationConfig(do_sample=sample, temperature=sampling.temperature if sample else None,
+                          top_k=sampling.top_k if sample else None, top_p=sampling.top_p if sample else None,
+                          max_new_tokens=sampling.max_new_tokens, min_new_tokens=0, num_beams=1,
+                          repetition_penalty=1.0, eos_token_id=eos_id, pad_token_id=pad_id)
+    kwargs = {"generation_config": gc}
+    _reset_peak(device)
+    with torch.inference_mode():
+        torch.manual_seed(seed)  # transformers samples from the global generator
+        _hf_generate_once(hf_model, batches, kwargs, eos_id, device)
+        rates = []
+        for _ in range(repeats):
+            torch.manual_seed(seed)
+            n, s = _hf_generate_once(hf_model, batches, kwargs, eos_id, device)
+            rates.append(n / s if s > 0 else 0.0)
+    return Timed(statistics.median(rates), None, peak_mem_mb(device))
+
+
+# ---------------------------------------------------------------------------------------------
+# Prediction
+
+
+def decode_accepted_len(stats: RolloutStats) -> float:
+    """Tokens per verify row-step. Each sequence's first token comes from prefill, not a verify
+    step, so it is left out: exactly 1.0 with speculation off."""
+    return (stats.tokens - stats.sequences) / stats.row_steps if stats.row_steps else 1.0
+
+
+def predict(stats: RolloutStats, cost, mode: str, k: int, batch: int) -> float:
+    """Predicted speedup over off from the measured acceptance and cost model, at the run's mean
+    rows in flight. Entropy mode mixes depths: expected tokens over expected step cost, weighted
+    by how many row-steps drafted each depth."""
+    from spec_heads.depth import predicted_speedup
+
+    rows = max(1, min(batch, round(stats.row_steps / stats.steps))) if stats.steps else 1
+    accept = stats.accept_rate_per_pos
+    if mode != "entropy":
+        return predicted_speedup(accept, cost, rows, k)
+    base = cost.step_time(rows, 1)
+    tokens = time_ = 0.0
+    for depth, count in enumerate(stats.depth_hist):
+        expected, all_accepted = 1.0, 1.0
+        for a in accept[:depth]:
+            all_accepted *= a
+            expected += all_accepted
+        tokens += count * expected
+        time_ += count * cost.step_time(rows, 1 + depth) / base
+    return tokens / time_ if time_ > 0 else 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# One batch size
+
+
+def bench_batch(model, heads, hf_model, prompts, batch: int, modes, sampling: SamplingParams,
+                spec_base: SpecParams, tok, seed: int, repeats: int, device, label: dict) -> list[dict]:
+    """Rows for one batch size: the engine per mode, then the peer; predictions at the end, from the
+    entropy run's cost model (probes + real steps), or a probed one if entropy was not asked for."""
+    from rollout.engine import Engine
+
+    eng = Engine(model, heads, max_batch=batch, device=device)
+    K = heads.config.num_depths
+    measured, cost = [], None
+    for mode, k in modes:
+        # k is only read in fixed mode, but DepthPolicy checks k <= max_k in every mode
+        spec = replace(spec_base, mode=mode, k=k if mode == "fixed" else 1, max_k=K)
+        timed = time_engine(eng, prompts, sampling, spec, seed, repeats)
+        if mode == "entropy":
+            cost = eng.depth_policy.cost
+        measured.append((mode, k, timed))
+    if cost is None:  # the engine times (rows x tokens) verify steps to seed its cost model
+        cost = eng.ensure_depth_policy(replace(spec_base, mode="entropy", k=1, max_k=K), K).cost
+    del eng
+    hf = time_hf(hf_model, prompts, batch, sampling, tok.eos_id, tok.pad_id, seed, repeats, device) \
+        if hf_model is not None else None
+    off = next(t for m, _, t in measured if m == "off").tokens_per_s
+    rows = []
+    for mode, k, t in measured:
+        pred = predict(t.stats, cost, mode, k, batch)
+        speedup = t.tokens_per_s / off if off > 0 else math.nan
+        rows.append({**label, "batch": batch, "mode": mode, "k": k, "tokens_per_s": t.tokens_per_s,
+                     "speedup_vs_off": speedup,
+                     "hf_tokens_per_s": hf.tokens_per_s if hf else None,
+                     "speedup_vs_hf": t.tokens_per_s / hf.tokens_per_s if hf and hf.tokens_per_s > 0 else None,
+                     "mean_accepted_len": decode_accepted_len(t.stats),
+                     "accept_rate_per_pos": t.stats.accept_rate_per_pos,
+                     "depth_hist": t.stats.depth_hist,
+                     "predicted_speedup": pred, "fraction_of_predicted": speedup / pred if pred > 0 else None,
+                     "tokens": t.stats.tokens, "time_s": t.stats.time_s, "peak_mem_mb": t.peak_mem_mb})
+    if hf is not None:
+        rows.append({**label, "batch": batch, "mode": "hf", "k": 0, "tokens_per_s": hf.tokens_per_s,
+                     "speedup_vs_off": hf.tokens_per_s / off if off > 0 else math.nan,
+                     "hf_tokens_per_s": hf.tokens_per_s, "speedup_vs_hf": 1.0, "mean_accepted_len": 1.0,
+                     "accept_rate_per_pos": [], "depth_hist": [], "predicted_speedup": None,
+                     "fraction_of_predicted": None, "tokens": None, "time_s": None,
+                     "peak_mem_mb": hf.peak_mem_mb})
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+
+
+def _fmt(x, spec: str = ".2f") -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def print_table(rows: list[dict], title: str, caption: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=max(console.width, 200))
+    table = Table(title=title, caption=caption)
+    for name in ("model", "device", "batch", "mode", "k", "tok/s", "x off", "x HF", "acc len",
+                 "accept/pos", "pred x", "achieved", "peak MB"):
+        table.add_column(name, justify="left" if name in ("model", "device", "mode", "accept/pos") else "right")
+    last_batch = None
+    for r in rows:
+        if last_batch is not None and r["batch"] != last_batch:
+            table.add_section()
+        last_batch = r["batch"]
+        mode = "hf generate" if r["mode"] == "hf" else r["mode"]
+        table.add_row(r["model"], r["device"], str(r["batch"]), mode, str(r["k"]) if r["mode"] == "fixed" else "-",
+                      _fmt(r["tokens_per_s"], ".1f"), _fmt(r["speedup_vs_off"]), _fmt(r["speedup_vs_hf"]),
+                      _fmt(r["mean_accepted_len"]),
+                      " ".join(f"{a:.2f}" for a in r["accept_rate_per_pos"]) or "-",
+                      _fmt(r["predicted_speedup"]), _fmt(r["fraction_of_predicted"], ".0%"),
+                      _fmt(r["peak_mem_mb"], ".0f"))
+    console.print(table)
+
+
+def write_json(rows: list[dict], path: str) -> None:
+    """All rows, written to a temp file next to `path`, then renamed (never half-written)."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.tmp-")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(rows, f, indent=2)
+        os.replace(tmp, out)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry point
+
+
+def _check_args(args, modes, K: int) -> None:
+    if args.prompts is not None and args.prompts < 1:
+        raise ConfigError(f"--prompts {args.prompts}: must be >= 1")
+    if args.repeats < 1:
+        raise ConfigError(f"--repeats {args.repeats}: must be >= 1 (timed runs after one warm-up)")
+    if args.threads is not None and args.threads < 1:
+        raise ConfigError(f"--threads {args.threads}: must be >= 1")
+    deep = [k for m, k in modes if m == "fixed" and k > K]
+    if deep:
+        raise ConfigError(f"--spec fixed:{max(deep)}: the heads have {K} depths; draft at most fixed:{K}, "
+                          "or fit deeper heads (heads.num_depths=...)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    batches = list(dict.fromkeys(b for group in args.batch for b in group))
+    modes = [("off", 0)] + [m for group in args.spec for m in group if m != ("off", 0)]
+    modes = list(dict.fromkeys(modes))
+    cfg = load_config(args.config, args.overrides)
+    if args.model is not None:
+        try:
+            cfg = replace(cfg, model=replace(cfg.model, name=args.model))
+        except ValueError as e:  # e.g. --model tiny with a gsm8k preset
+            raise ConfigError(f"--model {args.model}: {e}") from None
+    device, dtype = resolve_device_dtype(args.device or cfg.model.device, args.dtype or cfg.model.dtype)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    model_dir = resolve_model_dir(cfg.model.name, cfg)
+    heads_dir = resolve_heads_dir(args.heads, cfg, model_dir)
+
+    from experiments.tasks import make_task
+    from experiments.tokenizer import TextTokenizer
+    from rollout.checkpoint import load_checkpoint
+    from spec_heads.heads import DraftHeads
+
+    model = load_checkpoint(model_dir, device=device, dtype=dtype)
+    try:
+        heads, _ = DraftHeads.load(heads_dir, model.config, device=device, dtype=dtype)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"--heads {heads_dir}: {e}") from None
+    _check_args(args, modes, heads.config.num_depths)
+    tok = TextTokenizer.from_dir(model_dir)
+    seed = cfg.seed if args.seed is None else args.seed
+    sampling = replace(cfg.sampling, temperature=args.temperature, stop_token_ids=[tok.eos_id],
+                       max_new_tokens=args.max_new_tokens or cfg.sampling.max_new_tokens)
+    SamplingParams(**vars(sampling))  # re-validate the flags (raises naming the field)
+    n_prompts = {b: args.prompts or max(2 * b, 8) for b in batches}
+    task = make_task(cfg.task, chat=tok.apply_chat)
+    prompts = [tok.encode(ex.prompt) for ex in task.train_prompts(max(n_prompts.values()), seed)]
+    hf_model = None
+    if args.hf:
+        from transformers import AutoModelForCausalLM
+
+        hf_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+
+    machine = machine_name(device)
+    label = {"model": args.model or cfg.model.name, "device": machine}
+    print(f"specroll bench: model {model_dir}, heads {heads_dir} ({heads.config.kind}, "
+          f"{heads.config.num_depths} depths), {machine}, torch threads {torch.get_num_threads()}, "
+          f"dtype {str(dtype).removeprefix('torch.')}, temperature {sampling.temperature}, "
+          f"max_new_tokens {sampling.max_new_tokens}, repeats {args.repeats} (median, after 1 warm-up)",
+          flush=True)
+    rows = []
+    for b in batches:
+        print(f"  batch {b}: {n_prompts[b]} prompts, modes "
+              f"{', '.join(m if m != 'fixed' else f'fixed:{k}' for m, k in modes)}"
+              f"{', hf generate' if hf_model is not None else ''}", flush=True)
+        rows += bench_batch(model, heads, hf_model, prompts[:n_prompts[b]], b, modes, sampling, cfg.spec,
+                            tok, seed, args.repeats, device, label)
+        if args.json:  # keep what was measured if a later batch size fails
+            write_json(rows, args.json)
+    caption = ("speedups are ratios in this run; acc len = tokens per verify row-step; pred x = from measured "
+               "acceptance and the engine's measured cost model; peak MB = "
+               + ("CUDA max allocated" if device.type == "cuda" else "process peak RSS so far")
+               + ("; CPU timings are only ratios" if device.type == "cpu" else ""))
+    print_table(rows, f"specroll bench on {machine}", caption)
+    if args.json:
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""`specroll bench` behaviour on a tiny random model: the JSON rows it writes, the --spec parser,
+and errors that name the bad input. Nothing here asserts a time."""
+import json
+import math
+
+import pytest
+import torch
+
+from experiments import bench
+from experiments.config import ConfigError
+from experiments.pretrain import ARITH_ALPHABET
+from experiments.tokenizer import TextTokenizer, build_char_tokenizer
+from rollout.checkpoint import save_checkpoint
+from rollout.model import ModelConfig, Transformer
+from spec_heads.heads import DraftHeads, HeadConfig
+
+REQUIRED = {"mode", "k", "batch", "tokens_per_s", "speedup_vs_off", "mean_accepted_len",
+            "predicted_speedup", "model", "device", "hf_tokens_per_s", "accept_rate_per_pos", "peak_mem_mb"}
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory):
+    """A random 2-layer hidden-64 policy (HF folder with a char tokenizer) and random 2-depth heads."""
+    root = tmp_path_factory.mktemp("bench")
+    tok = TextTokenizer(build_char_tokenizer(ARITH_ALPHABET))
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=True, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+    model = Transformer(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not name.endswith("norm.weight"):
+                p.normal_(0, 0.2)
+    tok_dir = root / "tok"
+    tok.save(str(tok_dir))
+    model_dir = root / "model"
+    save_checkpoint(model, str(model_dir), tokenizer_dir_or_file=str(tok_dir))
+    heads = DraftHeads(HeadConfig("parallel", 2), cfg)
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.normal_(0, 0.05)
+    heads_dir = root / "heads"
+    heads.save(str(heads_dir), policy_version=0)
+    return str(model_dir), str(heads_dir)
+
+
+@pytest.fixture(scope="module")
+def bench_rows(tiny_dirs, tmp_path_factory):
+    model_dir, heads_dir = tiny_dirs
+    out = tmp_path_factory.mktemp("out") / "bench.json"
+    rc = bench.main(["--model", model_dir, "--heads", heads_dir, "--batch", "1,2", "--spec", "off,fixed:2",
+                     "--prompts", "2", "--max-new-tokens", "6", "--repeats", "1", "--device", "cpu",
+                     "--json", str(out)])
+    assert rc == 0
+    return json.loads(out.read_text())
+
+
+def test_json_has_one_row_per_configuration_with_required_keys(bench_rows, tiny_dirs):
+    keys = [(r["batch"], r["mode"], r["k"]) for r in bench_rows]
+    assert sorted(keys) == sorted([(b, m, k) for b in (1, 2) for m, k in (("off", 0), ("fixed", 2), ("hf", 0))])
+    for r in bench_rows:
+        assert REQUIRED <= set(r), REQUIRED - set(r)
+        assert r["model"] == tiny_dirs[0]
+        assert r["tokens_per_s"] > 0 and r["hf_tokens_per_s"] > 0
+
+
+def test_off_rows_are_the_baseline(bench_rows):
+    off = [r for r in bench_rows if r["mode"] == "off"]
+    assert len(off) == 2
+    for r in off:
+        assert r["speedup_vs_off"] == 1.0
+        assert r["mean_accepted_len"] == 1.0  # exactly: one token per plain decode step
+        assert r["predicted_speedup"] == 1.0
+        assert r["accept_rate_per_pos"] == []
+
+
+def test_speculative_rows_are_consistent(bench_rows):
+    off = {r["batch"]: r["tokens_per_s"] for r in bench_rows if r["mode"] == "off"}
+    for r in bench_rows:
+        if r["mode"] == "hf":
+            continue
+        assert math.isfinite(r["predicted_speedup"]) and r["predicted_speedup"] > 0
+        assert r["speedup_vs_off"] == pytest.approx(r["tokens_per_s"] / off[r["batch"]])
+        if r["mode"] == "fixed":
+            assert len(r["accept_rate_per_pos"]) == 2
+            assert all(0.0 <= a <= 1.0 for a in r["accept_rate_per_pos"])
+            assert 1.0 <= r["mean_accepted_len"] <= 3.0  # at most k + 1 tokens per verify
+
+
+def test_spec_parser_expands_ranges_and_keeps_order():
+    assert bench.parse_spec_list(["off,fixed:1..3", "entropy"]) == [
+        ("off", 0), ("fixed", 1), ("fixed", 2), ("fixed", 3), ("entropy", 0)]
+    assert bench.parse_spec_list(["fixed:2,fixed:1..2"]) == [("fixed", 2), ("fixed", 1)]
+
+
+@pytest.mark.parametrize("bad", ["fixed", "fixed:0", "fixed:3..1", "fixed:1..9", "greedy", "fixed:a"])
+def test_spec_parser_rejects_bad_values_naming_them(bad):
+    with pytest.raises(ValueError, match=repr(bad).replace(".", r"\.")):
+        bench.parse_spec_list([f"off,{bad}"])
+
+
+def test_bad_spec_flag_exits_with_usage_error_naming_it(capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--spec", "off,fixed:x"])
+    assert e.value.code == 2
+    assert "fixed:x" in capsys.readouterr().err
+
+
+def test_batch_parser():
+    assert bench.parse_batches(["1,8", "8", "32"]) == [1, 8, 32]
+    with pytest.raises(ValueError, match="'0'"):
+        bench.parse_batches(["1,0"])
+
+
+def test_bad_model_path_names_it(tmp_path):
+    missing = str(tmp_path / "no-such-model")
+    with pytest.raises(ConfigError, match="no-such-model"):
+        bench.main(["--model", missing, "--heads", str(tmp_path), "--no-hf"])
+
+
+def test_fixed_depth_deeper_than_heads_is_refused(tiny_dirs):
+    model_dir, heads_dir = tiny_dirs
+    with pytest.raises(ConfigError, match="fixed:3"):
+        bench.main(["--model", model_dir, "--heads", heads_dir, "--spec", "fixed:1..3", "--no-hf",
+                    "--device", "cpu"])

@@ -1,0 +1,175 @@
+"""Fitting draft heads to a frozen policy (learner/refit.py): acceptance rises on held-out
+sequences, the trunk never changes, KL warm-up then the final loss, masks and chunking."""
+import pytest
+import torch
+
+import learner.refit as refit
+from learner.refit import HeadFitConfig, batch_loss, collect_sequences, depth_mask, fit_heads
+from rollout.engine import Engine
+from rollout.model import ModelConfig, Transformer
+from rollout.types import SamplingParams
+from spec_heads.heads import DraftHeads, HeadConfig
+
+V = 32
+KINDS = ["parallel", "sequential"]
+
+
+def tiny_trunk(seed=0):
+    torch.manual_seed(seed)
+    mc = ModelConfig(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    trunk = Transformer(mc).eval()
+    with torch.no_grad():  # keep the random trunk's logits O(1)
+        trunk.embed_tokens.weight.mul_(0.25)
+    return mc, trunk
+
+
+def fresh_heads(kind, mc, K=3, seed=1):
+    torch.manual_seed(seed)
+    return DraftHeads(HeadConfig(kind, K), mc)
+
+
+def progressions(n, seed, prompt_len=4):
+    """Arithmetic progressions mod V: the future is a function of the prefix, so heads can learn
+    to predict the trunk's distributions further ahead."""
+    g = torch.Generator().manual_seed(seed)
+    seqs = []
+    for _ in range(n):
+        L = int(torch.randint(12, 24, (1,), generator=g))
+        x0, d = int(torch.randint(0, V, (1,), generator=g)), int(torch.randint(1, 4, (1,), generator=g))
+        seqs.append([(x0 + d * j) % V for j in range(L)])
+    return seqs, [prompt_len] * n
+
+
+def fit(trunk, heads, steps=60, **kw):
+    train, train_lens = progressions(128, seed=0)
+    held, held_lens = progressions(32, seed=1)
+    args = dict(steps=steps, lr=3e-3, loss="tv", kl_warmup_steps=steps // 3, micro_batch_size=16,
+                prompt_lens=train_lens, eval_sequences=held, eval_prompt_lens=held_lens,
+                generator=torch.Generator().manual_seed(0))
+    args.update(kw)
+    return fit_heads(trunk, heads, train, **args)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fit_raises_held_out_acceptance(kind):
+    mc, trunk = tiny_trunk()
+    metrics = fit(trunk, fresh_heads(kind, mc))
+    before, after = metrics["acceptance_before"], metrics["acceptance_after"]
+    assert len(before) == len(after) == 3
+    assert before[0] < 0.1  # a fresh head is the trunk's next-token head: wrong position
+    assert after[0] > before[0] + 0.2
+    assert all(a > b + 0.2 for a, b in zip(after, before))
+    if kind == "sequential":  # it sees the drafted tokens, so it can match almost exactly
+        assert min(after) > 0.9
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_trunk_is_frozen(kind):
+    mc, trunk = tiny_trunk()
+    heads = fresh_heads(kind, mc)
+    trunk_before = {k: v.clone() for k, v in trunk.state_dict().items()}
+    heads_before = {k: v.clone() for k, v in heads.state_dict().items()}
+    fit(trunk, heads, steps=4, loss="e2e_tv", kl_warmup_steps=2)
+    for name, p in trunk.named_parameters():
+        assert torch.equal(p, trunk_before[name]), name
+        assert p.grad is None, name
+    assert all(p.requires_grad for p in trunk.parameters())  # flags left as they were
+    changed = [k for k, v in heads.state_dict().items() if not torch.equal(v, heads_before[k])]
+    assert changed  # the heads did move
+
+
+def test_kl_warmup_then_final_loss():
+    mc, trunk = tiny_trunk()
+    records = []
+    metrics = fit(trunk, fresh_heads("parallel", mc), steps=6, kl_warmup_steps=3, loss="e2e_tv",
+                  eval_every=1, log_fn=records.append)
+    assert [r["loss_name"] for r in records] == ["kl"] * 3 + ["e2e_tv"] * 3
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert metrics["loss_names"] == ["kl"] * 3 + ["e2e_tv"] * 3
+    assert all(len(r["acceptance"]) == 3 for r in records)
+    assert metrics["acceptance_after"] == records[-1]["acceptance"]
+
+
+def test_depth_mask_counts_completion_positions_only():
+    # length 8, prompt of 3 tokens -> first start 2; depth i valid while t + 1 + i <= 7
+    mask = depth_mask(torch.tensor([8]), torch.tensor([2]), K=2, T=10)[0]
+    assert mask[0].nonzero().flatten().tolist() == [2, 3, 4, 5]
+    assert mask[1].nonzero().flatten().tolist() == [2, 3, 4]
+
+
+def _padded_batch(trunk, fill_seed, K=3):
+    seqs, lens = progressions(4, seed=5)
+    T = max(map(len, seqs)) + 3
+    g = torch.Generator().manual_seed(fill_seed)
+    tokens = torch.randint(0, V, (len(seqs), T), generator=g)  # garbage in the padding
+    for b, s in enumerate(seqs):
+        tokens[b, :len(s)] = torch.tensor(s)
+    with torch.no_grad():
+        hidden = trunk(tokens)
+    mask = depth_mask(torch.tensor([len(s) for s in seqs]), torch.tensor(lens) - 1, K, T)
+    return hidden, tokens, mask
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("loss", ["tv", "e2e_tv", "kl", "ce"])
+def test_padding_contributes_nothing(kind, loss):
+    mc, trunk = tiny_trunk()
+    heads = fresh_heads(kind, mc)
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    values, grads = [], []
+    for fill_seed in (1, 2):
+        heads.zero_grad(set_to_none=True)
+        values.append(batch_loss(heads, trunk, *_padded_batch(trunk, fill_seed), loss, 1.0, backward=True))
+        grads.append([p.grad.clone() for p in heads.parameters()])
+    assert values[0] == pytest.approx(values[1], abs=1e-6)
+    for g0, g1 in zip(*grads):
+        torch.testing.assert_close(g0, g1, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("loss", ["tv", "e2e_tv"])
+def test_chunked_lm_head_equals_unchunked(kind, loss, monkeypatch):
+    mc, trunk = tiny_trunk()
+    heads = fresh_heads(kind, mc)
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    batch = _padded_batch(trunk, 1)
+    results = []
+    for chunk in (refit.CHUNK_ELEMENTS, 4 * 3 * V * 2):  # whole sequence, then 2 positions a chunk
+        monkeypatch.setattr(refit, "CHUNK_ELEMENTS", chunk)
+        heads.zero_grad(set_to_none=True)
+        value = batch_loss(heads, trunk, *batch, loss, 0.7, backward=True)
+        results.append((value, [p.grad.clone() for p in heads.parameters()]))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
+    for g0, g1 in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(g0, g1, atol=1e-6, rtol=1e-4)
+
+
+def test_greedy_fit_reports_argmax_agreement():
+    mc, trunk = tiny_trunk()
+    metrics = fit(trunk, fresh_heads("sequential", mc), steps=30, temperature=0.0)
+    assert all(a in (0.0, 1.0) or 0 < a < 1 for a in metrics["acceptance_after"])
+    assert metrics["acceptance_after"][0] > metrics["acceptance_before"][0] + 0.3
+
+
+def test_collect_sequences_returns_prompt_plus_completion():
+    mc, trunk = tiny_trunk()
+    prompts = [[1, 2, 3], [4, 5]]
+    seqs, lens = collect_sequences(Engine(trunk, None, max_batch=4), prompts,
+                                   SamplingParams(max_new_tokens=5), n=5, seed=0)
+    assert lens == [3, 2, 3, 2, 3]
+    assert [s[:n] for s, n in zip(seqs, lens)] == [prompts[i % 2] for i in range(5)]
+    assert all(len(s) == n + 5 for s, n in zip(seqs, lens))
+    assert seqs[0] != seqs[2] or seqs[2] != seqs[4]  # a repeated prompt gets its own stream
+
+
+@pytest.mark.parametrize("field, value", [("num_sequences", 1), ("holdout", 1.0), ("steps", 0), ("lr", 0.0),
+                                          ("loss", "mse"), ("kl_warmup_steps", 301),
+                                          ("micro_batch_size", 0), ("eval_every", -1), ("temperature", -0.5)])
+def test_config_errors_name_the_field(field, value):
+    with pytest.raises(ValueError, match=f"^{field}: "):
+        HeadFitConfig(**{field: value})

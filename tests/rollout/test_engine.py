@@ -1,0 +1,180 @@
+"""The generation engine: exact against transformers and a full recompute, batch-independent,
+continuous batching complete, and speculative decoding exact (greedy equality, recomputed
+log-probs, and a two-sample test against plain sampling)."""
+import pytest
+import torch
+import transformers
+from scipy.stats import chi2_contingency
+
+from rollout.engine import Engine
+from rollout.model import ModelConfig, Transformer
+from rollout.types import SamplingParams, SpecParams
+from spec_heads.heads import DraftHeads, HeadConfig
+from spec_heads.sampling import entropy_from_logprobs, sampling_logprobs
+
+
+@pytest.fixture(scope="module")
+def pair():
+    torch.manual_seed(0)
+    hc = transformers.LlamaConfig(vocab_size=61, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                  tie_word_embeddings=False)
+    hf = transformers.AutoModelForCausalLM.from_config(hc).float().eval()
+    model = Transformer(ModelConfig.from_hf(hc.to_dict())).eval()
+    model.load_state_dict({k.removeprefix("model."): v for k, v in hf.state_dict().items()})
+    return hf, model
+
+
+def _prompts(n, seed=1, vocab=61):
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(2, 12, (n,), generator=g)
+    return [torch.randint(3, vocab, (int(length),), generator=g).tolist() for length in lens]
+
+
+def _heads(model, kind, noise=0.05, depths=4, seed=1):
+    torch.manual_seed(seed)
+    heads = DraftHeads(HeadConfig(kind=kind, num_depths=depths), model.config)
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.add_(noise * torch.randn_like(p))
+    return heads
+
+
+def _recompute(model, seq, sp):
+    ids = torch.tensor([seq.prompt + seq.tokens])
+    with torch.no_grad():
+        lp = sampling_logprobs(model.logits(model(ids)), sp.temperature, sp.top_k, sp.top_p)[0]
+    lp = lp[len(seq.prompt) - 1: -1]
+    return lp.gather(1, torch.tensor(seq.tokens)[:, None])[:, 0], entropy_from_logprobs(lp)
+
+
+def test_greedy_equals_transformers(pair):
+    hf, model = pair
+    prompts = _prompts(9)
+    out = Engine(model, max_batch=4).generate(prompts, SamplingParams(temperature=0, max_new_tokens=16))
+    for p, s in zip(prompts, out.sequences):
+        ref = hf.generate(torch.tensor([p]), max_new_tokens=16, do_sample=False, pad_token_id=0,
+                          eos_token_id=None)[0, len(p):].tolist()
+        assert s.tokens == ref
+
+
+@pytest.mark.parametrize("sp", [SamplingParams(temperature=1.0, max_new_tokens=12),
+                                SamplingParams(temperature=0.7, top_p=0.9, max_new_tokens=12),
+                                SamplingParams(temperature=1.3, top_k=7, max_new_tokens=12)])
+def test_logprobs_and_entropies_equal_recompute(pair, sp):
+    _, model = pair
+    out = Engine(model, max_batch=5).generate(_prompts(8), sp, seed=3)
+    for s in out.sequences:
+        lp, ent = _recompute(model, s, sp)
+        assert torch.allclose(torch.tensor(s.logprobs), lp, atol=1e-5)
+        assert torch.allclose(torch.tensor(s.entropies), ent, atol=1e-4)
+
+
+def test_batch_independence_and_seed(pair):
+    _, model = pair
+    prompts = _prompts(10)
+    sp = SamplingParams(temperature=1.0, max_new_tokens=10)
+    a = Engine(model, max_batch=3).generate(prompts, sp, seed=7)
+    b = Engine(model, max_batch=10).generate(prompts, sp, seed=7)
+    # the same row (id 4) next to entirely different neighbours
+    others = _prompts(5, seed=9)
+    others[2] = prompts[4]
+    c = Engine(model, max_batch=5).generate(others, sp, seed=7, ids=[100, 101, 4, 102, 103])
+    d = Engine(model, max_batch=3).generate(prompts, sp, seed=8)
+    assert [s.tokens for s in a.sequences] == [s.tokens for s in b.sequences]
+    assert c.sequences[2].tokens == a.sequences[4].tokens
+    assert [s.tokens for s in a.sequences] != [s.tokens for s in d.sequences]
+
+
+def test_continuous_batching_returns_every_prompt_once(pair):
+    _, model = pair
+    prompts = _prompts(23)
+    sp = SamplingParams(temperature=1.0, max_new_tokens=20, stop_token_ids=[5, 6, 7])
+    out = Engine(model, max_batch=4).generate(prompts, sp, ids=list(range(100, 123)))
+    assert [s.prompt_id for s in out.sequences] == list(range(100, 123))
+    assert [s.prompt for s in out.sequences] == prompts
+    assert out.stats.sequences == 23 and out.stats.tokens == sum(len(s.tokens) for s in out.sequences)
+    for s in out.sequences:
+        stops = [i for i, t in enumerate(s.tokens) if t in (5, 6, 7)]
+        if s.finish_reason == "stop":
+            assert stops == [len(s.tokens) - 1]
+        else:
+            assert not stops and len(s.tokens) == 20
+    assert {s.finish_reason for s in out.sequences} == {"stop", "length"}
+
+
+def test_too_long_fails_with_fix(pair):
+    _, model = pair
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        Engine(model, max_len=32).generate([[1] * 20], SamplingParams(max_new_tokens=20))
+
+
+@pytest.mark.parametrize("kind", ["parallel", "sequential"])
+@pytest.mark.parametrize("mode", ["fixed", "entropy"])
+def test_speculative_greedy_equals_greedy(pair, kind, mode):
+    _, model = pair
+    prompts = _prompts(9)
+    sp = SamplingParams(temperature=0, max_new_tokens=24)
+    plain = Engine(model, max_batch=4).generate(prompts, sp)
+    eng = Engine(model, _heads(model, kind, noise=0.02), max_batch=4)
+    spec = eng.generate(prompts, sp, SpecParams(mode=mode, k=3, max_k=4))
+    assert [s.tokens for s in spec.sequences] == [s.tokens for s in plain.sequences]
+    st = spec.stats
+    assert sum(st.depth_hist) == st.row_steps
+    assert all(a <= d for a, d in zip(st.accepted_per_pos, st.drafted_per_pos))
+    for s in spec.sequences:  # per-row records: accepted <= drafted each step, tokens add up
+        assert all(0 <= a <= d for a, d in zip(s.accepted, s.draft_lengths))
+
+
+@pytest.mark.parametrize("kind", ["parallel", "sequential"])
+def test_speculative_logprobs_and_batch_independence(pair, kind):
+    _, model = pair
+    prompts = _prompts(8)
+    sp = SamplingParams(temperature=0.8, top_p=0.9, max_new_tokens=16)
+    heads = _heads(model, kind)
+    spec = SpecParams(mode="fixed", k=3)
+    a = Engine(model, heads, max_batch=3).generate(prompts, sp, spec, seed=5)
+    b = Engine(model, heads, max_batch=8).generate(prompts, sp, spec, seed=5)
+    assert [s.tokens for s in a.sequences] == [s.tokens for s in b.sequences]
+    assert a.stats.mean_accepted_len > 1.0  # the heads do get drafts accepted
+    for s in a.sequences:
+        lp, ent = _recompute(model, s, sp)
+        assert torch.allclose(torch.tensor(s.logprobs), lp, atol=1e-5)
+        assert torch.allclose(torch.tensor(s.entropies), ent, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["parallel", "sequential"])
+def test_speculative_sampling_matches_plain_two_sample(kind):
+    """Speculative and plain sampling give the same distribution over the first three tokens
+    (chi-square two-sample tests); and the test has power: a wrong temperature fails it."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                      tie_word_embeddings=False)
+    model = Transformer(cfg).eval()
+    with torch.no_grad():  # spread-out but far from uniform next-token distributions
+        model.lm_head.weight.mul_(4)
+    heads = _heads(model, kind, noise=0.3, depths=3, seed=2)
+    n = 12000
+    prompts = [[1, 2, 3]] * n
+    sp = SamplingParams(temperature=1.0, max_new_tokens=4)
+    plain = Engine(model, max_batch=n).generate(prompts, sp, seed=11)
+    spec = Engine(model, heads, max_batch=n).generate(prompts, sp, SpecParams(mode="fixed", k=3), seed=12)
+    assert spec.stats.mean_accepted_len > 1.3
+
+    def table(a, b, key):
+        ka = [key(s.tokens) for s in a.sequences]
+        kb = [key(s.tokens) for s in b.sequences]
+        cells = sorted(set(ka) | set(kb))
+        idx = {c: i for i, c in enumerate(cells)}
+        t = torch.zeros(2, len(cells))
+        for k in ka:
+            t[0, idx[k]] += 1
+        for k in kb:
+            t[1, idx[k]] += 1
+        return t[:, t.sum(0) >= 10].numpy()  # drop cells too rare for the chi-square approximation
+
+    for key in (lambda t: t[0], lambda t: t[1], lambda t: t[2], lambda t: (t[0], t[1]), lambda t: (t[1], t[2])):
+        assert chi2_contingency(table(plain, spec, key))[1] > 1e-3
+    hot = Engine(model, max_batch=n).generate(prompts, SamplingParams(temperature=1.5, max_new_tokens=4), seed=13)
+    assert chi2_contingency(table(plain, hot, lambda t: (t[0], t[1])))[1] < 1e-6
