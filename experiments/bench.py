@@ -22,6 +22,7 @@ import os
 import re
 import resource
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, replace
@@ -30,8 +31,10 @@ from pathlib import Path
 import torch
 
 from experiments.config import ConfigError, load_config
+from experiments.tasks import make_task
 from rollout.types import RolloutStats, SamplingParams, SpecParams
 
+_OVERRIDE_RE = re.compile(r"^[A-Za-z_][\w.]*=")
 _SPEC_RE = re.compile(r"^(off|entropy|fixed:(\d+)(?:\.\.(\d+))?)$")
 MAX_K = 8  # deepest draft SpecParams accepts
 
@@ -139,25 +142,6 @@ def resolve_device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.d
     return dev, getattr(torch, dtype)
 
 
-def resolve_model_dir(name: str, cfg) -> str:
-    """A checkpoint folder (config.json + safetensors + tokenizer.json) for tiny, a named model or a path."""
-    from rollout.checkpoint import NAMED_MODELS, resolve_model
-
-    if name == "tiny":
-        from experiments.pretrain import ensure_tiny_policy
-
-        return ensure_tiny_policy(cfg)
-    if name not in NAMED_MODELS:
-        p = Path(name)
-        if not (p / "config.json").is_file() or not (p / "tokenizer.json").is_file():
-            raise ConfigError(f"--model {name}: not tiny, not a named model ({', '.join(sorted(NAMED_MODELS))}) "
-                              "and not a checkpoint folder with config.json and tokenizer.json; pass one of those")
-    try:
-        return resolve_model(name)
-    except (FileNotFoundError, NotADirectoryError, ModuleNotFoundError) as e:
-        raise ConfigError(f"--model {name}: {e}") from None
-
-
 def resolve_heads_dir(heads: str | None, cfg, model_dir: str) -> str:
     if heads is not None:
         if not Path(heads).is_dir():
@@ -166,7 +150,7 @@ def resolve_heads_dir(heads: str | None, cfg, model_dir: str) -> str:
         return heads
     from experiments.fit_heads import ensure_heads
 
-    return ensure_heads(cfg, model_dir)
+    return ensure_heads(cfg, model_dir)  # fitted with the config's heads/fit/sampling settings
 
 
 def machine_name(device: torch.device) -> str:
@@ -269,13 +253,17 @@ def decode_accepted_len(stats: RolloutStats) -> float:
     return (stats.tokens - stats.sequences) / stats.row_steps if stats.row_steps else 1.0
 
 
-def predict(stats: RolloutStats, cost, mode: str, k: int, batch: int) -> float:
-    """Predicted speedup over off from the measured acceptance and cost model, at the run's mean
-    rows in flight. Entropy mode mixes depths: expected tokens over expected step cost, weighted
-    by how many row-steps drafted each depth."""
+def mean_rows(stats: RolloutStats, batch: int) -> int:
+    """Rows in flight per decode step, on average (the batch drains at the end of a run)."""
+    return max(1, min(batch, round(stats.row_steps / stats.steps))) if stats.steps else 1
+
+
+def predict(stats: RolloutStats, cost, mode: str, k: int, rows: int) -> float:
+    """Predicted speedup over off from the measured acceptance and cost model at `rows` in flight.
+    Entropy mode mixes depths: expected tokens over expected step cost, weighted by how many
+    row-steps drafted each depth."""
     from spec_heads.depth import predicted_speedup
 
-    rows = max(1, min(batch, round(stats.row_steps / stats.steps))) if stats.steps else 1
     accept = stats.accept_rate_per_pos
     if mode != "entropy":
         return predicted_speedup(accept, cost, rows, k)
@@ -319,7 +307,8 @@ def bench_batch(model, heads, hf_model, prompts, batch: int, modes, sampling: Sa
     off = next(t for m, _, t in measured if m == "off").tokens_per_s
     rows = []
     for mode, k, t in measured:
-        pred = predict(t.stats, cost, mode, k, batch)
+        rows_in_flight = mean_rows(t.stats, batch)
+        pred = predict(t.stats, cost, mode, k, rows_in_flight)
         speedup = t.tokens_per_s / off if off > 0 else math.nan
         rows.append({**label, "batch": batch, "mode": mode, "k": k, "tokens_per_s": t.tokens_per_s,
                      "speedup_vs_off": speedup,
@@ -329,13 +318,14 @@ def bench_batch(model, heads, hf_model, prompts, batch: int, modes, sampling: Sa
                      "accept_rate_per_pos": t.stats.accept_rate_per_pos,
                      "depth_hist": t.stats.depth_hist,
                      "predicted_speedup": pred, "fraction_of_predicted": speedup / pred if pred > 0 else None,
-                     "tokens": t.stats.tokens, "time_s": t.stats.time_s, "peak_mem_mb": t.peak_mem_mb})
+                     "mean_rows": rows_in_flight, "tokens": t.stats.tokens, "time_s": t.stats.time_s,
+                     "peak_mem_mb": t.peak_mem_mb})
     if hf is not None:
         rows.append({**label, "batch": batch, "mode": "hf", "k": 0, "tokens_per_s": hf.tokens_per_s,
                      "speedup_vs_off": hf.tokens_per_s / off if off > 0 else math.nan,
                      "hf_tokens_per_s": hf.tokens_per_s, "speedup_vs_hf": 1.0, "mean_accepted_len": 1.0,
                      "accept_rate_per_pos": [], "depth_hist": [], "predicted_speedup": None,
-                     "fraction_of_predicted": None, "tokens": None, "time_s": None,
+                     "fraction_of_predicted": None, "mean_rows": None, "tokens": None, "time_s": None,
                      "peak_mem_mb": hf.peak_mem_mb})
     return rows
 
@@ -393,52 +383,68 @@ def write_json(rows: list[dict], path: str) -> None:
 # Entry point
 
 
-def _check_args(args, modes, K: int) -> None:
-    if args.prompts is not None and args.prompts < 1:
-        raise ConfigError(f"--prompts {args.prompts}: must be >= 1")
-    if args.repeats < 1:
-        raise ConfigError(f"--repeats {args.repeats}: must be >= 1 (timed runs after one warm-up)")
-    if args.threads is not None and args.threads < 1:
-        raise ConfigError(f"--threads {args.threads}: must be >= 1")
-    deep = [k for m, k in modes if m == "fixed" and k > K]
-    if deep:
-        raise ConfigError(f"--spec fixed:{max(deep)}: the heads have {K} depths; draft at most fixed:{K}, "
-                          "or fit deeper heads (heads.num_depths=...)")
+def _check_args(args) -> None:
+    for flag, value in (("--prompts", args.prompts), ("--repeats", args.repeats), ("--threads", args.threads),
+                        ("--max-new-tokens", args.max_new_tokens)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} {value}: must be >= 1")
+
+
+def _load(args, cfg):
+    """-> (model, heads, tokenizer, model_dir, heads_dir, device, dtype), every user error a ConfigError."""
+    from experiments.fit_heads import policy_dir
+    from experiments.tokenizer import TextTokenizer
+    from rollout.checkpoint import load_checkpoint
+    from spec_heads.heads import DraftHeads
+
+    device, dtype = resolve_device_dtype(args.device or cfg.model.device, args.dtype or cfg.model.dtype)
+    model_dir = policy_dir(cfg)  # tiny (built if missing), a named model (converted once) or a folder
+    heads_dir = resolve_heads_dir(args.heads, cfg, model_dir)
+    model = load_checkpoint(model_dir, device=device, dtype=dtype)
+    try:
+        heads, _ = DraftHeads.load(heads_dir, model.config, device=device, dtype=dtype)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"--heads {heads_dir}: {e}") from None
+    return model, heads, TextTokenizer.from_dir(model_dir), model_dir, heads_dir, device, dtype
+
+
+def parse_args(argv: list[str] | None):
+    """Flags plus key.sub=value overrides anywhere on the line (a `--batch 1 8` list would
+    otherwise swallow an override that follows it)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    overrides = [a for a in argv if _OVERRIDE_RE.match(a)]
+    args = build_parser().parse_args([a for a in argv if not _OVERRIDE_RE.match(a)])
+    args.overrides = overrides
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
+    _check_args(args)
     batches = list(dict.fromkeys(b for group in args.batch for b in group))
-    modes = [("off", 0)] + [m for group in args.spec for m in group if m != ("off", 0)]
-    modes = list(dict.fromkeys(modes))
+    # off is always measured: every speedup is a ratio to it
+    modes = list(dict.fromkeys([("off", 0)] + [m for group in args.spec for m in group]))
     cfg = load_config(args.config, args.overrides)
     if args.model is not None:
         try:
             cfg = replace(cfg, model=replace(cfg.model, name=args.model))
         except ValueError as e:  # e.g. --model tiny with a gsm8k preset
             raise ConfigError(f"--model {args.model}: {e}") from None
-    device, dtype = resolve_device_dtype(args.device or cfg.model.device, args.dtype or cfg.model.dtype)
+    try:
+        sampling = replace(cfg.sampling, temperature=args.temperature,
+                           max_new_tokens=args.max_new_tokens or cfg.sampling.max_new_tokens)
+    except ValueError as e:
+        raise ConfigError(f"--temperature/--max-new-tokens: {e}") from None
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    model_dir = resolve_model_dir(cfg.model.name, cfg)
-    heads_dir = resolve_heads_dir(args.heads, cfg, model_dir)
-
-    from experiments.tasks import make_task
-    from experiments.tokenizer import TextTokenizer
-    from rollout.checkpoint import load_checkpoint
-    from spec_heads.heads import DraftHeads
-
-    model = load_checkpoint(model_dir, device=device, dtype=dtype)
-    try:
-        heads, _ = DraftHeads.load(heads_dir, model.config, device=device, dtype=dtype)
-    except (FileNotFoundError, ValueError) as e:
-        raise ConfigError(f"--heads {heads_dir}: {e}") from None
-    _check_args(args, modes, heads.config.num_depths)
-    tok = TextTokenizer.from_dir(model_dir)
+    model, heads, tok, model_dir, heads_dir, device, dtype = _load(args, cfg)
+    K = heads.config.num_depths
+    deep = [k for m, k in modes if m == "fixed" and k > K]
+    if deep:
+        raise ConfigError(f"--spec fixed:{max(deep)}: the heads have {K} depths; draft at most fixed:{K}, "
+                          "or fit deeper heads (heads.num_depths=...)")
+    sampling = replace(sampling, stop_token_ids=[tok.eos_id])
     seed = cfg.seed if args.seed is None else args.seed
-    sampling = replace(cfg.sampling, temperature=args.temperature, stop_token_ids=[tok.eos_id],
-                       max_new_tokens=args.max_new_tokens or cfg.sampling.max_new_tokens)
-    SamplingParams(**vars(sampling))  # re-validate the flags (raises naming the field)
     n_prompts = {b: args.prompts or max(2 * b, 8) for b in batches}
     task = make_task(cfg.task, chat=tok.apply_chat)
     prompts = [tok.encode(ex.prompt) for ex in task.train_prompts(max(n_prompts.values()), seed)]
@@ -450,11 +456,10 @@ def main(argv: list[str] | None = None) -> int:
 
     machine = machine_name(device)
     label = {"model": args.model or cfg.model.name, "device": machine}
-    print(f"specroll bench: model {model_dir}, heads {heads_dir} ({heads.config.kind}, "
-          f"{heads.config.num_depths} depths), {machine}, torch threads {torch.get_num_threads()}, "
-          f"dtype {str(dtype).removeprefix('torch.')}, temperature {sampling.temperature}, "
-          f"max_new_tokens {sampling.max_new_tokens}, repeats {args.repeats} (median, after 1 warm-up)",
-          flush=True)
+    print(f"specroll bench: model {model_dir}, heads {heads_dir} ({heads.config.kind}, {K} depths), "
+          f"{machine}, torch threads {torch.get_num_threads()}, dtype {str(dtype).removeprefix('torch.')}, "
+          f"temperature {sampling.temperature}, max_new_tokens {sampling.max_new_tokens}, "
+          f"repeats {args.repeats} (median, after 1 warm-up)", flush=True)
     rows = []
     for b in batches:
         print(f"  batch {b}: {n_prompts[b]} prompts, modes "
@@ -475,6 +480,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    import sys
-
     sys.exit(main())

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Callable
 
+from experiments.data import load_qa_file
+
 
 @dataclass
 class TaskConfig:
@@ -174,7 +176,7 @@ class ArithmeticTask(Task):
     def eval_prompts(self) -> list[Example]:
         if self._eval is None:
             rng, seen, out = random.Random(self._EVAL_SEED), set(), []
-            for _ in range(2000 * self.eval_size):
+            for _ in range(200 * self.eval_size):  # ample: 1 in 8 problems is held out
                 ex = self._draw(rng)
                 if _held_out(ex.prompt) and ex.prompt not in seen:
                     seen.add(ex.prompt)
@@ -230,8 +232,6 @@ class Gsm8kTask(Task):
     name = "gsm8k"
 
     def __init__(self, cfg: TaskConfig, chat: Callable[[str], str] | None = None):
-        from experiments.data import load_qa_file
-
         records, _skipped = load_qa_file(cfg.path, skip_malformed=cfg.skip_malformed)
         if len(records) <= cfg.eval_size:
             raise ValueError(f"eval_size: {cfg.eval_size} held-out prompts leave none for training in "

@@ -124,3 +124,18 @@ def test_fixed_depth_deeper_than_heads_is_refused(tiny_dirs):
     with pytest.raises(ConfigError, match="fixed:3"):
         bench.main(["--model", model_dir, "--heads", heads_dir, "--spec", "fixed:1..3", "--no-hf",
                     "--device", "cpu"])
+
+
+def test_bad_sampling_flag_names_it(tiny_dirs):
+    model_dir, heads_dir = tiny_dirs
+    with pytest.raises(ConfigError, match="temperature"):
+        bench.main(["--model", model_dir, "--heads", heads_dir, "--temperature", "-1", "--no-hf"])
+    with pytest.raises(ConfigError, match="--repeats 0"):
+        bench.main(["--model", model_dir, "--heads", heads_dir, "--repeats", "0"])
+
+
+def test_overrides_may_follow_list_flags():
+    args = bench.parse_args(["--batch", "1", "8", "task.digits=2", "--spec", "off", "fixed:1..2"])
+    assert bench.parse_batches([str(b) for g in args.batch for b in g]) == [1, 8]
+    assert [m for g in args.spec for m in g] == [("off", 0), ("fixed", 1), ("fixed", 2)]
+    assert args.overrides == ["task.digits=2"]

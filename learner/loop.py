@@ -1,0 +1,114 @@
+"""One RL step end to end (DESIGN.md "Data flow of one RL step"):
+
+rollouts (speculative, through the rollout client) -> rewards (a callable from experiments,
+checked row by row) -> advantages and the policy update (Learner.update) -> head re-fit per
+schedule -> publish policy and heads together under one new version number.
+
+Determinism: a step's prompts and its rollout seed derive from (seed, step) only, and each of
+the group_size samples of a prompt has its own row id (its own random stream), so a run
+resumed from a checkpoint at step k reproduces the uninterrupted run from step k+1 on, token for
+token, with spec.mode=off or fixed. With spec.mode=entropy the draft depth of each row follows
+measured timings, and the emitted tokens depend on the depth (different random draws are
+consumed), so an entropy-mode run is exact in distribution but not bit-reproducible.
+
+`RLLoop` knows nothing about tokenizers or tasks: experiments give it a prompt source and a
+reward function. The client is anything with RolloutClient's generate/publish/throughput.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from learner.trainer import Learner
+from rollout.types import RolloutBatch, SamplingParams, Sequence, SpecParams
+
+
+class RewardError(RuntimeError):
+    """The reward function failed, or returned a wrong number of rewards or a non-finite one."""
+
+
+@dataclass
+class StepPrompts:
+    prompts: list[list[int]]  # token ids, one entry per prompt (the loop repeats each group_size times)
+    texts: list[str]  # the prompt as text, for error messages
+    meta: list[Any]  # handed back to the reward function (e.g. the task's Example), one per prompt
+
+
+# rewards(sequences, meta per sequence) -> one float per sequence
+RewardFn = Callable[[list[Sequence], list[Any]], list[float]]
+
+
+def step_seed(seed: int, step: int) -> int:
+    """The rollout / prompt seed of one step: a function of (run seed, step) only."""
+    return (int(seed) * 1_000_003 + int(step) * 7_919 + 12_345) % (1 << 62)
+
+
+class RLLoop:
+    def __init__(self, learner: Learner, client, *, prompt_fn: Callable[[int], StepPrompts],
+                 reward_fn: RewardFn, task_name: str, sampling: SamplingParams, spec: SpecParams,
+                 group_size: int, seed: int):
+        self.learner, self.client = learner, client
+        self.prompt_fn, self.reward_fn, self.task_name = prompt_fn, reward_fn, task_name
+        self.sampling, self.spec, self.group_size, self.seed = sampling, spec, group_size, seed
+
+    def step(self, step: int) -> dict:
+        """Run RL step `step` (1-based); returns its metrics (see experiments/train.py)."""
+        t0 = time.perf_counter()
+        sp = self.prompt_fn(step)
+        G = self.group_size
+        prompts = [p for p in sp.prompts for _ in range(G)]  # groups contiguous
+        batch: RolloutBatch = self.client.generate(prompts, list(range(len(prompts))), self.sampling,
+                                                   self.spec, step_seed(self.seed, step))
+        info = self.client.throughput()
+        t1 = time.perf_counter()
+        rewards = self.rewards(batch.sequences, sp)
+        upd = self.learner.update(batch.sequences, rewards)
+        t2 = time.perf_counter()
+        stats = batch.stats
+        speculating = self.spec.mode != "off" and self.learner.heads is not None
+        refit = self.learner.should_refit(step, stats.mean_accepted_len, speculating)
+        refit_metrics = self.learner.refit_heads(batch.sequences, step_seed(self.seed, step) + 1) if refit else {}
+        t3 = time.perf_counter()
+        self.client.publish(*self.learner.next_version())
+        t4 = time.perf_counter()
+        lengths = torch.tensor([len(s.tokens) for s in batch.sequences], dtype=torch.float32)
+        return {
+            "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()) if len(rewards) > 1 else 0.0,
+            "accuracy": float((rewards >= 1.0).float().mean()),
+            "response_len_mean": float(lengths.mean()),
+            "mean_accepted_len": stats.mean_accepted_len, "accept_rate_per_pos": stats.accept_rate_per_pos,
+            "depth_hist": stats.depth_hist, "spec_mode": self.spec.mode,
+            "rollout_tokens_per_s": info["tokens_per_s"], "speedup_vs_off_est": info["speedup_vs_off_est"],
+            **upd, "refit": bool(refit), **refit_metrics,
+            "refit_baseline": self.learner.refit_baseline,
+            "policy_version": self.learner.policy_version,
+            "time_rollout_s": t1 - t0, "time_train_s": t2 - t1, "time_refit_s": t3 - t2,
+            "time_publish_s": t4 - t3, "time_step_s": t4 - t0,
+        }
+
+    def rewards(self, sequences: list[Sequence], sp: StepPrompts) -> torch.Tensor:
+        """[B] checked rewards: an exception, a wrong count or a non-finite value fails the step
+        with a message naming the task and the row."""
+        G, name = self.group_size, self.task_name
+        meta = [sp.meta[i // G] for i in range(len(sequences))]
+        try:
+            values = self.reward_fn(sequences, meta)
+        except RewardError:
+            raise
+        except Exception as e:
+            raise RewardError(f"task {name}: the reward function raised {type(e).__name__}: {e}") from e
+        values = list(values)
+        if len(values) != len(sequences):
+            raise RewardError(f"task {name}: the reward function returned {len(values)} rewards for "
+                              f"{len(sequences)} completions; it must return one per completion, in order")
+        for i, v in enumerate(values):
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            if not ok:
+                raise RewardError(f"task {name}: reward {v!r} for row {i} (prompt {sp.texts[i // G]!r}, "
+                                  f"sample {i % G} of {G}) is not a finite number; fix the reward "
+                                  "function so it returns a float for every completion")
+        return torch.tensor(values, dtype=torch.float32)

@@ -1,0 +1,95 @@
+"""`specroll fit-heads` end to end on a tiny random policy saved in tmp_path: heads are written
+where the config says, load back, `ensure_heads` reuses them, user errors say what to fix."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import experiments.fit_heads as fh
+from experiments.config import ConfigError, load_config
+from experiments.pretrain import ARITH_ALPHABET
+from experiments.tokenizer import TextTokenizer, build_char_tokenizer
+from rollout.checkpoint import save_checkpoint
+from rollout.model import ModelConfig, Transformer
+from spec_heads.heads import DraftHeads
+
+
+@pytest.fixture(scope="module")
+def policy_dir(tmp_path_factory):
+    """A tiny random char-level policy for the arithmetic alphabet, as an HF folder."""
+    root = tmp_path_factory.mktemp("policy")
+    tok = TextTokenizer(build_char_tokenizer(ARITH_ALPHABET))
+    tok.save(str(root / "tok"))
+    torch.manual_seed(0)
+    mc = ModelConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                     eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+    model = Transformer(mc)
+    with torch.no_grad():
+        model.embed_tokens.weight.mul_(0.25)
+    save_checkpoint(model, str(root / "tiny"), tokenizer_dir_or_file=str(root / "tok"))
+    return str(root / "tiny")
+
+
+def small_config(policy, *overrides):
+    return load_config("default", [f"model.name={policy}", "fit.num_sequences=24", "fit.steps=8",
+                                   "fit.kl_warmup_steps=4", "fit.micro_batch_size=8", "fit.eval_every=4",
+                                   "fit.holdout=0.25", "sampling.max_new_tokens=12", "heads.num_depths=3",
+                                   "rollout.max_batch=24", *overrides])
+
+
+@pytest.mark.parametrize("kind", ["parallel", "sequential"])
+def test_fit_heads_writes_loadable_heads(policy_dir, tmp_path, capsys, kind):
+    out = tmp_path / "heads"
+    cfg = small_config(policy_dir, f"heads.kind={kind}", f"heads_path={out}")
+    assert fh.run(cfg) == 0
+    model_cfg = ModelConfig.from_hf(json.loads((Path(policy_dir) / "config.json").read_text()))
+    heads, version = DraftHeads.load(str(out), model_cfg)
+    assert (heads.kind, heads.num_depths, version) == (kind, 3, 0)
+    meta = json.loads((out / "heads_config.json").read_text())["extra"]
+    assert meta["num_fit_sequences"] == 18 and meta["num_eval_sequences"] == 6
+    assert len(meta["acceptance_after"]) == 3 and all(0 <= a <= 1 for a in meta["acceptance_after"])
+    assert meta["fit"]["temperature"] == cfg.sampling.temperature  # null follows sampling.temperature
+    printed = capsys.readouterr()
+    assert "acceptance" in printed.out + printed.err
+
+
+def test_ensure_heads_fits_once_then_reuses(policy_dir, tmp_path, monkeypatch):
+    import shutil
+
+    model_dir = tmp_path / "policy"
+    shutil.copytree(policy_dir, model_dir)
+    cfg = small_config(str(model_dir))
+    calls = []
+    real = fh.fit_and_save
+    monkeypatch.setattr(fh, "fit_and_save", lambda *a: calls.append(a) or real(*a))
+    first = fh.ensure_heads(cfg, str(model_dir))
+    assert first == fh.default_heads_dir(str(model_dir), cfg)
+    assert Path(first).name.startswith("policy-heads-parallel-3-")
+    assert Path(first).parent == tmp_path  # next to the policy
+    stamp = (Path(first) / "heads.safetensors").stat().st_mtime_ns
+    assert fh.ensure_heads(cfg, str(model_dir)) == first
+    assert len(calls) == 1 and (Path(first) / "heads.safetensors").stat().st_mtime_ns == stamp
+    # anything that shapes the fit names another folder, so stale heads are never reused
+    assert fh.default_heads_dir(str(model_dir), small_config(str(model_dir), "sampling.temperature=0.5")) != first
+
+
+def test_user_errors_name_the_key_and_fix(policy_dir, tmp_path):
+    with pytest.raises(ConfigError, match="^model.name: .*no such checkpoint folder"):
+        fh.policy_dir(small_config(str(tmp_path / "missing")))
+    not_a_folder = tmp_path / "file.txt"
+    not_a_folder.write_text("x")
+    with pytest.raises(ConfigError, match="^heads_path: .*is a file"):
+        fh.ensure_heads(small_config(policy_dir, f"heads_path={not_a_folder}"), policy_dir)
+    with pytest.raises(ConfigError, match="^heads_path: .*holds no draft heads"):
+        fh.ensure_heads(small_config(policy_dir, f"heads_path={policy_dir}"), policy_dir)
+    with pytest.raises(ConfigError, match="^model.name: .*config.json"):
+        fh.policy_dir(small_config(str(tmp_path)))
+
+
+def test_ensure_heads_refuses_heads_of_another_shape(policy_dir, tmp_path):
+    out = tmp_path / "heads"
+    fh.run(small_config(policy_dir, f"heads_path={out}", "fit.steps=1", "fit.kl_warmup_steps=0"))
+    with pytest.raises(ConfigError, match="^heads_path: .*holds parallel heads with 3 depths but heads.kind=sequential"):
+        fh.ensure_heads(small_config(policy_dir, f"heads_path={out}", "heads.kind=sequential"), policy_dir)

@@ -1,0 +1,118 @@
+"""Rollout workers: versioned weight swaps (policy and heads together), outputs from the newest
+weights, and the same sequences in-process and through Ray actors."""
+import pytest
+import torch
+
+from rollout.engine import Engine
+from rollout.model import ModelConfig, Transformer
+from rollout.types import RolloutConfig, SamplingParams, SpecParams
+from rollout.worker import RolloutClient, RolloutWorker, cpu_state
+from spec_heads.heads import DraftHeads, HeadConfig
+
+MC = ModelConfig(vocab_size=32, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2)
+HC = HeadConfig("parallel", 3)
+PROMPTS = [[1, 2, 3], [4, 5], [6, 7, 8, 9], [10], [11, 12], [13, 14, 15]]
+GREEDY = SamplingParams(temperature=0.0, max_new_tokens=8)
+SAMPLED = SamplingParams(temperature=1.0, max_new_tokens=8)
+FIXED = SpecParams(mode="fixed", k=2)
+
+
+def make_model(seed: int, std: float = 0.3):
+    g = torch.Generator().manual_seed(seed)
+    model = Transformer(MC)
+    heads = DraftHeads(HC, MC)
+    with torch.no_grad():
+        for p in list(model.parameters()) + list(heads.parameters()):
+            if p.dim() == 2:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model.eval(), heads.eval()
+
+
+def local_greedy(model, heads, prompts):
+    eng = Engine(model, heads, max_batch=8)
+    return [s.tokens for s in eng.generate(prompts, GREEDY, FIXED, seed=0).sequences]
+
+
+def test_publish_swaps_both_and_outputs_follow_new_weights():
+    old, old_heads = make_model(0)
+    new, new_heads = make_model(1)
+    worker = RolloutWorker(MC, HC, RolloutConfig(max_batch=4), policy_state=cpu_state(old),
+                           heads_state=cpu_state(old_heads), version=0)
+    before = worker.generate(PROMPTS, GREEDY, FIXED, seed=0)
+    assert [s.tokens for s in before.sequences] == local_greedy(old, old_heads, PROMPTS)
+    assert {s.policy_version for s in before.sequences} == {0}
+
+    worker.set_weights(1, cpu_state(new), cpu_state(new_heads))
+    assert worker.versions() == {"policy": 1, "heads": 1}
+    after = worker.generate(PROMPTS, GREEDY, FIXED, seed=0)
+    expected = local_greedy(new, new_heads, PROMPTS)
+    assert [s.tokens for s in after.sequences] == expected
+    assert expected != [s.tokens for s in before.sequences]  # the swap is visible
+    assert {s.policy_version for s in after.sequences} == {1}
+    # the heads were swapped too: the worker's heads equal the published ones
+    for k, v in new_heads.state_dict().items():
+        assert torch.equal(worker.engine.heads.state_dict()[k], v)
+
+
+def test_mismatched_or_stale_update_raises_and_changes_nothing():
+    model, heads = make_model(0)
+    other, other_heads = make_model(1)
+    worker = RolloutWorker(MC, HC, RolloutConfig(max_batch=4), policy_state=cpu_state(model),
+                           heads_state=cpu_state(heads), version=3)
+    with pytest.raises(ValueError, match="heads_state: a policy-only update"):
+        worker.set_weights(4, cpu_state(other), None)
+    with pytest.raises(ValueError, match="policy_state: a heads-only update"):
+        worker.set_weights(4, None, cpu_state(other_heads))
+    with pytest.raises(ValueError, match="version: 3 is not newer"):
+        worker.set_weights(3, cpu_state(other), cpu_state(other_heads))
+    assert worker.versions() == {"policy": 3, "heads": 3}
+    for k, v in model.state_dict().items():
+        assert torch.equal(worker.engine.model.state_dict()[k], v)
+
+
+def test_client_keeps_prompt_order_and_ids():
+    model, heads = make_model(0)
+    client = RolloutClient(MC, cpu_state(model), HC, cpu_state(heads), RolloutConfig(max_batch=4))
+    ids = [10 + i for i in range(len(PROMPTS))]
+    batch = client.generate(PROMPTS, ids, SAMPLED, FIXED, seed=5)
+    assert [s.prompt for s in batch.sequences] == PROMPTS
+    assert [s.prompt_id for s in batch.sequences] == ids
+    assert batch.stats.sequences == len(PROMPTS)
+    assert batch.stats.tokens == sum(len(s.tokens) for s in batch.sequences)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.mark.ray
+def test_ray_and_in_process_clients_agree_and_publish_reaches_every_worker(ray_cluster):
+    model, heads = make_model(0)
+    local = RolloutClient(MC, cpu_state(model), HC, cpu_state(heads), RolloutConfig(max_batch=4))
+    remote = RolloutClient(MC, cpu_state(model), HC, cpu_state(heads),
+                           RolloutConfig(max_batch=4, num_workers=2), use_ray=True)
+    try:
+        ids = list(range(len(PROMPTS)))
+        a = local.generate(PROMPTS, ids, SAMPLED, FIXED, seed=7)
+        b = remote.generate(PROMPTS, ids, SAMPLED, FIXED, seed=7)
+        assert [s.tokens for s in a.sequences] == [s.tokens for s in b.sequences]
+        for x, y in zip(a.sequences, b.sequences):
+            assert x.prompt == y.prompt
+            assert torch.allclose(torch.tensor(x.logprobs), torch.tensor(y.logprobs), atol=1e-5)
+        assert b.stats.sequences == len(PROMPTS)
+
+        new, new_heads = make_model(1)
+        remote.publish(1, cpu_state(new), cpu_state(new_heads))
+        assert remote.versions() == [{"policy": 1, "heads": 1}] * 2
+        after = remote.generate(PROMPTS, ids, GREEDY, FIXED, seed=0)
+        assert [s.tokens for s in after.sequences] == local_greedy(new, new_heads, PROMPTS)
+        assert {s.policy_version for s in after.sequences} == {1}
+        with pytest.raises(ValueError, match="policy-only"):
+            remote.publish(2, cpu_state(new), None)
+    finally:
+        remote.close()
