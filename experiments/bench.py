@@ -3,8 +3,9 @@
 For each batch size, on one prompt set: the engine with speculation off, each requested
 speculative mode, and transformers' `generate` on the same model (the peer). Every speedup is a
 ratio measured in this run on this machine: against the same engine with speculation off, and
-against the peer. Each configuration gets one warm-up run, then the median of `--repeats` timed
-runs. CPU timings are only ratios; a GPU run names the card.
+against the peer. Each configuration gets one warm-up run, then `--repeats` rounds that run every
+configuration of a batch size once, in turn (so a load spike hits them alike), and the median run
+is reported. CPU timings are only ratios; a GPU run names the card.
 
 Next to the measured speedup the table shows the one predicted from the measured per-position
 acceptance and the engine's own measured cost model (spec_heads.depth.predicted_speedup), and
@@ -21,7 +22,6 @@ import math
 import os
 import re
 import resource
-import statistics
 import sys
 import tempfile
 import time
@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=1.0,
                    help="sampling temperature (default 1.0: sampled drafts, exact rejection sampling)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per configuration, after one "
-                   "warm-up run; the median is reported (default 3)")
+                   "warm-up run, interleaved across configurations; the median is reported (default 3)")
     p.add_argument("--hf", action=argparse.BooleanOptionalAction, default=True,
                    help="also time transformers' generate on the same model and prompts (default on)")
     p.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N (default: model.device)")
@@ -184,63 +184,90 @@ def _reset_peak(device: torch.device) -> None:
 
 @dataclass
 class Timed:
-    tokens_per_s: float
-    stats: RolloutStats | None  # the median run's (engine only)
-    peak_mem_mb: float
+    """One configuration's timed runs: tokens/s per run, the engine stats of each, peak memory."""
+
+    rates: list
+    stats: list
+    peak_mem_mb: float = 0.0
+
+    def median(self) -> tuple[float, RolloutStats | None]:
+        """Median tokens/s and the stats of that run (engine runs only)."""
+        order = sorted(range(len(self.rates)), key=self.rates.__getitem__)
+        mid = order[len(order) // 2]
+        return self.rates[mid], self.stats[mid] if self.stats else None
 
 
-def time_engine(eng, prompts, sampling: SamplingParams, spec: SpecParams, seed: int, repeats: int) -> Timed:
-    """One warm-up generate, then the median of `repeats` (by tokens/s; engine time excludes setup)."""
-    _reset_peak(eng.device)
-    eng.generate(prompts, sampling, spec, seed=seed)
-    runs = [eng.generate(prompts, sampling, spec, seed=seed).stats for _ in range(repeats)]
-    runs.sort(key=lambda s: s.tokens_per_s)
-    mid = runs[len(runs) // 2]
-    return Timed(mid.tokens_per_s, mid, peak_mem_mb(eng.device))
+class EngineRunner:
+    """generate() for one (mode, k) on a shared engine, keeping that mode's depth policy (and so
+    its acceptance table and cost model) across runs, even when other modes run in between."""
+
+    def __init__(self, eng, prompts, sampling: SamplingParams, spec: SpecParams, seed: int):
+        self.eng, self.prompts, self.sampling, self.spec, self.seed = eng, prompts, sampling, spec, seed
+        self.policy = None
+
+    def __call__(self) -> tuple[float, RolloutStats]:
+        self.eng.depth_policy = self.policy
+        stats = self.eng.generate(self.prompts, self.sampling, self.spec, seed=self.seed).stats
+        self.policy = self.eng.depth_policy
+        return stats.tokens_per_s, stats  # engine time: the decode loop, prefill included, setup not
 
 
-def _hf_generate_once(hf_model, batches, gen_kwargs, eos_id: int, device) -> tuple[int, float]:
-    """Generated tokens (each row up to and including its first EOS, as the engine counts) and seconds."""
-    tokens, t0 = 0, time.perf_counter()
-    for input_ids, mask in batches:
-        out = hf_model.generate(input_ids=input_ids, attention_mask=mask, **gen_kwargs)
-        gen = out[:, input_ids.shape[1]:]  # [b, T_new]
-        is_eos = gen == eos_id
-        first = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, torch.full_like(gen[:, 0], gen.shape[1]))
-        tokens += int(first.sum())
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return tokens, time.perf_counter() - t0
+class HFRunner:
+    """transformers' generate over left-padded batches of `batch` prompts, same sampling and EOS;
+    counts each row's tokens up to and including its first EOS, as the engine does."""
+
+    def __init__(self, hf_model, prompts, batch: int, sampling: SamplingParams, eos_id: int,
+                 pad_id: int, seed: int, device):
+        from transformers import GenerationConfig
+
+        self.model, self.eos_id, self.seed, self.device = hf_model, eos_id, seed, device
+        self.batches = []
+        for i in range(0, len(prompts), batch):
+            chunk = prompts[i:i + batch]
+            width = max(map(len, chunk))
+            ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in chunk], device=device)
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
+            self.batches.append((ids, mask))
+        sample = sampling.temperature > 0
+        # every field set here, so nothing comes from the model's generation_config.json
+        self.config = GenerationConfig(
+            do_sample=sample, temperature=sampling.temperature if sample else None,
+            top_k=sampling.top_k if sample else None, top_p=sampling.top_p if sample else None,
+            max_new_tokens=sampling.max_new_tokens, min_new_tokens=0, num_beams=1, repetition_penalty=1.0,
+            eos_token_id=eos_id, pad_token_id=pad_id)
+
+    @torch.inference_mode()
+    def __call__(self) -> tuple[float, None]:
+        torch.manual_seed(self.seed)  # transformers samples from the global generator
+        tokens, t0 = 0, time.perf_counter()
+        for input_ids, mask in self.batches:
+            out = self.model.generate(input_ids=input_ids, attention_mask=mask, generation_config=self.config)
+            gen = out[:, input_ids.shape[1]:]  # [b, T_new]
+            is_eos = gen == self.eos_id
+            full = torch.full_like(gen[:, 0], gen.shape[1])
+            tokens += int(torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, full).sum())
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - t0
+        return tokens / seconds if seconds > 0 else 0.0, None
 
 
-def time_hf(hf_model, prompts, batch: int, sampling: SamplingParams, eos_id: int, pad_id: int,
-            seed: int, repeats: int, device) -> Timed:
-    """transformers' generate over left-padded batches of `batch` prompts, same sampling and EOS."""
-    from transformers import GenerationConfig
-
-    batches = []
-    for i in range(0, len(prompts), batch):
-        chunk = prompts[i:i + batch]
-        width = max(map(len, chunk))
-        ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in chunk], device=device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
-        batches.append((ids, mask))
-    sample = sampling.temperature > 0
-    gc = GenerationConfig(do_sample=sample, temperature=sampling.temperature if sample else None,
-                          top_k=sampling.top_k if sample else None, top_p=sampling.top_p if sample else None,
-                          max_new_tokens=sampling.max_new_tokens, min_new_tokens=0, num_beams=1,
-                          repetition_penalty=1.0, eos_token_id=eos_id, pad_token_id=pad_id)
-    kwargs = {"generation_config": gc}
-    _reset_peak(device)
-    with torch.inference_mode():
-        torch.manual_seed(seed)  # transformers samples from the global generator
-        _hf_generate_once(hf_model, batches, kwargs, eos_id, device)
-        rates = []
-        for _ in range(repeats):
-            torch.manual_seed(seed)
-            n, s = _hf_generate_once(hf_model, batches, kwargs, eos_id, device)
-            rates.append(n / s if s > 0 else 0.0)
-    return Timed(statistics.median(rates), None, peak_mem_mb(device))
+def time_interleaved(runners: dict, repeats: int, device) -> dict:
+    """One warm-up run of each configuration, then `repeats` rounds that run every configuration
+    once, in turn: a load spike on a shared machine then hits all of them alike, not one."""
+    timed = {key: Timed([], []) for key in runners}
+    for run in runners.values():
+        run()
+    for _ in range(repeats):
+        for key, run in runners.items():
+            _reset_peak(device)
+            rate, stats = run()
+            t = timed[key]
+            t.rates.append(rate)
+            if stats is not None:
+                t.stats.append(stats)
+            t.peak_mem_mb = max(t.peak_mem_mb, peak_mem_mb(device))
+    return timed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,48 +312,44 @@ def predict(stats: RolloutStats, cost, mode: str, k: int, rows: int) -> float:
 
 def bench_batch(model, heads, hf_model, prompts, batch: int, modes, sampling: SamplingParams,
                 spec_base: SpecParams, tok, seed: int, repeats: int, device, label: dict) -> list[dict]:
-    """Rows for one batch size: the engine per mode, then the peer; predictions at the end, from the
-    entropy run's cost model (probes + real steps), or a probed one if entropy was not asked for."""
+    """Rows for one batch size: the engine per mode and the peer, interleaved. Predictions use the
+    entropy run's cost model (start-up probes + real steps), or a probed one without entropy."""
     from rollout.engine import Engine
 
     eng = Engine(model, heads, max_batch=batch, device=device)
     K = heads.config.num_depths
-    measured, cost = [], None
+    runners = {}
     for mode, k in modes:
         # k is only read in fixed mode, but DepthPolicy checks k <= max_k in every mode
         spec = replace(spec_base, mode=mode, k=k if mode == "fixed" else 1, max_k=K)
-        timed = time_engine(eng, prompts, sampling, spec, seed, repeats)
-        if mode == "entropy":
-            cost = eng.depth_policy.cost
-        measured.append((mode, k, timed))
-    if cost is None:  # the engine times (rows x tokens) verify steps to seed its cost model
+        runners[(mode, k)] = EngineRunner(eng, prompts, sampling, spec, seed)
+    if hf_model is not None:
+        runners[("hf", 0)] = HFRunner(hf_model, prompts, batch, sampling, tok.eos_id, tok.pad_id, seed, device)
+    timed = time_interleaved(runners, repeats, device)
+    if ("entropy", 0) in runners:
+        cost = runners[("entropy", 0)].policy.cost
+    else:  # the engine times (rows x tokens) steps to seed an entropy policy's cost model
+        eng.depth_policy = None
         cost = eng.ensure_depth_policy(replace(spec_base, mode="entropy", k=1, max_k=K), K).cost
-    del eng
-    hf = time_hf(hf_model, prompts, batch, sampling, tok.eos_id, tok.pad_id, seed, repeats, device) \
-        if hf_model is not None else None
-    off = next(t for m, _, t in measured if m == "off").tokens_per_s
+    off, _ = timed[("off", 0)].median()
+    hf = timed[("hf", 0)].median()[0] if hf_model is not None else None
     rows = []
-    for mode, k, t in measured:
-        rows_in_flight = mean_rows(t.stats, batch)
-        pred = predict(t.stats, cost, mode, k, rows_in_flight)
-        speedup = t.tokens_per_s / off if off > 0 else math.nan
-        rows.append({**label, "batch": batch, "mode": mode, "k": k, "tokens_per_s": t.tokens_per_s,
-                     "speedup_vs_off": speedup,
-                     "hf_tokens_per_s": hf.tokens_per_s if hf else None,
-                     "speedup_vs_hf": t.tokens_per_s / hf.tokens_per_s if hf and hf.tokens_per_s > 0 else None,
-                     "mean_accepted_len": decode_accepted_len(t.stats),
-                     "accept_rate_per_pos": t.stats.accept_rate_per_pos,
-                     "depth_hist": t.stats.depth_hist,
-                     "predicted_speedup": pred, "fraction_of_predicted": speedup / pred if pred > 0 else None,
-                     "mean_rows": rows_in_flight, "tokens": t.stats.tokens, "time_s": t.stats.time_s,
-                     "peak_mem_mb": t.peak_mem_mb})
-    if hf is not None:
-        rows.append({**label, "batch": batch, "mode": "hf", "k": 0, "tokens_per_s": hf.tokens_per_s,
-                     "speedup_vs_off": hf.tokens_per_s / off if off > 0 else math.nan,
-                     "hf_tokens_per_s": hf.tokens_per_s, "speedup_vs_hf": 1.0, "mean_accepted_len": 1.0,
-                     "accept_rate_per_pos": [], "depth_hist": [], "predicted_speedup": None,
-                     "fraction_of_predicted": None, "mean_rows": None, "tokens": None, "time_s": None,
-                     "peak_mem_mb": hf.peak_mem_mb})
+    for (mode, k), t in timed.items():
+        rate, stats = t.median()
+        row = {**label, "batch": batch, "mode": mode, "k": k, "tokens_per_s": rate,
+               "speedup_vs_off": rate / off if off > 0 else math.nan, "hf_tokens_per_s": hf,
+               "speedup_vs_hf": rate / hf if hf else None, "peak_mem_mb": t.peak_mem_mb}
+        if stats is None:  # the peer
+            row.update(mean_accepted_len=1.0, accept_rate_per_pos=[], depth_hist=[], predicted_speedup=None,
+                       fraction_of_predicted=None, mean_rows=None, tokens=None, time_s=None)
+        else:
+            rows_in_flight = mean_rows(stats, batch)
+            pred = predict(stats, cost, mode, k, rows_in_flight)
+            row.update(mean_accepted_len=decode_accepted_len(stats), accept_rate_per_pos=stats.accept_rate_per_pos,
+                       depth_hist=stats.depth_hist, predicted_speedup=pred,
+                       fraction_of_predicted=row["speedup_vs_off"] / pred if pred > 0 else None,
+                       mean_rows=rows_in_flight, tokens=stats.tokens, time_s=stats.time_s)
+        rows.append(row)
     return rows
 
 
@@ -397,7 +420,7 @@ def _load(args, cfg):
     from rollout.checkpoint import load_checkpoint
     from spec_heads.heads import DraftHeads
 
-    device, dtype = resolve_device_dtype(args.device or cfg.model.device, args.dtype or cfg.model.dtype)
+    device, dtype = resolve_device_dtype(cfg.model.device, cfg.model.dtype)
     model_dir = policy_dir(cfg)  # tiny (built if missing), a named model (converted once) or a folder
     heads_dir = resolve_heads_dir(args.heads, cfg, model_dir)
     model = load_checkpoint(model_dir, device=device, dtype=dtype)
@@ -425,11 +448,12 @@ def main(argv: list[str] | None = None) -> int:
     # off is always measured: every speedup is a ratio to it
     modes = list(dict.fromkeys([("off", 0)] + [m for group in args.spec for m in group]))
     cfg = load_config(args.config, args.overrides)
-    if args.model is not None:
-        try:
-            cfg = replace(cfg, model=replace(cfg.model, name=args.model))
-        except ValueError as e:  # e.g. --model tiny with a gsm8k preset
-            raise ConfigError(f"--model {args.model}: {e}") from None
+    # the flags win over model.*, also where the tiny policy is built or heads are fitted
+    flags = {k: v for k, v in (("name", args.model), ("device", args.device), ("dtype", args.dtype)) if v}
+    try:
+        cfg = replace(cfg, model=replace(cfg.model, **flags))
+    except ValueError as e:  # e.g. --model tiny with a gsm8k preset, or --device gpu
+        raise ConfigError(f"--model/--device/--dtype: {e}") from None
     try:
         sampling = replace(cfg.sampling, temperature=args.temperature,
                            max_new_tokens=args.max_new_tokens or cfg.sampling.max_new_tokens)
@@ -459,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"specroll bench: model {model_dir}, heads {heads_dir} ({heads.config.kind}, {K} depths), "
           f"{machine}, torch threads {torch.get_num_threads()}, dtype {str(dtype).removeprefix('torch.')}, "
           f"temperature {sampling.temperature}, max_new_tokens {sampling.max_new_tokens}, "
-          f"repeats {args.repeats} (median, after 1 warm-up)", flush=True)
+          f"repeats {args.repeats} (interleaved, median, after 1 warm-up)", flush=True)
     rows = []
     for b in batches:
         print(f"  batch {b}: {n_prompts[b]} prompts, modes "

@@ -54,10 +54,10 @@ COMMANDS: dict[str, Command] = {
     "fit-heads": Command(
         "experiments.fit_heads", "run", "fit draft heads to a frozen policy",
         "Fit the draft (MTP) heads to a frozen policy's own sampling distributions on its rollouts, "
-        "with the loss in refit.loss (TV maximises acceptance; a KL warm-up helps fresh heads), and "
+        "with the loss in fit.loss (TV maximises acceptance; a KL warm-up helps fresh heads), and "
         "save them for heads_path=... in later runs.",
         "specroll fit-heads\n"
-        "specroll fit-heads heads.kind=sequential refit.loss=e2e_tv refit.steps=200"),
+        "specroll fit-heads heads.kind=sequential fit.loss=e2e_tv fit.steps=200"),
     "bench": Command(
         "experiments.bench", "main", "rollout throughput: speculation vs plain sampling",
         "Benchmark rollout throughput and mean accepted length, speculative against plain sampling "

@@ -47,7 +47,8 @@ def run(cfg: Config, overrides: list[str] | None = None) -> dict | int:
     run_dir = Path(cfg.run_dir)
     _check_run_dir(cfg, run_dir)
     print(format_config(cfg), end="", flush=True)
-    save_config(cfg, run_dir / CONFIG_FILE)
+    # resume is an action, not a property of the run: the saved config starts this run afresh
+    save_config(dataclasses.replace(cfg, resume=""), run_dir / CONFIG_FILE)
     started_ray = _init_ray(cfg)
     try:
         return _train(cfg, run_dir)

@@ -43,21 +43,21 @@ from spec_heads.sampling import sampling_probs
 
 GRAD_CLIP = 1.0  # max global grad norm of the head parameters
 # Elements of one [B, K, chunk, V] logits tensor; a loss holds a few tensors of this size.
-CHUNK_ELEMENTS = 1 << 24
+CHUNK_ELEMENTS = 1 << 25
 
 
 @dataclass
 class HeadFitConfig:
     """The initial fit of fresh heads (`specroll fit-heads`); the RL loop's re-fits use RefitConfig."""
 
-    num_sequences: int = 512  # self-distillation samples the policy generates
+    num_sequences: int = 1024  # self-distillation samples the policy generates
     holdout: float = 0.1  # fraction held out for reporting acceptance
-    steps: int = 300  # optimiser steps, one micro-batch each
+    steps: int = 600  # optimiser steps, one micro-batch each
     lr: float = 3e-3
     loss: str = "tv"  # tv | e2e_tv | kl | ce
-    kl_warmup_steps: int = 100  # fresh heads: KL first (TV gradients vanish at low overlap), then `loss`
+    kl_warmup_steps: int = 150  # fresh heads: KL first (TV gradients vanish at low overlap), then `loss`
     micro_batch_size: int = 32  # sequences per optimiser step
-    eval_every: int = 50  # steps between held-out acceptance reports (0: only before and after)
+    eval_every: int = 100  # steps between held-out acceptance reports (0: only before and after)
     # The distribution the heads are fitted to: the policy's sampling distribution at this
     # temperature. None: the run's sampling.temperature, the one the engine drafts and verifies at.
     temperature: Optional[float] = None
@@ -278,7 +278,6 @@ def fit_heads(model, heads, sequences: list[list[int]], *, steps: int, lr: float
         raise ValueError(f"temperature: must be >= 0, got {temperature}")
     scheduled_loss_name(0, kl_warmup_steps, loss)  # an unknown loss fails before any work
     K = heads.num_depths
-    model.eval()
     data = _Data(model, sequences, prompt_lens, micro_batch_size)
     held = _Data(model, eval_sequences, eval_prompt_lens, micro_batch_size) if eval_sequences else None
     evaluate = (lambda: _acceptance(heads, model, held, K, micro_batch_size, temperature)) \

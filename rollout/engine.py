@@ -32,7 +32,7 @@ from spec_heads.sampling import (entropy_from_logprobs, row_keys, row_uniforms, 
 log = logging.getLogger(__name__)
 
 # random streams: a row never reuses a draw across uses
-_S_SAMPLE, _S_DRAFT, _S_ACCEPT, _S_FINAL = 1, 2, 3, 4
+_S_SAMPLE, _S_SPEC = 1, 2  # a speculative step draws [K drafts | K accepts | 1 final] at once
 
 
 def _bucket(n: int, quantum: int) -> int:
@@ -248,8 +248,9 @@ class _Run:
                    torch.ones(n, dtype=torch.int64, device=self.e.device))
         self.len_bound += 1
 
-    def _draft(self, n: int, K: int):
-        """Draft K tokens per row. Returns draft_probs [n, K, V] fp32, tokens [n, K], entropy [n, K]."""
+    def _draft(self, n: int, K: int, u: torch.Tensor):
+        """Draft K tokens per row with uniforms u [n, >=K]. Returns draft_probs [n, K, V] fp32,
+        tokens [n, K], entropy [n, K]."""
         e, sp = self.e, self.sp
         V = e.model.config.vocab_size
         if K == 0 and self.hcache is None:  # nothing to draft, no head cache to keep in step
@@ -260,7 +261,6 @@ class _Run:
         logits, st = e.heads.begin(self.hid[:n, :w], self.nxt[:n, :w], pos, self.hlast[:n],
                                    e.model.embed_tokens, e.model.logits, self.hcache,
                                    self._kv(self.len_bound + K + 2))
-        u = row_uniforms(self.keys[:n], self.n_out[:n], _S_DRAFT, self.K)  # [n, K]
         probs, toks, ents = [], [], []
         for i in range(K):
             dlp = sampling_logprobs(logits, sp.temperature, sp.top_k, sp.top_p)  # [n, V]
@@ -282,7 +282,8 @@ class _Run:
         t0 = time.perf_counter()
         # where verifying is dear the policy's budget is 0: no drafting, a plain step
         Kd = min(self.K, self.policy.draft_budget(n))
-        draft_probs, draft_tok, draft_ent = self._draft(n, Kd)  # [n, Kd, V], [n, Kd], [n, Kd]
+        u = row_uniforms(self.keys[:n], self.n_out[:n], _S_SPEC, 2 * self.K + 1)  # [n, 2K+1]
+        draft_probs, draft_tok, draft_ent = self._draft(n, Kd, u)  # [n, Kd, V], [n, Kd], [n, Kd]
         dlen = self.policy.choose(draft_ent, n)  # [n]
         # verify width: the batch's deepest draft (read back on CPU, where it is free; on a
         # GPU keep the static width Kd so no sync is needed)
@@ -292,8 +293,7 @@ class _Run:
         pos = self.lengths[:n, None] + torch.arange(W, device=dev)
         h = e.model(inp, pos, self.cache, self._kv(self.len_bound + W))  # [n, W, H]
         tlp = sampling_logprobs(e.model.logits(h), sp.temperature, sp.top_k, sp.top_p)  # [n, W, V]
-        acc_u = row_uniforms(self.keys[:n], self.n_out[:n], _S_ACCEPT, W - 1)
-        fin_u = row_uniforms(self.keys[:n], self.n_out[:n], _S_FINAL, 1)[:, 0]
+        acc_u, fin_u = u[:, self.K: self.K + W - 1], u[:, 2 * self.K]
         toks, num = rejection_sample(tlp.exp(), draft_probs[:, : W - 1], draft_tok[:, : W - 1], dlen,
                                      uniforms=(acc_u, fin_u))  # [n, W], [n]
         safe = toks.clamp(min=0)

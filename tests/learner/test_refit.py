@@ -198,7 +198,7 @@ def test_collect_sequences_returns_prompt_plus_completion():
 
 
 @pytest.mark.parametrize("field, value", [("num_sequences", 1), ("holdout", 1.0), ("steps", 0), ("lr", 0.0),
-                                          ("loss", "mse"), ("kl_warmup_steps", 301),
+                                          ("loss", "mse"), ("kl_warmup_steps", 601),
                                           ("micro_batch_size", 0), ("eval_every", -1), ("temperature", -0.5)])
 def test_config_errors_name_the_field(field, value):
     with pytest.raises(ValueError, match=f"^{field}: "):
