@@ -159,13 +159,18 @@ def load_config(preset: str | None = "default", overrides: list[str] | None = No
     for item in overrides or []:
         if "=" not in item or item.startswith("="):
             raise ConfigError(f"override {item!r}: expected key=value, e.g. train.steps=5")
-        key = item.split("=", 1)[0]
+        key, value = item.split("=", 1)
         section = _section_type(key)
         hint = typing.get_type_hints(section).get(key.split(".")[-1]) if section else None
         if dataclasses.is_dataclass(hint):
             raise ConfigError(f"{key}: is a section, not a value; set its keys instead, e.g. {key}.<key>=value")
-    if overrides:
-        merged = _merge(merged, OmegaConf.from_dotlist(list(overrides)), where="")
+        if hint is str:
+            # a string field takes the text as written: YAML would read spec.mode=off as False
+            layer = OmegaConf.create()
+            OmegaConf.update(layer, key, value.strip("'\""), force_add=True)
+        else:
+            layer = OmegaConf.from_dotlist([item])
+        merged = _merge(merged, layer, where="")
     try:
         tree = OmegaConf.to_container(merged, resolve=True)
     except OmegaConfBaseException as e:

@@ -53,7 +53,7 @@ MODEL_DIMS = ("hidden_size", "vocab_size", "intermediate_size", "num_attention_h
 
 @dataclass
 class HeadConfig:
-    kind: str = "parallel"  # parallel | sequential
+    kind: str = "sequential"  # parallel | sequential
     num_depths: int = 4  # 1..8
 
     def __post_init__(self):

@@ -114,3 +114,10 @@ def test_tiny_policy_needs_the_arith_task():
     message = _error(["task.name=gsm8k", "task.path=x.jsonl"])
     assert message.startswith("task.name:") and "model.name" in message
     assert load_config("default", ["task.name=gsm8k", "task.path=x.jsonl", "model.name=smollm2-135m"])
+
+
+def test_string_fields_take_yaml_keywords_as_text():
+    # YAML 1.1 reads off/on/yes/no as booleans; a string field must keep the word
+    from experiments.config import load_config
+    cfg = load_config("default", ["spec.mode=off", "name=on", "refit.schedule=never"])
+    assert cfg.spec.mode == "off" and cfg.name == "on" and cfg.refit.schedule == "never"

@@ -1,0 +1,117 @@
+"""`specroll sweep`: a grid of training configs run as Ray Tune trials.
+
+Each trial is an ordinary `specroll train` run (its own run dir under out_dir/<sweep name>/),
+so `specroll plot` and `specroll compare` work on its results; the sweep ends with the compare
+table of all trials. Trials report every step's metrics to Tune after their run finishes
+(no early-stopping scheduler: a trial always runs its full config).
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+from pathlib import Path
+
+from experiments.config import ConfigError, load_config
+
+EPILOG = """examples:
+  specroll sweep --grid spec.mode=off,entropy --grid refit.schedule=never,on_drop train.steps=10
+  specroll sweep --config smollm2-gsm8k --grid algo.clip_high=0.2,0.28 ray.address=auto
+"""
+
+
+def parse_grid(items: list[str]) -> dict[str, list[str]]:
+    """["a.b=1,2", "c=x"] -> {"a.b": ["1", "2"], "c": ["x"]}; a bad item names itself."""
+    grid: dict[str, list[str]] = {}
+    for item in items:
+        key, sep, values = item.partition("=")
+        vals = [v for v in values.split(",") if v != ""]
+        if not sep or not key or not vals:
+            raise ConfigError(f"--grid {item!r}: expected key=v1,v2,..., e.g. --grid spec.mode=off,entropy")
+        if key in grid:
+            raise ConfigError(f"--grid {key}: given twice; list all its values in one --grid")
+        grid[key] = vals
+    return grid
+
+
+def expand(grid: dict[str, list[str]]) -> list[dict[str, str]]:
+    """Every combination of the grid's values, in a stable order."""
+    keys = list(grid)
+    return [dict(zip(keys, combo)) for combo in itertools.product(*(grid[k] for k in keys))]
+
+
+def trial_name(point: dict[str, str]) -> str:
+    return "_".join(f"{k.split('.')[-1]}={v}" for k, v in point.items()) or "base"
+
+
+def _trainable(params: dict) -> None:
+    """One Tune trial: build the config, run `train`, report each step's metrics."""
+    from ray import tune
+
+    from experiments import train
+    from experiments.metrics import read_metrics
+
+    cfg = load_config(params["preset"], params["overrides"])
+    train.run(cfg)
+    for rec in read_metrics(cfg.run_dir):
+        tune.report({k: v for k, v in rec.items() if isinstance(v, (int, float, bool))})
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="specroll sweep", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    ap.add_argument("--config", default="default", help="base preset or YAML file (default: default)")
+    ap.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                    help="a config key and the values to sweep; repeat for a product grid")
+    ap.add_argument("--name", default="sweep", help="sweep name: trials go to out_dir/NAME/<trial>")
+    ap.add_argument("--max-concurrent", type=int, default=1,
+                    help="trials at once (default 1: each trial uses the machine's cores)")
+    ap.add_argument("--cpus-per-trial", type=float, default=1.0)
+    ap.add_argument("--gpus-per-trial", type=float, default=0.0)
+    ap.add_argument("overrides", nargs="*", metavar="key.sub=value", help="applied to every trial")
+    args = ap.parse_args(argv)
+    try:
+        grid = parse_grid(args.grid)
+        base = load_config(args.config, args.overrides)  # fail early on a bad base config
+        points = expand(grid)
+        for point in points:  # and on a bad grid value, before any trial starts
+            load_config(args.config, args.overrides + [f"{k}={v}" for k, v in point.items()])
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    import ray
+    from ray import tune
+
+    from experiments.compare import compare_rows, print_table
+
+    sweep_dir = Path(base.out_dir) / args.name
+    trials = []
+    for point in points:
+        name = trial_name(point)
+        # trials run rollouts in their own process unless the user says otherwise
+        ray_enabled = [] if any(o.startswith("ray.enabled=") for o in args.overrides) else ["ray.enabled=false"]
+        overrides = (args.overrides + ray_enabled + [f"{k}={v}" for k, v in point.items()]
+                     + [f"out_dir={sweep_dir.resolve()}", f"name={name}"])
+        trials.append({"overrides": overrides, "trial": name})
+    preset = str(Path(args.config).resolve()) if Path(args.config).is_file() else args.config
+    # trials resolve relative paths (task.path=...) from where the sweep was started
+    os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
+    if not ray.is_initialized():
+        ray.init(address=base.ray.address or None, num_cpus=base.ray.num_cpus or None,
+                 include_dashboard=False, log_to_driver=True)
+    trainable = tune.with_resources(_trainable, {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial})
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"preset": preset, "overrides": tune.grid_search([t["overrides"] for t in trials])},
+        tune_config=tune.TuneConfig(max_concurrent_trials=args.max_concurrent),
+        run_config=tune.RunConfig(name=args.name, storage_path=str((sweep_dir / "_tune").resolve()), verbose=1),
+    )
+    results = tuner.fit()
+    failed = [r for r in results if r.error]
+    done = [str(sweep_dir / t["trial"]) for t in trials if (sweep_dir / t["trial"] / "metrics.jsonl").exists()]
+    if done:
+        print_table(compare_rows(done), last=5)
+    for r in failed:
+        print(f"trial failed: {r.error}", file=sys.stderr)
+    return 1 if failed else 0
