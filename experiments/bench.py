@@ -277,7 +277,7 @@ def time_interleaved(runners: dict, repeats: int, device) -> dict:
 def decode_accepted_len(stats: RolloutStats) -> float:
     """Tokens per verify row-step. Each sequence's first token comes from prefill, not a verify
     step, so it is left out: exactly 1.0 with speculation off."""
-    return (stats.tokens - stats.sequences) / stats.row_steps if stats.row_steps else 1.0
+    return stats.mean_accepted_len
 
 
 def mean_rows(stats: RolloutStats, batch: int) -> int:
@@ -326,6 +326,8 @@ def bench_batch(model, heads, hf_model, prompts, batch: int, modes, sampling: Sa
     if hf_model is not None:
         runners[("hf", 0)] = HFRunner(hf_model, prompts, batch, sampling, tok.eos_id, tok.pad_id, seed, device)
     timed = time_interleaved(runners, repeats, device)
+    # one cost model for every prediction, so they compare like with like: a fixed run's own
+    # timings are real steps (bookkeeping included), which the start-up probes are not
     if ("entropy", 0) in runners:
         cost = runners[("entropy", 0)].policy.cost
     else:  # the engine times (rows x tokens) steps to seed an entropy policy's cost model

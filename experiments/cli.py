@@ -137,7 +137,9 @@ def main(argv: list[str] | None = None) -> int:
             from experiments.config import load_config
 
             cfg = load_config(args.config, args.overrides)  # fail on a bad config before importing torch
-            result = _entry(args.command)(cfg)
+            entry = _entry(args.command)
+            # train re-applies the command line's overrides on top of a resumed run's saved config
+            result = entry(cfg, args.overrides) if args.command == "train" else entry(cfg)
         elif {"-h", "--help"} & set(rest):
             return _passthrough_help(parser, args.command)
         else:

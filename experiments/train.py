@@ -9,13 +9,15 @@ train.checkpoint_every steps and at the end, and PNG plots in run_dir/plots.
 
 Metrics per step (metrics.jsonl): reward_mean, reward_std, accuracy (share of completions with
 the full reward 1.0, i.e. correct answers), response_len_mean, mean_accepted_len (tokens per row
-per verify step; 1.0 without speculation), accept_rate_per_pos, depth_hist, spec_mode,
+per verify step, the engine's count: just over 1.0 without speculation, since the token sampled
+at prefill takes no step), accept_rate_per_pos, depth_hist, spec_mode,
 rollout_tokens_per_s, speedup_vs_off_est (rollout/worker.py: mean accepted length over the
 depth policy's measured relative step cost; an estimate, the measured ratio comes from
 `specroll bench` or a spec.mode=off run), loss, pg_loss, grad_norm, kl, approx_kl, clipfrac,
-entropy_mean, logprob_diff_max/_mean (learner recompute vs rollout), refit (+ refit_* when it
-ran), refit_baseline, policy_version, time_rollout_s / time_train_s / time_refit_s /
-time_publish_s / time_step_s.
+entropy_mean, logprob_diff_max/_mean (learner recompute vs rollout), refit (+ refit_loss,
+refit_accept_before/_after on held-out rollouts, refit_kept: false when the fit lost acceptance
+and the old heads were kept), refit_baseline, policy_version, time_rollout_s / time_train_s /
+time_refit_s / time_publish_s / time_step_s.
 
 Reproducibility: resuming reproduces the uninterrupted run exactly with spec.mode=off or fixed;
 with spec.mode=entropy the draft depths follow live timings, so tokens differ run to run (each
@@ -109,7 +111,7 @@ def _init_ray(cfg: Config) -> bool:
         return False
     address = cfg.ray.address or None
     ray.init(address=address, num_cpus=None if address else (cfg.ray.num_cpus or None),
-             include_dashboard=False, log_to_driver=False)
+             include_dashboard=False)
     return True
 
 

@@ -196,8 +196,9 @@ class Learner:
         return accepted_len < r.drop_fraction * self.refit_baseline
 
     def refit_heads(self, sequences: list[Sequence], seed: int) -> dict:
-        """Fit the heads (trunk frozen) to the updated policy on the latest rollouts; 1/8 of
-        the prompt groups (at least one sequence) is held out to report acceptance."""
+        """Fit the heads (trunk frozen) to the updated policy on the latest rollouts; the last
+        1/8 of them (at least one sequence) is held out to measure acceptance before and after,
+        and the old heads are kept (refit_kept=False) when the fit made it worse."""
         r = self.refit_cfg
         data = [s for s in sequences if len(s.prompt) + len(s.tokens) >= 2]
         if len(data) < 2:
@@ -205,6 +206,7 @@ class Learner:
         n_eval = max(1, len(data) // 8)
         fit, held = data[:-n_eval], data[-n_eval:]
         gen = torch.Generator().manual_seed(seed)
+        old_state = {k: v.detach().clone() for k, v in self.heads.state_dict().items()}
         result = fit_heads(self.policy, self.heads, [s.prompt + s.tokens for s in fit],
                            prompt_lens=[len(s.prompt) for s in fit], steps=r.steps, lr=r.lr, loss=r.loss,
                            kl_warmup_steps=r.kl_warmup_steps, micro_batch_size=r.micro_batch_size,
@@ -213,9 +215,14 @@ class Learner:
                            eval_prompt_lens=[len(s.prompt) for s in held], generator=gen)
         self.policy.train()  # fit_heads puts the (frozen) trunk in eval mode
         self.refit_baseline = None
+        before, after = result["acceptance_before"], result["acceptance_after"]
+        # A fit on one step's rollouts can overfit them; keep the old heads when the held-out
+        # expected tokens per verify (1 + sum_j prod_{i<=j} alpha_i) got worse.
+        kept = _tokens_per_verify(after) >= _tokens_per_verify(before)
+        if not kept:
+            self.heads.load_state_dict(old_state)
         return {"refit_loss": result["losses"][-1] if result["losses"] else float("nan"),
-                "refit_accept_before": result["acceptance_before"],
-                "refit_accept_after": result["acceptance_after"]}
+                "refit_accept_before": before, "refit_accept_after": after, "refit_kept": kept}
 
     # ----------------------------------------------------------------- publish
     def next_version(self) -> tuple[int, dict, dict | None]:
@@ -243,3 +250,12 @@ def _pad_to(x: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
 
 def _per_token(advantages: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
     return advantages[:, None].expand_as(batch.mask) if advantages.dim() == 1 else advantages
+
+
+def _tokens_per_verify(acceptance: list[float]) -> float:
+    """Expected tokens per verify step at full depth from per-depth acceptance."""
+    total, chain = 1.0, 1.0
+    for a in acceptance:
+        chain *= a
+        total += chain
+    return total

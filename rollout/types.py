@@ -107,8 +107,9 @@ class RolloutStats:
 
     @property
     def mean_accepted_len(self) -> float:
-        """Tokens emitted per row per verify step (1.0 without speculation)."""
-        return self.tokens / self.row_steps if self.row_steps else 0.0
+        """Tokens emitted per row per decode (verify) step: exactly 1.0 without speculation.
+        Each sequence's first token comes from the prefill forward, not a decode step."""
+        return (self.tokens - self.sequences) / self.row_steps if self.row_steps else 1.0
 
     @property
     def accept_rate_per_pos(self) -> list[float]:

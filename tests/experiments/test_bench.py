@@ -139,3 +139,4 @@ def test_overrides_may_follow_list_flags():
     assert bench.parse_batches([str(b) for g in args.batch for b in g]) == [1, 8]
     assert [m for g in args.spec for m in g] == [("off", 0), ("fixed", 1), ("fixed", 2)]
     assert args.overrides == ["task.digits=2"]
+

@@ -66,7 +66,7 @@ def test_ensure_heads_fits_once_then_reuses(policy_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(fh, "fit_and_save", lambda *a: calls.append(a) or real(*a))
     first = fh.ensure_heads(cfg, str(model_dir))
     assert first == fh.default_heads_dir(str(model_dir), cfg)
-    assert Path(first).name.startswith("policy-heads-parallel-3-")
+    assert Path(first).name.startswith("policy-heads-sequential-3-")
     assert Path(first).parent == tmp_path  # next to the policy
     stamp = (Path(first) / "heads.safetensors").stat().st_mtime_ns
     assert fh.ensure_heads(cfg, str(model_dir)) == first
@@ -91,5 +91,5 @@ def test_user_errors_name_the_key_and_fix(policy_dir, tmp_path):
 def test_ensure_heads_refuses_heads_of_another_shape(policy_dir, tmp_path):
     out = tmp_path / "heads"
     fh.run(small_config(policy_dir, f"heads_path={out}", "fit.steps=1", "fit.kl_warmup_steps=0"))
-    with pytest.raises(ConfigError, match="^heads_path: .*holds parallel heads with 3 depths but heads.kind=sequential"):
-        fh.ensure_heads(small_config(policy_dir, f"heads_path={out}", "heads.kind=sequential"), policy_dir)
+    with pytest.raises(ConfigError, match="^heads_path: .*holds sequential heads with 3 depths but heads.kind=parallel"):
+        fh.ensure_heads(small_config(policy_dir, f"heads_path={out}", "heads.kind=parallel"), policy_dir)

@@ -68,14 +68,30 @@ def rollouts(model, heads, sampling=SAMPLING, n=8, seed=0):
 @pytest.mark.parametrize("algo,loss_agg", [("grpo", "token-mean"), ("grpo", "seq-mean-token-mean"),
                                            ("ppo", "token-mean")])
 def test_micro_batched_step_equals_full_batch_step(algo, loss_agg):
+    """micro_batch 2 vs 8: same loss, same accumulated gradient, same parameters after one step.
+    The step is plain SGD here: Adam divides by |grad| + 1e-8, which blows fp32 round-off up to
+    an lr-sized difference on the few elements whose gradient is itself ~1e-8."""
     model, heads = make_policy()
     seqs = rollouts(model, heads)
     rewards = torch.tensor([float(i % 3) for i in range(len(seqs))])
-    full = make_learner(copy.deepcopy(model), heads, algo=algo, micro=8, kl=0.1, loss_agg=loss_agg)
-    micro = make_learner(copy.deepcopy(model), heads, algo=algo, micro=2, kl=0.1, loss_agg=loss_agg)
-    m_full, m_micro = full.update(seqs, rewards), micro.update(seqs, rewards)
+    runs = []
+    for micro in (8, 2):
+        learner = make_learner(copy.deepcopy(model), heads, algo=algo, micro=micro, kl=0.1, loss_agg=loss_agg)
+        learner.optimizer = torch.optim.SGD(learner.params, lr=1.0)
+        grads = {}
+        step = learner.optimizer.step
+
+        def capture(*args, learner=learner, grads=grads, step=step, **kw):
+            grads.update({n: p.grad.clone() for n, p in learner.policy.named_parameters()})
+            return step(*args, **kw)
+
+        learner.optimizer.step = capture
+        runs.append((learner, learner.update(seqs, rewards), grads))
+    (full, m_full, g_full), (micro, m_micro, g_micro) = runs
     assert m_full["loss"] == pytest.approx(m_micro["loss"], abs=1e-6)
     assert m_full["grad_norm"] == pytest.approx(m_micro["grad_norm"], rel=1e-5)
+    for name, g in g_full.items():
+        assert torch.allclose(g, g_micro[name], rtol=1e-4, atol=1e-7), name
     for (name, a), b in zip(full.policy.named_parameters(), micro.policy.parameters()):
         assert torch.allclose(a, b, atol=1e-6), name
 
@@ -203,3 +219,23 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, spec):
     resumed = make_loop(learner, spec=spec)
     again = [_comparable(resumed.step(s)) for s in (3, 4)]
     assert again == straight[2:]
+
+
+def test_refit_that_loses_held_out_acceptance_keeps_the_old_heads(monkeypatch):
+    import learner.trainer as trainer_mod
+
+    model, heads = make_policy()
+    learner = make_learner(model, heads, refit="every")
+    old = {k: v.clone() for k, v in learner.heads.state_dict().items()}
+
+    def worse_fit(policy, fitted, *args, **kwargs):
+        with torch.no_grad():
+            for p in fitted.parameters():
+                p.add_(1.0)
+        return {"losses": [0.5], "acceptance_before": [0.9, 0.8], "acceptance_after": [0.5, 0.4]}
+
+    monkeypatch.setattr(trainer_mod, "fit_heads", worse_fit)
+    m = learner.refit_heads(rollouts(model, heads), seed=0)
+    assert m["refit_kept"] is False
+    for k, v in learner.heads.state_dict().items():
+        assert torch.equal(v, old[k]), k

