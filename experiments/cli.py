@@ -42,7 +42,7 @@ COMMANDS: dict[str, Command] = {
         "a run.",
         "specroll train\n"
         "specroll train spec.mode=off train.steps=5 name=no-spec\n"
-        "specroll train --config smollm2-gsm8k task.path=data/gsm8k/train.jsonl ray.address=auto"),
+        "specroll train --config smollm2-gsm8k ray.address=auto"),
     "pretrain": Command(
         "experiments.pretrain", "run", "supervised warm-up of the tiny policy on the task",
         "Pre-train (supervised fine-tune) the policy on worked task answers so RL starts from a model "

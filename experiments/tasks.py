@@ -20,9 +20,15 @@ import random
 import re
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
+from pathlib import Path
 from typing import Callable
 
 from experiments.data import load_qa_file
+
+# Data files shipped with the project (data/arith_gsm8k.jsonl) sit next to the packages, like
+# configs/ (see experiments.config.PRESET_DIR), so a preset's relative task.path also works
+# when `specroll` runs from another directory.
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclass
@@ -219,6 +225,17 @@ def parse_number(s: str) -> Decimal | None:
     return v if v.is_finite() else None
 
 
+def resolve_data_path(path: str) -> Path:
+    """`path` as given if it exists (absolute, or relative to the cwd); else, for a relative path,
+    the project's copy (PROJECT_ROOT / path) if that exists; else `path` as given, so the
+    "no such file" error names what the user wrote."""
+    given = Path(path).expanduser()
+    if given.exists() or given.is_absolute():
+        return given
+    shipped = PROJECT_ROOT / given
+    return shipped if shipped.is_file() else given
+
+
 class Gsm8kTask(Task):
     """GSM8K-style word problems from a local file.
 
@@ -227,12 +244,13 @@ class Gsm8kTask(Task):
     equals the reference final answer numerically ("1,000" == "1000.00"); `format_reward`
     if a "#### <number>" is present but wrong; 0.0 otherwise. Eval prompts are a fixed
     `eval_size` records chosen by content hash order; training prompts are the rest.
+    A relative `task.path` missing from the cwd is read from the project's copy (resolve_data_path).
     """
 
     name = "gsm8k"
 
     def __init__(self, cfg: TaskConfig, chat: Callable[[str], str] | None = None):
-        records, _skipped = load_qa_file(cfg.path, skip_malformed=cfg.skip_malformed)
+        records, _skipped = load_qa_file(resolve_data_path(cfg.path), skip_malformed=cfg.skip_malformed)
         if len(records) <= cfg.eval_size:
             raise ValueError(f"eval_size: {cfg.eval_size} held-out prompts leave none for training in "
                              f"{cfg.path} ({len(records)} records); lower task.eval_size")

@@ -54,7 +54,7 @@ MODEL_DIMS = ("hidden_size", "vocab_size", "intermediate_size", "num_attention_h
 @dataclass
 class HeadConfig:
     kind: str = "sequential"  # parallel | sequential
-    num_depths: int = 4  # 1..8
+    num_depths: int = 6  # 1..8
 
     def __post_init__(self):
         if self.kind not in KINDS:

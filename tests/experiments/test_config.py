@@ -24,7 +24,7 @@ def test_defaults_are_the_dataclass_defaults():
 
 def test_preset_overrides_defaults_and_dotted_overrides_override_the_preset():
     cfg = load_config("smollm2-gsm8k", [])
-    assert cfg.model.name == "smollm2-135m" and cfg.task.name == "gsm8k" and cfg.train.steps == 20
+    assert cfg.model.name == "smollm2-135m" and cfg.task.name == "gsm8k" and cfg.train.steps == 4
     cfg = load_config("smollm2-gsm8k", ["train.steps=3", "sampling.top_p=0.9", "train.betas=[0.8,0.99]"])
     assert cfg.train.steps == 3 and cfg.sampling.top_p == 0.9 and cfg.train.betas == [0.8, 0.99]
     assert cfg.model.name == "smollm2-135m"  # untouched preset values stay
