@@ -52,13 +52,16 @@ class Engine:
         self.cuda = self.device.type == "cuda"
         # On a GPU, reading state back each step costs a sync; on a CPU it is free.
         self.sync_every = sync_every or (4 if self.cuda else 1)
-        self.depth_policy: DepthPolicy | None = None
+        self.depth_policy: DepthPolicy | None = None  # the one the last generate() used
+        self._policies: dict[tuple[str, int], DepthPolicy] = {}
+        self._cost = None  # spec_heads.depth.CostModel, shared by the policies
         self._cache = self._head_cache = None
 
     # ------------------------------------------------------------------ public
     def set_heads(self, heads):
         self.heads = heads.eval() if heads is not None else None
         self._head_cache = None
+        self.reset_calibration()
 
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], sampling: SamplingParams,
@@ -95,16 +98,28 @@ class Engine:
         return self._cache, self._head_cache
 
     def ensure_depth_policy(self, spec: SpecParams, K: int) -> DepthPolicy:
-        dp = self.depth_policy
-        if dp is not None and dp.mode == spec.mode == "fixed" and dp.max_k >= K:
-            dp.k = min(spec.k, K)
-        if dp is None or dp.mode != spec.mode or dp.max_k < K:
+        """The depth policy for this mode. Policies live as long as the engine (calibration is
+        learned across generate calls); all modes share one cost model, probed once, because
+        what a verified token costs is a property of the model and machine, not of the mode."""
+        key = (spec.mode, K)
+        dp = self._policies.get(key)
+        if dp is None:
             dp = DepthPolicy(spec.mode, min(spec.k, K), K, spec.calibration_bins, self.model.config.vocab_size,
                              self.max_batch, device=self.device)
-            self.depth_policy = dp
-            if spec.mode == "entropy":
+            if self._cost is not None and self._cost.max_tokens >= K + 1:
+                dp.cost = self._cost
+            elif spec.mode == "entropy":
                 self._probe_costs(dp, K)
+                self._cost = dp.cost
+            self._policies[key] = dp
+        dp.k = min(spec.k, K)
+        self.depth_policy = dp
         return dp
+
+    def reset_calibration(self):
+        """Forget acceptance statistics (the heads changed); measured costs stay."""
+        for dp in self._policies.values():
+            dp.reset_calibration()
 
     def _probe_costs(self, dp: DepthPolicy, K: int):
         """Time dummy verify forwards (rows x tokens) so the depth policy knows what one more
@@ -121,7 +136,7 @@ class Engine:
             last = torch.zeros(rows, dtype=torch.int64, device=self.device)
             kv = _bucket(32 + tokens, 16)
             times = []
-            for rep in range(6):
+            for rep in range(4):
                 t0 = time.perf_counter()
                 # a whole step: draft tokens-1 with the heads, then verify `tokens` per row
                 logits, st = heads.begin(hid, ids[:, :1], pos[:, :1], last, m.embed_tokens, m.logits, hcache, kv)
