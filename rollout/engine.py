@@ -177,6 +177,7 @@ class _Run:
             self.nxt, self.hstart, self.hlast = z(B, K + 1), z(B), z(B)
             self.hwidth = 1
         self.slot_prompt = [-1] * B  # host: prompt index in each slot
+        self.last_depth = K  # deepest draft chosen in the last step (CPU only)
         self.n = 0  # active rows occupy slots [0, n)
         self.len_bound = 0  # host upper bound of lengths[:n]
         self.queue = deque(range(len(prompts)))
@@ -302,6 +303,8 @@ class _Run:
         t0 = time.perf_counter()
         # where verifying is dear the policy's budget is 0: no drafting, a plain step
         Kd = min(self.K, self.policy.draft_budget(n))
+        if not e.cuda:  # on a CPU the last step's deepest choice is known: draft one beyond it
+            Kd = min(Kd, self.last_depth + 1)
         # now and then time one depth beyond the budget, so one slow measurement cannot switch
         # drafting off for good (any depth is exact; this only costs time)
         explore = self.spec.mode == "entropy" and Kd < self.K and self.stats.steps % 32 == 31
@@ -314,6 +317,11 @@ class _Run:
         # verify width: the batch's deepest draft (read back on CPU, where it is free; on a
         # GPU keep the static width Kd so no sync is needed)
         W = 1 + (Kd if e.cuda or Kd == 0 else int(dlen.max()))
+        self.last_depth = W - 1
+        # The verify forward is padded to the deepest row, so every row's drafts up to that
+        # depth are verified at no extra cost: the per-row choice sets the batch's width, and
+        # shallower rows fill up to it. (Exactness does not depend on how deep a row drafts.)
+        dlen = torch.full_like(dlen, W - 1)
         t1 = time.perf_counter()
         inp = torch.cat([self.last_tok[:n, None], draft_tok[:, : W - 1]], 1)  # [n, W]
         pos = self.lengths[:n, None] + torch.arange(W, device=dev)

@@ -206,6 +206,18 @@ class CostModel:
         return points
 
     def _bucket_time(self, bucket: int, points: list[tuple[int, float]], tokens: int) -> float:
+        drafted = [(t, s) for t, s in points if t >= 2]
+        if len(drafted) >= 3 and tokens >= 2:
+            # A least-squares line through the drafted steps: single timings are noisy at the
+            # millisecond scale, and a local slope between two of them can swing depth
+            # choices by several tokens. tokens == 1 (no drafting) keeps its own measurement,
+            # since the first draft also pays the heads' fixed start-up cost.
+            n = len(drafted)
+            mt = sum(t for t, _ in drafted) / n
+            ms = sum(s for _, s in drafted) / n
+            var = sum((t - mt) ** 2 for t, _ in drafted)
+            slope = max(0.0, sum((t - mt) * (s - ms) for t, s in drafted) / var)
+            return max(ms + slope * (tokens - mt), 1e-12)
         if len(points) == 1:  # one anchor: take the slope from the prior
             (t0, s0), r = points[0], prior_marginal_ratio(self.bucket_rows(bucket))
             return s0 * (1 + r * (tokens - 1)) / (1 + r * (t0 - 1))
