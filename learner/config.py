@@ -53,8 +53,10 @@ class RefitConfig:
 
     schedule: str = "on_drop"  # never | every | on_drop
     every: int = 10  # RL steps between re-fits, for schedule=every
-    # on_drop: re-fit when the mean accepted length falls below drop_fraction * its value
-    # right after the last fit (a stale head can drop acceptance to ~0 silently).
+    # on_drop: re-fit when the accepted length the heads give at full depth (from the step's
+    # measured acceptance rate; metric accepted_len_full_depth) falls below drop_fraction * its
+    # value right after the last fit. A stale head can drop acceptance to ~0 silently. The raw
+    # mean accepted length is not used: in entropy mode it also moves with the chosen depths.
     drop_fraction: float = 0.85
     steps: int = 60  # optimiser steps per re-fit
     lr: float = 3e-4  # a re-fit sees one step's rollouts; at 1e-3 it overfits them

@@ -47,6 +47,17 @@ def step_seed(seed: int, step: int) -> int:
     return (int(seed) * 1_000_003 + int(step) * 7_919 + 12_345) % (1 << 62)
 
 
+def accepted_len_at_full_depth(stats) -> float:
+    """Tokens per verify step the heads would give at their full depth K, from the step's
+    overall acceptance rate alpha (accepted / tested drafts): (1 - alpha^(K+1)) / (1 - alpha).
+    0.0 when nothing was drafted."""
+    tested, accepted = sum(stats.drafted_per_pos), sum(stats.accepted_per_pos)
+    if not tested:
+        return 0.0
+    alpha, K = accepted / tested, len(stats.drafted_per_pos)
+    return float(K + 1) if alpha >= 1.0 else (1.0 - alpha ** (K + 1)) / (1.0 - alpha)
+
+
 class RLLoop:
     def __init__(self, learner: Learner, client, *, prompt_fn: Callable[[int], StepPrompts],
                  reward_fn: RewardFn, task_name: str, sampling: SamplingParams, spec: SpecParams,
@@ -70,7 +81,11 @@ class RLLoop:
         t2 = time.perf_counter()
         stats = batch.stats
         speculating = self.spec.mode != "off" and self.learner.heads is not None
-        refit = self.learner.should_refit(step, stats.mean_accepted_len, speculating)
+        # on_drop watches the heads, not the depth policy: the accepted length itself also moves
+        # when entropy mode drafts shallower, so use what the measured acceptance rate predicts
+        # at the heads' full depth
+        full_len = accepted_len_at_full_depth(stats)
+        refit = self.learner.should_refit(step, full_len, speculating)
         refit_metrics = self.learner.refit_heads(batch.sequences, step_seed(self.seed, step) + 1) if refit else {}
         t3 = time.perf_counter()
         self.client.publish(*self.learner.next_version())
@@ -81,6 +96,7 @@ class RLLoop:
             "accuracy": float((rewards >= 1.0).float().mean()),
             "response_len_mean": float(lengths.mean()),
             "mean_accepted_len": stats.mean_accepted_len, "accept_rate_per_pos": stats.accept_rate_per_pos,
+            "accepted_len_full_depth": full_len,
             "depth_hist": stats.depth_hist, "spec_mode": self.spec.mode,
             "rollout_tokens_per_s": info["tokens_per_s"], "speedup_vs_off_est": info["speedup_vs_off_est"],
             **upd, "refit": bool(refit), **refit_metrics,

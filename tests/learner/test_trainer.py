@@ -239,3 +239,16 @@ def test_refit_that_loses_held_out_acceptance_keeps_the_old_heads(monkeypatch):
     assert m["refit_kept"] is False
     for k, v in learner.heads.state_dict().items():
         assert torch.equal(v, old[k]), k
+
+
+def test_accepted_len_at_full_depth_reads_the_heads_not_the_depths():
+    from learner.loop import accepted_len_at_full_depth
+    from rollout.types import RolloutStats
+    # the same acceptance rate (0.9) at shallow and at deep drafting gives the same signal
+    shallow = RolloutStats(drafted_per_pos=[100, 0, 0, 0], accepted_per_pos=[90, 0, 0, 0])
+    deep = RolloutStats(drafted_per_pos=[100, 90, 81, 73], accepted_per_pos=[90, 81, 73, 66])
+    want = (1 - 0.9 ** 5) / (1 - 0.9)
+    assert accepted_len_at_full_depth(shallow) == pytest.approx(want)
+    assert accepted_len_at_full_depth(deep) == pytest.approx(want, rel=1e-2)
+    assert accepted_len_at_full_depth(RolloutStats(drafted_per_pos=[0, 0], accepted_per_pos=[0, 0])) == 0.0
+    assert accepted_len_at_full_depth(RolloutStats(drafted_per_pos=[5, 5], accepted_per_pos=[5, 5])) == 3.0
