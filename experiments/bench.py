@@ -119,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: leave as is)")
     p.add_argument("--seed", type=int, default=None, help="prompt set and sampling seed (default: seed)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the rows to PATH as JSON")
+    p.add_argument("--markdown", default=None, metavar="PATH", help="also write the table to PATH as markdown")
     p.add_argument("--config", default="default", metavar="PRESET_OR_PATH",
                    help="run config for the task, heads and sampling (default: %(default)s)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
@@ -363,6 +364,25 @@ def _fmt(x, spec: str = ".2f") -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
+COLUMNS = ("model", "device", "batch", "mode", "k", "tok/s", "x off", "x HF", "acc len", "accept/pos",
+           "pred x", "achieved", "peak MB")
+
+
+def table_cells(r: dict) -> list[str]:
+    """One result row as the table's cells (shared by the terminal and markdown tables)."""
+    return [r["model"], r["device"], str(r["batch"]), "hf generate" if r["mode"] == "hf" else r["mode"],
+            str(r["k"]) if r["mode"] == "fixed" else "-", _fmt(r["tokens_per_s"], ".1f"),
+            _fmt(r["speedup_vs_off"]), _fmt(r["speedup_vs_hf"]), _fmt(r["mean_accepted_len"]),
+            " ".join(f"{a:.2f}" for a in r["accept_rate_per_pos"]) or "-",
+            _fmt(r["predicted_speedup"]), _fmt(r["fraction_of_predicted"], ".0%"), _fmt(r["peak_mem_mb"], ".0f")]
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(table_cells(r)) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
 def print_table(rows: list[dict], title: str, caption: str) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -371,21 +391,14 @@ def print_table(rows: list[dict], title: str, caption: str) -> None:
     if not console.is_terminal:
         console = Console(width=max(console.width, 200))
     table = Table(title=title, caption=caption)
-    for name in ("model", "device", "batch", "mode", "k", "tok/s", "x off", "x HF", "acc len",
-                 "accept/pos", "pred x", "achieved", "peak MB"):
+    for name in COLUMNS:
         table.add_column(name, justify="left" if name in ("model", "device", "mode", "accept/pos") else "right")
     last_batch = None
     for r in rows:
         if last_batch is not None and r["batch"] != last_batch:
             table.add_section()
         last_batch = r["batch"]
-        mode = "hf generate" if r["mode"] == "hf" else r["mode"]
-        table.add_row(r["model"], r["device"], str(r["batch"]), mode, str(r["k"]) if r["mode"] == "fixed" else "-",
-                      _fmt(r["tokens_per_s"], ".1f"), _fmt(r["speedup_vs_off"]), _fmt(r["speedup_vs_hf"]),
-                      _fmt(r["mean_accepted_len"]),
-                      " ".join(f"{a:.2f}" for a in r["accept_rate_per_pos"]) or "-",
-                      _fmt(r["predicted_speedup"]), _fmt(r["fraction_of_predicted"], ".0%"),
-                      _fmt(r["peak_mem_mb"], ".0f"))
+        table.add_row(*table_cells(r))
     console.print(table)
 
 
@@ -500,6 +513,9 @@ def main(argv: list[str] | None = None) -> int:
                + ("CUDA max allocated" if device.type == "cuda" else "process peak RSS so far")
                + ("; CPU timings are only ratios" if device.type == "cpu" else ""))
     print_table(rows, f"specroll bench on {machine}", caption)
+    if args.markdown:
+        Path(args.markdown).write_text(f"specroll bench on {machine}; {caption}\n\n" + markdown_table(rows))
+        print(f"wrote {args.markdown}")
     if args.json:
         print(f"wrote {args.json}")
     return 0

@@ -140,3 +140,14 @@ def test_overrides_may_follow_list_flags():
     assert [m for g in args.spec for m in g] == [("off", 0), ("fixed", 1), ("fixed", 2)]
     assert args.overrides == ["task.digits=2"]
 
+
+
+def test_markdown_table_has_a_row_per_result():
+    from experiments.bench import COLUMNS, markdown_table
+    row = {"model": "m", "device": "cpu", "batch": 1, "mode": "fixed", "k": 2, "tokens_per_s": 10.0,
+           "speedup_vs_off": 1.5, "speedup_vs_hf": 1.2, "mean_accepted_len": 2.5, "accept_rate_per_pos": [0.9, 0.8],
+           "predicted_speedup": 1.6, "fraction_of_predicted": 0.94, "peak_mem_mb": 100.0}
+    lines = markdown_table([row, dict(row, mode="off", k=0, accept_rate_per_pos=[])]).strip().splitlines()
+    assert len(lines) == 4 and lines[0].count("|") == len(COLUMNS) + 1
+    assert "| fixed | 2 | 10.0 | 1.50 | 1.20 | 2.50 | 0.90 0.80 | 1.60 | 94% | 100 |" in lines[2]
+    assert "| off | - |" in lines[3]
