@@ -58,6 +58,7 @@ class RolloutConfig:
     max_seq_len: int = 0  # KV-cache length per row; 0: prompt length + max_new_tokens + draft depth
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
+    threads: int = 0  # CPU threads per worker; 0: this machine's cores / num_workers (Ray would give 1)
 
     def __post_init__(self):
         if self.num_workers < 1:
@@ -66,6 +67,8 @@ class RolloutConfig:
             raise ValueError(f"max_batch: must be >= 1, got {self.max_batch}")
         if self.max_seq_len < 0:
             raise ValueError(f"max_seq_len: must be >= 0 (0 sizes it from the prompts), got {self.max_seq_len}")
+        if self.threads < 0:
+            raise ValueError(f"threads: must be >= 0 (0 divides the machine's cores among workers), got {self.threads}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype: must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
 

@@ -16,6 +16,8 @@ This module knows nothing about tokenizers, tasks, rewards or optimisers.
 """
 from __future__ import annotations
 
+import os
+
 import math
 
 import ray
@@ -63,6 +65,10 @@ class RolloutWorker:
                  policy_state: dict | None = None, heads_state: dict | None = None, version: int = 0):
         self.device = resolve_device(rollout.device)
         self.dtype = resolve_dtype(rollout.dtype, self.device)
+        if self.device.type == "cpu":
+            # a Ray actor starts with one intra-op thread (OMP_NUM_THREADS=1); generation on a
+            # CPU wants the cores that rollouts own while the learner waits for them
+            torch.set_num_threads(rollout.threads or max(1, (os.cpu_count() or 1) // rollout.num_workers))
         if isinstance(model, ModelConfig):
             if policy_state is None:
                 raise ValueError("policy_state: a worker built from a ModelConfig needs its weights; "
