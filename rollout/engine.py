@@ -430,9 +430,13 @@ class _Run:
         self._compact(keep)
 
     def _compact(self, keep: list[int]):
-        """Move the rows in `keep` to slots [0, len(keep)) (cache rows included)."""
+        """Make the rows in `keep` occupy slots [0, len(keep)) (cache rows included), moving
+        only the rows above that range into the holes below it: a finished row costs one move,
+        not a shift of every row after it. Row order is free: results are keyed by slot_prompt."""
         m = len(keep)
-        moves = [(src, dst) for dst, src in enumerate(keep) if src != dst]
+        kept = set(keep)
+        holes = [b for b in range(m) if b not in kept]
+        moves = list(zip([b for b in keep if b >= m], holes))
         if moves:
             dev = self.e.device
             src = torch.tensor([s for s, _ in moves], device=dev)
