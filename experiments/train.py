@@ -26,6 +26,7 @@ run is still exact in distribution).
 from __future__ import annotations
 
 import dataclasses
+import os
 import json
 import sys
 import time
@@ -110,6 +111,8 @@ def _init_ray(cfg: Config) -> bool:
     if ray.is_initialized():  # e.g. a sweep trial inside a running driver
         return False
     address = cfg.ray.address or None
+    if address is None:  # a private cluster of this process: no token to manage (opt back in by setting it)
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(address=address, num_cpus=None if address else (cfg.ray.num_cpus or None),
              include_dashboard=False)
     return True
