@@ -301,11 +301,16 @@ class DepthPolicy:
         self.depth_hist = torch.zeros(max_k + 1, dtype=torch.int64, device=self.device)  # [max_k + 1]
         self._thresholds: dict[tuple[int, int], torch.Tensor] = {}  # (bucket, K) -> [K]
         self._thresholds_version = -1
+        self._budgets: dict[int, int] = {}  # bucket -> deepest useful draft
 
     def thresholds(self, rows_in_flight: int, num_drafts: int) -> torch.Tensor:
         """[K] float32 on device: marginal_ratio(rows, i) for depth i = 1..K (cached per bucket)."""
-        if self._thresholds_version != self.cost.version:
-            self._thresholds, self._thresholds_version = {}, self.cost.version
+        # re-derived once per 32 timings: every step records one, and the derivation is
+        # host-side Python that would otherwise cost ~10% of a small model's step
+        epoch = self.cost.version // 32
+        if self._thresholds_version != epoch:
+            self._thresholds, self._thresholds_version = {}, epoch
+            self._budgets = {}
         key = (self.cost.bucket(rows_in_flight), num_drafts)
         if key not in self._thresholds:
             ratios = [self.cost.marginal_ratio(rows_in_flight, i) for i in range(1, num_drafts + 1)]
@@ -325,10 +330,12 @@ class DepthPolicy:
             return 0
         if self.mode == "fixed":
             return self.k
-        for i in range(1, self.max_k + 1):
-            if self.cost.marginal_ratio(rows_in_flight, i) >= 1.0:
-                return i - 1
-        return self.max_k
+        self.thresholds(rows_in_flight, self.max_k)  # refreshes the caches when timings moved on
+        key = self.cost.bucket(rows_in_flight)
+        if key not in self._budgets:
+            ratios = [self.cost.marginal_ratio(rows_in_flight, i) for i in range(1, self.max_k + 1)]  # host
+            self._budgets[key] = next((i for i, r in enumerate(ratios) if r >= 1.0), self.max_k)
+        return self._budgets[key]
 
     def choose(self, draft_entropy: torch.Tensor, rows_in_flight: int) -> torch.Tensor:
         """Draft length per row, int64 [B], from draft_entropy [B, K] (K drafts available)."""
