@@ -12,7 +12,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -114,16 +113,9 @@ def truncate_metrics(path: str | os.PathLike, resume_step: int) -> int:
         record = _parse_line(line, path, number, last=number == len(lines))
         if record is not None and record["step"] <= resume_step:
             kept.append(line if line.endswith("\n") else line + "\n")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.writelines(kept)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from learner.checkpointing import write_text_atomic  # here: plot/compare never load torch
+
+    write_text_atomic(path, "".join(kept))
     return len(lines) - len(kept)
 
 

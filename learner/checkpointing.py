@@ -65,7 +65,7 @@ def save_run_checkpoint(run_dir: str | os.PathLike, step: int, learner: Learner,
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _write_atomic(final.parent / LATEST, final.name)
+    write_text_atomic(final.parent / LATEST, final.name)
     return final
 
 
@@ -116,7 +116,8 @@ def load_run_checkpoint(folder: str | os.PathLike, learner: Learner) -> dict:
 # ---------------------------------------------------------------------------------- helpers
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temp file and a rename: readers never see half of it."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "w") as f:
