@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from spec_heads.layers import (CacheView, DecoderBlock, KVCache, RMSNorm, RopeSpec, Rotary,
-                               apply_rope, causal_mask)
+                               causal_mask)
 
 KINDS = ("parallel", "sequential")
 MAX_DEPTHS = 8
@@ -248,11 +248,11 @@ class DraftHeads(nn.Module):
         for m in range(1, depths + 1):
             x = mtp.fuse(g, embed(shifted[:, m:m + T]).to(h.dtype))  # [B, T, H]
             cos, sin = mtp.rotary((start + m).expand(B, T))
-            q, k, v = _qkv(attn, mtp.block.input_layernorm(x), cos, sin)  # [B, heads, T, D]
+            q, k, v = attn.project(mtp.block.input_layernorm(x), cos, sin)  # [B, heads, T, D]
             keys.append(k)
             values.append(v)
-            out = x + _attend(attn, q, torch.cat(keys, 2), torch.cat(values, 2),
-                              _train_mask(m, T, h.device))
+            out = x + attn.attend(q, torch.cat(keys, 2), torch.cat(values, 2),
+                                   _train_mask(m, T, h.device))
             g = out + mtp.block.mlp(mtp.block.post_attention_layernorm(out))
             feats.append(mtp.final_norm(g))
         return torch.stack(feats, dim=1)
@@ -294,28 +294,6 @@ class DraftHeads(nn.Module):
         heads.load_state_dict(load_file(str(path / WEIGHTS_FILE)))
         heads.to(device=device, dtype=dtype)
         return heads, int(meta["policy_version"])
-
-
-def _qkv(attn, x, cos, sin):
-    """Attention projections of x [B, T, H] exactly as layers.Attention does them."""
-    B, T, _ = x.shape
-    q = attn.q_proj(x).view(B, T, attn.n_heads, attn.head_dim)
-    k = attn.k_proj(x).view(B, T, attn.n_kv, attn.head_dim)
-    v = attn.v_proj(x).view(B, T, attn.n_kv, attn.head_dim)
-    if attn.q_norm is not None:
-        q, k = attn.q_norm(q), attn.k_norm(k)
-    return apply_rope(q.transpose(1, 2), cos, sin), apply_rope(k.transpose(1, 2), cos, sin), \
-        v.transpose(1, 2)
-
-
-def _attend(attn, q, k, v, mask):
-    """q [B, heads, T, D], k/v [B, kv_heads, S, D], mask [T, S] -> o_proj output [B, T, H]."""
-    if attn.n_kv != attn.n_heads:
-        rep = attn.n_heads // attn.n_kv
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    B, _, T, _ = q.shape
-    return attn.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
 def _train_mask(depth: int, T: int, device) -> torch.Tensor:

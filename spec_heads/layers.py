@@ -168,31 +168,38 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(head_dim, eps) if qk_norm else None
         self.k_norm = RMSNorm(head_dim, eps) if qk_norm else None
 
-    def forward(self, x, cos, sin, mask, layer: int = 0, view: CacheView | None = None):
+    def project(self, x, cos, sin):
+        """x [B, T, H] -> q [B, heads, T, D], k and v [B, kv_heads, T, D], rotary applied."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q = apply_rope(q.transpose(1, 2), cos, sin)  # [B, H, T, D]
-        k = apply_rope(k.transpose(1, 2), cos, sin)  # [B, Hkv, T, D]
+        return apply_rope(q.transpose(1, 2), cos, sin), apply_rope(k.transpose(1, 2), cos, sin), v.transpose(1, 2)
+
+    def attend(self, q, k, v, mask):
+        """q [B, heads, T, D], k/v [B, kv_heads, S, D], boolean mask -> o_proj output [B, T, H]."""
+        B, _, T, _ = q.shape
+        out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask,
+                                             enable_gqa=self.n_kv != self.n_heads)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+    def forward(self, x, cos, sin, mask, layer: int = 0, view: CacheView | None = None):
+        B = x.shape[0]
+        q, k, v = self.project(x, cos, sin)  # [B, H, T, D], [B, Hkv, T, D] x2
         if view is not None:
             ck, cv = view.cache.k[layer], view.cache.v[layer]
             rows = view.slots if view.slots is not None else torch.arange(B, device=x.device)
             idx = (rows[:, None], view.positions)
             ck[idx] = k.transpose(1, 2).to(ck.dtype)  # [B, T, Hkv, D]
-            cv[idx] = v.to(cv.dtype)
+            cv[idx] = v.transpose(1, 2).to(cv.dtype)
             if view.slots is None:
                 k, v = ck[:B, :view.kv_len], cv[:B, :view.kv_len]
             else:
                 k, v = ck[view.slots, :view.kv_len], cv[view.slots, :view.kv_len]
             k, v = k.transpose(1, 2), v.transpose(1, 2)  # [B, Hkv, S, D]
-        else:
-            v = v.transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask,
-                                             enable_gqa=self.n_kv != self.n_heads)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+        return self.attend(q, k, v, mask)
 
 
 class SwiGLU(nn.Module):

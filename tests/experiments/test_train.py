@@ -5,40 +5,17 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 import experiments.train as train
 from experiments.config import ConfigError, load_config
 from experiments.metrics import read_metrics
-from experiments.pretrain import ARITH_ALPHABET
-from experiments.tokenizer import TextTokenizer, build_char_tokenizer
 from learner.loop import RLLoop
-from rollout.checkpoint import save_checkpoint
-from rollout.model import ModelConfig, Transformer
 
 REQUIRED = ("step", "reward_mean", "reward_std", "accuracy", "response_len_mean", "mean_accepted_len",
             "accept_rate_per_pos", "rollout_tokens_per_s", "time_rollout_s", "time_train_s", "time_refit_s",
             "policy_version", "logprob_diff_max", "loss", "grad_norm", "kl", "clipfrac", "entropy_mean",
             "refit", "spec_mode", "depth_hist", "speedup_vs_off_est")
 TIMING = ("time_", "rollout_tokens_per_s", "speedup_vs_off_est")
-
-
-@pytest.fixture(scope="module")
-def policy_dir(tmp_path_factory):
-    """A tiny random char-level policy for the arithmetic alphabet (its heads get fitted, and
-    cached next to it, by the first run)."""
-    root = tmp_path_factory.mktemp("policy")
-    tok = TextTokenizer(build_char_tokenizer(ARITH_ALPHABET))
-    tok.save(str(root / "tok"))
-    torch.manual_seed(0)
-    mc = ModelConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                     eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
-    model = Transformer(mc)
-    with torch.no_grad():
-        model.embed_tokens.weight.mul_(0.25)
-    save_checkpoint(model, str(root / "tiny"), tokenizer_dir_or_file=str(root / "tok"))
-    return str(root / "tiny")
 
 
 def small_config(policy, out_dir, name, *overrides):
