@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 # random streams: a row never reuses a draw across uses
 _S_SAMPLE, _S_SPEC = 1, 2  # a speculative step draws [K drafts | K accepts | 1 final] at once
+_WINDOW = 32  # positions the heads' window holds between drafting steps before a flush
 
 
 def _bucket(n: int, quantum: int) -> int:
@@ -122,13 +123,15 @@ class Engine:
             dp.reset_calibration()
 
     def _probe_costs(self, dp: DepthPolicy, K: int):
-        """Time dummy verify forwards (rows x tokens) so the depth policy knows what one more
-        verified token costs before it has seen real steps."""
+        """Time dummy steps at (rows, tokens): a plain step for 1 token, a draft of tokens - 1
+        plus a verify forward otherwise, so the depth policy knows what drafting costs before it
+        has seen real steps (real steps then replace these timings)."""
         plan = dp.cost.probe_plan(self.max_batch, K + 1)
         m, heads = self.model, self.heads
         cache = m.new_cache(self.max_batch, 64 + K + 2, self.device, self.dtype)
         hcache = heads.new_cache(self.max_batch, 64 + K + 2, self.device, self.dtype)
         g = torch.Generator(device="cpu").manual_seed(0)
+        u = torch.rand(self.max_batch, K + 1, generator=g, dtype=torch.float64).to(self.device)
         for rows, tokens in plan:
             ids = torch.randint(0, m.config.vocab_size, (rows, tokens), generator=g).to(self.device)
             pos = (32 + torch.arange(tokens)).expand(rows, tokens).to(self.device)
@@ -138,13 +141,15 @@ class Engine:
             times = []
             for rep in range(4):
                 t0 = time.perf_counter()
-                # a whole step: draft tokens-1 with the heads, then verify `tokens` per row
-                logits, st = heads.begin(hid, ids[:, :1], pos[:, :1], last, m.embed_tokens, m.logits, hcache, kv)
-                for i in range(tokens - 1):
-                    tok = logits.argmax(-1)
-                    if i + 1 < tokens - 1:
-                        logits, st = heads.step(st, tok, m.embed_tokens, m.logits)
-                sampling_logprobs(m.logits(m(ids, pos, cache, kv)), 1.0)
+                if tokens > 1:  # a drafting step: the heads draft tokens - 1, then verify
+                    logits, st = heads.begin(hid, ids[:, :1], pos[:, :1], last, m.embed_tokens, m.logits,
+                                             hcache, kv)
+                    for i in range(tokens - 1):
+                        tok = sample_with_uniforms(sampling_logprobs(logits, 1.0).exp(), u[:rows, i])
+                        if i + 1 < tokens - 1:
+                            logits, st = heads.step(st, tok, m.embed_tokens, m.logits)
+                lp = sampling_logprobs(m.logits(m(ids, pos, cache, kv)), 1.0)
+                sample_with_uniforms(lp[:, -1].exp(), u[:rows, -1])
                 if self.cuda:
                     torch.cuda.synchronize()
                 if rep:  # the first call warms up
@@ -171,20 +176,25 @@ class _Run:
         self.out_tok, self.out_lp, self.out_ent = z(B, cap), z(B, cap, dt=torch.float32), z(B, cap, dt=torch.float32)
         self.n_steps, self.out_dl, self.out_acc = z(B), z(B, cap), z(B, cap)
         self.stop_ids = torch.tensor(sampling.stop_token_ids or [-1], device=dev)
+        self.hid = None
         if eng.heads is not None and K:
+            # The heads' window: per row, the trunk's hidden states at the positions fed since
+            # the heads last ran (index t is position hstart + t, valid up to hlast) and the
+            # token that followed each. A drafting step consumes it; plain steps (no drafting
+            # this step) append to it, and a full window is flushed through the heads.
             H = eng.model.config.hidden_size
-            self.hid = torch.zeros(B, K + 1, H, dtype=eng.dtype, device=dev)
-            self.nxt, self.hstart, self.hlast = z(B, K + 1), z(B), z(B)
-            self.hwidth = 1
+            self.window = max(K + 1, _WINDOW)
+            self.hid = torch.zeros(B, self.window, H, dtype=eng.dtype, device=dev)
+            self.nxt, self.hstart, self.hlast = z(B, self.window), z(B), z(B)
+            self.hwidth = 1  # host: upper bound of hlast + 1 over active rows
         self.slot_prompt = [-1] * B  # host: prompt index in each slot
-        self.last_depth = K  # deepest draft chosen in the last step (CPU only)
         self.n = 0  # active rows occupy slots [0, n)
         self.len_bound = 0  # host upper bound of lengths[:n]
         self.queue = deque(range(len(prompts)))
         self.results: list[Sequence | None] = [None] * len(prompts)
         self.stats = RolloutStats(drafted_per_pos=[0] * K, accepted_per_pos=[0] * K, depth_hist=[0] * (K + 1))
-        self.acc_drafted, self.acc_accepted = z(max(K, 1)), z(max(K, 1))
-        self.acc_hist, self.acc_tokens, self.acc_rowsteps = z(K + 1), z(()), z(())
+        self.acc_wa = z(K + 1, K + 1)  # [drafts verified, drafts accepted] -> live row-steps
+        self.acc_tokens, self.acc_rowsteps = z(()), z(())
 
     def _kv(self, n: int) -> int:
         """Attention span for a forward: a bucketed bound on the longest row (static shapes)."""
@@ -210,9 +220,15 @@ class _Run:
         s.sequences = len(self.prompts)
         s.tokens, s.row_steps = int(self.acc_tokens), int(self.acc_rowsteps)
         if self.K:
-            s.drafted_per_pos = self.acc_drafted.tolist()[: self.K]
-            s.accepted_per_pos = self.acc_accepted.tolist()[: self.K]
-            s.depth_hist = self.acc_hist.tolist()
+            # a draft at depth i counts as tested only if every earlier draft was accepted, so
+            # accepted/drafted is the conditional acceptance per position
+            wa = self.acc_wa.tolist()
+            s.depth_hist = [sum(r) for r in wa]
+            for d, row in enumerate(wa):
+                for a, count in enumerate(row):
+                    for i in range(min(d, a + 1)):
+                        s.drafted_per_pos[i] += count
+                        s.accepted_per_pos[i] += count * (i < a)
         return RolloutBatch(self.results, s)
 
     # ------------------------------------------------------------- prefill
@@ -265,70 +281,115 @@ class _Run:
         h = m(self.last_tok[:n, None], pos, self.cache, self._kv(self.len_bound + 1))
         lp = sampling_logprobs(m.logits(h[:, 0]), sp.temperature, sp.top_k, sp.top_p)  # [n, V]
         tok = sample_with_uniforms(lp.exp(), row_uniforms(self.keys[:n], self.n_out[:n], _S_SAMPLE, 1)[:, 0])
+        if self.hid is not None:  # a speculative run not drafting this step: feed the window
+            if self.hwidth >= self.window:
+                self._flush_window(n)
+            idx, rows = self.hlast[:n] + 1, torch.arange(n, device=h.device)
+            self.hid[rows, idx], self.nxt[rows, idx] = h[:, 0], tok
+            self.hlast[:n] = idx
+            self.hwidth += 1
+        zero = torch.zeros(n, dtype=torch.int64, device=self.e.device) if self.K else None
         self._emit(slice(0, n), tok[:, None], lp.gather(1, tok[:, None]), entropy_from_logprobs(lp)[:, None],
-                   torch.ones(n, dtype=torch.int64, device=self.e.device))
+                   torch.ones(n, dtype=torch.int64, device=self.e.device), dlen=zero)
         self.len_bound += 1
 
-    def _draft(self, n: int, K: int, u: torch.Tensor):
-        """Draft K tokens per row with uniforms u [n, >=K]. Returns draft_probs [n, K, V] fp32,
-        tokens [n, K], entropy [n, K]."""
-        e, sp = self.e, self.sp
-        V = e.model.config.vocab_size
-        if K == 0 and self.hcache is None:  # nothing to draft, no head cache to keep in step
-            z = torch.zeros(n, 0, dtype=torch.int64, device=e.device)
-            return torch.zeros(n, 0, V, device=e.device), z, torch.zeros(n, 0, device=e.device)
-        w = self.hwidth
+    def _begin_heads(self, n: int, K: int):
+        """Run the heads over each row's window; returns depth-1 logits and the draft state."""
+        e, w = self.e, self.hwidth
         pos = self.hstart[:n, None] + torch.arange(w, device=e.device)
-        logits, st = e.heads.begin(self.hid[:n, :w], self.nxt[:n, :w], pos, self.hlast[:n],
-                                   e.model.embed_tokens, e.model.logits, self.hcache,
-                                   self._kv(self.len_bound + K + 2))
-        probs, toks, ents = [], [], []
+        return e.heads.begin(self.hid[:n, :w], self.nxt[:n, :w], pos, self.hlast[:n],
+                             e.model.embed_tokens, e.model.logits, self.hcache,
+                             self._kv(self.len_bound + K + 2))
+
+    def _flush_window(self, n: int):
+        """Feed a full window to the heads (sequential heads keep a KV cache of their own over
+        every position) and start an empty one at the next position."""
+        self._begin_heads(n, 0)
+        self.hstart[:n] += self.hlast[:n] + 1
+        self.hlast[:n] = -1
+        self.hwidth = 0
+
+    def _draft(self, n: int, K: int, u: torch.Tensor, early_stop: bool = True):
+        """Draft up to K tokens per row with uniforms u [n, >=K]. Returns draft_probs [n, k, V]
+        fp32, tokens [n, k] and the drafts' entropy bins in the acceptance table [n, k], k <= K:
+        in entropy mode on a CPU, drafting stops
+        early once one more depth is not worth its cost for the batch (depth_policy.keep_drafting).
+        """
+        e, sp = self.e, self.sp
+        early_stop = early_stop and self.spec.mode == "entropy" and not e.cuda
+        logits, st = self._begin_heads(n, K)
+        if e.heads.kind == "parallel":
+            return self._draft_parallel(n, K, u, st, early_stop)
+        table, calibrate = self.policy.table, self.spec.mode == "entropy"
+        probs, toks, bins = [], [], []
+        all_accepted = expected = None
         for i in range(K):
-            dlp = sampling_logprobs(logits, sp.temperature, sp.top_k, sp.top_p)  # [n, V]
-            ents.append(entropy_from_logprobs(dlp))
-            dp = dlp.exp()
+            dp = sampling_logprobs(logits, sp.temperature, sp.top_k, sp.top_p).exp()  # [n, V]
+            if calibrate:  # the draft distribution's entropy, binned for the acceptance table
+                bins.append(table.bins(torch.special.entr(dp).sum(-1)))  # entr(0) = 0
             if self.spec.draft == "greedy":  # baseline: argmax drafts, still exact (one-hot draft)
                 dp = torch.zeros_like(dp).scatter_(1, dp.argmax(1, keepdim=True), 1.0)
             tok = sample_with_uniforms(dp, u[:, i])
             probs.append(dp), toks.append(tok)
-            if i + 1 < K:
-                logits, st = e.heads.step(st, tok, e.model.embed_tokens, e.model.logits)
-        if K == 0:  # the sequential head only caught its cache up
-            z = torch.zeros(n, 0, dtype=torch.int64, device=e.device)
-            return torch.zeros(n, 0, V, device=e.device), z, torch.zeros(n, 0, device=e.device)
-        return torch.stack(probs, 1), torch.stack(toks, 1), torch.stack(ents, 1)
+            if i + 1 == K:
+                break
+            if early_stop:
+                a = table.predict_bins(bins[-1])  # [n]
+                all_accepted = a if all_accepted is None else all_accepted * a
+                expected = 1.0 + all_accepted if expected is None else expected + all_accepted
+                if not self.policy.keep_drafting(all_accepted, expected, n, i + 1):
+                    break
+            logits, st = e.heads.step(st, tok, e.model.embed_tokens, e.model.logits)
+        return torch.stack(probs, 1), torch.stack(toks, 1), torch.stack(bins, 1) if calibrate else None
+
+    def _draft_parallel(self, n: int, K: int, u: torch.Tensor, st, choose: bool):
+        """Parallel heads draft every depth at once; with `choose` (entropy mode on a CPU) the
+        drafts are then cut at the depth the batch gains most from (depth_policy.best_depth)."""
+        e, sp = self.e, self.sp
+        dlp = sampling_logprobs(e.heads.all_logits(st, e.model.logits, K), sp.temperature, sp.top_k,
+                                sp.top_p)  # [n, K, V]
+        dp = dlp.exp()
+        if self.spec.draft == "greedy":
+            dp = torch.zeros_like(dp).scatter_(-1, dp.argmax(-1, keepdim=True), 1.0)
+        toks = sample_with_uniforms(dp, u[:, :K])  # [n, K]
+        bins = self.policy.table.bins(entropy_from_logprobs(dlp))  # [n, K]
+        if choose and K > 1:
+            k = self.policy.best_depth(self.policy.table.predict_bins(bins), n)
+            dp, toks, bins = dp[:, :k], toks[:, :k], bins[:, :k]
+        return dp, toks, bins
 
     def _spec_step(self):
         e, sp, n, dev = self.e, self.sp, self.n, self.e.device
         t0 = time.perf_counter()
-        # where verifying is dear the policy's budget is 0: no drafting, a plain step
-        Kd = min(self.K, self.policy.draft_budget(n))
-        if not e.cuda:  # on a CPU the last step's deepest choice is known: draft one beyond it
-            Kd = min(Kd, self.last_depth + 1)
-        # now and then time one depth beyond the budget, so one slow measurement cannot switch
-        # drafting off for good (any depth is exact; this only costs time)
-        explore = self.spec.mode == "entropy" and Kd < self.K and self.stats.steps % 32 == 31
-        Kd += explore
+        budget = min(self.K, self.policy.draft_budget(n))
+        # now and then draft one depth beyond the budget, so acceptance and cost keep being
+        # measured there and one slow timing cannot switch drafting off for good (any depth is
+        # exact; this only costs time)
+        explore = self.spec.mode == "entropy" and budget < self.K and self.stats.steps % 32 == 31
+        Kd = budget + explore
+        if Kd == 0:  # a plain step is faster than any draft: skip the heads (they catch up later)
+            self.policy.depth_hist[0] += n
+            self.acc_wa[0, 0] += (~self.done[:n]).sum()
+            self._plain_step()
+            if e.cuda:
+                torch.cuda.synchronize()
+            self.policy.record_step(n, 1, time.perf_counter() - t0)
+            return
         u = row_uniforms(self.keys[:n], self.n_out[:n], _S_SPEC, 2 * self.K + 1)  # [n, 2K+1]
-        draft_probs, draft_tok, draft_ent = self._draft(n, Kd, u)  # [n, Kd, V], [n, Kd], [n, Kd]
-        dlen = self.policy.choose(draft_ent, n)  # [n]
-        if explore:
-            dlen = torch.full_like(dlen, Kd)
-        # verify width: the batch's deepest draft (read back on CPU, where it is free; on a
-        # GPU keep the static width Kd so no sync is needed)
-        W = 1 + (Kd if e.cuda or Kd == 0 else int(dlen.max()))
-        self.last_depth = W - 1
-        # The verify forward is padded to the deepest row, so every row's drafts up to that
-        # depth are verified at no extra cost: the per-row choice sets the batch's width, and
-        # shallower rows fill up to it. (Exactness does not depend on how deep a row drafts.)
-        dlen = torch.full_like(dlen, W - 1)
+        draft_probs, draft_tok, draft_bins = self._draft(n, Kd, u, early_stop=not explore)  # [n, k, V], [n, k], [n, k]
+        # Verify width W = 1 + drafts made. The forward is padded to the deepest row anyway,
+        # so every row verifies all the drafts made: a per-row choice could only waste them.
+        # (Exactness does not depend on how deep a row drafts.)
+        W = 1 + draft_tok.shape[1]
+        dlen = torch.full((n,), W - 1, dtype=torch.int64, device=dev)
+        self.policy.depth_hist[W - 1] += n
         t1 = time.perf_counter()
-        inp = torch.cat([self.last_tok[:n, None], draft_tok[:, : W - 1]], 1)  # [n, W]
+        inp = torch.cat([self.last_tok[:n, None], draft_tok], 1)  # [n, W]
         pos = self.lengths[:n, None] + torch.arange(W, device=dev)
         h = e.model(inp, pos, self.cache, self._kv(self.len_bound + W))  # [n, W, H]
         tlp = sampling_logprobs(e.model.logits(h), sp.temperature, sp.top_k, sp.top_p)  # [n, W, V]
         acc_u, fin_u = u[:, self.K: self.K + W - 1], u[:, 2 * self.K]
-        toks, num = rejection_sample(tlp.exp(), draft_probs[:, : W - 1], draft_tok[:, : W - 1], dlen,
+        toks, num = rejection_sample(tlp.exp(), draft_probs, draft_tok, dlen,
                                      uniforms=(acc_u, fin_u))  # [n, W], [n]
         safe = toks.clamp(min=0)
         lps = tlp.gather(2, safe[..., None])[..., 0]  # [n, W]
@@ -341,19 +402,12 @@ class _Run:
         # rows already done restart from index 0, so a narrower next step never indexes past W
         self.hlast[:n] = torch.where(live, num - 1, torch.zeros_like(num))
         self.hwidth = W
-        zero = torch.zeros_like(dlen)  # rows that were already done count for nothing
-        if Kd:
-            self.policy.observe(draft_ent, torch.where(live, dlen, zero), torch.where(live, num - 1, zero))
+        if self.spec.mode == "entropy":  # rows that were already done count for nothing
+            self.policy.observe_bins(draft_bins, dlen * live, (num - 1) * live)
         self.len_bound += W
-        # stats (device accumulators, read once at the end)
-        d = torch.arange(self.K, device=dev)
-        dlen = torch.where(live, dlen, zero)
-        # a draft counts as tested at depth i only if every earlier draft was accepted, so
-        # accepted/drafted is the conditional acceptance per position
-        tested = (d[None] < dlen[:, None]) & (d[None] <= (num - 1)[:, None])
-        self.acc_drafted[: self.K] += (tested & live[:, None]).sum(0)
-        self.acc_accepted[: self.K] += ((d[None] < (num - 1)[:, None]) & live[:, None]).sum(0)
-        self.acc_hist.scatter_add_(0, dlen, live.long())
+        # stats: live row-steps by (drafts verified, drafts accepted), a device accumulator
+        # read once at the end (loop() derives per-position acceptance and the depth histogram)
+        self.acc_wa[W - 1].index_add_(0, num - 1, live.long())
         if e.cuda:
             torch.cuda.synchronize()
         t2 = time.perf_counter()
@@ -371,32 +425,32 @@ class _Run:
         m, W = toks.shape
         dev = toks.device
         done, n_out = self.done[sl], self.n_out[sl]
+        live = ~done
         j = torch.arange(W, device=dev)
-        valid = j[None] < num[:, None]
-        is_stop = torch.isin(toks, self.stop_ids) & valid
+        is_stop = (toks == self.stop_ids[0]) if self.stop_ids.numel() == 1 else torch.isin(toks, self.stop_ids)
+        # 1 + index of the first stop token among the emitted ones (W + 1: none)
+        stop_at = torch.where(is_stop & (j[None] < num[:, None]), j[None] + 1, W + 1).amin(1)
         # keep tokens up to and including the first stop, and within max_new_tokens
-        first_stop = torch.where(is_stop.any(1), is_stop.int().argmax(1) + 1, num)
-        room = self.sp.max_new_tokens - n_out
-        cnt = torch.minimum(torch.minimum(num, first_stop), room)
-        cnt = torch.where(done, torch.zeros_like(cnt), cnt)
-        keep = j[None] < cnt[:, None]  # [m, W]
-        col = (n_out[:, None] + j[None]).clamp(max=self.out_tok.shape[1] - 1)
+        cnt = torch.minimum(torch.minimum(num, stop_at), self.sp.max_new_tokens - n_out) * live
+        # Write all W columns: those past cnt are not part of the row (n_out bounds what is
+        # read) and the next append starts at n_out + cnt, overwriting them. The buffers have
+        # room: n_out <= max_new_tokens and W <= K + 1.
+        col = n_out[:, None] + j[None]  # [m, W]
         rows = torch.arange(sl.start, sl.start + m, device=dev)[:, None].expand(m, W)
-        for buf, val in ((self.out_tok, toks), (self.out_lp, lps), (self.out_ent, ents)):
-            cur = buf[rows, col]
-            buf[rows, col] = torch.where(keep, val.to(buf.dtype), cur)
+        self.out_tok[rows, col] = toks
+        self.out_lp[rows, col] = lps.to(self.out_lp.dtype)
+        self.out_ent[rows, col] = ents.to(self.out_ent.dtype)
         new_out = n_out + cnt
-        finished = ~done & ((first_stop <= cnt) & is_stop.any(1) | (new_out >= self.sp.max_new_tokens))
+        finished = live & ((stop_at <= cnt) | (new_out >= self.sp.max_new_tokens))
         last = toks.gather(1, (num - 1).clamp(min=0)[:, None])[:, 0]
         if count_step:
-            live = ~done
-            step_col = self.n_steps[sl].clamp(max=self.out_dl.shape[1] - 1)
-            r1 = torch.arange(sl.start, sl.start + m, device=dev)
-            if dlen is not None:
-                self.out_dl[r1, step_col] = torch.where(live, dlen, self.out_dl[r1, step_col])
-                self.out_acc[r1, step_col] = torch.where(live, num - 1, self.out_acc[r1, step_col])
-            self.n_steps[sl] += live.long()
-            self.lengths[sl] += torch.where(live, num, torch.zeros_like(num))
+            if dlen is not None:  # a done row's write lands past its n_steps: never read
+                step_col = self.n_steps[sl].clamp(max=self.out_dl.shape[1] - 1)
+                r1 = torch.arange(sl.start, sl.start + m, device=dev)
+                self.out_dl[r1, step_col] = dlen
+                self.out_acc[r1, step_col] = num - 1
+            self.n_steps[sl] += live
+            self.lengths[sl] += num * live
             self.acc_rowsteps += live.sum()
         self.acc_tokens += cnt.sum()
         self.last_tok[sl] = torch.where(done, self.last_tok[sl], last)

@@ -116,7 +116,7 @@ class Transformer(nn.Module):
         if positions is None:
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
         x = self.embed_tokens(input_ids)
-        cos, sin = self.rotary(positions)
+        cos, sin = self.rotary(positions, x.dtype)
         view = None
         if cache is not None:
             kv_len = kv_len or cache.max_len

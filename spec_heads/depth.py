@@ -68,6 +68,7 @@ class AcceptanceTable:
         self.num_bins, self.max_entropy = num_bins, float(max_entropy)
         self.prior_accept, self.prior_weight = float(prior_accept), float(prior_weight)
         self.window, self.monotone = float(window), monotone
+        self.refit_every = 8  # updates between re-fits of the predictions (each is ~15 kernels)
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         log_edges = torch.linspace(0.0, math.log1p(self.max_entropy), num_bins + 1, dtype=torch.float64)
         self.edges = torch.expm1(log_edges).to(self.device)  # [num_bins + 1], nats
@@ -80,6 +81,7 @@ class AcceptanceTable:
         self.trials = torch.zeros(self.num_bins, dtype=torch.float64, device=self.device)
         self.accepts = torch.zeros(self.num_bins, dtype=torch.float64, device=self.device)
         self._fitted = None  # [num_bins] float32, recomputed lazily after an update
+        self._stale = 0  # updates since the last fit
 
     def bins(self, draft_entropy: torch.Tensor) -> torch.Tensor:
         """Bin index (int64, same shape) of each entropy; out-of-range values go to the end bins."""
@@ -99,20 +101,35 @@ class AcceptanceTable:
         """Predicted acceptance in [0, 1] per draft, float32, same shape as draft_entropy."""
         return self._fit()[self.bins(draft_entropy)]
 
+    def predict_bins(self, bins: torch.Tensor) -> torch.Tensor:
+        """`predict` for bin indices already computed (`bins`)."""
+        return self._fit()[bins]
+
     def update(self, draft_entropy: torch.Tensor, accepted: torch.Tensor, valid: torch.Tensor) -> None:
         """Count outcomes. draft_entropy [B, K]; accepted, valid [B, K] bool (accepted implies valid)."""
-        b = self.bins(draft_entropy).flatten()  # [B*K]
-        valid_f = valid.flatten().to(torch.float64)
-        self.trials.index_add_(0, b, valid_f)
-        self.accepts.index_add_(0, b, (accepted.flatten() & valid.flatten()).to(torch.float64))
-        # Sliding memory without a sync: scale a bin down once it holds more than `window`.
+        self.update_bins(self.bins(draft_entropy), accepted, valid)
+
+    def update_bins(self, bins: torch.Tensor, accepted: torch.Tensor, valid: torch.Tensor) -> None:
+        """`update` for bin indices already computed (`bins`) [B, K]."""
+        b = bins.flatten()  # [B*K]
+        self.trials.index_add_(0, b, valid.flatten().to(torch.float64))
+        self.accepts.index_add_(0, b, (accepted & valid).flatten().to(torch.float64))
+        # Predictions follow the counts within `refit_every` updates: a decode step updates the
+        # table every time, and re-fitting each time cost more than the step's own sampling.
+        self._window()
+        self._stale += 1
+        if self._stale >= self.refit_every:
+            self._fitted, self._stale = None, 0
+
+    def _window(self) -> None:
+        """Sliding memory without a sync: scale a bin down once it holds more than `window`."""
         scale = (self.window / self.trials.clamp_min(1.0)).clamp(max=1.0)
         self.trials.mul_(scale)
         self.accepts.mul_(scale)
-        self._fitted = None
 
     def table(self) -> list[dict]:
         """Per bin: entropy range, observations (after windowing), raw and predicted acceptance."""
+        self._fitted, self._stale = None, 0  # show the fit of every count so far
         trials, accepts = self.trials.tolist(), self.accepts.tolist()
         fitted, edges = self._fit().tolist(), self.edges.tolist()
         return [{"entropy_lo": edges[i], "entropy_hi": edges[i + 1], "count": trials[i],
@@ -206,17 +223,19 @@ class CostModel:
         return points
 
     def _bucket_time(self, bucket: int, points: list[tuple[int, float]], tokens: int) -> float:
-        drafted = [(t, s) for t, s in points if t >= 2]
+        drafted = [(t, s, min(self._counts[bucket][t], 64)) for t, s in points if t >= 2]
         if len(drafted) >= 3 and tokens >= 2:
-            # A least-squares line through the drafted steps: single timings are noisy at the
-            # millisecond scale, and a local slope between two of them can swing depth
-            # choices by several tokens. tokens == 1 (no drafting) keeps its own measurement,
-            # since the first draft also pays the heads' fixed start-up cost.
-            n = len(drafted)
-            mt = sum(t for t, _ in drafted) / n
-            ms = sum(s for _, s in drafted) / n
-            var = sum((t - mt) ** 2 for t, _ in drafted)
-            slope = max(0.0, sum((t - mt) * (s - ms) for t, s in drafted) / var)
+            # A least-squares line through the drafted steps, each weighted by how often it was
+            # timed (up to 64): single timings are noisy at the millisecond scale, a local slope
+            # between two of them can swing depth choices by several tokens, and a cell timed
+            # only by a start-up probe (which skips the step's bookkeeping) must not tilt it.
+            # tokens == 1 (no drafting) keeps its own measurement: the first draft also pays
+            # the heads' fixed start-up cost.
+            w = sum(c for _, _, c in drafted)
+            mt = sum(c * t for t, _, c in drafted) / w
+            ms = sum(c * s for _, s, c in drafted) / w
+            var = sum(c * (t - mt) ** 2 for t, _, c in drafted)
+            slope = max(0.0, sum(c * (t - mt) * (s - ms) for t, s, c in drafted) / var)
             return max(ms + slope * (tokens - mt), 1e-12)
         if len(points) == 1:  # one anchor: take the slope from the prior
             (t0, s0), r = points[0], prior_marginal_ratio(self.bucket_rows(bucket))
@@ -299,43 +318,125 @@ class DepthPolicy:
         self.table = AcceptanceTable(num_bins, math.log(vocab_size), device=self.device)
         self.cost = CostModel(max_batch, 1 + max_k)
         self.depth_hist = torch.zeros(max_k + 1, dtype=torch.int64, device=self.device)  # [max_k + 1]
+        # Conditional acceptance per draft position (accepted given all earlier ones were), the
+        # batch-level estimate behind the draft budget. It starts optimistic (prior_pos_accept
+        # with the weight of prior_pos_weight observations), so fresh heads get tried; weak
+        # heads lose their budget within a few steps of real outcomes.
+        self.prior_pos_accept, self.prior_pos_weight, self.pos_window = 0.8, 8.0, 4096.0
+        self.pos_trials = torch.zeros(max_k, dtype=torch.float64, device=self.device)
+        self.pos_accepts = torch.zeros(max_k, dtype=torch.float64, device=self.device)
+        self._pos_accept: list[float] | None = None  # host copy, refreshed with the thresholds
         self._thresholds: dict[tuple[int, int], torch.Tensor] = {}  # (bucket, K) -> [K]
+        self._ratios: dict[int, list[float]] = {}  # bucket -> host marginal ratios, depth 1..max_k
         self._thresholds_version = -1
         self._budgets: dict[int, int] = {}  # bucket -> deepest useful draft
+        # bucket -> EMA of expected tokens per row per second over real drafting steps: what
+        # drafting actually delivers, compared with a plain step's 1 / step_time(rows, 1)
+        self._draft_rate: dict[int, float] = {}
+        self.early_stop = self.device.type != "cuda"  # the engine stops drafting early on a CPU
+
+    def _refresh(self) -> None:
+        """Re-derive host-side caches once per 16 timings: every step records one, and the
+        derivation is host Python (and, on a GPU, one read-back of the acceptance counts)
+        that would otherwise cost ~10% of a small model's step."""
+        epoch = self.cost.version // 16
+        if self._thresholds_version != epoch:
+            self._thresholds, self._ratios, self._budgets = {}, {}, {}
+            self._pos_accept, self._thresholds_version = None, epoch
+
+    def marginal_ratios(self, rows_in_flight: int) -> list[float]:
+        """Host floats: marginal_ratio(rows, i) for depth i = 1..max_k (cached per bucket)."""
+        self._refresh()
+        key = self.cost.bucket(rows_in_flight)
+        if key not in self._ratios:
+            self._ratios[key] = [self.cost.marginal_ratio(rows_in_flight, i) for i in range(1, self.max_k + 1)]
+        return self._ratios[key]
 
     def thresholds(self, rows_in_flight: int, num_drafts: int) -> torch.Tensor:
         """[K] float32 on device: marginal_ratio(rows, i) for depth i = 1..K (cached per bucket)."""
-        # re-derived once per 32 timings: every step records one, and the derivation is
-        # host-side Python that would otherwise cost ~10% of a small model's step
-        epoch = self.cost.version // 32
-        if self._thresholds_version != epoch:
-            self._thresholds, self._thresholds_version = {}, epoch
-            self._budgets = {}
+        self._refresh()
         key = (self.cost.bucket(rows_in_flight), num_drafts)
         if key not in self._thresholds:
-            ratios = [self.cost.marginal_ratio(rows_in_flight, i) for i in range(1, num_drafts + 1)]
-            host = torch.tensor(ratios, dtype=torch.float32)
+            host = torch.tensor(self.marginal_ratios(rows_in_flight)[:num_drafts], dtype=torch.float32)
             if self.device.type == "cuda":  # pinned + non_blocking: no wait on the stream
                 host = host.pin_memory()
             self._thresholds[key] = host.to(self.device, non_blocking=True)
         return self._thresholds[key]
 
-    def draft_budget(self, rows_in_flight: int) -> int:
-        """Deepest draft that could be chosen at this many rows (host only, no sync).
+    def position_acceptance(self) -> list[float]:
+        """Host floats [max_k]: estimated acceptance at each draft position, given that every
+        earlier draft was accepted (windowed counts of observed outcomes plus the prior)."""
+        self._refresh()
+        if self._pos_accept is None:
+            w, a = self.prior_pos_weight, self.prior_pos_accept
+            est = (self.pos_accepts + a * w) / (self.pos_trials + w)
+            self._pos_accept = est.tolist()  # one read-back per refresh
+        return self._pos_accept
 
-        A depth whose marginal ratio is >= 1 can never pass (P_i <= 1 <= E), so an engine may
-        draft only this many tokens, and skip drafting when it is 0, to never be slower than off.
+    def expected_tokens(self, depth: int) -> float:
+        """Expected tokens per row from a step that verifies `depth` drafts, from the
+        per-position acceptance: 1 + sum_{i<=depth} prod_{j<=i} a_j (host)."""
+        expected, all_accepted = 1.0, 1.0
+        for a in self.position_acceptance()[:depth]:
+            all_accepted *= a
+            expected += all_accepted
+        return expected
+
+    def draft_budget(self, rows_in_flight: int) -> int:
+        """How deep to draft this step at this many rows (host only; no sync between refreshes).
+
+        fixed: k. entropy: 0 (a plain step, the heads skipped) when a plain step's rate, 1 /
+        step_time(rows, 1), beats what drafting steps have delivered at this many rows
+        (expected tokens per second, measured on real steps; before any, predicted from the
+        cost model). That is what keeps speculation from ever being much slower than `off`
+        where drafts are poor or verifying is dear; exploration steps keep re-measuring it.
+        Otherwise max_k where the engine stops drafting early (CPU), else the depth d that
+        maximises E(d) / step_time(rows, 1 + d).
         """
         if self.mode == "off":
             return 0
         if self.mode == "fixed":
             return self.k
-        self.thresholds(rows_in_flight, self.max_k)  # refreshes the caches when timings moved on
+        self._refresh()
         key = self.cost.bucket(rows_in_flight)
         if key not in self._budgets:
-            ratios = [self.cost.marginal_ratio(rows_in_flight, i) for i in range(1, self.max_k + 1)]  # host
-            self._budgets[key] = next((i for i, r in enumerate(ratios) if r >= 1.0), self.max_k)
+            best, best_rate = 1, 0.0
+            for d in range(1, self.max_k + 1):
+                rate = self.expected_tokens(d) / self.cost.step_time(rows_in_flight, 1 + d)
+                if rate > best_rate:
+                    best, best_rate = d, rate
+            drafting = self._draft_rate.get(key, best_rate)
+            if 1.0 / self.cost.step_time(rows_in_flight, 1) > drafting:
+                self._budgets[key] = 0
+            else:
+                self._budgets[key] = self.max_k if self.early_stop else best
         return self._budgets[key]
+
+    def keep_drafting(self, all_accepted: torch.Tensor, expected: torch.Tensor, rows_in_flight: int,
+                      depth: int) -> bool:
+        """After `depth` drafts: is drafting (and verifying) depth + 1 worth its marginal cost?
+        all_accepted [B]: each row's predicted probability that its `depth` drafts are all
+        accepted (from their entropies); expected [B]: its expected tokens so far. Reads back
+        two sums, so only for devices where that is free (the CPU).
+
+        The extra tokens expected, sum_b all_accepted_b * a_{depth+1}, must pay for the extra
+        step time, marginal_ratio(rows, depth + 1) of the step so far (the same rule as
+        `choose`, for the whole batch: verifying is padded to the deepest row anyway).
+        """
+        a_next = self.position_acceptance()[depth]
+        ratio = self.marginal_ratios(rows_in_flight)[depth]
+        return float((all_accepted * a_next - expected * ratio).sum()) > 0.0
+
+    def best_depth(self, accept: torch.Tensor, rows_in_flight: int) -> int:
+        """How many of K drafts the batch should verify, from each draft's predicted acceptance
+        accept [B, K] (e.g. table.predict of its entropy): the depth d in 1..K that maximises
+        the expected tokens of all rows over the step's time, sum_b E_b(d) / step_time(rows,
+        1 + d), E_b(d) = 1 + sum_{i<=d} prod_{j<=i} accept[b, j]. Reads back K sums, so only for
+        devices where that is free (the CPU)."""
+        K = accept.shape[1]
+        expected = (1.0 + accept.cumprod(-1).cumsum(-1)).sum(0).tolist()  # [K], d = 1..K
+        rates = [expected[d - 1] / self.cost.step_time(rows_in_flight, 1 + d) for d in range(1, K + 1)]
+        return 1 + max(range(K), key=rates.__getitem__)
 
     def choose(self, draft_entropy: torch.Tensor, rows_in_flight: int) -> torch.Tensor:
         """Draft length per row, int64 [B], from draft_entropy [B, K] (K drafts available)."""
@@ -365,20 +466,37 @@ class DepthPolicy:
         the first rejection were never judged, and counting them as rejected would bias the
         table's conditional acceptance low. It was accepted iff i < num_accepted.
         """
+        if self.mode == "entropy":
+            self.observe_bins(self.table.bins(draft_entropy), draft_lengths, num_accepted)
+
+    def observe_bins(self, bins: torch.Tensor, draft_lengths: torch.Tensor, num_accepted: torch.Tensor) -> None:
+        """`observe` with the drafts' entropy bins (table.bins) [B, K] already computed."""
         if self.mode != "entropy":
             return
-        pos = torch.arange(draft_entropy.shape[1], device=draft_entropy.device)  # [K]
+        K = bins.shape[1]
+        pos = torch.arange(K, device=bins.device)  # [K]
         valid = (pos[None] < draft_lengths[:, None]) & (pos[None] <= num_accepted[:, None])  # [B, K]
         accepted = pos[None] < num_accepted[:, None]  # [B, K]
-        self.table.update(draft_entropy, accepted & valid, valid)
+        self.table.update_bins(bins, accepted & valid, valid)
+        self.pos_trials[:K] += valid.sum(0)
+        self.pos_accepts[:K] += (accepted & valid).sum(0)
+        scale = (self.pos_window / self.pos_trials.clamp_min(1.0)).clamp(max=1.0)
+        self.pos_trials.mul_(scale)
+        self.pos_accepts.mul_(scale)
 
     def record_step(self, rows: int, tokens_per_row: int, seconds: float) -> None:
         """Time of a full step (draft + verify) with tokens_per_row = 1 + deepest draft in it."""
         self.cost.record(rows, tokens_per_row, seconds)
+        if tokens_per_row > 1 and self.mode == "entropy":
+            key, rate = self.cost.bucket(rows), self.expected_tokens(tokens_per_row - 1) / seconds
+            old = self._draft_rate.get(key)
+            self._draft_rate[key] = rate if old is None else old + 0.1 * (rate - old)
 
     def reset_calibration(self) -> None:
         """Forget acceptance outcomes, e.g. after the heads were re-fitted (timings stay)."""
         self.table.reset()
+        self.pos_trials, self.pos_accepts = torch.zeros_like(self.pos_trials), torch.zeros_like(self.pos_accepts)
+        self._pos_accept, self._budgets = None, {}
 
     def summary(self) -> dict:
         """For logs (syncs): acceptance table, cost table, per-depth thresholds, depth histogram."""
@@ -388,4 +506,7 @@ class DepthPolicy:
         return {"mode": self.mode, "k": self.k, "max_k": self.max_k,
                 "acceptance": self.table.table(), "cost": self.cost.table(),
                 "cost_calibrated": self.cost.is_calibrated(), "thresholds_by_rows": thresholds,
+                "position_acceptance": [round(a, 4) for a in self.position_acceptance()],
+                "budget_by_rows": {self.cost.bucket_rows(b): self.draft_budget(self.cost.bucket_rows(b))
+                                   for b in range(self.cost.num_buckets)},
                 "depth_hist": self.depth_hist.tolist()}

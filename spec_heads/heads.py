@@ -82,6 +82,7 @@ class DraftState:
     kv_len: int | None = None
     slots: torch.Tensor | None = None
     out_dtype: torch.dtype = torch.float32  # the trunk's dtype, which its lm_head expects
+    chain: tuple | None = None  # sequential: (positions [B, K-1], cos, sin, mask) of depths 2..K
 
 
 class ResBlock(nn.Module):
@@ -182,10 +183,18 @@ class DraftHeads(nn.Module):
         # whatever positions the caller put in padding can never overwrite a committed entry.
         write_pos = torch.where(valid, positions + 1, cache.max_len - 1)  # [B, T]
         x = mtp.fuse(hidden.to(dt), embed(next_tokens).to(dt))  # [B, T, H]
-        out = self._cached_block(x, write_pos, cache, kv_len, slots)  # [B, T, H]
-        state = DraftState(depth=1, hidden=out[rows, last_index],
-                           positions=write_pos[rows, last_index],
-                           cache=cache, kv_len=kv_len, slots=slots, out_dtype=hidden.dtype)
+        cos, sin = mtp.rotary(write_pos, dt)
+        out = mtp.block(x, cos, sin, self._mask(write_pos, kv_len), 0,
+                        CacheView(cache, write_pos, kv_len, slots))  # [B, T, H]
+        last_pos = write_pos[rows, last_index]  # [B]
+        chain = None
+        if self.num_depths > 1:
+            # the chain's entries sit at last_pos + 1 .. last_pos + num_depths - 1: their rotary
+            # angles and masks are made once here, not once per depth (decoding is launch-bound)
+            cpos = last_pos[:, None] + torch.arange(1, self.num_depths, device=hidden.device)  # [B, K-1]
+            chain = (cpos, *mtp.rotary(cpos, dt), self._mask(cpos, kv_len))
+        state = DraftState(depth=1, hidden=out[rows, last_index], positions=last_pos, cache=cache,
+                           kv_len=kv_len, slots=slots, out_dtype=hidden.dtype, chain=chain)
         return lm_head(mtp.final_norm(state.hidden).to(hidden.dtype)), state
 
     def step(self, state: DraftState, token: torch.Tensor, embed, lm_head):
@@ -196,24 +205,39 @@ class DraftHeads(nn.Module):
         if self.kind == "parallel":
             state = replace(state, depth=state.depth + 1)
             return self._parallel_logits(state, lm_head), state
-        mtp, dt = self.mtp, self._param().dtype
-        pos = state.positions + 1  # [B]
-        x = mtp.fuse(state.hidden, embed(token).to(dt))[:, None]  # [B, 1, H]
-        out = self._cached_block(x, pos[:, None], state.cache, state.kv_len, state.slots)[:, 0]
-        state = replace(state, depth=state.depth + 1, hidden=out, positions=pos)
+        mtp, i = self.mtp, state.depth - 1
+        cpos, cos, sin, mask = state.chain
+        pos = cpos[:, i:i + 1]  # [B, 1]
+        x = mtp.fuse(state.hidden, embed(token).to(state.hidden.dtype))[:, None]  # [B, 1, H]
+        out = mtp.block(x, cos[:, :, i:i + 1], sin[:, :, i:i + 1], mask[:, :, i:i + 1], 0,
+                        CacheView(state.cache, pos, state.kv_len, state.slots))[:, 0]
+        state = DraftState(depth=state.depth + 1, hidden=out, positions=pos[:, 0], cache=state.cache,
+                           kv_len=state.kv_len, slots=state.slots, out_dtype=state.out_dtype,
+                           chain=state.chain)
         return lm_head(mtp.final_norm(out).to(state.out_dtype)), state
+
+    def all_logits(self, state: DraftState, lm_head, depths: int | None = None) -> torch.Tensor:
+        """parallel only: the logits of depths 1..depths (default num_depths) at once, [B, K, V].
+
+        A parallel head's depths depend on h alone, not on each other's drafted tokens, so one
+        LM-head call covers them all (drafting costs about one depth, not K)."""
+        if self.kind != "parallel":
+            raise ValueError("all_logits: only parallel heads draft every depth at once; sequential "
+                             "heads draft depth by depth with step()")
+        depths = self.num_depths if depths is None else depths
+        h = state.hidden.to(self._param().dtype)
+        feats = torch.stack([self.blocks[i](h) for i in range(depths)], dim=1)  # [B, K, H]
+        return lm_head(feats.to(state.out_dtype))
 
     def _parallel_logits(self, state: DraftState, lm_head) -> torch.Tensor:
         h = state.hidden
         return lm_head(self.blocks[state.depth - 1](h.to(self._param().dtype)).to(h.dtype))
 
-    def _cached_block(self, x, write_pos, cache, kv_len, slots) -> torch.Tensor:
-        """The decoder block over x [B, T, H] at head-cache positions write_pos [B, T]."""
-        cos, sin = self.mtp.rotary(write_pos)
-        keys = torch.arange(kv_len, device=x.device)
-        mask = causal_mask(write_pos, kv_len) & (keys >= 1)  # position 0 never holds an entry
-        view = CacheView(cache, write_pos, kv_len, slots)
-        return self.mtp.block(x, cos, sin, mask, 0, view)
+    @staticmethod
+    def _mask(write_pos: torch.Tensor, kv_len: int) -> torch.Tensor:
+        """[B, 1, T, kv_len]: causal over head-cache positions; position 0 never holds an entry."""
+        keys = torch.arange(kv_len, device=write_pos.device)
+        return causal_mask(write_pos, kv_len) & (keys >= 1)
 
     # ------------------------------------------------------------------ training
     def train_logits(self, hidden, tokens, embed, lm_head, depths: int | None = None):
@@ -247,7 +271,7 @@ class DraftHeads(nn.Module):
         g, keys, values, feats = h, [], [], []
         for m in range(1, depths + 1):
             x = mtp.fuse(g, embed(shifted[:, m:m + T]).to(h.dtype))  # [B, T, H]
-            cos, sin = mtp.rotary((start + m).expand(B, T))
+            cos, sin = mtp.rotary((start + m).expand(B, T), h.dtype)
             q, k, v = attn.project(mtp.block.input_layernorm(x), cos, sin)  # [B, heads, T, D]
             keys.append(k)
             values.append(v)

@@ -87,19 +87,18 @@ def rope_inv_freq(spec: RopeSpec) -> tuple[torch.Tensor, float]:
     return inv.float(), mscale
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, heads, T, D]; cos/sin [B, T, rot] (rot <= D, Hugging Face half-split layout)."""
+    """x [B, heads, T, D]; cos/sin [B, 1, T, rot] from `Rotary` (rot <= D, in x's dtype).
+
+    Hugging Face's half-split RoPE is x * cos + cat(-x2, x1) * sin. `Rotary` returns the sine
+    with that sign folded in (-sin | +sin), so the rotation is x * cos + roll(x, rot/2) * sin:
+    three kernels instead of eight (decoding a few rows is launch-bound; this runs twice a layer).
+    """
     rot = cos.shape[-1]
-    cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
     if rot == x.shape[-1]:
-        return x * cos + rotate_half(x) * sin
+        return torch.addcmul(x * cos, x.roll(rot // 2, -1), sin)
     xr, xp = x[..., :rot], x[..., rot:]
-    return torch.cat((xr * cos + rotate_half(xr) * sin, xp), dim=-1)
+    return torch.cat((torch.addcmul(xr * cos, xr.roll(rot // 2, -1), sin), xp), dim=-1)
 
 
 class Rotary(nn.Module):
@@ -115,11 +114,18 @@ class Rotary(nn.Module):
         self.inv_freq = inv.to(self.inv_freq.device, torch.float32)
         return self
 
-    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [B, T] -> cos, sin [B, T, rot_dim] in fp32."""
-        freqs = positions.float()[..., None] * self.inv_freq
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos() * self.mscale, emb.sin() * self.mscale
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [B, T] -> cos, signed sin [B, 1, T, rot_dim], computed in fp32 and cast to
+        `dtype` (default fp32) once per forward, as Hugging Face casts them to q's dtype."""
+        freqs = positions.float()[:, None, :, None] * self.inv_freq  # [B, 1, T, rot/2]
+        cos, sin = freqs.cos(), freqs.sin()
+        if self.mscale != 1.0:
+            cos, sin = cos * self.mscale, sin * self.mscale
+        cos, sin = torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
+        if dtype is not None and dtype != torch.float32:
+            cos, sin = cos.to(dtype), sin.to(dtype)
+        return cos, sin
 
 
 class KVCache:

@@ -39,10 +39,14 @@ def row_uniforms(keys: torch.Tensor, counters: torch.Tensor, stream: int, n: int
     keys [B] int64: one per row (derived from the run seed and the prompt's index).
     counters [B] int64: where the row is in its own sequence (tokens emitted so far).
     stream: which use (draft sampling, acceptance, final sample...), so uses never share draws.
+
+    SplitMix64 (Steele et al. 2014): draw i of a row is mix(key + (i + 1) * golden gamma), with
+    i = counter * 1_000_003 + stream * 7919 + j unique per (counter, stream, j < 7919). One
+    mix per draw, not a chain of them: a decode step at a few rows is launch-bound.
     """
     j = torch.arange(n, device=keys.device, dtype=torch.int64)
-    x = _mix(keys[:, None] * _GOLD + _mix(counters[:, None] * 1_000_003 + stream * 7919 + j[None] + 1))
-    x = _mix(x + _GOLD)
+    i = (counters[:, None] * 1_000_003 + (stream * 7919 + 1)) + j[None]  # [B, n]
+    x = _mix(keys[:, None] + i * _GOLD)
     # top 53 bits -> (0, 1)
     mant = (x >> 11) & ((1 << 53) - 1)
     return (mant.double() + 0.5) / float(1 << 53)
@@ -92,13 +96,13 @@ def entropy_from_logprobs(logprobs: torch.Tensor) -> torch.Tensor:
 
 def sample_with_uniforms(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Inverse-CDF sample: probs [..., V] (need not be normalised, must have mass), u [...] in
-    (0, 1). Returns int64 [...]. Zero-probability tokens are never returned."""
+    (0, 1). Returns int64 [...]. Zero-probability tokens are never returned.
+
+    The target u * total is kept strictly below the total mass, so the first index whose
+    float64 CDF exceeds it is a step of the CDF: a token with positive probability. (The cap
+    moves only u within 2^-52 of 1, where rounding could otherwise land past the last token.)
+    """
     cdf = probs.double().cumsum(-1)
-    target = u.double()[..., None] * cdf[..., -1:]
-    idx = torch.searchsorted(cdf, target, right=True).squeeze(-1)
-    idx = idx.clamp_(max=probs.shape[-1] - 1)
-    # rounding can put target at the very top (idx == V, clamped): fall back to the last
-    # token with mass, without a host sync
-    bad = probs.gather(-1, idx[..., None]).squeeze(-1) <= 0
-    last = (probs > 0).to(torch.int64).cumsum(-1).argmax(-1)
-    return torch.where(bad, last, idx)
+    total = cdf[..., -1:]
+    target = torch.minimum(u.double()[..., None] * total, total * (1.0 - 2.0 ** -52))
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1)
