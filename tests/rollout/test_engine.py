@@ -193,3 +193,69 @@ def test_speculative_sampling_matches_plain_two_sample(kind):
         assert chi2_contingency(table(plain, spec, key))[1] > 1e-3
     hot = Engine(model, max_batch=n).generate(prompts, SamplingParams(temperature=1.5, max_new_tokens=4), seed=13)
     assert chi2_contingency(table(plain, hot, lambda t: (t[0], t[1])))[1] < 1e-6
+
+
+def test_heads_catch_up_over_plain_steps_as_if_they_had_run_every_step(pair, monkeypatch):
+    """Where the policy skips drafting, plain steps feed the heads' window, flushed when full;
+    the sequential head's own KV cache must end up exactly as a prefill of the whole sequence
+    would have written it (else drafts after a plain stretch would be silently worse)."""
+    from spec_heads.depth import DepthPolicy
+
+    _, model = pair
+    heads = _heads(model, "sequential", noise=0.05)
+    calls = []
+
+    def scripted(self, rows):  # 40 plain steps (one window flush), then drafting throughout
+        calls.append(rows)
+        return 0 if len(calls) <= 40 else 3
+
+    monkeypatch.setattr(DepthPolicy, "draft_budget", scripted)
+    eng = Engine(model, heads, max_batch=1)
+    sp = SamplingParams(temperature=1.0, max_new_tokens=90)
+    out = eng.generate([[5, 9, 11, 3]], sp, SpecParams(mode="fixed", k=3), seed=3)
+    st, seq = out.stats, out.sequences[0]
+    assert st.depth_hist[0] == 40 and sum(st.depth_hist[1:]) > 5  # both kinds of step ran
+    tokens = seq.prompt + seq.tokens
+    L = len(tokens)
+    ids = torch.tensor([tokens], device=DEV)
+    ref = heads.new_cache(1, eng._head_cache.max_len - heads.num_depths - 1, DEV, DTYPE)
+    with torch.no_grad():
+        heads.begin(model(ids[:, :-1]), ids[:, 1:], torch.arange(L - 1, device=DEV)[None],
+                    torch.tensor([L - 2], device=DEV), model.embed_tokens, model.logits, ref)
+    # entries 1..m hold positions 0..m-1, all consumed by the heads once the run ended drafting
+    m = L - heads.num_depths - 2
+    for got, want in ((eng._head_cache.k[0], ref.k[0]), (eng._head_cache.v[0], ref.v[0])):
+        torch.testing.assert_close(got[0, 1:m + 1], want[0, 1:m + 1], atol=LP_TOL, rtol=1e-4)
+
+
+def test_entropy_mode_stops_drafting_with_useless_heads():
+    """Heads whose drafts are almost never accepted make drafting slower than plain steps: the
+    entropy policy must notice from real outcomes and timings and switch to plain steps, where
+    the heads are not run at all (only the periodic exploration drafts)."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=61, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=False)
+    model = Transformer(cfg).eval()
+    with torch.no_grad():  # peaked next-token distributions, so random drafts are rejected
+        model.lm_head.weight.mul_(12)
+    model = model.to(DEV, DTYPE)
+    heads = _heads(model, "sequential", noise=1.0, seed=7)
+    calls = {"begin": 0}
+    begin = heads.begin
+
+    def counted(*a, **k):
+        calls["begin"] += 1
+        return begin(*a, **k)
+
+    heads.begin = counted
+    eng = Engine(model, heads, max_batch=4)
+    sp, spec = SamplingParams(temperature=1.0, max_new_tokens=32), SpecParams(mode="entropy", max_k=4)
+    eng.generate(_prompts(24, seed=3), sp, spec, seed=1)  # learns acceptance and costs
+    calls["begin"] = 0
+    out = eng.generate(_prompts(24, seed=4), sp, spec, seed=2)
+    st = out.stats
+    assert st.accept_rate_per_pos[0] < 0.2
+    assert st.depth_hist[0] >= 0.85 * sum(st.depth_hist), st.depth_hist
+    # head calls: one prefill per prompt, window flushes (one per 32 plain steps) and explorations
+    assert calls["begin"] <= 24 + st.steps // 32 + st.steps // 16 + 2, (calls, st.steps)

@@ -224,3 +224,65 @@ def test_config_errors_name_the_input():
         policy.choose(torch.zeros(2, 5), 2)
     with pytest.raises(ValueError, match="^accept_rate_per_pos"):
         predicted_speedup([0.5], policy.cost, rows=2, k=3)
+
+
+def observed_policy(accept_per_pos, plain_s: float, draft_s, max_k=4, device="cpu") -> DepthPolicy:
+    """Entropy policy that observed `accept_per_pos` (conditional, per draft position) and timed a
+    plain step at plain_s and a step verifying d drafts at draft_s(d)."""
+    policy = DepthPolicy("entropy", k=1, max_k=max_k, num_bins=4, vocab_size=VOCAB, max_batch=MAX_BATCH,
+                         device=device)
+    gen = torch.Generator().manual_seed(0)
+    n = 20000
+    accepted = torch.zeros(n, dtype=torch.int64)  # accepted drafts per row, all rows drafting max_k
+    alive = torch.ones(n, dtype=torch.bool)
+    for a in accept_per_pos:
+        alive &= torch.rand(n, generator=gen) < a
+        accepted += alive
+    policy.observe(torch.zeros(n, max_k), torch.full((n,), max_k), accepted)
+    for _ in range(40):
+        policy.record_step(1, 1, plain_s)
+        for d in range(1, max_k + 1):
+            policy.record_step(1, 1 + d, draft_s(d))
+    return policy
+
+
+def test_position_acceptance_and_expected_tokens_follow_observations():
+    policy = observed_policy([0.9, 0.8, 0.5, 0.5], 1.0, lambda d: 1.0 + d)
+    got = policy.position_acceptance()
+    assert got == pytest.approx([0.9, 0.8, 0.5, 0.5], abs=0.02)
+    assert policy.expected_tokens(0) == 1.0
+    assert policy.expected_tokens(2) == pytest.approx(1 + got[0] + got[0] * got[1])
+
+
+def test_budget_is_zero_when_drafting_delivers_less_than_plain_steps():
+    # poor heads: a drafting step costs 1.6x a plain one and yields ~1.2 tokens
+    poor = observed_policy([0.2, 0.2, 0.2, 0.2], 1.0, lambda d: 1.5 + 0.1 * d)
+    assert poor.draft_budget(1) == 0
+    # good heads, same costs: drafting pays, and on a CPU the whole depth is open (early stop)
+    good = observed_policy([0.95] * 4, 1.0, lambda d: 1.5 + 0.1 * d)
+    assert good.draft_budget(1) == 4
+    # without early stop (a GPU), the budget is the depth with the best tokens per second
+    gpu = observed_policy([0.9, 0.9, 0.05, 0.05], 1.0, lambda d: 1.5 + 0.1 * d)
+    gpu.early_stop = False
+    assert gpu.draft_budget(1) == 2
+    fixed = DepthPolicy("fixed", k=3, max_k=6, num_bins=8, vocab_size=VOCAB, max_batch=MAX_BATCH)
+    assert fixed.draft_budget(1) == 3
+
+
+def test_keep_drafting_compares_expected_gain_with_marginal_cost():
+    # step time 1 + 0.25 * (tokens - 1): one more token costs 0.25 / (1 + 0.25 * depth) of the step
+    policy = observed_policy([0.9] * 4, 1.0, lambda d: 1.0 + 0.25 * d)
+    ratio = policy.marginal_ratios(1)[1]  # from 2 to 3 tokens per row
+    a = policy.position_acceptance()[1]
+    expected = torch.tensor([1.9])
+    p_yes = (ratio * 1.9 / a) * 1.1  # just above the break-even probability
+    assert policy.keep_drafting(torch.tensor([p_yes]), expected, 1, 1)
+    assert not policy.keep_drafting(torch.tensor([p_yes / 1.25]), expected, 1, 1)
+
+
+def test_best_depth_maximises_batch_tokens_per_second():
+    policy = observed_policy([0.9] * 4, 1.0, lambda d: 1.0 + 0.5 * d)
+    # two rows: confident then hopeless at depth 3; tokens/time: d=1 2.8/1.5, d=2 4.42/2.0, d=3 4.5/2.5
+    accept = torch.tensor([[0.9, 0.9, 0.05, 0.05], [0.9, 0.9, 0.05, 0.05]])
+    assert policy.best_depth(accept, 1) == 2
+    assert policy.best_depth(torch.full((2, 4), 0.99), 1) == 4

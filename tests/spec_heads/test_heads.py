@@ -242,3 +242,22 @@ def test_head_config_validation(kw, field):
     with pytest.raises(ValueError) as err:
         HeadConfig(**kw)
     assert str(err.value).startswith(f"{field}:")
+
+
+def test_parallel_all_logits_equal_depth_by_depth():
+    mc, trunk = tiny()
+    heads = random_heads("parallel", mc)
+    seq = torch.randint(0, mc.vocab_size, (3, 9))
+    with torch.no_grad():
+        h = trunk(seq)
+        logits, state = heads.begin(h, seq, torch.arange(9).expand(3, 9), torch.tensor([8, 4, 6]),
+                                    trunk.embed_tokens, trunk.logits)
+        every = heads.all_logits(state, trunk.logits)  # [B, K, V]
+        assert every.shape == (3, heads.num_depths, mc.vocab_size)
+        torch.testing.assert_close(every[:, 0], logits)
+        for d in range(1, heads.num_depths):
+            logits, state = heads.step(state, logits.argmax(-1), trunk.embed_tokens, trunk.logits)
+            torch.testing.assert_close(every[:, d], logits)
+        torch.testing.assert_close(heads.all_logits(state, trunk.logits, depths=2), every[:, :2])
+    with pytest.raises(ValueError, match="parallel"):
+        random_heads("sequential", mc).all_logits(state, trunk.logits)

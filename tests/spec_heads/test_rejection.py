@@ -356,3 +356,15 @@ def test_cuda_runs_without_host_sync_and_matches_cpu():
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert torch.equal(tokens.cpu(), expected[0]) and torch.equal(n.cpu(), expected[1])
+
+
+def test_inverse_cdf_sample_never_returns_zero_mass_tokens_at_the_extremes():
+    probs = torch.tensor([[0.0, 0.3, 0.0, 0.7, 0.0, 0.0], [1e-30, 0.0, 0.0, 0.0, 1.0, 0.0]])
+    top = 1.0 - 2.0 ** -54  # the largest uniform row_uniforms returns
+    for u, want in ((top, [3, 4]), (2.0 ** -54, [1, 4])):
+        got = sample_with_uniforms(probs, torch.full((2,), u, dtype=torch.float64))
+        assert got.tolist() == want, (u, got)
+    u = torch.rand(20000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    got = sample_with_uniforms(probs[:1].expand(20000, 6), u)
+    assert set(got.tolist()) == {1, 3}
+    assert abs((got == 3).double().mean().item() - 0.7) < 0.015
