@@ -8,9 +8,10 @@ configuration of a batch size once, in turn (so a load spike hits them alike), a
 is reported. CPU timings are only ratios; a GPU run names the card.
 
 Next to the measured speedup the table shows the one predicted from the measured per-position
-acceptance and the engine's own measured cost model (spec_heads.depth.predicted_speedup), and
-the fraction of it achieved: a low fraction points at overheads outside the verify forward
-(drafting, bookkeeping, prefill), not at the heads.
+acceptance, the engine's own measured cost model for drafting steps and the off run's measured
+plain step (`predict`), and the fraction of it achieved: a low fraction points at time outside
+the decode steps (prefill, the batch draining at the end) or at acceptance that is not
+independent across positions, not at the heads.
 
 This is a script that prints a table, never a test: nothing here asserts a time.
 """
@@ -286,16 +287,20 @@ def mean_rows(stats: RolloutStats, batch: int) -> int:
     return max(1, min(batch, round(stats.row_steps / stats.steps))) if stats.steps else 1
 
 
-def predict(stats: RolloutStats, cost, mode: str, k: int, rows: int) -> float:
-    """Predicted speedup over off from the measured acceptance and cost model at `rows` in flight.
-    Entropy mode mixes depths: expected tokens over expected step cost, weighted by how many
-    row-steps drafted each depth."""
-    from spec_heads.depth import predicted_speedup
+def decode_step_time(stats: RolloutStats) -> float:
+    """Seconds per decode step of a run (prefill left out)."""
+    return (stats.time_s - stats.prefill_time_s) / stats.steps if stats.steps else math.nan
 
+
+def predict(stats: RolloutStats, cost, plain_step_s: float, rows: int) -> float:
+    """Speedup over off predicted from the measured acceptance and measured step costs: expected
+    tokens per step over the step's time, relative to a plain step's. Expected tokens follow
+    from the run's per-position acceptance (a step verifying d drafts yields
+    1 + a_1 + a_1 a_2 + ...); a drafting step's time is the engine's cost model at `rows` in
+    flight (real steps, timed by the entropy policy); a plain step's is `plain_step_s`, measured
+    on the off run. Steps are weighted by how many row-steps verified each depth, so fixed and
+    entropy runs are predicted alike."""
     accept = stats.accept_rate_per_pos
-    if mode != "entropy":
-        return predicted_speedup(accept, cost, rows, k)
-    base = cost.step_time(rows, 1)
     tokens = time_ = 0.0
     for depth, count in enumerate(stats.depth_hist):
         expected, all_accepted = 1.0, 1.0
@@ -303,8 +308,8 @@ def predict(stats: RolloutStats, cost, mode: str, k: int, rows: int) -> float:
             all_accepted *= a
             expected += all_accepted
         tokens += count * expected
-        time_ += count * cost.step_time(rows, 1 + depth) / base
-    return tokens / time_ if time_ > 0 else 1.0
+        time_ += count * (cost.step_time(rows, 1 + depth) if depth else plain_step_s)
+    return tokens / time_ * plain_step_s if time_ > 0 else 1.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -334,7 +339,8 @@ def bench_batch(model, heads, hf_model, prompts, batch: int, modes, sampling: Sa
     else:  # the engine times (rows x tokens) steps to seed an entropy policy's cost model
         eng.depth_policy = None
         cost = eng.ensure_depth_policy(replace(spec_base, mode="entropy", k=1, max_k=K), K).cost
-    off, _ = timed[("off", 0)].median()
+    off, off_stats = timed[("off", 0)].median()
+    plain_step_s = decode_step_time(off_stats)
     hf = timed[("hf", 0)].median()[0] if hf_model is not None else None
     rows = []
     for (mode, k), t in timed.items():
@@ -347,7 +353,7 @@ def bench_batch(model, heads, hf_model, prompts, batch: int, modes, sampling: Sa
                        fraction_of_predicted=None, mean_rows=None, tokens=None, time_s=None)
         else:
             rows_in_flight = mean_rows(stats, batch)
-            pred = predict(stats, cost, mode, k, rows_in_flight)
+            pred = predict(stats, cost, plain_step_s, rows_in_flight) if mode != "off" else 1.0
             row.update(mean_accepted_len=decode_accepted_len(stats), accept_rate_per_pos=stats.accept_rate_per_pos,
                        depth_hist=stats.depth_hist, predicted_speedup=pred,
                        fraction_of_predicted=row["speedup_vs_off"] / pred if pred > 0 else None,

@@ -6,10 +6,15 @@ finished rows are compacted away so the long tail runs at its true batch size.
 
 One decode step per row, vectorised over rows (no per-row Python loop inside a step):
 - plain: feed the last sampled token, sample the next one.
-- speculative (DESIGN.md): draft up to K tokens with the heads (sampled from the fp32 draft
-  distribution), choose each row's depth (spec_heads.depth), verify every row's drafts in one
-  policy forward, accept/reject exactly (spec_heads.rejection), emit accepted + one more token,
-  and roll the cache back by simply not advancing past rejections.
+- speculative (DESIGN.md): the depth policy (spec_heads.depth) sets how deep the batch drafts
+  this step. At 0 (drafting would not pay: poor heads, or verifying is dear at this many rows)
+  the step is a plain step and the heads do not run; the trunk's hidden states of such steps
+  wait in a per-row window that the heads consume at their next call (or when it fills), so
+  they never fall behind. Otherwise: draft with the heads (sampled from the fp32 draft
+  distribution; on a CPU, in entropy mode, stopping early once the batch's predicted
+  acceptance no longer pays for one more depth), verify every row's drafts in one policy
+  forward, accept/reject exactly (spec_heads.rejection), emit accepted + one more token, and
+  roll the cache back by simply not advancing past rejections.
 
 Every row draws from its own counter-based random stream (keyed by its prompt id), so its
 output never depends on its batch neighbours, on `max_batch` or on scheduling, and a seed
@@ -34,6 +39,12 @@ log = logging.getLogger(__name__)
 # random streams: a row never reuses a draw across uses
 _S_SAMPLE, _S_SPEC = 1, 2  # a speculative step draws [K drafts | K accepts | 1 final] at once
 _WINDOW = 32  # positions the heads' window holds between drafting steps before a flush
+
+
+def _entropy(probs: torch.Tensor) -> torch.Tensor:
+    """Entropy [...] of probabilities [..., V] (zeros allowed: entr(0) = 0); two kernels, for
+    the decode loop (spec_heads.sampling.entropy_from_logprobs is the differentiable one)."""
+    return torch.special.entr(probs).sum(-1)
 
 
 def _bucket(n: int, quantum: int) -> int:
@@ -181,11 +192,14 @@ class _Run:
             # The heads' window: per row, the trunk's hidden states at the positions fed since
             # the heads last ran (index t is position hstart + t, valid up to hlast) and the
             # token that followed each. A drafting step consumes it; plain steps (no drafting
-            # this step) append to it, and a full window is flushed through the heads.
+            # this step) append to it. A window that fills during a plain stretch is dropped,
+            # not run through the heads: catching a sequential head up costs one head layer per
+            # position, a real cost at large batches, for drafts that did not pay anyway. The
+            # head then attends only from hfloor (its first valid cache position) onwards.
             H = eng.model.config.hidden_size
             self.window = max(K + 1, _WINDOW)
             self.hid = torch.zeros(B, self.window, H, dtype=eng.dtype, device=dev)
-            self.nxt, self.hstart, self.hlast = z(B, self.window), z(B), z(B)
+            self.nxt, self.hstart, self.hlast, self.hfloor = z(B, self.window), z(B), z(B), z(B)
             self.hwidth = 1  # host: upper bound of hlast + 1 over active rows
         self.slot_prompt = [-1] * B  # host: prompt index in each slot
         self.n = 0  # active rows occupy slots [0, n)
@@ -265,7 +279,7 @@ class _Run:
             self.e.heads.begin(h, nxt, pos, lens_t - 1, self.e.model.embed_tokens, self.e.model.logits,
                                self.hcache, _bucket(P + 1, 16), slots)
             self.hid[sl, 0], self.nxt[sl, 0] = last, tok
-            self.hstart[sl], self.hlast[sl] = lens_t - 1, 0
+            self.hstart[sl], self.hlast[sl], self.hfloor[sl] = lens_t - 1, 0, 0
         for r, i in enumerate(take):
             self.slot_prompt[self.n + r] = i
         self._emit(sl, tok[:, None], lp.gather(1, tok[:, None]), entropy_from_logprobs(lp)[:, None],
@@ -280,16 +294,17 @@ class _Run:
         pos = self.lengths[:n, None]
         h = m(self.last_tok[:n, None], pos, self.cache, self._kv(self.len_bound + 1))
         lp = sampling_logprobs(m.logits(h[:, 0]), sp.temperature, sp.top_k, sp.top_p)  # [n, V]
-        tok = sample_with_uniforms(lp.exp(), row_uniforms(self.keys[:n], self.n_out[:n], _S_SAMPLE, 1)[:, 0])
+        probs = lp.exp()
+        tok = sample_with_uniforms(probs, row_uniforms(self.keys[:n], self.n_out[:n], _S_SAMPLE, 1)[:, 0])
         if self.hid is not None:  # a speculative run not drafting this step: feed the window
             if self.hwidth >= self.window:
-                self._flush_window(n)
+                self._drop_window(n)
             idx, rows = self.hlast[:n] + 1, torch.arange(n, device=h.device)
             self.hid[rows, idx], self.nxt[rows, idx] = h[:, 0], tok
             self.hlast[:n] = idx
             self.hwidth += 1
         zero = torch.zeros(n, dtype=torch.int64, device=self.e.device) if self.K else None
-        self._emit(slice(0, n), tok[:, None], lp.gather(1, tok[:, None]), entropy_from_logprobs(lp)[:, None],
+        self._emit(slice(0, n), tok[:, None], lp.gather(1, tok[:, None]), _entropy(probs)[:, None],
                    torch.ones(n, dtype=torch.int64, device=self.e.device), dlen=zero)
         self.len_bound += 1
 
@@ -299,21 +314,21 @@ class _Run:
         pos = self.hstart[:n, None] + torch.arange(w, device=e.device)
         return e.heads.begin(self.hid[:n, :w], self.nxt[:n, :w], pos, self.hlast[:n],
                              e.model.embed_tokens, e.model.logits, self.hcache,
-                             self._kv(self.len_bound + K + 2))
+                             self._kv(self.len_bound + K + 2), floor=self.hfloor[:n])
 
-    def _flush_window(self, n: int):
-        """Feed a full window to the heads (sequential heads keep a KV cache of their own over
-        every position) and start an empty one at the next position."""
-        self._begin_heads(n, 0)
+    def _drop_window(self, n: int):
+        """Forget a full window: the heads restart at the next position, attending only to
+        head-cache entries from there on (hfloor; the depth-1 entry of position p sits at p + 1)."""
         self.hstart[:n] += self.hlast[:n] + 1
+        self.hfloor[:n] = self.hstart[:n] + 1
         self.hlast[:n] = -1
         self.hwidth = 0
 
     def _draft(self, n: int, K: int, u: torch.Tensor, early_stop: bool = True):
         """Draft up to K tokens per row with uniforms u [n, >=K]. Returns draft_probs [n, k, V]
-        fp32, tokens [n, k] and the drafts' entropy bins in the acceptance table [n, k], k <= K:
-        in entropy mode on a CPU, drafting stops
-        early once one more depth is not worth its cost for the batch (depth_policy.keep_drafting).
+        fp32, tokens [n, k] and the drafts' entropy bins in the acceptance table [n, k] (None
+        outside entropy mode), k <= K: in entropy mode on a CPU, drafting stops early once one
+        more depth is not worth its cost for the batch (depth_policy.keep_drafting).
         """
         e, sp = self.e, self.sp
         early_stop = early_stop and self.spec.mode == "entropy" and not e.cuda
@@ -326,18 +341,18 @@ class _Run:
         for i in range(K):
             dp = sampling_logprobs(logits, sp.temperature, sp.top_k, sp.top_p).exp()  # [n, V]
             if calibrate:  # the draft distribution's entropy, binned for the acceptance table
-                bins.append(table.bins(torch.special.entr(dp).sum(-1)))  # entr(0) = 0
+                bins.append(table.bins(_entropy(dp)))
             if self.spec.draft == "greedy":  # baseline: argmax drafts, still exact (one-hot draft)
                 dp = torch.zeros_like(dp).scatter_(1, dp.argmax(1, keepdim=True), 1.0)
             tok = sample_with_uniforms(dp, u[:, i])
             probs.append(dp), toks.append(tok)
             if i + 1 == K:
                 break
-            if early_stop:
-                a = table.predict_bins(bins[-1])  # [n]
-                all_accepted = a if all_accepted is None else all_accepted * a
-                expected = 1.0 + all_accepted if expected is None else expected + all_accepted
-                if not self.policy.keep_drafting(all_accepted, expected, n, i + 1):
+            if early_stop:  # host floats: on a CPU reading the n predictions back is free
+                a = table.predict_bins(bins[-1]).tolist()
+                all_accepted = a if all_accepted is None else [p * x for p, x in zip(all_accepted, a)]
+                expected = [1.0 + p for p in a] if expected is None else [e + p for e, p in zip(expected, all_accepted)]
+                if not self.policy.keep_drafting(sum(all_accepted), sum(expected), n, i + 1):
                     break
             logits, st = e.heads.step(st, tok, e.model.embed_tokens, e.model.logits)
         return torch.stack(probs, 1), torch.stack(toks, 1), torch.stack(bins, 1) if calibrate else None
@@ -362,11 +377,12 @@ class _Run:
         e, sp, n, dev = self.e, self.sp, self.n, self.e.device
         t0 = time.perf_counter()
         budget = min(self.K, self.policy.draft_budget(n))
-        # now and then draft one depth beyond the budget, so acceptance and cost keep being
-        # measured there and one slow timing cannot switch drafting off for good (any depth is
-        # exact; this only costs time)
+        # Now and then draft beyond the budget, so acceptance and cost keep being measured there
+        # and one slow timing cannot switch drafting off for good (any depth is exact; this
+        # only costs time). From a plain stretch, the exploring step is an ordinary drafting
+        # step (as deep as the policy would go), so it measures what drafting would deliver.
         explore = self.spec.mode == "entropy" and budget < self.K and self.stats.steps % 32 == 31
-        Kd = budget + explore
+        Kd = (budget + 1 if budget else self.policy.explore_depth(n)) if explore else budget
         if Kd == 0:  # a plain step is faster than any draft: skip the heads (they catch up later)
             self.policy.depth_hist[0] += n
             self.acc_wa[0, 0] += (~self.done[:n]).sum()
@@ -376,7 +392,7 @@ class _Run:
             self.policy.record_step(n, 1, time.perf_counter() - t0)
             return
         u = row_uniforms(self.keys[:n], self.n_out[:n], _S_SPEC, 2 * self.K + 1)  # [n, 2K+1]
-        draft_probs, draft_tok, draft_bins = self._draft(n, Kd, u, early_stop=not explore)  # [n, k, V], [n, k], [n, k]
+        draft_probs, draft_tok, draft_bins = self._draft(n, Kd, u, early_stop=not (explore and budget))
         # Verify width W = 1 + drafts made. The forward is padded to the deepest row anyway,
         # so every row verifies all the drafts made: a per-row choice could only waste them.
         # (Exactness does not depend on how deep a row drafts.)
@@ -389,11 +405,12 @@ class _Run:
         h = e.model(inp, pos, self.cache, self._kv(self.len_bound + W))  # [n, W, H]
         tlp = sampling_logprobs(e.model.logits(h), sp.temperature, sp.top_k, sp.top_p)  # [n, W, V]
         acc_u, fin_u = u[:, self.K: self.K + W - 1], u[:, 2 * self.K]
-        toks, num = rejection_sample(tlp.exp(), draft_probs, draft_tok, dlen,
+        tp = tlp.exp()
+        toks, num = rejection_sample(tp, draft_probs, draft_tok, dlen,
                                      uniforms=(acc_u, fin_u))  # [n, W], [n]
         safe = toks.clamp(min=0)
         lps = tlp.gather(2, safe[..., None])[..., 0]  # [n, W]
-        ents = entropy_from_logprobs(tlp)  # [n, W]
+        ents = _entropy(tp)  # [n, W]
         live = ~self.done[:n]
         self._emit(slice(0, n), toks, lps, ents, num, dlen=dlen)
         # the heads start next step from the fed positions that were accepted
@@ -498,7 +515,7 @@ class _Run:
             tensors = [self.lengths, self.last_tok, self.n_out, self.keys, self.done, self.out_tok,
                        self.out_lp, self.out_ent, self.n_steps, self.out_dl, self.out_acc]
             if self.K:
-                tensors += [self.hid, self.nxt, self.hstart, self.hlast]
+                tensors += [self.hid, self.nxt, self.hstart, self.hlast, self.hfloor]
             for c in (self.cache, self.hcache):
                 if c is not None:
                     tensors += c.k + c.v

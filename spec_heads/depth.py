@@ -172,6 +172,9 @@ class CostModel:
         self._seconds: list[list[float | None]] = [[None] * (max_tokens + 1) for _ in range(self.num_buckets)]
         self._counts = [[0] * (max_tokens + 1) for _ in range(self.num_buckets)]
         self.version = 0  # bumped on every record, so callers can cache what they derive
+        # per bucket: forgetting-weighted sums (n, x, x^2, y, xy) of drafted steps (x = tokens)
+        self.line_forget = min(ema, 0.05)
+        self._line = [[0.0] * 5 for _ in range(self.num_buckets)]
 
     @staticmethod
     def bucket(rows: int) -> int:
@@ -210,6 +213,10 @@ class CostModel:
         old = self._seconds[b][tokens_per_row]
         self._seconds[b][tokens_per_row] = seconds if old is None else old + self.ema * (seconds - old)
         self._counts[b][tokens_per_row] += 1
+        if tokens_per_row >= 2:  # drafting steps also feed the bucket's least-squares line
+            sums, x = self._line[b], float(tokens_per_row)
+            for i, v in enumerate((1.0, x, x * x, seconds, x * seconds)):
+                sums[i] = sums[i] * (1.0 - self.line_forget) + v
         self.version += 1
 
     def _measured(self, bucket: int) -> list[tuple[int, float]]:
@@ -223,20 +230,17 @@ class CostModel:
         return points
 
     def _bucket_time(self, bucket: int, points: list[tuple[int, float]], tokens: int) -> float:
-        drafted = [(t, s, min(self._counts[bucket][t], 64)) for t, s in points if t >= 2]
-        if len(drafted) >= 3 and tokens >= 2:
-            # A least-squares line through the drafted steps, each weighted by how often it was
-            # timed (up to 64): single timings are noisy at the millisecond scale, a local slope
-            # between two of them can swing depth choices by several tokens, and a cell timed
-            # only by a start-up probe (which skips the step's bookkeeping) must not tilt it.
-            # tokens == 1 (no drafting) keeps its own measurement: the first draft also pays
-            # the heads' fixed start-up cost.
-            w = sum(c for _, _, c in drafted)
-            mt = sum(c * t for t, _, c in drafted) / w
-            ms = sum(c * s for _, s, c in drafted) / w
-            var = sum(c * (t - mt) ** 2 for t, _, c in drafted)
-            slope = max(0.0, sum(c * (t - mt) * (s - ms) for t, s, c in drafted) / var)
-            return max(ms + slope * (tokens - mt), 1e-12)
+        n, sx, sxx, sy, sxy = self._line[bucket]
+        var = sxx * n - sx * sx
+        if tokens >= 2 and n >= 3 and var > 0.5 * n * n:  # drafted steps at 2+ widths
+            # A least-squares line through every drafted step recorded in the bucket (with
+            # exponential forgetting), not through per-width averages: single timings are
+            # noisy at the millisecond scale, widths seen a few times in unusual steps would
+            # tilt a line through averages, and a local slope between two of them can swing
+            # depth choices by several tokens. tokens == 1 (no drafting) keeps its own
+            # measurement: the first draft also pays the heads' fixed start-up cost.
+            slope = max(0.0, (sxy * n - sx * sy) / var)
+            return max((sy - slope * sx) / n + slope * tokens, 1e-12)
         if len(points) == 1:  # one anchor: take the slope from the prior
             (t0, s0), r = points[0], prior_marginal_ratio(self.bucket_rows(bucket))
             return s0 * (1 + r * (tokens - 1)) / (1 + r * (t0 - 1))
@@ -316,7 +320,9 @@ class DepthPolicy:
         self.mode, self.k, self.max_k = mode, k, max_k
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.table = AcceptanceTable(num_bins, math.log(vocab_size), device=self.device)
-        self.cost = CostModel(max_batch, 1 + max_k)
+        # a long memory (~50 steps per cell): step times are a property of the model and
+        # machine, and millisecond timings are noisy
+        self.cost = CostModel(max_batch, 1 + max_k, ema=0.02)
         self.depth_hist = torch.zeros(max_k + 1, dtype=torch.int64, device=self.device)  # [max_k + 1]
         # Conditional acceptance per draft position (accepted given all earlier ones were), the
         # batch-level estimate behind the draft budget. It starts optimistic (prior_pos_accept
@@ -368,9 +374,19 @@ class DepthPolicy:
         earlier draft was accepted (windowed counts of observed outcomes plus the prior)."""
         self._refresh()
         if self._pos_accept is None:
-            w, a = self.prior_pos_weight, self.prior_pos_accept
-            est = (self.pos_accepts + a * w) / (self.pos_trials + w)
-            self._pos_accept = est.tolist()  # one read-back per refresh
+            # sliding memory: scale the counts down once a position holds more than pos_window
+            scale = (self.pos_window / self.pos_trials.clamp_min(1.0)).clamp(max=1.0)
+            self.pos_trials.mul_(scale)
+            self.pos_accepts.mul_(scale)
+            # Each position's prior is the estimate of the position before it (the first's is
+            # prior_pos_accept): a depth never drafted yet is assumed as good as the last one
+            # measured, not reset to a fixed guess that would keep it from ever being tried.
+            w, prior = self.prior_pos_weight, self.prior_pos_accept
+            est = []
+            for trials, accepts in zip(self.pos_trials.tolist(), self.pos_accepts.tolist()):  # one read-back
+                prior = (accepts + prior * w) / (trials + w)
+                est.append(prior)
+            self._pos_accept = est
         return self._pos_accept
 
     def expected_tokens(self, depth: int) -> float:
@@ -400,11 +416,7 @@ class DepthPolicy:
         self._refresh()
         key = self.cost.bucket(rows_in_flight)
         if key not in self._budgets:
-            best, best_rate = 1, 0.0
-            for d in range(1, self.max_k + 1):
-                rate = self.expected_tokens(d) / self.cost.step_time(rows_in_flight, 1 + d)
-                if rate > best_rate:
-                    best, best_rate = d, rate
+            best, best_rate = self._best_by_cost(rows_in_flight)
             drafting = self._draft_rate.get(key, best_rate)
             if 1.0 / self.cost.step_time(rows_in_flight, 1) > drafting:
                 self._budgets[key] = 0
@@ -412,20 +424,33 @@ class DepthPolicy:
                 self._budgets[key] = self.max_k if self.early_stop else best
         return self._budgets[key]
 
-    def keep_drafting(self, all_accepted: torch.Tensor, expected: torch.Tensor, rows_in_flight: int,
-                      depth: int) -> bool:
-        """After `depth` drafts: is drafting (and verifying) depth + 1 worth its marginal cost?
-        all_accepted [B]: each row's predicted probability that its `depth` drafts are all
-        accepted (from their entropies); expected [B]: its expected tokens so far. Reads back
-        two sums, so only for devices where that is free (the CPU).
+    def _best_by_cost(self, rows_in_flight: int) -> tuple[int, float]:
+        """(d, rate): the draft depth d >= 1 that maximises E(d) / step_time(rows, 1 + d)."""
+        best, best_rate = 1, 0.0
+        for d in range(1, self.max_k + 1):
+            rate = self.expected_tokens(d) / self.cost.step_time(rows_in_flight, 1 + d)
+            if rate > best_rate:
+                best, best_rate = d, rate
+        return best, best_rate
 
-        The extra tokens expected, sum_b all_accepted_b * a_{depth+1}, must pay for the extra
-        step time, marginal_ratio(rows, depth + 1) of the step so far (the same rule as
-        `choose`, for the whole batch: verifying is padded to the deepest row anyway).
+    def explore_depth(self, rows_in_flight: int) -> int:
+        """How deep an exploring step drafts when the budget is 0: as deep as drafting would go
+        (max_k with the CPU's early stop, else the best depth by the cost model)."""
+        return self.max_k if self.early_stop else self._best_by_cost(rows_in_flight)[0]
+
+    def keep_drafting(self, all_accepted: float, expected: float, rows_in_flight: int, depth: int) -> bool:
+        """After `depth` drafts: is drafting (and verifying) depth + 1 worth its marginal cost?
+        all_accepted: the batch's sum over rows of the predicted probability that all `depth`
+        drafts are accepted (from their entropies); expected: the sum of the rows' expected
+        tokens so far. Host floats: the engine reads the predictions back where that is free
+        (the CPU).
+
+        The extra tokens expected, all_accepted * a_{depth+1}, must pay for the extra step time,
+        marginal_ratio(rows, depth + 1) of the step so far (the rule of `choose`, for the whole
+        batch: verifying is padded to the deepest row anyway).
         """
         a_next = self.position_acceptance()[depth]
-        ratio = self.marginal_ratios(rows_in_flight)[depth]
-        return float((all_accepted * a_next - expected * ratio).sum()) > 0.0
+        return all_accepted * a_next > self.marginal_ratios(rows_in_flight)[depth] * expected
 
     def best_depth(self, accept: torch.Tensor, rows_in_flight: int) -> int:
         """How many of K drafts the batch should verify, from each draft's predicted acceptance
@@ -479,10 +504,7 @@ class DepthPolicy:
         accepted = pos[None] < num_accepted[:, None]  # [B, K]
         self.table.update_bins(bins, accepted & valid, valid)
         self.pos_trials[:K] += valid.sum(0)
-        self.pos_accepts[:K] += (accepted & valid).sum(0)
-        scale = (self.pos_window / self.pos_trials.clamp_min(1.0)).clamp(max=1.0)
-        self.pos_trials.mul_(scale)
-        self.pos_accepts.mul_(scale)
+        self.pos_accepts[:K] += (accepted & valid).sum(0)  # windowed in position_acceptance
 
     def record_step(self, rows: int, tokens_per_row: int, seconds: float) -> None:
         """Time of a full step (draft + verify) with tokens_per_row = 1 + deepest draft in it."""

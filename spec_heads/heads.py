@@ -155,7 +155,7 @@ class DraftHeads(nn.Module):
 
     def begin(self, hidden, next_tokens, positions, last_index, embed, lm_head,
               cache: KVCache | None = None, kv_len: int | None = None,
-              slots: torch.Tensor | None = None):
+              slots: torch.Tensor | None = None, floor: torch.Tensor | None = None):
         """Start a draft chain; returns depth-1 logits [B, V] and the chain's state.
 
         hidden [B, T, H]: trunk hidden states at the T positions just fed (row b valid at
@@ -164,7 +164,9 @@ class DraftHeads(nn.Module):
         last_index [B]. Depth 1 predicts the token after next_tokens[b, last_index[b]].
         Sequential only: `cache` from `new_cache`, `slots` [B] its rows (default 0..B-1),
         `kv_len` attends over head-cache positions [0, kv_len) and must exceed
-        max_b positions[b, last_index[b]] + num_depths (default: the whole cache).
+        max_b positions[b, last_index[b]] + num_depths (default: the whole cache); `floor` [B]
+        (default 0): the chain attends only to head-cache positions >= floor[b] (entries below
+        it are stale, e.g. positions the engine never ran the heads over).
         """
         B = hidden.shape[0]
         rows = torch.arange(B, device=hidden.device)
@@ -184,7 +186,7 @@ class DraftHeads(nn.Module):
         write_pos = torch.where(valid, positions + 1, cache.max_len - 1)  # [B, T]
         x = mtp.fuse(hidden.to(dt), embed(next_tokens).to(dt))  # [B, T, H]
         cos, sin = mtp.rotary(write_pos, dt)
-        out = mtp.block(x, cos, sin, self._mask(write_pos, kv_len), 0,
+        out = mtp.block(x, cos, sin, self._mask(write_pos, kv_len, floor), 0,
                         CacheView(cache, write_pos, kv_len, slots))  # [B, T, H]
         last_pos = write_pos[rows, last_index]  # [B]
         chain = None
@@ -192,7 +194,7 @@ class DraftHeads(nn.Module):
             # the chain's entries sit at last_pos + 1 .. last_pos + num_depths - 1: their rotary
             # angles and masks are made once here, not once per depth (decoding is launch-bound)
             cpos = last_pos[:, None] + torch.arange(1, self.num_depths, device=hidden.device)  # [B, K-1]
-            chain = (cpos, *mtp.rotary(cpos, dt), self._mask(cpos, kv_len))
+            chain = (cpos, *mtp.rotary(cpos, dt), self._mask(cpos, kv_len, floor))
         state = DraftState(depth=1, hidden=out[rows, last_index], positions=last_pos, cache=cache,
                            kv_len=kv_len, slots=slots, out_dtype=hidden.dtype, chain=chain)
         return lm_head(mtp.final_norm(state.hidden).to(hidden.dtype)), state
@@ -234,10 +236,13 @@ class DraftHeads(nn.Module):
         return lm_head(self.blocks[state.depth - 1](h.to(self._param().dtype)).to(h.dtype))
 
     @staticmethod
-    def _mask(write_pos: torch.Tensor, kv_len: int) -> torch.Tensor:
-        """[B, 1, T, kv_len]: causal over head-cache positions; position 0 never holds an entry."""
+    def _mask(write_pos: torch.Tensor, kv_len: int, floor: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, 1, T, kv_len]: causal over head-cache positions; position 0 never holds an entry,
+        nor do positions below a row's floor."""
         keys = torch.arange(kv_len, device=write_pos.device)
-        return causal_mask(write_pos, kv_len) & (keys >= 1)
+        if floor is None:
+            return causal_mask(write_pos, kv_len) & (keys >= 1)
+        return causal_mask(write_pos, kv_len) & (keys >= floor.clamp(min=1)[:, None, None, None])
 
     # ------------------------------------------------------------------ training
     def train_logits(self, hidden, tokens, embed, lm_head, depths: int | None = None):

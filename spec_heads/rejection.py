@@ -84,37 +84,33 @@ def rejection_sample(target_probs: torch.Tensor, draft_probs: torch.Tensor,
     depth = torch.arange(K, device=device)                                   # [K]
     valid = depth[None, :] < lengths[:, None]                                # [B, K]
     safe_tokens = torch.where(valid, draft_tokens.to(device, torch.int64), 0)  # [B, K]
-    target_x = target_probs[:, :K].gather(-1, safe_tokens[..., None]).squeeze(-1)  # [B, K]
-    draft_x = draft_probs.gather(-1, safe_tokens[..., None]).squeeze(-1)     # [B, K]
+    target_x = target_probs[:, :K].gather(-1, safe_tokens[..., None])[..., 0]  # [B, K]
+    draft_x = draft_probs.gather(-1, safe_tokens[..., None])[..., 0]         # [B, K]
     # accept iff u <= target/draft, written without the division (draft_x may be 0 for
     # padded positions; a sampled draft always has draft_x > 0)
     accepted = (accept_u * draft_x.double() <= target_x.double()) & valid    # [B, K]
     # drafts are kept up to the first rejection: count the leading run of acceptances
-    num_accepted = accepted.to(torch.int64).cumprod(-1).sum(-1)              # [B]
-    rejected = num_accepted < lengths                                        # [B]
+    final_pos = accepted.to(torch.int64).cumprod(-1).sum(-1)                 # [B] in 0..K
 
     # final token: the residual at the first rejected depth, or the bonus at depth `lengths`
-    final_pos = num_accepted                                                 # [B] in 0..K
-    pos_index = final_pos[:, None, None].expand(B, 1, V)
-    final_target = target_probs.gather(1, pos_index).squeeze(1)              # [B, V]
+    rows = torch.arange(B, device=device)
+    final_target = target_probs[rows, final_pos]                             # [B, V]
     if K > 0:
-        draft_index = final_pos.clamp(max=K - 1)[:, None, None].expand(B, 1, V)
-        final_draft = draft_probs.gather(1, draft_index).squeeze(1)          # [B, V]
-        residual = (final_target - final_draft).clamp(min=0.0)               # [B, V]
+        residual = (final_target - draft_probs[rows, final_pos.clamp(max=K - 1)]).clamp(min=0.0)
         # a rejection implies target(x) < draft(x), so the residual has mass in exact
         # arithmetic; fp32 rounding of target ~= draft can leave none, and then the
         # residual's limit is the target itself
-        use_residual = rejected & (residual.sum(-1) > 0)                     # [B]
+        use_residual = (final_pos < lengths) & (residual.sum(-1) > 0)        # [B]
         final_probs = torch.where(use_residual[:, None], residual, final_target)
     else:
         final_probs = final_target
     final_token = sample_with_uniforms(final_probs, sample_u)                # [B]
 
-    out_pos = torch.arange(K1, device=device)                                # [K+1]
-    padded_drafts = torch.cat([safe_tokens, safe_tokens.new_zeros(B, 1)], dim=1)  # [B, K+1]
-    tokens = torch.where(out_pos[None, :] < final_pos[:, None], padded_drafts, -1)
-    tokens = torch.where(out_pos[None, :] == final_pos[:, None], final_token[:, None], tokens)
-    return tokens, final_pos + 1
+    # accepted drafts, then the final token at final_pos, then -1
+    out_pos = torch.arange(K1, device=device)[None, :]                       # [1, K+1]
+    tokens = torch.cat([safe_tokens, safe_tokens.new_zeros(B, 1)], dim=1)    # [B, K+1]
+    tokens = torch.where(out_pos < final_pos[:, None], tokens, final_token[:, None])
+    return tokens.masked_fill(out_pos > final_pos[:, None], -1), final_pos + 1
 
 
 def rejection_sample_reference(target_probs: torch.Tensor, draft_probs: torch.Tensor,

@@ -195,26 +195,32 @@ def test_speculative_sampling_matches_plain_two_sample(kind):
     assert chi2_contingency(table(plain, hot, lambda t: (t[0], t[1])))[1] < 1e-6
 
 
-def test_heads_catch_up_over_plain_steps_as_if_they_had_run_every_step(pair, monkeypatch):
-    """Where the policy skips drafting, plain steps feed the heads' window, flushed when full;
-    the sequential head's own KV cache must end up exactly as a prefill of the whole sequence
-    would have written it (else drafts after a plain stretch would be silently worse)."""
+def scripted_budget(monkeypatch, plain_steps: int, depth: int = 3):
+    """Make every depth policy take `plain_steps` plain steps, then draft `depth` throughout."""
     from spec_heads.depth import DepthPolicy
 
-    _, model = pair
-    heads = _heads(model, "sequential", noise=0.05)
     calls = []
 
-    def scripted(self, rows):  # 40 plain steps (one window flush), then drafting throughout
+    def scripted(self, rows):
         calls.append(rows)
-        return 0 if len(calls) <= 40 else 3
+        return 0 if len(calls) <= plain_steps else depth
 
     monkeypatch.setattr(DepthPolicy, "draft_budget", scripted)
+
+
+def test_heads_catch_up_over_plain_steps_as_if_they_had_run_every_step(pair, monkeypatch):
+    """Where the policy skips drafting, plain steps feed the heads' window; the sequential
+    head's own KV cache must end up exactly as a prefill of the whole sequence would have
+    written it (else drafts after a plain stretch would be silently worse)."""
+    _, model = pair
+    heads = _heads(model, "sequential", noise=0.05)
+    scripted_budget(monkeypatch, 20)  # 20 plain steps: the window (32) holds them all
+
     eng = Engine(model, heads, max_batch=1)
     sp = SamplingParams(temperature=1.0, max_new_tokens=90)
     out = eng.generate([[5, 9, 11, 3]], sp, SpecParams(mode="fixed", k=3), seed=3)
     st, seq = out.stats, out.sequences[0]
-    assert st.depth_hist[0] == 40 and sum(st.depth_hist[1:]) > 5  # both kinds of step ran
+    assert st.depth_hist[0] == 20 and sum(st.depth_hist[1:]) > 5  # both kinds of step ran
     tokens = seq.prompt + seq.tokens
     L = len(tokens)
     ids = torch.tensor([tokens], device=DEV)
@@ -226,6 +232,22 @@ def test_heads_catch_up_over_plain_steps_as_if_they_had_run_every_step(pair, mon
     m = L - heads.num_depths - 2
     for got, want in ((eng._head_cache.k[0], ref.k[0]), (eng._head_cache.v[0], ref.v[0])):
         torch.testing.assert_close(got[0, 1:m + 1], want[0, 1:m + 1], atol=LP_TOL, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["parallel", "sequential"])
+def test_long_plain_stretches_keep_generation_exact(pair, monkeypatch, kind):
+    """More plain steps than the window holds: the window is dropped and the heads restart
+    from later positions; outputs stay exactly the plain engine's (greedy), across refills and
+    compaction."""
+    _, model = pair
+    prompts = _prompts(7, seed=5)
+    sp = SamplingParams(temperature=0, max_new_tokens=70)
+    plain = Engine(model, max_batch=3).generate(prompts, sp)
+    scripted_budget(monkeypatch, 45)
+    eng = Engine(model, _heads(model, kind, noise=0.02), max_batch=3)
+    spec = eng.generate(prompts, sp, SpecParams(mode="fixed", k=3, max_k=4))
+    assert [s.tokens for s in spec.sequences] == [s.tokens for s in plain.sequences]
+    assert spec.stats.depth_hist[0] > 45 and sum(spec.stats.depth_hist[1:]) > 45  # both kinds ran
 
 
 def test_entropy_mode_stops_drafting_with_useless_heads():

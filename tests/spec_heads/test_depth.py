@@ -274,10 +274,10 @@ def test_keep_drafting_compares_expected_gain_with_marginal_cost():
     policy = observed_policy([0.9] * 4, 1.0, lambda d: 1.0 + 0.25 * d)
     ratio = policy.marginal_ratios(1)[1]  # from 2 to 3 tokens per row
     a = policy.position_acceptance()[1]
-    expected = torch.tensor([1.9])
     p_yes = (ratio * 1.9 / a) * 1.1  # just above the break-even probability
-    assert policy.keep_drafting(torch.tensor([p_yes]), expected, 1, 1)
-    assert not policy.keep_drafting(torch.tensor([p_yes / 1.25]), expected, 1, 1)
+    assert policy.keep_drafting(p_yes, 1.9, 1, 1)
+    assert not policy.keep_drafting(p_yes / 1.25, 1.9, 1, 1)
+    assert policy.keep_drafting(4 * p_yes, 4 * 1.9, 4, 1) == policy.keep_drafting(p_yes, 1.9, 4, 1)  # sums
 
 
 def test_best_depth_maximises_batch_tokens_per_second():

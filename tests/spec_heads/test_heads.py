@@ -261,3 +261,31 @@ def test_parallel_all_logits_equal_depth_by_depth():
         torch.testing.assert_close(heads.all_logits(state, trunk.logits, depths=2), every[:, :2])
     with pytest.raises(ValueError, match="parallel"):
         random_heads("sequential", mc).all_logits(state, trunk.logits)
+
+
+def test_sequential_floor_hides_head_cache_entries_below_it():
+    """Entries below a row's floor are never read: garbage there changes no draft."""
+    mc, trunk = tiny()
+    heads = random_heads("sequential", mc)
+    seq = torch.randint(0, mc.vocab_size, (2, 31))
+    pos, last = torch.arange(20, 30).expand(2, 10), torch.tensor([8, 9])
+    with torch.no_grad():
+        h = trunk(seq)
+
+        def drafts(fill, floor):
+            cache = heads.new_cache(2, 64)  # positions 20..29 write head entries 21..30
+            cache.k[0].fill_(fill)
+            cache.v[0].fill_(fill)
+            logits, st = heads.begin(h[:, 20:30], seq[:, 21:31], pos, last, trunk.embed_tokens,
+                                     trunk.logits, cache, 48, floor=floor)
+            out = [logits]
+            for _ in range(heads.num_depths - 1):
+                logits, st = heads.step(st, logits.argmax(-1), trunk.embed_tokens, trunk.logits)
+                out.append(logits)
+            return torch.stack(out, 1)
+
+        floor = torch.tensor([21, 21])
+        torch.testing.assert_close(drafts(0.0, floor), drafts(50.0, floor))
+        # without the floor (or with one below the entries written) the stale entries are read
+        assert not torch.allclose(drafts(0.0, None), drafts(50.0, None))
+        assert not torch.allclose(drafts(0.0, torch.tensor([15, 21])), drafts(50.0, torch.tensor([15, 21])))
