@@ -151,3 +151,19 @@ def test_markdown_table_has_a_row_per_result():
     assert len(lines) == 4 and lines[0].count("|") == len(COLUMNS) + 1
     assert "| fixed | 2 | 10.0 | 1.50 | 1.20 | 2.50 | 0.90 0.80 | 1.60 | 94% | 100 |" in lines[2]
     assert "| off | - |" in lines[3]
+
+
+def test_predict_is_expected_tokens_over_relative_step_time():
+    from rollout.types import RolloutStats
+    from spec_heads.depth import CostModel
+
+    cost = CostModel(max_batch=8, max_tokens=5)
+    for t in range(2, 6):  # a drafting step verifying t tokens costs 1 + 0.5 t ms at 4 rows
+        cost.record(4, t, (1.0 + 0.5 * t) * 1e-3)
+    plain = 1.2e-3
+    # every row-step drafted 2, acceptance 0.8 then 0.5: E = 1 + 0.8 + 0.4 = 2.2 tokens per step
+    stats = RolloutStats(drafted_per_pos=[10, 8, 0, 0], accepted_per_pos=[8, 4, 0, 0], depth_hist=[0, 0, 10, 0, 0])
+    assert bench.predict(stats, cost, plain, 4) == pytest.approx(2.2 / (2.5e-3 / plain))
+    # plain steps (depth 0) count at the measured plain step time, one token each
+    mixed = RolloutStats(drafted_per_pos=[10, 8, 0, 0], accepted_per_pos=[8, 4, 0, 0], depth_hist=[10, 0, 10, 0, 0])
+    assert bench.predict(mixed, cost, plain, 4) == pytest.approx((10 + 22) / (10 + 10 * 2.5e-3 / plain))
