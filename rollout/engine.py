@@ -166,7 +166,7 @@ class Engine:
                 if rep:  # the first call warms up
                     times.append(time.perf_counter() - t0)
             # the fastest repeat: other load on the machine only ever adds time
-            dp.record_step(rows, tokens, min(times))
+            dp.cost.record(rows, tokens, min(times))
 
 
 class _Run:
@@ -316,6 +316,15 @@ class _Run:
                              e.model.embed_tokens, e.model.logits, self.hcache,
                              self._kv(self.len_bound + K + 2), floor=self.hfloor[:n])
 
+    def _keep_last_window_entry(self, n: int):
+        """Shrink each row's window to its last entry (the heads then attend from there on)."""
+        rows, last = torch.arange(n, device=self.e.device), self.hlast[:n].clamp(min=0)
+        self.hid[:n, 0], self.nxt[:n, 0] = self.hid[rows, last], self.nxt[rows, last]
+        self.hstart[:n] += last
+        self.hfloor[:n] = self.hstart[:n] + 1
+        self.hlast[:n] = 0
+        self.hwidth = 1
+
     def _drop_window(self, n: int):
         """Forget a full window: the heads restart at the next position, attending only to
         head-cache entries from there on (hfloor; the depth-1 entry of position p sits at p + 1)."""
@@ -383,6 +392,17 @@ class _Run:
         # step (as deep as the policy would go), so it measures what drafting would deliver.
         explore = self.spec.mode == "entropy" and budget < self.K and self.stats.steps % 32 == 31
         Kd = (budget + 1 if budget else self.policy.explore_depth(n)) if explore else budget
+        # ... and while drafting, now and then take a plain step, so the plain step's cost that
+        # drafting is weighed against is a real one (the heads catch up on it next step)
+        if self.spec.mode == "entropy" and budget and self.stats.steps % 64 == 47:
+            Kd = 0
+        # After a plain stretch, explore from each row's last position only: running the heads
+        # over the whole window would cost a head layer per position and row, and the exploring
+        # step must cost what an ordinary drafting step costs. Its drafts then lack the heads'
+        # context, so it times a drafting step but its acceptance is not counted.
+        blind = explore and not budget
+        if blind and self.hwidth > 1:
+            self._keep_last_window_entry(n)
         if Kd == 0:  # a plain step is faster than any draft: skip the heads (they catch up later)
             self.policy.depth_hist[0] += n
             self.acc_wa[0, 0] += (~self.done[:n]).sum()
@@ -392,7 +412,7 @@ class _Run:
             self.policy.record_step(n, 1, time.perf_counter() - t0)
             return
         u = row_uniforms(self.keys[:n], self.n_out[:n], _S_SPEC, 2 * self.K + 1)  # [n, 2K+1]
-        draft_probs, draft_tok, draft_bins = self._draft(n, Kd, u, early_stop=not (explore and budget))
+        draft_probs, draft_tok, draft_bins = self._draft(n, Kd, u, early_stop=not (explore and budget) and not blind)
         # Verify width W = 1 + drafts made. The forward is padded to the deepest row anyway,
         # so every row verifies all the drafts made: a per-row choice could only waste them.
         # (Exactness does not depend on how deep a row drafts.)
@@ -419,7 +439,7 @@ class _Run:
         # rows already done restart from index 0, so a narrower next step never indexes past W
         self.hlast[:n] = torch.where(live, num - 1, torch.zeros_like(num))
         self.hwidth = W
-        if self.spec.mode == "entropy":  # rows that were already done count for nothing
+        if self.spec.mode == "entropy" and not blind:  # rows already done count for nothing
             self.policy.observe_bins(draft_bins, dlen * live, (num - 1) * live)
         self.len_bound += W
         # stats: live row-steps by (drafts verified, drafts accepted), a device accumulator

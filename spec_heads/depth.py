@@ -339,6 +339,7 @@ class DepthPolicy:
         # bucket -> EMA of expected tokens per row per second over real drafting steps: what
         # drafting actually delivers, compared with a plain step's 1 / step_time(rows, 1)
         self._draft_rate: dict[int, float] = {}
+        self._plain_timed: set[int] = set()  # buckets where a real plain step was timed
         self.early_stop = self.device.type != "cuda"  # the engine stops drafting early on a CPU
 
     def _refresh(self) -> None:
@@ -418,7 +419,9 @@ class DepthPolicy:
         if key not in self._budgets:
             best, best_rate = self._best_by_cost(rows_in_flight)
             drafting = self._draft_rate.get(key, best_rate)
-            if 1.0 / self.cost.step_time(rows_in_flight, 1) > drafting:
+            # only a real plain step's time may switch drafting off: a start-up probe skips the
+            # step's bookkeeping and would make plain steps look cheaper than they are
+            if key in self._plain_timed and 1.0 / self.cost.step_time(rows_in_flight, 1) > drafting:
                 self._budgets[key] = 0
             else:
                 self._budgets[key] = self.max_k if self.early_stop else best
@@ -507,8 +510,11 @@ class DepthPolicy:
         self.pos_accepts[:K] += (accepted & valid).sum(0)  # windowed in position_acceptance
 
     def record_step(self, rows: int, tokens_per_row: int, seconds: float) -> None:
-        """Time of a full step (draft + verify) with tokens_per_row = 1 + deepest draft in it."""
+        """Time of a real step (draft + verify) with tokens_per_row = 1 + deepest draft in it
+        (1: a plain step). Start-up probes go to `cost.record` directly."""
         self.cost.record(rows, tokens_per_row, seconds)
+        if tokens_per_row == 1:
+            self._plain_timed.add(self.cost.bucket(rows))
         if tokens_per_row > 1 and self.mode == "entropy":
             key, rate = self.cost.bucket(rows), self.expected_tokens(tokens_per_row - 1) / seconds
             old = self._draft_rate.get(key)
@@ -518,7 +524,7 @@ class DepthPolicy:
         """Forget acceptance outcomes, e.g. after the heads were re-fitted (timings stay)."""
         self.table.reset()
         self.pos_trials, self.pos_accepts = torch.zeros_like(self.pos_trials), torch.zeros_like(self.pos_accepts)
-        self._pos_accept, self._budgets = None, {}
+        self._pos_accept, self._budgets, self._draft_rate = None, {}, {}
 
     def summary(self) -> dict:
         """For logs (syncs): acceptance table, cost table, per-depth thresholds, depth histogram."""

@@ -58,6 +58,10 @@ def test_entropy_drafts_nothing_when_compute_bound():
     linear_cost(policy.cost, lambda r: 0.0, lambda r: 0.01 * r, 7)
     assert policy.cost.marginal_ratio(64, 1) == pytest.approx(1.0)
     assert policy.choose(torch.zeros(8, 6), rows_in_flight=64).tolist() == [0] * 8
+    # start-up probes alone never switch drafting off: a real plain step must have been timed
+    assert policy.draft_budget(64) > 0
+    policy.record_step(64, 1, 0.01 * 64)
+    policy.cost.version += 16  # next refresh
     assert policy.draft_budget(64) == 0
 
 
