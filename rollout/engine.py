@@ -202,6 +202,7 @@ class _Run:
             self.nxt, self.hstart, self.hlast, self.hfloor = z(B, self.window), z(B), z(B), z(B)
             self.hwidth = 1  # host: upper bound of hlast + 1 over active rows
         self.slot_prompt = [-1] * B  # host: prompt index in each slot
+        self.next_explore, self.explore_gap = 31, 32  # steps; see _spec_step
         self.n = 0  # active rows occupy slots [0, n)
         self.len_bound = 0  # host upper bound of lengths[:n]
         self.queue = deque(range(len(prompts)))
@@ -390,7 +391,15 @@ class _Run:
         # and one slow timing cannot switch drafting off for good (any depth is exact; this
         # only costs time). From a plain stretch, the exploring step is an ordinary drafting
         # step (as deep as the policy would go), so it measures what drafting would deliver.
-        explore = self.spec.mode == "entropy" and budget < self.K and self.stats.steps % 32 == 31
+        explore = self.spec.mode == "entropy" and budget < self.K and self.stats.steps >= self.next_explore
+        if explore:
+            # from a plain stretch that exploring keeps confirming, explore ever less often
+            # (32, 64, ... 1024 steps): where verifying is dear an exploring step costs several
+            # plain ones, and a steady cadence would tax every plain stretch by ~10%
+            self.next_explore = self.stats.steps + self.explore_gap
+            self.explore_gap = min(2 * self.explore_gap, 1024) if not budget else 32
+        elif budget:
+            self.explore_gap = 32
         Kd = (budget + 1 if budget else self.policy.explore_depth(n)) if explore else budget
         # ... and while drafting, now and then take a plain step, so the plain step's cost that
         # drafting is weighed against is a real one (the heads catch up on it next step)
