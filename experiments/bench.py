@@ -300,14 +300,12 @@ def predict(stats: RolloutStats, cost, plain_step_s: float, rows: int) -> float:
     flight (real steps, timed by the entropy policy); a plain step's is `plain_step_s`, measured
     on the off run. Steps are weighted by how many row-steps verified each depth, so fixed and
     entropy runs are predicted alike."""
+    from spec_heads.depth import expected_tokens
+
     accept = stats.accept_rate_per_pos
     tokens = time_ = 0.0
     for depth, count in enumerate(stats.depth_hist):
-        expected, all_accepted = 1.0, 1.0
-        for a in accept[:depth]:
-            all_accepted *= a
-            expected += all_accepted
-        tokens += count * expected
+        tokens += count * expected_tokens(accept, depth)
         time_ += count * (cost.step_time(rows, 1 + depth) if depth else plain_step_s)
     return tokens / time_ * plain_step_s if time_ > 0 else 1.0
 

@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 # random streams: a row never reuses a draw across uses
 _S_SAMPLE, _S_SPEC = 1, 2  # a speculative step draws [K drafts | K accepts | 1 final] at once
-_WINDOW = 32  # positions the heads' window holds between drafting steps before a flush
+_WINDOW = 32  # positions the heads' window holds between drafting steps before it is dropped
 
 
 def _entropy(probs: torch.Tensor) -> torch.Tensor:
@@ -371,13 +371,12 @@ class _Run:
         """Parallel heads draft every depth at once; with `choose` (entropy mode on a CPU) the
         drafts are then cut at the depth the batch gains most from (depth_policy.best_depth)."""
         e, sp = self.e, self.sp
-        dlp = sampling_logprobs(e.heads.all_logits(st, e.model.logits, K), sp.temperature, sp.top_k,
-                                sp.top_p)  # [n, K, V]
-        dp = dlp.exp()
+        dp = sampling_logprobs(e.heads.all_logits(st, e.model.logits, K), sp.temperature, sp.top_k,
+                               sp.top_p).exp()  # [n, K, V]
+        bins = self.policy.table.bins(_entropy(dp)) if self.spec.mode == "entropy" else None  # [n, K]
         if self.spec.draft == "greedy":
             dp = torch.zeros_like(dp).scatter_(-1, dp.argmax(-1, keepdim=True), 1.0)
         toks = sample_with_uniforms(dp, u[:, :K])  # [n, K]
-        bins = self.policy.table.bins(entropy_from_logprobs(dlp))  # [n, K]
         if choose and K > 1:
             k = self.policy.best_depth(self.policy.table.predict_bins(bins), n)
             dp, toks, bins = dp[:, :k], toks[:, :k], bins[:, :k]
@@ -392,14 +391,15 @@ class _Run:
         # only costs time). From a plain stretch, the exploring step is an ordinary drafting
         # step (as deep as the policy would go), so it measures what drafting would deliver.
         explore = self.spec.mode == "entropy" and budget < self.K and self.stats.steps >= self.next_explore
+        if budget:
+            self.explore_gap = 32
         if explore:
             # from a plain stretch that exploring keeps confirming, explore ever less often
             # (32, 64, ... 1024 steps): where verifying is dear an exploring step costs several
             # plain ones, and a steady cadence would tax every plain stretch by ~10%
             self.next_explore = self.stats.steps + self.explore_gap
-            self.explore_gap = min(2 * self.explore_gap, 1024) if not budget else 32
-        elif budget:
-            self.explore_gap = 32
+            if not budget:
+                self.explore_gap = min(2 * self.explore_gap, 1024)
         Kd = (budget + 1 if budget else self.policy.explore_depth(n)) if explore else budget
         # ... and while drafting, now and then take a plain step, so the plain step's cost that
         # drafting is weighed against is a real one (the heads catch up on it next step)
@@ -421,7 +421,7 @@ class _Run:
             self.policy.record_step(n, 1, time.perf_counter() - t0)
             return
         u = row_uniforms(self.keys[:n], self.n_out[:n], _S_SPEC, 2 * self.K + 1)  # [n, 2K+1]
-        draft_probs, draft_tok, draft_bins = self._draft(n, Kd, u, early_stop=not (explore and budget) and not blind)
+        draft_probs, draft_tok, draft_bins = self._draft(n, Kd, u, early_stop=not explore)
         # Verify width W = 1 + drafts made. The forward is padded to the deepest row anyway,
         # so every row verifies all the drafts made: a per-row choice could only waste them.
         # (Exactness does not depend on how deep a row drafts.)

@@ -289,6 +289,16 @@ class CostModel:
         return rows
 
 
+def expected_tokens(accept_rate_per_pos: list[float], depth: int) -> float:
+    """Expected tokens from a step verifying `depth` drafts, given the conditional acceptance at
+    each position: 1 + a_1 + a_1 a_2 + ... (i.i.d. a gives (1 - a^(depth+1)) / (1 - a))."""
+    expected, all_accepted = 1.0, 1.0
+    for a in accept_rate_per_pos[:depth]:
+        all_accepted *= a
+        expected += all_accepted
+    return expected
+
+
 def predicted_speedup(accept_rate_per_pos: list[float], cost: CostModel, rows: int, k: int) -> float:
     """Expected tokens per step / (step_time(rows, 1 + k) / step_time(rows, 1)).
 
@@ -297,11 +307,7 @@ def predicted_speedup(accept_rate_per_pos: list[float], cost: CostModel, rows: i
     """
     if len(accept_rate_per_pos) < k:
         raise ValueError(f"accept_rate_per_pos: needs k={k} entries, got {len(accept_rate_per_pos)}")
-    expected, all_accepted = 1.0, 1.0
-    for a in accept_rate_per_pos[:k]:
-        all_accepted *= a
-        expected += all_accepted
-    return expected / (cost.step_time(rows, 1 + k) / cost.step_time(rows, 1))
+    return expected_tokens(accept_rate_per_pos, k) / (cost.step_time(rows, 1 + k) / cost.step_time(rows, 1))
 
 
 class DepthPolicy:
@@ -393,11 +399,7 @@ class DepthPolicy:
     def expected_tokens(self, depth: int) -> float:
         """Expected tokens per row from a step that verifies `depth` drafts, from the
         per-position acceptance: 1 + sum_{i<=depth} prod_{j<=i} a_j (host)."""
-        expected, all_accepted = 1.0, 1.0
-        for a in self.position_acceptance()[:depth]:
-            all_accepted *= a
-            expected += all_accepted
-        return expected
+        return expected_tokens(self.position_acceptance(), depth)
 
     def draft_budget(self, rows_in_flight: int) -> int:
         """How deep to draft this step at this many rows (host only; no sync between refreshes).
