@@ -202,7 +202,6 @@ class _Run:
             self.nxt, self.hstart, self.hlast, self.hfloor = z(B, self.window), z(B), z(B), z(B)
             self.hwidth = 1  # host: upper bound of hlast + 1 over active rows
         self.slot_prompt = [-1] * B  # host: prompt index in each slot
-        self.next_explore, self.explore_gap = 31, 32  # steps; see _spec_step
         self.n = 0  # active rows occupy slots [0, n)
         self.len_bound = 0  # host upper bound of lengths[:n]
         self.queue = deque(range(len(prompts)))
@@ -385,26 +384,10 @@ class _Run:
     def _spec_step(self):
         e, sp, n, dev = self.e, self.sp, self.n, self.e.device
         t0 = time.perf_counter()
-        budget = min(self.K, self.policy.draft_budget(n))
-        # Now and then draft beyond the budget, so acceptance and cost keep being measured there
-        # and one slow timing cannot switch drafting off for good (any depth is exact; this
-        # only costs time). From a plain stretch, the exploring step is an ordinary drafting
-        # step (as deep as the policy would go), so it measures what drafting would deliver.
-        explore = self.spec.mode == "entropy" and budget < self.K and self.stats.steps >= self.next_explore
-        if budget:
-            self.explore_gap = 32
-        if explore:
-            # from a plain stretch that exploring keeps confirming, explore ever less often
-            # (32, 64, ... 1024 steps): where verifying is dear an exploring step costs several
-            # plain ones, and a steady cadence would tax every plain stretch by ~10%
-            self.next_explore = self.stats.steps + self.explore_gap
-            if not budget:
-                self.explore_gap = min(2 * self.explore_gap, 1024)
-        Kd = (budget + 1 if budget else self.policy.explore_depth(n)) if explore else budget
-        # ... and while drafting, now and then take a plain step, so the plain step's cost that
-        # drafting is weighed against is a real one (the heads catch up on it next step)
-        if self.spec.mode == "entropy" and budget and self.stats.steps % 64 == 47:
-            Kd = 0
+        # how deep this step drafts (0: a plain step), and whether it explores beyond the
+        # policy's budget (spec_heads.depth.DepthPolicy.plan_step)
+        budget, Kd, explore = self.policy.plan_step(n)
+        budget, Kd = min(budget, self.K), min(Kd, self.K)
         # After a plain stretch, explore from each row's last position only: running the heads
         # over the whole window would cost a head layer per position and row, and the exploring
         # step must cost what an ordinary drafting step costs. Its drafts then lack the heads'

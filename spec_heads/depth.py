@@ -347,6 +347,12 @@ class DepthPolicy:
         self._draft_rate: dict[int, float] = {}
         self._plain_timed: set[int] = set()  # buckets where a real plain step was timed
         self.early_stop = self.device.type != "cuda"  # the engine stops drafting early on a CPU
+        # Exploration (see plan_step), counted in decode steps over the policy's life: across
+        # generate() calls, so a rollout batch of a few dozen steps does not explore at the
+        # same early step every time, and per rows bucket, like the budget it re-checks.
+        self.steps = 0
+        self._explore_at: dict[int, int] = {}  # bucket -> step of its next exploring step
+        self._explore_gap: dict[int, int] = {}  # bucket -> steps between exploring steps
 
     def _refresh(self) -> None:
         """Re-derive host-side caches once per 16 timings: every step records one, and the
@@ -428,6 +434,38 @@ class DepthPolicy:
             else:
                 self._budgets[key] = self.max_k if self.early_stop else best
         return self._budgets[key]
+
+    def plan_step(self, rows_in_flight: int) -> tuple[int, int, bool]:
+        """(budget, depth, explore) for the next decode step at this many rows; counts the step.
+
+        budget = draft_budget(rows); depth is how deep this step drafts (0: a plain step).
+        In entropy mode, now and then a step drafts beyond the budget (explore), so acceptance
+        and cost keep being measured there and one slow timing cannot switch drafting off for
+        good (any depth is exact; this only costs time): budget + 1, or from a plain stretch
+        (budget 0) an ordinary drafting step (explore_depth). While a bucket's budget stays 0
+        and exploring keeps confirming it, it explores ever less often (every 32, 64, ... 1024
+        steps): where verifying is dear an exploring step costs several plain ones. And while
+        drafting, every 64th step is a plain one, so the plain step's cost that drafting is
+        weighed against is a real timing (the heads catch up on it at the next step).
+        """
+        self.steps += 1
+        budget = self.draft_budget(rows_in_flight)
+        if self.mode != "entropy":
+            return budget, budget, False
+        if budget and self.steps % 64 == 47:
+            return budget, 0, False
+        if budget >= self.max_k:
+            return budget, budget, False
+        key = self.cost.bucket(rows_in_flight)
+        gap = 32 if budget else self._explore_gap.get(key, 32)
+        self._explore_gap[key] = gap
+        due = self._explore_at.setdefault(key, self.steps + gap - 1)
+        if self.steps < due:
+            return budget, budget, False
+        self._explore_at[key] = self.steps + gap
+        if not budget:
+            self._explore_gap[key] = min(2 * gap, 1024)
+        return budget, budget + 1 if budget else self.explore_depth(rows_in_flight), True
 
     def _best_by_cost(self, rows_in_flight: int) -> tuple[int, float]:
         """(d, rate): the draft depth d >= 1 that maximises E(d) / step_time(rows, 1 + d)."""

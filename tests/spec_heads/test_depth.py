@@ -290,3 +290,32 @@ def test_best_depth_maximises_batch_tokens_per_second():
     accept = torch.tensor([[0.9, 0.9, 0.05, 0.05], [0.9, 0.9, 0.05, 0.05]])
     assert policy.best_depth(accept, 1) == 2
     assert policy.best_depth(torch.full((2, 4), 0.99), 1) == 4
+
+
+def test_plan_step_explores_a_plain_stretch_ever_less_often_per_bucket():
+    poor = observed_policy([0.2, 0.2, 0.2, 0.2], 1.0, lambda d: 1.5 + 0.1 * d)
+    plans = [poor.plan_step(1) for _ in range(2000)]
+    assert all(budget == 0 for budget, _, _ in plans)
+    explored = [i + 1 for i, (_, depth, explore) in enumerate(plans) if explore]
+    # every exploring step drafts as deep as drafting would go (max_k with the CPU's early
+    # stop); every other step is plain
+    assert all(depth == 4 for _, depth, explore in plans if explore)
+    assert all(depth == 0 for _, depth, explore in plans if not explore)
+    # gaps double from 32 up to 1024 (2048 would follow)
+    assert explored == [32, 64, 128, 256, 512, 1024]
+    # the cadence is the policy's, not one generate() call's: a later call at the same rows
+    # continues the back-off instead of exploring again at its own early step
+    more = [poor.plan_step(1)[2] for _ in range(100)]
+    assert not any(more)
+    # another rows bucket has its own cadence
+    assert [poor.plan_step(64)[2] for _ in range(32)].index(True) == 31
+
+
+def test_plan_step_drafts_the_budget_with_periodic_plain_steps():
+    good = observed_policy([0.95] * 4, 1.0, lambda d: 1.5 + 0.1 * d)
+    plans = [good.plan_step(1) for _ in range(128)]
+    assert {b for b, _, _ in plans} == {4} and not any(e for _, _, e in plans)
+    # every 64th step is a plain one, so the plain step's cost stays a real timing
+    assert [i + 1 for i, (_, d, _) in enumerate(plans) if d == 0] == [47, 111]
+    fixed = DepthPolicy("fixed", k=3, max_k=6, num_bins=8, vocab_size=VOCAB, max_batch=MAX_BATCH)
+    assert {fixed.plan_step(1) for _ in range(100)} == {(3, 3, False)}
