@@ -294,7 +294,7 @@ def test_best_depth_maximises_batch_tokens_per_second():
 
 def test_plan_step_explores_a_plain_stretch_ever_less_often_per_bucket():
     poor = observed_policy([0.2, 0.2, 0.2, 0.2], 1.0, lambda d: 1.5 + 0.1 * d)
-    plans = [poor.plan_step(1) for _ in range(2000)]
+    plans = [poor.plan_step(1) for _ in range(1500)]
     assert all(budget == 0 for budget, _, _ in plans)
     explored = [i + 1 for i, (_, depth, explore) in enumerate(plans) if explore]
     # every exploring step drafts as deep as drafting would go (max_k with the CPU's early
@@ -305,8 +305,8 @@ def test_plan_step_explores_a_plain_stretch_ever_less_often_per_bucket():
     assert explored == [32, 64, 128, 256, 512, 1024]
     # the cadence is the policy's, not one generate() call's: a later call at the same rows
     # continues the back-off instead of exploring again at its own early step
-    more = [poor.plan_step(1)[2] for _ in range(100)]
-    assert not any(more)
+    more = [poor.plan_step(1)[2] for _ in range(548)]
+    assert more.index(True) == 547  # step 2048
     # another rows bucket has its own cadence
     assert [poor.plan_step(64)[2] for _ in range(32)].index(True) == 31
 
