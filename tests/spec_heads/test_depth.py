@@ -308,6 +308,11 @@ def test_plan_step_explores_a_plain_stretch_ever_less_often_per_bucket():
     more = [poor.plan_step(1)[2] for _ in range(548)]
     assert more.index(True) == 547  # step 2048
     # another rows bucket has its own cadence
+    for _ in range(40):
+        poor.record_step(64, 1, 1.0)
+        for d in range(1, 5):
+            poor.record_step(64, 1 + d, 1.5 + 0.1 * d)
+    assert poor.draft_budget(64) == 0
     assert [poor.plan_step(64)[2] for _ in range(32)].index(True) == 31
 
 
