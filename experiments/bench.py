@@ -3,9 +3,12 @@
 For each batch size, on one prompt set: the engine with speculation off, each requested
 speculative mode, and transformers' `generate` on the same model (the peer). Every speedup is a
 ratio measured in this run on this machine: against the same engine with speculation off, and
-against the peer. Each configuration gets one warm-up run, then `--repeats` rounds that run every
-configuration of a batch size once, in turn (so a load spike hits them alike), and the median run
-is reported. CPU timings are only ratios; a GPU run names the card.
+against the peer. Each configuration gets one warm-up run, then rounds that run every
+configuration of a batch size once, in turn (`--repeats`; by default as many as fit in about two
+minutes, 3 to 15). A speedup is the median over rounds of that round's ratio (paired: a load
+spike or a slow spell of a shared machine hits both sides of a ratio alike), reported with the
+range of the per-round ratios; tokens/s is the median run. CPU timings are only ratios; a GPU
+run names the card.
 
 Next to the measured speedup the table shows the one predicted from the measured per-position
 acceptance, the engine's own measured cost model for drafting steps and the off run's measured
@@ -85,6 +88,27 @@ def parse_batches(items: list[str]) -> list[int]:
     return out
 
 
+AUTO_ROUNDS_S, MIN_ROUNDS, MAX_ROUNDS = 120.0, 3, 15
+
+
+def parse_repeats(items: list[str]) -> str | int:
+    """'auto' or a number of timed rounds (checked to be >= 1 with the other flags)."""
+    text = items[0]
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"--repeats {text}: give a number of rounds, or auto") from None
+
+
+def auto_rounds(warmup_round_s: float, budget_s: float = AUTO_ROUNDS_S) -> int:
+    """Timed rounds that fit in `budget_s` after a warm-up round took `warmup_round_s`, 3..15."""
+    if not warmup_round_s > 0:
+        return MAX_ROUNDS
+    return max(MIN_ROUNDS, min(MAX_ROUNDS, int(budget_s // warmup_round_s)))
+
+
 def _argtype(fn):
     def parse(text: str):
         try:
@@ -111,8 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: sampling.max_new_tokens")
     p.add_argument("--temperature", type=float, default=1.0,
                    help="sampling temperature (default 1.0: sampled drafts, exact rejection sampling)")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per configuration, after one "
-                   "warm-up run, interleaved across configurations; the median is reported (default 3)")
+    p.add_argument("--repeats", type=_argtype(parse_repeats), default="auto",
+                   help="timed rounds per batch size after one warm-up round, each running every "
+                        "configuration once, in turn; speedups are medians of per-round ratios "
+                        "(default auto: as many rounds as fit in ~2 minutes, 3 to 15)")
     p.add_argument("--hf", action=argparse.BooleanOptionalAction, default=True,
                    help="also time transformers' generate on the same model and prompts (default on)")
     p.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N (default: model.device)")
@@ -192,6 +218,17 @@ class Timed:
     stats: list
     peak_mem_mb: float = 0.0
 
+    def speedup_over(self, base: "Timed") -> tuple[float, list[float]]:
+        """Median over rounds of this round's rate / the base's rate in the same round, and the
+        per-round ratios (paired rounds: drift of a shared machine cancels in each ratio)."""
+        ratios = [r / b for r, b in zip(self.rates, base.rates) if b > 0]
+        if not ratios:
+            return math.nan, []
+        ordered = sorted(ratios)
+        mid = len(ordered) // 2
+        median = ordered[mid] if len(ordered) % 2 else 0.5 * (ordered[mid - 1] + ordered[mid])
+        return median, ratios
+
     def median(self) -> tuple[float, RolloutStats | None]:
         """Median tokens/s and the stats of that run (engine runs only)."""
         order = sorted(range(len(self.rates)), key=self.rates.__getitem__)
@@ -254,12 +291,16 @@ class HFRunner:
         return tokens / seconds if seconds > 0 else 0.0, None
 
 
-def time_interleaved(runners: dict, repeats: int, device) -> dict:
-    """One warm-up run of each configuration, then `repeats` rounds that run every configuration
-    once, in turn: a load spike on a shared machine then hits all of them alike, not one."""
+def time_interleaved(runners: dict, repeats, device) -> dict:
+    """One warm-up run of each configuration, then `repeats` rounds (or, for "auto", as many as
+    fit in AUTO_ROUNDS_S: auto_rounds) that run every configuration once, in turn: a load spike
+    on a shared machine then hits all of them alike, not one."""
     timed = {key: Timed([], []) for key in runners}
+    t0 = time.perf_counter()
     for run in runners.values():
         run()
+    if repeats == "auto":
+        repeats = auto_rounds(time.perf_counter() - t0)
     for _ in range(repeats):
         for key, run in runners.items():
             _reset_peak(device)
@@ -337,18 +378,22 @@ def bench_batch(model, heads, hf_model, prompts, batch: int, modes, sampling: Sa
     else:  # the engine times (rows x tokens) steps to seed an entropy policy's cost model
         eng.depth_policy = None
         cost = eng.ensure_depth_policy(replace(spec_base, mode="entropy", k=1, max_k=K), K).cost
-    off, off_stats = timed[("off", 0)].median()
+    off_timed = timed[("off", 0)]
+    off, off_stats = off_timed.median()
     # predictions compare like with like: every mode's step costs at the rows in flight of the
     # off run, where its plain step was timed (speculative runs drain sooner, so their own
     # average rows are lower; that part of their speed shows in `achieved`)
     plain_step_s, off_rows = decode_step_time(off_stats), mean_rows(off_stats, batch)
-    hf = timed[("hf", 0)].median()[0] if hf_model is not None else None
+    hf_timed = timed.get(("hf", 0))
+    hf = hf_timed.median()[0] if hf_timed is not None else None
     rows = []
     for (mode, k), t in timed.items():
         rate, stats = t.median()
+        speedup, rounds = t.speedup_over(off_timed)
         row = {**label, "batch": batch, "mode": mode, "k": k, "tokens_per_s": rate,
-               "speedup_vs_off": rate / off if off > 0 else math.nan, "hf_tokens_per_s": hf,
-               "speedup_vs_hf": rate / hf if hf else None, "peak_mem_mb": t.peak_mem_mb}
+               "speedup_vs_off": speedup, "speedup_vs_off_rounds": rounds, "rounds": len(t.rates),
+               "hf_tokens_per_s": hf, "speedup_vs_hf": t.speedup_over(hf_timed)[0] if hf_timed else None,
+               "peak_mem_mb": t.peak_mem_mb}
         if stats is None:  # the peer
             row.update(mean_accepted_len=1.0, accept_rate_per_pos=[], depth_hist=[], predicted_speedup=None,
                        fraction_of_predicted=None, mean_rows=None, tokens=None, time_s=None)
@@ -371,15 +416,21 @@ def _fmt(x, spec: str = ".2f") -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
-COLUMNS = ("model", "device", "batch", "mode", "k", "tok/s", "x off", "x HF", "acc len", "accept/pos",
-           "pred x", "achieved", "peak MB")
+COLUMNS = ("model", "device", "batch", "mode", "k", "tok/s", "x off", "x off range", "x HF", "acc len",
+           "accept/pos", "pred x", "achieved", "peak MB")
+
+
+def _range(ratios) -> str:
+    return f"{min(ratios):.2f}-{max(ratios):.2f}" if ratios and len(ratios) > 1 else "-"
 
 
 def table_cells(r: dict) -> list[str]:
     """One result row as the table's cells (shared by the terminal and markdown tables)."""
     return [r["model"], r["device"], str(r["batch"]), "hf generate" if r["mode"] == "hf" else r["mode"],
             str(r["k"]) if r["mode"] == "fixed" else "-", _fmt(r["tokens_per_s"], ".1f"),
-            _fmt(r["speedup_vs_off"]), _fmt(r["speedup_vs_hf"]), _fmt(r["mean_accepted_len"]),
+            _fmt(r["speedup_vs_off"]),
+            _range(r.get("speedup_vs_off_rounds")) if r["mode"] != "off" else "-",
+            _fmt(r["speedup_vs_hf"]), _fmt(r["mean_accepted_len"]),
             " ".join(f"{a:.2f}" for a in r["accept_rate_per_pos"]) or "-",
             _fmt(r["predicted_speedup"]), _fmt(r["fraction_of_predicted"], ".0%"), _fmt(r["peak_mem_mb"], ".0f")]
 
@@ -429,7 +480,8 @@ def write_json(rows: list[dict], path: str) -> None:
 
 
 def _check_args(args) -> None:
-    for flag, value in (("--prompts", args.prompts), ("--repeats", args.repeats), ("--threads", args.threads),
+    repeats = None if args.repeats == "auto" else args.repeats
+    for flag, value in (("--prompts", args.prompts), ("--repeats", repeats), ("--threads", args.threads),
                         ("--max-new-tokens", args.max_new_tokens)):
         if value is not None and value < 1:
             raise ConfigError(f"{flag} {value}: must be >= 1")
@@ -505,7 +557,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"specroll bench: model {model_dir}, heads {heads_dir} ({heads.config.kind}, {K} depths), "
           f"{machine}, torch threads {torch.get_num_threads()}, dtype {str(dtype).removeprefix('torch.')}, "
           f"temperature {sampling.temperature}, max_new_tokens {sampling.max_new_tokens}, "
-          f"repeats {args.repeats} (interleaved, median, after 1 warm-up)", flush=True)
+          f"rounds {args.repeats} (interleaved after 1 warm-up; speedups are medians of per-round "
+          "ratios)", flush=True)
     rows = []
     for b in batches:
         print(f"  batch {b}: {n_prompts[b]} prompts, modes "

@@ -82,6 +82,7 @@ def test_speculative_rows_are_consistent(bench_rows):
             continue
         assert math.isfinite(r["predicted_speedup"]) and r["predicted_speedup"] > 0
         assert r["speedup_vs_off"] == pytest.approx(r["tokens_per_s"] / off[r["batch"]])
+        assert r["rounds"] == 1 and r["speedup_vs_off_rounds"] == [pytest.approx(r["speedup_vs_off"])]
         if r["mode"] == "fixed":
             assert len(r["accept_rate_per_pos"]) == 2
             assert all(0.0 <= a <= 1.0 for a in r["accept_rate_per_pos"])
@@ -149,7 +150,9 @@ def test_markdown_table_has_a_row_per_result():
            "predicted_speedup": 1.6, "fraction_of_predicted": 0.94, "peak_mem_mb": 100.0}
     lines = markdown_table([row, dict(row, mode="off", k=0, accept_rate_per_pos=[])]).strip().splitlines()
     assert len(lines) == 4 and lines[0].count("|") == len(COLUMNS) + 1
-    assert "| fixed | 2 | 10.0 | 1.50 | 1.20 | 2.50 | 0.90 0.80 | 1.60 | 94% | 100 |" in lines[2]
+    assert "| fixed | 2 | 10.0 | 1.50 | - | 1.20 | 2.50 | 0.90 0.80 | 1.60 | 94% | 100 |" in lines[2]
+    ranged = markdown_table([dict(row, speedup_vs_off_rounds=[1.4, 1.62, 1.5])])
+    assert "| 1.50 | 1.40-1.62 | 1.20 |" in ranged
     assert "| off | - |" in lines[3]
 
 
@@ -167,3 +170,23 @@ def test_predict_is_expected_tokens_over_relative_step_time():
     # plain steps (depth 0) count at the measured plain step time, one token each
     mixed = RolloutStats(drafted_per_pos=[10, 8, 0, 0], accepted_per_pos=[8, 4, 0, 0], depth_hist=[10, 0, 10, 0, 0])
     assert bench.predict(mixed, cost, plain, 4) == pytest.approx((10 + 22) / (10 + 10 * 2.5e-3 / plain))
+
+
+def test_speedups_are_medians_of_paired_per_round_ratios():
+    # the machine slows down 2x in round 2: both sides of that round's ratio slow alike
+    off = bench.Timed(rates=[100.0, 50.0, 100.0], stats=[])
+    spec = bench.Timed(rates=[150.0, 80.0, 140.0], stats=[])
+    median, rounds = spec.speedup_over(off)
+    assert rounds == pytest.approx([1.5, 1.6, 1.4])
+    assert median == pytest.approx(1.5)
+    # a ratio of medians would have read 140 / 100 = 1.4
+    assert spec.speedup_over(bench.Timed(rates=[100.0, 50.0], stats=[]))[0] == pytest.approx(1.55)
+
+
+def test_auto_rounds_fill_the_time_budget_within_bounds():
+    assert bench.auto_rounds(10.0) == 12
+    assert bench.auto_rounds(100.0) == bench.MIN_ROUNDS
+    assert bench.auto_rounds(0.5) == bench.MAX_ROUNDS
+    assert bench.parse_repeats(["auto"]) == "auto" and bench.parse_repeats(["4"]) == 4
+    with pytest.raises(ValueError, match="--repeats x"):
+        bench.parse_repeats(["x"])
