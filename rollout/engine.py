@@ -32,7 +32,7 @@ from rollout.types import RolloutBatch, RolloutStats, Sequence, SamplingParams, 
 from spec_heads.depth import DepthPolicy
 from spec_heads.rejection import rejection_sample
 from spec_heads.sampling import (entropy_from_logprobs, row_keys, row_uniforms, sample_with_uniforms,
-                                 sampling_logprobs)
+                                 sampling_logprobs, sampling_probs)
 
 log = logging.getLogger(__name__)
 
@@ -276,8 +276,8 @@ class _Run:
             # the heads catch up over the prompt (sequential heads fill their own KV cache),
             # then start each row from its last prompt position
             nxt = torch.cat([ids[:, 1:], ids[:, :1]], 1).scatter(1, (lens_t - 1)[:, None], tok[:, None])
-            self.e.heads.begin(h, nxt, pos, lens_t - 1, self.e.model.embed_tokens, self.e.model.logits,
-                               self.hcache, _bucket(P + 1, 16), slots)
+            self.e.heads.prefill(h, nxt, pos, lens_t - 1, self.e.model.embed_tokens, self.hcache,
+                                 _bucket(P + 1, 16), slots)
             self.hid[sl, 0], self.nxt[sl, 0] = last, tok
             self.hstart[sl], self.hlast[sl], self.hfloor[sl] = lens_t - 1, 0, 0
         for r, i in enumerate(take):
@@ -348,7 +348,7 @@ class _Run:
         probs, toks, bins = [], [], []
         all_accepted = expected = None
         for i in range(K):
-            dp = sampling_logprobs(logits, sp.temperature, sp.top_k, sp.top_p).exp()  # [n, V]
+            dp = sampling_probs(logits, sp.temperature, sp.top_k, sp.top_p)  # [n, V] fp32
             if calibrate:  # the draft distribution's entropy, binned for the acceptance table
                 bins.append(table.bins(_entropy(dp)))
             if self.spec.draft == "greedy":  # baseline: argmax drafts, still exact (one-hot draft)
@@ -370,8 +370,8 @@ class _Run:
         """Parallel heads draft every depth at once; with `choose` (entropy mode on a CPU) the
         drafts are then cut at the depth the batch gains most from (depth_policy.best_depth)."""
         e, sp = self.e, self.sp
-        dp = sampling_logprobs(e.heads.all_logits(st, e.model.logits, K), sp.temperature, sp.top_k,
-                               sp.top_p).exp()  # [n, K, V]
+        dp = sampling_probs(e.heads.all_logits(st, e.model.logits, K), sp.temperature, sp.top_k,
+                            sp.top_p)  # [n, K, V]
         bins = self.policy.table.bins(_entropy(dp)) if self.spec.mode == "entropy" else None  # [n, K]
         if self.spec.draft == "greedy":
             dp = torch.zeros_like(dp).scatter_(-1, dp.argmax(-1, keepdim=True), 1.0)

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import os
+import weakref
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -121,6 +122,27 @@ class MTPModule(nn.Module):
         """g, emb [.., H] -> block input [.., H]."""
         return self.proj(torch.cat((self.norm_h(g), self.norm_e(emb)), dim=-1))
 
+    def __getstate__(self):  # the decode-time table (with weak references) is not state
+        return {k: v for k, v in super().__getstate__().items() if not k.startswith("_fuse_")}
+
+    def fuse_tokens(self, g: torch.Tensor, tokens: torch.Tensor, embedding: nn.Embedding) -> torch.Tensor:
+        """`fuse(g, embedding(tokens))` for decoding: proj splits into its hidden half and its
+        embedding half, and the embedding half of every vocabulary token, proj_e(norm_e(E)) [V, H],
+        is computed once and looked up (decoding a few rows is launch-bound; this runs once per
+        draft depth). The table is rebuilt when a weight it derives from changes: in-place
+        updates (load_state_dict, an optimizer step) bump a tensor's version counter."""
+        w, proj = embedding.weight, self.proj.weight
+        key = (w._version, proj._version, self.norm_e.weight._version, g.dtype)
+        src = getattr(self, "_fuse_src", None)  # weak references: a freed tensor's address may be reused
+        if src is None or src[0]() is not w or src[1]() is not proj or self._fuse_key != key:
+            H = proj.shape[0]
+            with torch.no_grad():
+                self._fuse_w_h = proj[:, :H].to(g.dtype).contiguous()
+                self._fuse_table = F.linear(self.norm_e(w.to(proj.dtype)), proj[:, H:]).to(g.dtype)
+            self._fuse_key, self._fuse_src = key, (weakref.ref(w), weakref.ref(proj))
+        return torch.addmm(self._fuse_table[tokens].reshape(-1, g.shape[-1]),
+                           self.norm_h(g).reshape(-1, g.shape[-1]), self._fuse_w_h.t()).view(g.shape)
+
 
 class DraftHeads(nn.Module):
     def __init__(self, config: HeadConfig, model_config):
@@ -174,20 +196,10 @@ class DraftHeads(nn.Module):
             h_last = hidden[rows, last_index]  # [B, H]
             state = DraftState(depth=1, hidden=h_last, out_dtype=hidden.dtype)
             return self._parallel_logits(state, lm_head), state
-        if cache is None:
-            raise ValueError("cache: sequential heads keep their own KV cache; pass "
-                             "heads.new_cache(max_batch, max_len) to begin")
-        kv_len = kv_len or cache.max_len
+        kv_len = kv_len or (cache.max_len if cache is not None else None)
+        out, write_pos = self._absorb(hidden, next_tokens, positions, last_index, embed, cache, kv_len,
+                                      slots, floor)
         mtp, dt = self.mtp, self._param().dtype
-        T = hidden.shape[1]
-        valid = torch.arange(T, device=hidden.device)[None, :] <= last_index[:, None]  # [B, T]
-        # Depth-1 entry for position p sits at p+1. Padding goes to the scratch position, so
-        # whatever positions the caller put in padding can never overwrite a committed entry.
-        write_pos = torch.where(valid, positions + 1, cache.max_len - 1)  # [B, T]
-        x = mtp.fuse(hidden.to(dt), embed(next_tokens).to(dt))  # [B, T, H]
-        cos, sin = mtp.rotary(write_pos, dt)
-        out = mtp.block(x, cos, sin, self._mask(write_pos, kv_len, floor), 0,
-                        CacheView(cache, write_pos, kv_len, slots))  # [B, T, H]
         last_pos = write_pos[rows, last_index]  # [B]
         chain = None
         if self.num_depths > 1:
@@ -198,6 +210,38 @@ class DraftHeads(nn.Module):
         state = DraftState(depth=1, hidden=out[rows, last_index], positions=last_pos, cache=cache,
                            kv_len=kv_len, slots=slots, out_dtype=hidden.dtype, chain=chain)
         return lm_head(mtp.final_norm(state.hidden).to(hidden.dtype)), state
+
+    def prefill(self, hidden, next_tokens, positions, last_index, embed, cache: KVCache | None = None,
+                kv_len: int | None = None, slots: torch.Tensor | None = None) -> None:
+        """Write the sequential head's cache over the T positions just fed (e.g. a prompt), as
+        `begin` does, without starting a draft chain (no chain set-up, no depth-1 logits): the
+        engine's prefill, which drafts nothing yet. Arguments as for `begin`; no-op for
+        parallel heads (they keep no cache)."""
+        if self.kind == "parallel":
+            return
+        self._absorb(hidden, next_tokens, positions, last_index, embed, cache,
+                     kv_len or (cache.max_len if cache is not None else None), slots, None)
+
+    def _absorb(self, hidden, next_tokens, positions, last_index, embed, cache, kv_len, slots, floor):
+        """Run the head's block over the T fed positions, writing their depth-1 cache entries.
+        Returns the block output [B, T, H] and the cache positions written [B, T]."""
+        if cache is None:
+            raise ValueError("cache: sequential heads keep their own KV cache; pass "
+                             "heads.new_cache(max_batch, max_len) to begin")
+        mtp, dt = self.mtp, self._param().dtype
+        T = hidden.shape[1]
+        valid = torch.arange(T, device=hidden.device)[None, :] <= last_index[:, None]  # [B, T]
+        # Depth-1 entry for position p sits at p+1. Padding goes to the scratch position, so
+        # whatever positions the caller put in padding can never overwrite a committed entry.
+        write_pos = torch.where(valid, positions + 1, cache.max_len - 1)  # [B, T]
+        if isinstance(embed, nn.Embedding):
+            x = mtp.fuse_tokens(hidden.to(dt), next_tokens, embed)  # [B, T, H]
+        else:
+            x = mtp.fuse(hidden.to(dt), embed(next_tokens).to(dt))
+        cos, sin = mtp.rotary(write_pos, dt)
+        out = mtp.block(x, cos, sin, self._mask(write_pos, kv_len, floor), 0,
+                        CacheView(cache, write_pos, kv_len, slots))  # [B, T, H]
+        return out, write_pos
 
     def step(self, state: DraftState, token: torch.Tensor, embed, lm_head):
         """Depth m+1 logits [B, V] given the depth-m drafted token [B]; returns (logits, state)."""
@@ -210,7 +254,10 @@ class DraftHeads(nn.Module):
         mtp, i = self.mtp, state.depth - 1
         cpos, cos, sin, mask = state.chain
         pos = cpos[:, i:i + 1]  # [B, 1]
-        x = mtp.fuse(state.hidden, embed(token).to(state.hidden.dtype))[:, None]  # [B, 1, H]
+        if isinstance(embed, nn.Embedding):
+            x = mtp.fuse_tokens(state.hidden, token, embed)[:, None]  # [B, 1, H]
+        else:
+            x = mtp.fuse(state.hidden, embed(token).to(state.hidden.dtype))[:, None]
         out = mtp.block(x, cos[:, :, i:i + 1], sin[:, :, i:i + 1], mask[:, :, i:i + 1], 0,
                         CacheView(state.cache, pos, state.kv_len, state.slots))[:, 0]
         state = DraftState(depth=state.depth + 1, hidden=out, positions=pos[:, 0], cache=state.cache,

@@ -69,7 +69,8 @@ def sampling_logprobs(logits: torch.Tensor, temperature: float, top_k: int = 0,
         arg = logits.argmax(-1, keepdim=True)
         out = torch.full_like(logits, float("-inf"))
         return out.scatter(-1, arg, 0.0)
-    logits = logits / temperature
+    if temperature != 1.0:
+        logits = logits / temperature
     if top_k and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -85,6 +86,11 @@ def sampling_logprobs(logits: torch.Tensor, temperature: float, top_k: int = 0,
 
 def sampling_probs(logits: torch.Tensor, temperature: float, top_k: int = 0,
                    top_p: float = 1.0) -> torch.Tensor:
+    """exp(sampling_logprobs(...)), fp32: one softmax where neither top-k nor top-p cuts (the
+    draft heads' distributions, drawn once per draft depth)."""
+    if temperature > 0.0 and not (top_k and top_k < logits.shape[-1]) and top_p >= 1.0:
+        logits = logits.float()
+        return (logits if temperature == 1.0 else logits / temperature).softmax(-1)
     return sampling_logprobs(logits, temperature, top_k, top_p).exp()
 
 

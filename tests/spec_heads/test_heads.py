@@ -289,3 +289,53 @@ def test_sequential_floor_hides_head_cache_entries_below_it():
         # without the floor (or with one below the entries written) the stale entries are read
         assert not torch.allclose(drafts(0.0, None), drafts(50.0, None))
         assert not torch.allclose(drafts(0.0, torch.tensor([15, 21])), drafts(50.0, torch.tensor([15, 21])))
+
+
+@torch.no_grad()
+def test_prefill_writes_the_head_cache_that_begin_writes():
+    mc, trunk = tiny()
+    heads = random_heads("sequential", mc)
+    seq = torch.randint(0, 50, (2, 13))
+    hidden = trunk(seq[:, :12])
+    pos, last = torch.arange(12).expand(2, 12), torch.tensor([11, 7])
+    by_begin, by_prefill = heads.new_cache(2, 64), heads.new_cache(2, 64)
+    heads.begin(hidden, seq[:, 1:], pos, last, trunk.embed_tokens, trunk.logits, by_begin, 32)
+    heads.prefill(hidden, seq[:, 1:], pos, last, trunk.embed_tokens, by_prefill, 32)
+    assert torch.equal(by_begin.k[0], by_prefill.k[0]) and torch.equal(by_begin.v[0], by_prefill.v[0])
+    written = by_prefill.k[0].abs().sum((-1, -2)) > 0  # [B, positions]: entries at p + 1
+    assert written[0, 1:13].all() and written[1, 1:9].all() and not written[:, 13:-1].any()
+    assert random_heads("parallel", mc).prefill(hidden, seq[:, 1:], pos, last, trunk.embed_tokens) is None
+
+
+@torch.no_grad()
+def test_fuse_tokens_equals_fuse_and_follows_weight_updates():
+    mc, trunk = tiny()
+    heads = random_heads("sequential", mc)
+    mtp, emb = heads.mtp, trunk.embed_tokens
+    g, tok = torch.randn(3, 5, 64), torch.randint(0, 50, (3, 5))
+
+    def check():
+        torch.testing.assert_close(mtp.fuse_tokens(g, tok, emb), mtp.fuse(g, emb(tok)), rtol=1e-5, atol=1e-5)
+
+    check()
+    # in-place updates (load_state_dict, an optimizer step) must rebuild the cached table
+    for update in (lambda: emb.weight.mul_(2.0), lambda: mtp.proj.weight.add_(0.1),
+                   lambda: mtp.norm_e.weight.mul_(0.5), lambda: mtp.norm_h.weight.mul_(3.0),
+                   lambda: heads.load_state_dict(random_heads("sequential", mc, seed=7).state_dict())):
+        update()
+        check()
+    # and so must another embedding (a new policy)
+    emb = nn_embedding_like(emb)
+    check()
+    # the table is a cache, not state: heads with one still pickle and copy
+    import copy
+    import pickle
+    clone = pickle.loads(pickle.dumps(heads))
+    torch.testing.assert_close(clone.mtp.fuse_tokens(g, tok, emb), mtp.fuse_tokens(g, tok, emb))
+    assert copy.deepcopy(heads).mtp.fuse_tokens(g, tok, emb).shape == g.shape
+
+
+def nn_embedding_like(emb):
+    other = torch.nn.Embedding(*emb.weight.shape)
+    other.weight.normal_()
+    return other

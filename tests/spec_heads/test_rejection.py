@@ -368,3 +368,16 @@ def test_inverse_cdf_sample_never_returns_zero_mass_tokens_at_the_extremes():
     got = sample_with_uniforms(probs[:1].expand(20000, 6), u)
     assert set(got.tolist()) == {1, 3}
     assert abs((got == 3).double().mean().item() - 0.7) < 0.015
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, 0, 1.0), (0.7, 0, 1.0), (1.0, 5, 1.0),
+                                                      (0.7, 0, 0.9), (0.0, 0, 1.0)])
+def test_sampling_probs_is_the_sampling_distribution(temperature, top_k, top_p):
+    from spec_heads.sampling import sampling_logprobs, sampling_probs
+
+    logits = 3 * torch.randn(4, 3, 40, generator=torch.Generator().manual_seed(0))
+    probs = sampling_probs(logits, temperature, top_k, top_p)
+    expected = sampling_logprobs(logits, temperature, top_k, top_p).exp()
+    assert probs.dtype == torch.float32
+    torch.testing.assert_close(probs, expected, rtol=1e-6, atol=1e-7)
+    assert torch.equal(probs == 0, expected == 0)  # the same support (top-k / top-p cuts)
