@@ -340,13 +340,23 @@ class _Run:
         more depth is not worth its cost for the batch (depth_policy.keep_drafting).
         """
         e, sp = self.e, self.sp
-        early_stop = early_stop and self.spec.mode == "entropy" and not e.cuda
+        # on a CPU in entropy mode the chain always stops where no row can use another draft;
+        # an exploring step (early_stop=False) skips only the policy's cost rule
+        host = self.spec.mode == "entropy" and not e.cuda
+        early_stop = early_stop and host
         logits, st = self._begin_heads(n, K)
         if e.heads.kind == "parallel":
             return self._draft_parallel(n, K, u, st, early_stop)
         table, calibrate = self.policy.table, self.spec.mode == "entropy"
         probs, toks, bins = [], [], []
         all_accepted = expected = None
+        if host:
+            # A draft past a row's drafted stop token, or past what its max_new_tokens leaves
+            # room for, can never be emitted: such rows add nothing to one more depth. (Depth 0
+            # of this step emits up to 1 + drafts tokens; the row has room for `room` more.)
+            room = (self.sp.max_new_tokens - self.n_out[:n]).tolist()
+            useful = [1.0] * n
+            stop_ids = set(self.sp.stop_token_ids or ())
         for i in range(K):
             dp = sampling_probs(logits, sp.temperature, sp.top_k, sp.top_p)  # [n, V] fp32
             if calibrate:  # the draft distribution's entropy, binned for the acceptance table
@@ -357,11 +367,18 @@ class _Run:
             probs.append(dp), toks.append(tok)
             if i + 1 == K:
                 break
-            if early_stop:  # host floats: on a CPU reading the n predictions back is free
+            if host:  # host floats: on a CPU reading the n predictions back is free
+                if stop_ids:
+                    useful = [0.0 if t in stop_ids else u for t, u in zip(tok.tolist(), useful)]
+                useful = [u if r >= i + 3 else 0.0 for r, u in zip(room, useful)]
+                if not any(useful):
+                    break
+            if early_stop:
                 a = table.predict_bins(bins[-1]).tolist()
                 all_accepted = a if all_accepted is None else [p * x for p, x in zip(all_accepted, a)]
                 expected = [1.0 + p for p in a] if expected is None else [e + p for e, p in zip(expected, all_accepted)]
-                if not self.policy.keep_drafting(sum(all_accepted), sum(expected), n, i + 1):
+                gain = sum(p * u for p, u in zip(all_accepted, useful))
+                if not self.policy.keep_drafting(gain, sum(expected), n, i + 1):
                     break
             logits, st = e.heads.step(st, tok, e.model.embed_tokens, e.model.logits)
         return torch.stack(probs, 1), torch.stack(toks, 1), torch.stack(bins, 1) if calibrate else None

@@ -283,3 +283,34 @@ def test_entropy_mode_stops_drafting_with_useless_heads():
     assert st.depth_hist[0] >= 0.85 * sum(st.depth_hist), st.depth_hist
     # head calls: one prefill per prompt, window flushes (one per 32 plain steps) and explorations
     assert calls["begin"] <= 24 + st.steps // 32 + st.steps // 16 + 2, (calls, st.steps)
+
+
+@pytest.mark.skipif(DEV.type == "cuda", reason="the CPU's early stop reads drafts back; a GPU drafts the budget")
+def test_entropy_mode_does_not_draft_past_a_drafted_stop_token_or_max_new_tokens(pair):
+    """A draft after a row's drafted stop token, or beyond the tokens max_new_tokens leaves it,
+    can never be emitted: entropy mode stops the chain there (any depth is exact, so this is
+    only time). Heads biased to draft the stop token first make that visible."""
+    _, model = pair
+    heads = _heads(model, "sequential", noise=0.05)
+    eos = 7
+    begin = heads.begin
+
+    def eos_first(*a, **k):  # depth 1 drafts the stop token (almost surely, at temperature 1)
+        logits, state = begin(*a, **k)
+        return logits.index_add(1, torch.tensor([eos], device=logits.device),
+                                torch.full_like(logits[:, :1], 60.0)), state
+
+    heads.begin = eos_first
+    spec, prompts = SpecParams(mode="entropy", max_k=4), _prompts(6, seed=2)
+
+    def draft_lengths(sp):
+        eng = Engine(model, heads, max_batch=1)
+        return [d for s in eng.generate(prompts, sp, spec, seed=1).sequences for d in s.draft_lengths]
+
+    # no stop token: the same drafts are worth drafting deeper (fresh heads start optimistic)
+    assert max(draft_lengths(SamplingParams(temperature=1.0, max_new_tokens=24))) > 1
+    # (0: plain steps, where the policy found drafting does not pay)
+    with_stop = set(draft_lengths(SamplingParams(temperature=1.0, max_new_tokens=24, stop_token_ids=[eos])))
+    assert 1 in with_stop and with_stop <= {0, 1}
+    # two tokens of room left after prefill: one draft and the bonus fill them
+    assert set(draft_lengths(SamplingParams(temperature=1.0, max_new_tokens=3))) <= {0, 1}
