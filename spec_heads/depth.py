@@ -347,6 +347,7 @@ class DepthPolicy:
         self._draft_rate: dict[int, float] = {}
         self._plain_timed: set[int] = set()  # buckets where a real plain step was timed
         self.early_stop = self.device.type != "cuda"  # the engine stops drafting early on a CPU
+        self.draft_margin = 0.05  # drafting must deliver 5% more tokens per second than plain steps
         # Exploration (see plan_step), counted in decode steps over the policy's life: across
         # generate() calls, so a rollout batch of a few dozen steps does not explore at the
         # same early step every time, and per rows bucket, like the budget it re-checks.
@@ -428,8 +429,12 @@ class DepthPolicy:
             best, best_rate = self._best_by_cost(rows_in_flight)
             drafting = self._draft_rate.get(key, best_rate)
             # only a real plain step's time may switch drafting off: a start-up probe skips the
-            # step's bookkeeping and would make plain steps look cheaper than they are
-            if key in self._plain_timed and 1.0 / self.cost.step_time(rows_in_flight, 1) > drafting:
+            # step's bookkeeping and would make plain steps look cheaper than they are. Drafting
+            # must beat plain steps by draft_margin: it has costs and variance the step model
+            # does not see (the heads' prefill, catching up after plain steps, noisy timings),
+            # and where the two are within a few percent plain steps are the safe choice.
+            plain = 1.0 / self.cost.step_time(rows_in_flight, 1)
+            if key in self._plain_timed and plain * (1.0 + self.draft_margin) > drafting:
                 self._budgets[key] = 0
             else:
                 self._budgets[key] = self.max_k if self.early_stop else best
@@ -477,9 +482,10 @@ class DepthPolicy:
         return best, best_rate
 
     def explore_depth(self, rows_in_flight: int) -> int:
-        """How deep an exploring step drafts when the budget is 0: as deep as drafting would go
-        (max_k with the CPU's early stop, else the best depth by the cost model)."""
-        return self.max_k if self.early_stop else self._best_by_cost(rows_in_flight)[0]
+        """How deep an exploring step drafts when the budget is 0: the depth with the best tokens
+        per second by the cost model, so it measures the rate that could switch drafting back
+        on (where verifying is dear, a max-depth step would cost many plain steps)."""
+        return self._best_by_cost(rows_in_flight)[0]
 
     def keep_drafting(self, all_accepted: float, expected: float, rows_in_flight: int, depth: int) -> bool:
         """After `depth` drafts: is drafting (and verifying) depth + 1 worth its marginal cost?

@@ -273,6 +273,15 @@ def test_budget_is_zero_when_drafting_delivers_less_than_plain_steps():
     assert fixed.draft_budget(1) == 3
 
 
+def test_budget_is_zero_where_drafting_only_ties_with_plain_steps():
+    # always accepted (E(d) = d + 1) and a step verifying d drafts costs (d + 1) / 1.03 plain
+    # steps: 3% more tokens per second than plain steps, inside the 5% margin
+    tie = observed_policy([1.0] * 4, 1.0, lambda d: (d + 1) / 1.03)
+    assert tie.draft_margin == 0.05 and tie.draft_budget(1) == 0
+    clear = observed_policy([1.0] * 4, 1.0, lambda d: (d + 1) / 1.10)  # 10% more: draft
+    assert clear.draft_budget(1) == 4
+
+
 def test_keep_drafting_compares_expected_gain_with_marginal_cost():
     # step time 1 + 0.25 * (tokens - 1): one more token costs 0.25 / (1 + 0.25 * depth) of the step
     policy = observed_policy([0.9] * 4, 1.0, lambda d: 1.0 + 0.25 * d)
@@ -297,9 +306,10 @@ def test_plan_step_explores_a_plain_stretch_ever_less_often_per_bucket():
     plans = [poor.plan_step(1) for _ in range(1500)]
     assert all(budget == 0 for budget, _, _ in plans)
     explored = [i + 1 for i, (_, depth, explore) in enumerate(plans) if explore]
-    # every exploring step drafts as deep as drafting would go (max_k with the CPU's early
-    # stop); every other step is plain
-    assert all(depth == 4 for _, depth, explore in plans if explore)
+    # every exploring step drafts the depth with the best rate by the cost model (1 for such
+    # poor heads: a deeper exploring step would cost more plain steps); every other step is plain
+    assert poor.explore_depth(1) == 1
+    assert all(depth == 1 for _, depth, explore in plans if explore)
     assert all(depth == 0 for _, depth, explore in plans if not explore)
     # gaps double from 32 up to 1024 (2048 would follow)
     assert explored == [32, 64, 128, 256, 512, 1024]
