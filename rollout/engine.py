@@ -309,8 +309,15 @@ class _Run:
         self.len_bound += 1
 
     def _begin_heads(self, n: int, K: int):
-        """Run the heads over each row's window; returns depth-1 logits and the draft state."""
+        """Run the heads over each row's window; returns depth-1 logits and the draft state.
+
+        On a GPU the window's width is padded to 16 or to the whole window: a launch-bound
+        device runs 16 positions as fast as 2, and every new shape costs first-call work (seen
+        as 10x slower head calls on an H200 while widths varied step to step). Padding entries
+        are invalid (past hlast) and go to the head cache's scratch slot."""
         e, w = self.e, self.hwidth
+        if e.cuda:
+            w = min(16, self.window) if w <= 16 else self.window
         pos = self.hstart[:n, None] + torch.arange(w, device=e.device)
         return e.heads.begin(self.hid[:n, :w], self.nxt[:n, :w], pos, self.hlast[:n],
                              e.model.embed_tokens, e.model.logits, self.hcache,
