@@ -22,6 +22,7 @@ reproduces a run exactly. The engine knows nothing about tokenizers, tasks or Ra
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections import deque
@@ -45,6 +46,18 @@ def _entropy(probs: torch.Tensor) -> torch.Tensor:
     """Entropy [...] of probabilities [..., V] (zeros allowed: entr(0) = 0); two kernels, for
     the decode loop (spec_heads.sampling.entropy_from_logprobs is the differentiable one)."""
     return torch.special.entr(probs).sum(-1)
+
+
+def _attention_backends(device: torch.device):
+    """Decoding's attention kernels: on CUDA every SDPA backend but cuDNN's, which builds an
+    execution plan per new shape (~1 ms of host time each, measured on an H200); a decode loop
+    meets new (rows, tokens, kv length) shapes all the time as rows finish and draft widths
+    change, and those builds made speculative steps several times slower than plain ones."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 def _bucket(n: int, quantum: int) -> int:
@@ -97,8 +110,9 @@ class Engine:
             raise ValueError(f"prompt length + max_new_tokens + draft depth = {need} exceeds the "
                              f"engine's max_len={self.max_len}; shorten prompts, lower "
                              "sampling.max_new_tokens, or raise rollout.max_seq_len")
-        run = _Run(self, prompts, ids, sampling, spec, K, seed, progress)
-        return run.loop()
+        with _attention_backends(self.device):
+            run = _Run(self, prompts, ids, sampling, spec, K, seed, progress)
+            return run.loop()
 
     # ------------------------------------------------------------ internals
     def caches(self, max_len: int):
