@@ -457,11 +457,16 @@ class DepthPolicy:
         budget = self.draft_budget(rows_in_flight)
         if self.mode != "entropy":
             return budget, budget, False
+        key = self.cost.bucket(rows_in_flight)
+        if key not in self._plain_timed:
+            # the first step at a new rows bucket is a plain one: only a real plain step's time
+            # can switch drafting off there, and a draining batch passes through every bucket,
+            # often for fewer steps than the periodic plain step's cadence
+            return budget, 0, False
         if budget and self.steps % 64 == 47:
             return budget, 0, False
         if budget >= self.max_k:
             return budget, budget, False
-        key = self.cost.bucket(rows_in_flight)
         gap = 32 if budget else self._explore_gap.get(key, 32)
         self._explore_gap[key] = gap
         due = self._explore_at.setdefault(key, self.steps + gap - 1)

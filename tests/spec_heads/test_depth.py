@@ -334,3 +334,13 @@ def test_plan_step_drafts_the_budget_with_periodic_plain_steps():
     assert [i + 1 for i, (_, d, _) in enumerate(plans) if d == 0] == [47, 111]
     fixed = DepthPolicy("fixed", k=3, max_k=6, num_bins=8, vocab_size=VOCAB, max_batch=MAX_BATCH)
     assert {fixed.plan_step(1) for _ in range(100)} == {(3, 3, False)}
+
+
+def test_plan_step_times_a_plain_step_first_at_every_new_rows_bucket():
+    # timed only at rows=1: at 64 rows no plain step has been timed, so drafting could never be
+    # switched off there; the first step at that bucket is a plain one, then it drafts
+    good = observed_policy([0.95] * 4, 1.0, lambda d: 1.5 + 0.1 * d)
+    assert good.plan_step(64) == (4, 0, False)
+    good.record_step(64, 1, 2.0)
+    assert good.plan_step(64)[1] == 4
+    assert good.plan_step(1)[1] == 4  # rows=1 had its plain timing already
