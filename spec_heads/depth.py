@@ -83,6 +83,13 @@ class AcceptanceTable:
         self._fitted = None  # [num_bins] float32, recomputed lazily after an update
         self._stale = 0  # updates since the last fit
 
+    def soften(self, weight: float) -> None:
+        """Keep each bin's estimate but with the weight of at most `weight` observations."""
+        scale = (weight / self.trials.clamp_min(1.0)).clamp(max=1.0)
+        self.trials.mul_(scale)
+        self.accepts.mul_(scale)
+        self._fitted, self._stale = None, 0
+
     def bins(self, draft_entropy: torch.Tensor) -> torch.Tensor:
         """Bin index (int64, same shape) of each entropy; out-of-range values go to the end bins."""
         entropy = torch.nan_to_num(draft_entropy.float(), nan=self.max_entropy)
@@ -572,9 +579,18 @@ class DepthPolicy:
             self._draft_rate[key] = rate if old is None else old + 0.1 * (rate - old)
 
     def reset_calibration(self) -> None:
-        """Forget acceptance outcomes, e.g. after the heads were re-fitted (timings stay)."""
-        self.table.reset()
-        self.pos_trials, self.pos_accepts = torch.zeros_like(self.pos_trials), torch.zeros_like(self.pos_accepts)
+        """Make acceptance outcomes a weak prior, e.g. after the heads were re-fitted (timings
+        stay): every position and entropy bin keeps its estimate with the weight of at most
+        the prior's pseudo-observations, so fresh outcomes take over within a few steps.
+
+        Not zero: from a plain stretch, exploring steps are blind and do not count acceptance,
+        so a policy reset to a pessimistic fixed prior could stay plain for good (seen in
+        `specroll train`: re-fitted heads, then 28 steps without drafting)."""
+        with torch.inference_mode():  # the counts are updated inside the engine's inference mode
+            self.table.soften(self.table.prior_weight)
+            scale = (self.prior_pos_weight / self.pos_trials.clamp_min(1.0)).clamp(max=1.0)
+            self.pos_trials.mul_(scale)
+            self.pos_accepts.mul_(scale)
         self._pos_accept, self._budgets, self._draft_rate = None, {}, {}
 
     def summary(self) -> dict:

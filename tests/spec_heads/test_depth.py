@@ -344,3 +344,22 @@ def test_plan_step_times_a_plain_step_first_at_every_new_rows_bucket():
     good.record_step(64, 1, 2.0)
     assert good.plan_step(64)[1] == 4
     assert good.plan_step(1)[1] == 4  # rows=1 had its plain timing already
+
+
+def test_reset_calibration_keeps_acceptance_as_a_weak_prior():
+    policy = observed_policy([0.95] * 4, 1.0, lambda d: 1.5 + 0.1 * d)
+    policy.reset_calibration()
+    after = policy.position_acceptance()
+    # still optimistic (the prior alone would say 0.8) ...
+    assert all(0.85 < a < 0.95 for a in after), after
+    # ... but fresh outcomes of re-fitted (here: worse) heads take over within a few hundred drafts
+    n = 400
+    policy.observe(torch.zeros(n, 4), torch.full((n,), 4), torch.zeros(n, dtype=torch.int64))
+    for _ in range(16):  # host estimates refresh every 16 timed steps
+        policy.record_step(1, 1, 1.0)
+    assert policy.position_acceptance()[0] < 0.1
+    # the per-entropy table keeps its estimate too, halfway to its prior at most
+    table = AcceptanceTable(4, math.log(VOCAB), prior_accept=0.5, prior_weight=4.0)
+    fill_table(table, [0.95] * 4, 1000)
+    table.soften(table.prior_weight)
+    assert torch.all(table.predict_bins(torch.arange(4)) > 0.7)
