@@ -26,6 +26,7 @@ import math
 import os
 import re
 import resource
+import statistics
 import sys
 import tempfile
 import time
@@ -222,12 +223,7 @@ class Timed:
         """Median over rounds of this round's rate / the base's rate in the same round, and the
         per-round ratios (paired rounds: drift of a shared machine cancels in each ratio)."""
         ratios = [r / b for r, b in zip(self.rates, base.rates) if b > 0]
-        if not ratios:
-            return math.nan, []
-        ordered = sorted(ratios)
-        mid = len(ordered) // 2
-        median = ordered[mid] if len(ordered) % 2 else 0.5 * (ordered[mid - 1] + ordered[mid])
-        return median, ratios
+        return (statistics.median(ratios) if ratios else math.nan), ratios
 
     def median(self) -> tuple[float, RolloutStats | None]:
         """Median tokens/s and the stats of that run (engine runs only)."""

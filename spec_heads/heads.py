@@ -125,6 +125,13 @@ class MTPModule(nn.Module):
     def __getstate__(self):  # the decode-time table (with weak references) is not state
         return {k: v for k, v in super().__getstate__().items() if not k.startswith("_fuse_")}
 
+    def fuse_next(self, g: torch.Tensor, tokens: torch.Tensor, embed) -> torch.Tensor:
+        """`fuse` of g with the embedding of `tokens`: through the per-token table where `embed`
+        is an nn.Embedding (`fuse_tokens`), else by calling it."""
+        if isinstance(embed, nn.Embedding):
+            return self.fuse_tokens(g, tokens, embed)
+        return self.fuse(g, embed(tokens).to(g.dtype))
+
     def fuse_tokens(self, g: torch.Tensor, tokens: torch.Tensor, embedding: nn.Embedding) -> torch.Tensor:
         """`fuse(g, embedding(tokens))` for decoding: proj splits into its hidden half and its
         embedding half, and the embedding half of every vocabulary token, proj_e(norm_e(E)) [V, H],
@@ -196,9 +203,8 @@ class DraftHeads(nn.Module):
             h_last = hidden[rows, last_index]  # [B, H]
             state = DraftState(depth=1, hidden=h_last, out_dtype=hidden.dtype)
             return self._parallel_logits(state, lm_head), state
-        kv_len = kv_len or (cache.max_len if cache is not None else None)
-        out, write_pos = self._absorb(hidden, next_tokens, positions, last_index, embed, cache, kv_len,
-                                      slots, floor)
+        out, write_pos, kv_len = self._absorb(hidden, next_tokens, positions, last_index, embed, cache,
+                                              kv_len, slots, floor)
         mtp, dt = self.mtp, self._param().dtype
         last_pos = write_pos[rows, last_index]  # [B]
         chain = None
@@ -219,29 +225,27 @@ class DraftHeads(nn.Module):
         parallel heads (they keep no cache)."""
         if self.kind == "parallel":
             return
-        self._absorb(hidden, next_tokens, positions, last_index, embed, cache,
-                     kv_len or (cache.max_len if cache is not None else None), slots, None)
+        self._absorb(hidden, next_tokens, positions, last_index, embed, cache, kv_len, slots, None)
 
     def _absorb(self, hidden, next_tokens, positions, last_index, embed, cache, kv_len, slots, floor):
         """Run the head's block over the T fed positions, writing their depth-1 cache entries.
-        Returns the block output [B, T, H] and the cache positions written [B, T]."""
+        Returns the block output [B, T, H], the cache positions written [B, T] and the kv_len
+        used (default: the whole cache)."""
         if cache is None:
             raise ValueError("cache: sequential heads keep their own KV cache; pass "
                              "heads.new_cache(max_batch, max_len) to begin")
+        kv_len = kv_len or cache.max_len
         mtp, dt = self.mtp, self._param().dtype
         T = hidden.shape[1]
         valid = torch.arange(T, device=hidden.device)[None, :] <= last_index[:, None]  # [B, T]
         # Depth-1 entry for position p sits at p+1. Padding goes to the scratch position, so
         # whatever positions the caller put in padding can never overwrite a committed entry.
         write_pos = torch.where(valid, positions + 1, cache.max_len - 1)  # [B, T]
-        if isinstance(embed, nn.Embedding):
-            x = mtp.fuse_tokens(hidden.to(dt), next_tokens, embed)  # [B, T, H]
-        else:
-            x = mtp.fuse(hidden.to(dt), embed(next_tokens).to(dt))
+        x = mtp.fuse_next(hidden.to(dt), next_tokens, embed)  # [B, T, H]
         cos, sin = mtp.rotary(write_pos, dt)
         out = mtp.block(x, cos, sin, self._mask(write_pos, kv_len, floor), 0,
                         CacheView(cache, write_pos, kv_len, slots))  # [B, T, H]
-        return out, write_pos
+        return out, write_pos, kv_len
 
     def step(self, state: DraftState, token: torch.Tensor, embed, lm_head):
         """Depth m+1 logits [B, V] given the depth-m drafted token [B]; returns (logits, state)."""
@@ -254,10 +258,7 @@ class DraftHeads(nn.Module):
         mtp, i = self.mtp, state.depth - 1
         cpos, cos, sin, mask = state.chain
         pos = cpos[:, i:i + 1]  # [B, 1]
-        if isinstance(embed, nn.Embedding):
-            x = mtp.fuse_tokens(state.hidden, token, embed)[:, None]  # [B, 1, H]
-        else:
-            x = mtp.fuse(state.hidden, embed(token).to(state.hidden.dtype))[:, None]
+        x = mtp.fuse_next(state.hidden, token, embed)[:, None]  # [B, 1, H]
         out = mtp.block(x, cos[:, :, i:i + 1], sin[:, :, i:i + 1], mask[:, :, i:i + 1], 0,
                         CacheView(state.cache, pos, state.kv_len, state.slots))[:, 0]
         state = DraftState(depth=state.depth + 1, hidden=out, positions=pos[:, 0], cache=state.cache,
