@@ -51,8 +51,9 @@ def _entropy(probs: torch.Tensor) -> torch.Tensor:
 def _attention_backends(device: torch.device):
     """Decoding's attention kernels: on CUDA every SDPA backend but cuDNN's, which builds an
     execution plan per new shape (~0.65 ms of host time per call on average, profiled on an
-    H200); a decode loop meets new (rows, tokens, kv length) shapes all the time as rows finish and draft widths
-    change, and those builds made speculative steps several times slower than plain ones."""
+    H200); a decode loop meets new (rows, tokens, kv length) shapes all the time as rows finish
+    and draft widths change, and those builds made speculative steps several times slower than
+    plain ones."""
     if device.type != "cuda":
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
