@@ -10,11 +10,13 @@ spike or a slow spell of a shared machine hits both sides of a ratio alike), rep
 range of the per-round ratios; tokens/s is the median run. CPU timings are only ratios; a GPU
 run names the card.
 
-Next to the measured speedup the table shows the one predicted from the measured per-position
-acceptance, the engine's own measured cost model for drafting steps and the off run's measured
-plain step (`predict`), and the fraction of it achieved: a low fraction points at time outside
-the decode steps (prefill, the batch draining at the end) or at acceptance that is not
-independent across positions, not at the heads.
+Next to the measured speedup the table shows the one predicted from the run's measured
+per-position acceptance and the measured cost of its decode steps against the off run's, both
+from the same round (`predict`), and the fraction of it achieved: a low fraction points at time
+outside the decode steps (prefill, where the heads also run over each prompt), at tokens drafted
+past a stop token, or at acceptance that is not independent across positions, not at the heads.
+The JSON also holds the prediction from the engine's online cost model
+(`predicted_speedup_cost_model`), which shows how well the entropy policy knows its step costs.
 
 This is a script that prints a table, never a test: nothing here asserts a time.
 """
@@ -324,19 +326,48 @@ def mean_rows(stats: RolloutStats, batch: int) -> int:
     return max(1, min(batch, round(stats.row_steps / stats.steps))) if stats.steps else 1
 
 
+def decode_time(stats: RolloutStats) -> float:
+    """Seconds a run spent in decode steps (its time less prefill)."""
+    return stats.time_s - stats.prefill_time_s
+
+
 def decode_step_time(stats: RolloutStats) -> float:
     """Seconds per decode step of a run (prefill left out)."""
-    return (stats.time_s - stats.prefill_time_s) / stats.steps if stats.steps else math.nan
+    return decode_time(stats) / stats.steps if stats.steps else math.nan
 
 
-def predict(stats: RolloutStats, cost, plain_step_s: float, rows: int) -> float:
-    """Speedup over off predicted from the measured acceptance and measured step costs: expected
-    tokens per step over the step's time, relative to a plain step's. Expected tokens follow
-    from the run's per-position acceptance (a step verifying d drafts yields
-    1 + a_1 + a_1 a_2 + ...); a drafting step's time is the engine's cost model at `rows` in
-    flight (real steps, timed by the entropy policy); a plain step's is `plain_step_s`, measured
-    on the off run. Steps are weighted by how many row-steps verified each depth, so fixed and
-    entropy runs are predicted alike."""
+def expected_decode_tokens(stats: RolloutStats) -> float:
+    """Tokens the run's decode steps yield by its measured per-position acceptance: a row-step
+    verifying d drafts yields 1 + a_1 + a_1 a_2 + ... (depth_hist counts row-steps by d); one
+    token per row-step without speculation."""
+    from spec_heads.depth import expected_tokens
+
+    if not stats.depth_hist:
+        return float(stats.row_steps)
+    accept = stats.accept_rate_per_pos
+    return sum(count * expected_tokens(accept, depth) for depth, count in enumerate(stats.depth_hist))
+
+
+def predict(stats: RolloutStats, off_stats: RolloutStats) -> float:
+    """Speedup over off predicted from measured acceptance and measured step costs, both runs
+    of the same round: the tokens the run's decode steps yield by its per-position acceptance
+    (expected_decode_tokens) per second of those steps (draft + verify, and its plain steps in
+    entropy mode), over the off run's tokens per second of decode steps. What it leaves out is
+    what `achieved` (measured / predicted) shows: prefill (the heads also run over each prompt),
+    tokens drafted past a stop token, and acceptance that is not independent across positions.
+
+    Both timings come from the same round, minutes apart at most: on a shared machine whose
+    speed drifts by tens of percent, a prediction built from timings of other minutes (such as
+    the engine's online cost model, `predict_from_cost_model`) moves by about as much."""
+    spec_rate = expected_decode_tokens(stats) / decode_time(stats)
+    off_rate = off_stats.row_steps / decode_time(off_stats)
+    return spec_rate / off_rate if off_rate > 0 and math.isfinite(spec_rate) else math.nan
+
+
+def predict_from_cost_model(stats: RolloutStats, cost, plain_step_s: float, rows: int) -> float:
+    """The same prediction from the engine's online step-cost model (what the entropy policy
+    decides with): a drafting step's time is cost.step_time at `rows` in flight, a plain step's
+    is `plain_step_s` (the off run's). Shows how well the policy's model knows the step costs."""
     from spec_heads.depth import expected_tokens
 
     accept = stats.accept_rate_per_pos
@@ -353,8 +384,9 @@ def predict(stats: RolloutStats, cost, plain_step_s: float, rows: int) -> float:
 
 def bench_batch(model, heads, hf_model, prompts, batch: int, modes, sampling: SamplingParams,
                 spec_base: SpecParams, tok, seed: int, repeats: int, device, label: dict) -> list[dict]:
-    """Rows for one batch size: the engine per mode and the peer, interleaved. Predictions use the
-    entropy run's cost model (start-up probes + real steps), or a probed one without entropy."""
+    """Rows for one batch size: the engine per mode and the peer, interleaved. Predictions pair
+    each round's runs (`predict`); the cost-model prediction uses the entropy run's cost model
+    (start-up probes + real steps), or a probed one without entropy."""
     from rollout.engine import Engine
 
     eng = Engine(model, heads, max_batch=batch, device=device)
@@ -367,7 +399,7 @@ def bench_batch(model, heads, hf_model, prompts, batch: int, modes, sampling: Sa
     if hf_model is not None:
         runners[("hf", 0)] = HFRunner(hf_model, prompts, batch, sampling, tok.eos_id, tok.pad_id, seed, device)
     timed = time_interleaved(runners, repeats, device)
-    # one cost model for every prediction, so they compare like with like: a fixed run's own
+    # one cost model for every cost-model prediction, so they compare like with like: a fixed run's own
     # timings are real steps (bookkeeping included), which the start-up probes are not
     if ("entropy", 0) in runners:
         cost = runners[("entropy", 0)].policy.cost
@@ -376,9 +408,8 @@ def bench_batch(model, heads, hf_model, prompts, batch: int, modes, sampling: Sa
         cost = eng.ensure_depth_policy(replace(spec_base, mode="entropy", k=1, max_k=K), K).cost
     off_timed = timed[("off", 0)]
     off, off_stats = off_timed.median()
-    # predictions compare like with like: every mode's step costs at the rows in flight of the
-    # off run, where its plain step was timed (speculative runs drain sooner, so their own
-    # average rows are lower; that part of their speed shows in `achieved`)
+    # the cost-model prediction takes every mode's step costs at the rows in flight of the off
+    # run, where its plain step was timed (speculative runs drain sooner)
     plain_step_s, off_rows = decode_step_time(off_stats), mean_rows(off_stats, batch)
     hf_timed = timed.get(("hf", 0))
     hf = hf_timed.median()[0] if hf_timed is not None else None
@@ -394,12 +425,19 @@ def bench_batch(model, heads, hf_model, prompts, batch: int, modes, sampling: Sa
             row.update(mean_accepted_len=1.0, accept_rate_per_pos=[], depth_hist=[], predicted_speedup=None,
                        fraction_of_predicted=None, mean_rows=None, tokens=None, time_s=None)
         else:
-            rows_in_flight = mean_rows(stats, batch)
-            pred = predict(stats, cost, plain_step_s, off_rows) if mode != "off" else 1.0
+            # paired like the speedup: each round's prediction from that round's two runs, and
+            # achieved = the median of each round's measured / predicted
+            preds = [predict(s, o) for s, o in zip(t.stats, off_timed.stats)] if mode != "off" else [1.0]
+            pred = statistics.median(preds)
+            achieved = [r / p for r, p in zip(rounds, preds) if p > 0] if mode != "off" else [1.0]
             row.update(mean_accepted_len=decode_accepted_len(stats), accept_rate_per_pos=stats.accept_rate_per_pos,
                        depth_hist=stats.depth_hist, predicted_speedup=pred,
-                       fraction_of_predicted=row["speedup_vs_off"] / pred if pred > 0 else None,
-                       mean_rows=rows_in_flight, tokens=stats.tokens, time_s=stats.time_s)
+                       fraction_of_predicted=statistics.median(achieved) if achieved else None,
+                       predicted_speedup_cost_model=(predict_from_cost_model(stats, cost, plain_step_s, off_rows)
+                                                     if mode != "off" else 1.0),
+                       mean_rows=mean_rows(stats, batch), tokens=stats.tokens, time_s=stats.time_s,
+                       prefill_time_s=stats.prefill_time_s, draft_time_s=stats.draft_time_s,
+                       verify_time_s=stats.verify_time_s)
         rows.append(row)
     return rows
 

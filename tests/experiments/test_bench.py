@@ -81,6 +81,9 @@ def test_speculative_rows_are_consistent(bench_rows):
         if r["mode"] == "hf":
             continue
         assert math.isfinite(r["predicted_speedup"]) and r["predicted_speedup"] > 0
+        # one round: achieved is that round's measured over predicted speedup
+        assert r["fraction_of_predicted"] == pytest.approx(r["speedup_vs_off"] / r["predicted_speedup"])
+        assert math.isfinite(r["predicted_speedup_cost_model"]) and r["predicted_speedup_cost_model"] > 0
         assert r["speedup_vs_off"] == pytest.approx(r["tokens_per_s"] / off[r["batch"]])
         assert r["rounds"] == 1 and r["speedup_vs_off_rounds"] == [pytest.approx(r["speedup_vs_off"])]
         if r["mode"] == "fixed":
@@ -156,7 +159,25 @@ def test_markdown_table_has_a_row_per_result():
     assert "| off | - |" in lines[3]
 
 
-def test_predict_is_expected_tokens_over_relative_step_time():
+def test_predict_is_expected_tokens_per_decode_second_over_off():
+    from rollout.types import RolloutStats
+
+    # off: 100 row-steps (one token each) in 0.2 s of decode (0.05 s of its 0.25 s was prefill)
+    off = RolloutStats(row_steps=100, steps=100, time_s=0.25, prefill_time_s=0.05)
+    # every row-step drafted 2, acceptance 0.8 then 0.5: E = 1 + 0.8 + 0.4 = 2.2 tokens per
+    # row-step; 10 row-steps in 0.02 s of decode -> 1100 tokens/s against off's 500
+    spec = RolloutStats(row_steps=10, steps=10, time_s=0.03, prefill_time_s=0.01, drafted_per_pos=[10, 8],
+                        accepted_per_pos=[8, 4], depth_hist=[0, 0, 10])
+    assert bench.expected_decode_tokens(spec) == pytest.approx(22.0)
+    assert bench.predict(spec, off) == pytest.approx(1100 / 500)
+    # plain row-steps (depth 0) yield one token each, and prefill time never counts
+    mixed = RolloutStats(row_steps=20, steps=20, time_s=1.0, prefill_time_s=0.96, drafted_per_pos=[10, 8],
+                         accepted_per_pos=[8, 4], depth_hist=[10, 0, 10])
+    assert bench.predict(mixed, off) == pytest.approx((10 + 22) / 0.04 / 500)
+    assert bench.predict(off, off) == pytest.approx(1.0)
+
+
+def test_cost_model_prediction_uses_the_engine_step_costs():
     from rollout.types import RolloutStats
     from spec_heads.depth import CostModel
 
@@ -164,12 +185,10 @@ def test_predict_is_expected_tokens_over_relative_step_time():
     for t in range(2, 6):  # a drafting step verifying t tokens costs 1 + 0.5 t ms at 4 rows
         cost.record(4, t, (1.0 + 0.5 * t) * 1e-3)
     plain = 1.2e-3
-    # every row-step drafted 2, acceptance 0.8 then 0.5: E = 1 + 0.8 + 0.4 = 2.2 tokens per step
     stats = RolloutStats(drafted_per_pos=[10, 8, 0, 0], accepted_per_pos=[8, 4, 0, 0], depth_hist=[0, 0, 10, 0, 0])
-    assert bench.predict(stats, cost, plain, 4) == pytest.approx(2.2 / (2.5e-3 / plain))
-    # plain steps (depth 0) count at the measured plain step time, one token each
+    assert bench.predict_from_cost_model(stats, cost, plain, 4) == pytest.approx(2.2 / (2.5e-3 / plain))
     mixed = RolloutStats(drafted_per_pos=[10, 8, 0, 0], accepted_per_pos=[8, 4, 0, 0], depth_hist=[10, 0, 10, 0, 0])
-    assert bench.predict(mixed, cost, plain, 4) == pytest.approx((10 + 22) / (10 + 10 * 2.5e-3 / plain))
+    assert bench.predict_from_cost_model(mixed, cost, plain, 4) == pytest.approx((10 + 22) / (10 + 10 * 2.5e-3 / plain))
 
 
 def test_speedups_are_medians_of_paired_per_round_ratios():
