@@ -447,6 +447,11 @@ class DepthPolicy:
                 self._budgets[key] = self.max_k if self.early_stop else best
         return self._budgets[key]
 
+    def drafting_off(self, rows_in_flight: int) -> bool:
+        """Entropy mode with a draft budget of 0 at this many rows: decode steps are plain ones
+        (but for exploring steps) until real timings say drafting pays again."""
+        return self.mode == "entropy" and self.draft_budget(rows_in_flight) == 0
+
     def plan_step(self, rows_in_flight: int) -> tuple[int, int, bool]:
         """(budget, depth, explore) for the next decode step at this many rows; counts the step.
 

@@ -252,6 +252,38 @@ def test_long_plain_stretches_keep_generation_exact(pair, monkeypatch, kind):
         assert [s.tokens for s in spec.sequences] == [s.tokens for s in plain.sequences]
 
 
+def test_heads_skip_prompts_while_drafting_is_off(pair, monkeypatch):
+    """Where the entropy policy's budget is 0 at the rows in flight, prefill does not run the
+    heads over the prompt (drafts there would not be made); where drafting resumes, those rows
+    draft from the first position after their prompt, and generation stays exact."""
+    from spec_heads.depth import DepthPolicy
+
+    _, model = pair
+    heads = _heads(model, "sequential", noise=0.02)
+    prefills = []
+    prefill = heads.prefill
+    heads.prefill = lambda h, *a, **k: (prefills.append(h.shape[0]), prefill(h, *a, **k))[1]
+    prompts, sp = _prompts(8, seed=6), SamplingParams(temperature=0, max_new_tokens=40)
+    plain = Engine(model, max_batch=3).generate(prompts, sp)
+    spec = SpecParams(mode="entropy", max_k=4)
+
+    monkeypatch.setattr(DepthPolicy, "draft_budget", lambda self, rows: 0)
+    Engine(model, heads, max_batch=3).generate(prompts, sp, spec)
+    assert prefills == []
+    monkeypatch.setattr(DepthPolicy, "draft_budget", lambda self, rows: 4)
+    Engine(model, heads, max_batch=3).generate(prompts, sp, spec)
+    assert sum(prefills) == len(prompts)
+    # the first 3 prompts are prefilled while drafting is off, then drafting is on for good:
+    # those rows draft without the heads having seen their prompt
+    prefills.clear()
+    scripted_budget(monkeypatch, 3, depth=4)  # calls: 1 at the first refill, 2 at the first steps
+    out = Engine(model, heads, max_batch=3).generate(prompts, sp, spec)
+    assert sum(prefills) == len(prompts) - 3
+    assert sum(out.stats.depth_hist[1:]) > 20, out.stats.depth_hist
+    if DTYPE == torch.float32:
+        assert [s.tokens for s in out.sequences] == [s.tokens for s in plain.sequences]
+
+
 def test_entropy_mode_stops_drafting_with_useless_heads():
     """Heads whose drafts are almost never accepted make drafting slower than plain steps: the
     entropy policy must notice from real outcomes and timings and switch to plain steps, where
