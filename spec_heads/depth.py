@@ -350,9 +350,18 @@ class DepthPolicy:
         self._thresholds_version = -1
         self._budgets: dict[int, int] = {}  # bucket -> deepest useful draft
         # bucket -> EMA of expected tokens per row per second over real drafting steps: what
-        # drafting actually delivers, compared with a plain step's 1 / step_time(rows, 1)
+        # drafting actually delivers
         self._draft_rate: dict[int, float] = {}
         self._plain_timed: set[int] = set()  # buckets where a real plain step was timed
+        # Drafting against plain steps, paired in time (see record_step): bucket -> EMA of
+        # (drafted tokens per second) / (plain tokens per second), each sample from timings a
+        # few steps apart. A shared machine's speed drifts by tens of percent over minutes;
+        # plain steps are rare while drafting (and drafting steps rare while plain), so an
+        # average plain step set against recent drafting steps would mostly measure the drift.
+        self._plain_recent: dict[int, tuple[float, int]] = {}  # bucket -> (EMA seconds, step)
+        self._draft_recent: dict[int, int] = {}  # bucket -> step of the last drafting timing
+        self._advantage: dict[int, float] = {}
+        self.pair_within = 128  # steps: how far apart two timings may be to pair
         self.early_stop = self.device.type != "cuda"  # the engine stops drafting early on a CPU
         self.draft_margin = 0.05  # drafting must deliver 5% more tokens per second than plain steps
         # Exploration (see plan_step), counted in decode steps over the policy's life: across
@@ -418,10 +427,10 @@ class DepthPolicy:
     def draft_budget(self, rows_in_flight: int) -> int:
         """How deep to draft this step at this many rows (host only; no sync between refreshes).
 
-        fixed: k. entropy: 0 (a plain step, the heads skipped) when a plain step's rate, 1 /
-        step_time(rows, 1), beats what drafting steps have delivered at this many rows
-        (expected tokens per second, measured on real steps; before any, predicted from the
-        cost model). That is what keeps speculation from ever being much slower than `off`
+        fixed: k. entropy: 0 (a plain step, the heads skipped) when drafting steps have not
+        delivered more tokens per second than plain steps at this many rows (measured on real
+        steps, each drafting rate against a plain step's timed near it: record_step; before
+        any, predicted from the cost model). That is what keeps speculation from ever being much slower than `off`
         where drafts are poor or verifying is dear; exploration steps keep re-measuring it.
         Otherwise max_k where the engine stops drafting early (CPU), else the depth d that
         maximises E(d) / step_time(rows, 1 + d).
@@ -440,8 +449,10 @@ class DepthPolicy:
             # must beat plain steps by draft_margin: it has costs and variance the step model
             # does not see (the heads' prefill, catching up after plain steps, noisy timings),
             # and where the two are within a few percent plain steps are the safe choice.
-            plain = 1.0 / self.cost.step_time(rows_in_flight, 1)
-            if key in self._plain_timed and plain * (1.0 + self.draft_margin) > drafting:
+            advantage = self._advantage.get(key)
+            if advantage is None:  # no paired timings yet: the cost model's plain step
+                advantage = drafting * self.cost.step_time(rows_in_flight, 1)
+            if key in self._plain_timed and advantage < 1.0 + self.draft_margin:
                 self._budgets[key] = 0
             else:
                 self._budgets[key] = self.max_k if self.early_stop else best
@@ -576,12 +587,26 @@ class DepthPolicy:
         """Time of a real step (draft + verify) with tokens_per_row = 1 + deepest draft in it
         (1: a plain step). Start-up probes go to `cost.record` directly."""
         self.cost.record(rows, tokens_per_row, seconds)
+        key = self.cost.bucket(rows)
         if tokens_per_row == 1:
-            self._plain_timed.add(self.cost.bucket(rows))
-        if tokens_per_row > 1 and self.mode == "entropy":
-            key, rate = self.cost.bucket(rows), self.expected_tokens(tokens_per_row - 1) / seconds
+            self._plain_timed.add(key)
+            old = self._plain_recent.get(key)
+            self._plain_recent[key] = (seconds if old is None else old[0] + 0.3 * (seconds - old[0]), self.steps)
+            if self.steps - self._draft_recent.get(key, -self.pair_within - 1) <= self.pair_within:
+                self._pair(key, self._draft_rate[key] * seconds)
+        elif self.mode == "entropy":
+            rate = self.expected_tokens(tokens_per_row - 1) / seconds
             old = self._draft_rate.get(key)
             self._draft_rate[key] = rate if old is None else old + 0.1 * (rate - old)
+            self._draft_recent[key] = self.steps
+            plain = self._plain_recent.get(key)
+            if plain is not None and self.steps - plain[1] <= self.pair_within:
+                self._pair(key, rate * plain[0])
+
+    def _pair(self, key: int, advantage: float) -> None:
+        """One sample of drafting's advantage over plain steps from timings near in time."""
+        old = self._advantage.get(key)
+        self._advantage[key] = advantage if old is None else old + 0.1 * (advantage - old)
 
     def reset_calibration(self) -> None:
         """Make acceptance outcomes a weak prior, e.g. after the heads were re-fitted (timings
@@ -596,7 +621,8 @@ class DepthPolicy:
             scale = (self.prior_pos_weight / self.pos_trials.clamp_min(1.0)).clamp(max=1.0)
             self.pos_trials.mul_(scale)
             self.pos_accepts.mul_(scale)
-        self._pos_accept, self._budgets, self._draft_rate = None, {}, {}
+        self._pos_accept, self._budgets, self._draft_rate, self._advantage = None, {}, {}, {}
+        self._draft_recent = {}
 
     def summary(self) -> dict:
         """For logs (syncs): acceptance table, cost table, per-depth thresholds, depth histogram."""

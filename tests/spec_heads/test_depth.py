@@ -282,6 +282,36 @@ def test_budget_is_zero_where_drafting_only_ties_with_plain_steps():
     assert clear.draft_budget(1) == 4
 
 
+def _drifting_run(policy, plain_s: float, draft_s: float, speed, steps: int = 3000) -> list[int]:
+    """Real steps through plan_step at one row, each timed at its cost x speed(step) (a shared
+    machine's drift); returns each step's draft depth."""
+    depths = []
+    for step in range(steps):
+        _, depth, _ = policy.plan_step(1)
+        policy.record_step(1, 1 + depth, speed(step) * (plain_s if depth == 0 else draft_s))
+        depths.append(depth)
+    return depths
+
+
+def test_budget_pairs_drafting_with_plain_steps_timed_near_it():
+    """Each drafting rate is weighed against plain steps timed in the same spell of a drifting
+    machine, not against plain steps of other minutes: plain steps are rare while drafting, so
+    their long-run average lags the drift (and drafting steps are rare while plain)."""
+    slow_later = lambda step: 2.0 if step >= 200 else 1.0
+    fast_later = lambda step: 1.0 if step >= 200 else 2.0
+    # drafting yields 1.12x the tokens per second of plain steps; the machine then halves its
+    # speed: drafting stays on (but for the periodic plain step; set against the average plain
+    # step instead, drafting switched off for 5% of the steps)
+    good = observed_policy([0.95] * 4, 1.0, lambda d: 3.6)
+    depths = _drifting_run(good, 1.0, good.expected_tokens(4) / 1.12, slow_later)
+    assert sum(d > 0 for d in depths[200:]) >= 0.97 * len(depths[200:])
+    # drafting yields 0.9x: off, whether the machine speeds up or slows down
+    for speed in (slow_later, fast_later):
+        poor = observed_policy([0.95] * 4, 1.0, lambda d: 5.0)
+        depths = _drifting_run(poor, 1.0, poor.expected_tokens(4) / 0.9, speed)
+        assert sum(d > 0 for d in depths[200:]) <= 0.03 * len(depths[200:])
+
+
 def test_keep_drafting_compares_expected_gain_with_marginal_cost():
     # step time 1 + 0.25 * (tokens - 1): one more token costs 0.25 / (1 + 0.25 * depth) of the step
     policy = observed_policy([0.9] * 4, 1.0, lambda d: 1.0 + 0.25 * d)
