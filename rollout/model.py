@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 from torch import nn
 
-from spec_heads.layers import CacheView, DecoderBlock, KVCache, RMSNorm, RopeSpec, Rotary, causal_mask
+from spec_heads.layers import CacheView, DecoderBlock, KVCache, Linear, RMSNorm, RopeSpec, Rotary, causal_mask
 
 
 @dataclass
@@ -92,7 +92,7 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.rotary = Rotary(RopeSpec(c.head_dim, c.rope_theta, c.rope_scaling, c.max_position_embeddings,
                                       c.extra.get("partial_rotary_factor", 1.0)))
-        self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
+        self.lm_head = Linear(c.hidden_size, c.vocab_size, bias=False)
         if c.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 

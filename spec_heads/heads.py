@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from spec_heads.layers import (CacheView, DecoderBlock, KVCache, RMSNorm, RopeSpec, Rotary,
+from spec_heads.layers import (CacheView, DecoderBlock, KVCache, Linear, RMSNorm, RopeSpec, Rotary,
                                causal_mask)
 
 KINDS = ("parallel", "sequential")
@@ -91,8 +91,8 @@ class ResBlock(nn.Module):
 
     def __init__(self, hidden: int):
         super().__init__()
-        self.w1 = nn.Linear(hidden, hidden)
-        self.w2 = nn.Linear(hidden, hidden)
+        self.w1 = Linear(hidden, hidden)
+        self.w2 = Linear(hidden, hidden)
         nn.init.zeros_(self.w2.weight)
         nn.init.zeros_(self.w2.bias)
 
@@ -108,7 +108,7 @@ class MTPModule(nn.Module):
         H, eps = mc.hidden_size, mc.rms_norm_eps
         self.norm_h = RMSNorm(H, eps)
         self.norm_e = RMSNorm(H, eps)
-        self.proj = nn.Linear(2 * H, H, bias=False)
+        self.proj = Linear(2 * H, H, bias=False)
         self.block = DecoderBlock(H, mc.intermediate_size, mc.num_attention_heads,
                                   mc.num_key_value_heads, mc.head_dim, eps,
                                   mc.attention_bias, mc.qk_norm)

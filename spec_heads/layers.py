@@ -32,6 +32,26 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
+class Linear(nn.Linear):
+    """nn.Linear that, on a CPU, multiplies 2 or 3 rows as 4 (zero padding, dropped after).
+
+    MKL (torch's CPU BLAS) multiplies 2 or 3 rows as that many matrix-vector products, each
+    reading the whole weight matrix, where from 4 rows on it reads the weights once: for
+    SmolLM2-135M on the 2-core AMD EPYC dev box, the 49k-token LM head takes 9.4 ms at 1 row,
+    32 ms at 3 rows and 16 ms at 4; a 3-token forward 71 ms, a 4-token one 59 ms. Decoding meets
+    2 or 3 rows all the time: a verify of 1-2 drafts at batch 1, a batch draining to its last rows.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cpu and x.dim() >= 2 and x.shape[-1]:
+            rows = x.numel() // x.shape[-1]
+            if rows == 2 or rows == 3:
+                flat = x.reshape(rows, x.shape[-1])
+                out = F.linear(torch.cat((flat, flat.new_zeros(4 - rows, x.shape[-1]))), self.weight, self.bias)
+                return out[:rows].reshape(*x.shape[:-1], out.shape[-1])
+        return F.linear(x, self.weight, self.bias)
+
+
 @dataclass
 class RopeSpec:
     """Rotary embedding parameters, as in a Hugging Face config (`rope_theta`, `rope_scaling`)."""
@@ -167,10 +187,10 @@ class Attention(nn.Module):
                  bias: bool = False, qk_norm: bool = False, eps: float = 1e-6, o_bias: bool = False):
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim = n_heads, n_kv_heads, head_dim
-        self.q_proj = nn.Linear(hidden, n_heads * head_dim, bias=bias)
-        self.k_proj = nn.Linear(hidden, n_kv_heads * head_dim, bias=bias)
-        self.v_proj = nn.Linear(hidden, n_kv_heads * head_dim, bias=bias)
-        self.o_proj = nn.Linear(n_heads * head_dim, hidden, bias=o_bias)
+        self.q_proj = Linear(hidden, n_heads * head_dim, bias=bias)
+        self.k_proj = Linear(hidden, n_kv_heads * head_dim, bias=bias)
+        self.v_proj = Linear(hidden, n_kv_heads * head_dim, bias=bias)
+        self.o_proj = Linear(n_heads * head_dim, hidden, bias=o_bias)
         self.q_norm = RMSNorm(head_dim, eps) if qk_norm else None
         self.k_norm = RMSNorm(head_dim, eps) if qk_norm else None
 
@@ -211,9 +231,9 @@ class Attention(nn.Module):
 class SwiGLU(nn.Module):
     def __init__(self, hidden: int, intermediate: int):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self.gate_proj = Linear(hidden, intermediate, bias=False)
+        self.up_proj = Linear(hidden, intermediate, bias=False)
+        self.down_proj = Linear(intermediate, hidden, bias=False)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -339,3 +339,27 @@ def nn_embedding_like(emb):
     other = torch.nn.Embedding(*emb.weight.shape)
     other.weight.normal_()
     return other
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 6])
+def test_cpu_linear_multiplies_two_or_three_rows_as_four(rows, monkeypatch):
+    """spec_heads.layers.Linear pads 2 or 3 rows to 4 on a CPU (MKL runs 2-3 rows as that many
+    matrix-vector products): same values and gradients as nn.Linear, at every row count."""
+    import torch.nn.functional as F
+
+    from spec_heads import layers
+
+    torch.manual_seed(0)
+    lin = layers.Linear(8, 5)
+    ref = torch.nn.Linear(8, 5)
+    ref.load_state_dict(lin.state_dict())
+    x = torch.randn(rows, 1, 8, requires_grad=True)
+    seen = []
+    linear = F.linear
+    monkeypatch.setattr(layers.F, "linear", lambda a, w, b=None: (seen.append(a.shape[0]), linear(a, w, b))[1])
+    out = lin(x)
+    assert seen == [4 if rows in (2, 3) else rows]
+    assert out.shape == (rows, 1, 5)
+    torch.testing.assert_close(out, ref(x), atol=1e-6, rtol=1e-6)
+    (grad,) = torch.autograd.grad(out.square().sum(), x)
+    torch.testing.assert_close(grad, torch.autograd.grad(ref(x).square().sum(), x)[0], atol=1e-6, rtol=1e-6)
