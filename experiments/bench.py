@@ -602,8 +602,9 @@ def main(argv: list[str] | None = None) -> int:
                             tok, seed, args.repeats, device, label)
         if args.json:  # keep what was measured if a later batch size fails
             write_json(rows, args.json)
-    caption = ("speedups are ratios in this run; acc len = tokens per verify row-step; pred x = from measured "
-               "acceptance and the engine's measured cost model; peak MB = "
+    caption = ("speedups are medians of per-round ratios in this run; acc len = tokens per verify row-step; "
+               "pred x = from measured acceptance and the measured decode-step rate of each run against off's, "
+               "per round; achieved = x off / pred x, per round; peak MB = "
                + ("CUDA max allocated" if device.type == "cuda" else "process peak RSS so far")
                + ("; CPU timings are only ratios" if device.type == "cpu" else ""))
     print_table(rows, f"specroll bench on {machine}", caption)
