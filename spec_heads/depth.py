@@ -369,7 +369,8 @@ class DepthPolicy:
         # same early step every time, and per rows bucket, like the budget it re-checks.
         self.steps = 0
         self._explore_at: dict[int, int] = {}  # bucket -> step of its next exploring step
-        self._explore_gap: dict[int, int] = {}  # bucket -> steps between exploring steps
+        self._explore_gap: dict[int, int] = {}  # bucket -> back-off between exploring steps
+        self.explore_overhead = 0.02  # exploring from a plain stretch costs at most this share
 
     def _refresh(self) -> None:
         """Re-derive host-side caches once per 16 timings: every step records one, and the
@@ -472,7 +473,8 @@ class DepthPolicy:
         good (any depth is exact; this only costs time): budget + 1, or from a plain stretch
         (budget 0) an ordinary drafting step (explore_depth). While a bucket's budget stays 0
         and exploring keeps confirming it, it explores ever less often (every 32, 64, ... 1024
-        steps): where verifying is dear an exploring step costs several plain ones. And while
+        steps, and never more often than keeps the exploring steps' extra time within
+        explore_overhead of the stretch: where verifying is dear one costs several plain steps). And while
         drafting, every 64th step is a plain one, so the plain step's cost that drafting is
         weighed against is a real timing (the heads catch up on it at the next step).
         """
@@ -490,15 +492,23 @@ class DepthPolicy:
             return budget, 0, False
         if budget >= self.max_k:
             return budget, budget, False
-        gap = 32 if budget else self._explore_gap.get(key, 32)
-        self._explore_gap[key] = gap
+        backoff = 32 if budget else self._explore_gap.get(key, 32)
+        self._explore_gap[key] = backoff
+        depth = budget + 1 if budget else self.explore_depth(rows_in_flight)
+        gap = backoff
+        if not budget:
+            # an exploring step from a plain stretch costs step_time(rows, 1 + depth) - one
+            # plain step extra: space them so they cost at most explore_overhead of the stretch
+            # (at 64 rows a 7-token step is ~4 plain ones: every 32nd step would cost ~10%)
+            extra = self.cost.step_time(rows_in_flight, 1 + depth) / self.cost.step_time(rows_in_flight, 1) - 1.0
+            gap = max(backoff, math.ceil(max(extra, 0.0) / self.explore_overhead))
         due = self._explore_at.setdefault(key, self.steps + gap - 1)
         if self.steps < due:
             return budget, budget, False
         self._explore_at[key] = self.steps + gap
         if not budget:
-            self._explore_gap[key] = min(2 * gap, 1024)
-        return budget, budget + 1 if budget else self.explore_depth(rows_in_flight), True
+            self._explore_gap[key] = min(2 * backoff, 1024)
+        return budget, depth, True
 
     def _best_by_cost(self, rows_in_flight: int) -> tuple[int, float]:
         """(d, rate): the draft depth d >= 1 that maximises E(d) / step_time(rows, 1 + d)."""
