@@ -312,6 +312,24 @@ def test_budget_pairs_drafting_with_plain_steps_timed_near_it():
         assert sum(d > 0 for d in depths[200:]) <= 0.03 * len(depths[200:])
 
 
+def test_budget_follows_the_paired_advantage_at_once():
+    """The budget is cached per rows bucket between refreshes (every 16 timings); a paired
+    timing that moves drafting's advantage across the threshold drops the cache at once, so a
+    slow machine stops drafting at a loss within a step (at 32 rows of a 135M model on a CPU,
+    the 16 steps until the refresh cost seconds)."""
+    policy = observed_policy([0.95] * 4, 1.0, lambda d: 1.5 + 0.1 * d)
+    bar = 1.0 + policy.draft_margin
+    assert policy.draft_budget(1) == 4
+    for _ in range(4):  # (so the switch does not fall on a refresh by chance)
+        policy.record_step(1, 1, 1.0)
+    flips = 0
+    for _ in range(30):  # drafting steps now take 20 plain steps each
+        policy.record_step(1, 5, 20.0)
+        assert (policy.draft_budget(1) == 0) == (policy._advantage[0] < bar)
+        flips += policy.draft_budget(1) == 0
+    assert flips > 10
+
+
 def test_keep_drafting_compares_expected_gain_with_marginal_cost():
     # step time 1 + 0.25 * (tokens - 1): one more token costs 0.25 / (1 + 0.25 * depth) of the step
     policy = observed_policy([0.9] * 4, 1.0, lambda d: 1.0 + 0.25 * d)
