@@ -291,16 +291,22 @@ class HFRunner:
 
 def time_interleaved(runners: dict, repeats, device) -> dict:
     """One warm-up run of each configuration, then `repeats` rounds (or, for "auto", as many as
-    fit in AUTO_ROUNDS_S: auto_rounds) that run every configuration once, in turn: a load spike
-    on a shared machine then hits all of them alike, not one."""
+    fit in AUTO_ROUNDS_S: auto_rounds) that run every configuration once, in turn, in reverse
+    order every other round: a load spike or a drift of a shared machine then hits all of them
+    alike, not one."""
     timed = {key: Timed([], []) for key in runners}
     t0 = time.perf_counter()
     for run in runners.values():
         run()
     if repeats == "auto":
         repeats = auto_rounds(time.perf_counter() - t0)
-    for _ in range(repeats):
-        for key, run in runners.items():
+    for r in range(repeats):
+        # every other round runs the configurations in reverse order: a machine that speeds up
+        # or slows down over minutes would otherwise always favour the configurations late in
+        # a round (seen on the 2-core VM: the off engine at 77, 103, 126 tok/s in three runs
+        # a minute apart); in a reversed pair of rounds a steady drift cancels
+        items = list(runners.items())
+        for key, run in (items if r % 2 == 0 else items[::-1]):
             _reset_peak(device)
             rate, stats = run()
             t = timed[key]

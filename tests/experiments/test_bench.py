@@ -202,6 +202,25 @@ def test_speedups_are_medians_of_paired_per_round_ratios():
     assert spec.speedup_over(bench.Timed(rates=[100.0, 50.0], stats=[]))[0] == pytest.approx(1.55)
 
 
+def test_rounds_alternate_the_order_of_configurations():
+    """A machine that slows down steadily would favour whichever configuration runs first in
+    every round; reversing every other round cancels a steady drift in the paired ratios."""
+    clock = {"t": 0}
+    calls = []
+
+    def runner(name):
+        def run():
+            clock["t"] += 1
+            calls.append(name)
+            return 100.0 / clock["t"], None  # the machine slows down with every run
+        return run
+
+    timed = bench.time_interleaved({"a": runner("a"), "b": runner("b")}, 4, torch.device("cpu"))
+    assert calls == ["a", "b"] + ["a", "b", "b", "a"] * 2  # warm-up, then alternating rounds
+    ratios = timed["b"].speedup_over(timed["a"])[1]
+    assert min(ratios) < 1.0 < max(ratios)  # the drift no longer always favours one side
+
+
 def test_auto_rounds_fill_the_time_budget_within_bounds():
     assert bench.auto_rounds(10.0) == 12
     assert bench.auto_rounds(100.0) == bench.MIN_ROUNDS
