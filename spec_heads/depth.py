@@ -41,6 +41,14 @@ def isotonic_decreasing(values: torch.Tensor, weights: torch.Tensor) -> torch.Te
     return prefix_min.diagonal()  # f(k) = prefix_min[k, k]
 
 
+def _cap_counts(trials: torch.Tensor, accepts: torch.Tensor, cap: float) -> None:
+    """Scale each entry's (trials, accepts) down, in place and without a sync, so that it holds
+    at most `cap` trials: the estimate accepts / trials stays, its weight shrinks."""
+    scale = (cap / trials.clamp_min(1.0)).clamp(max=1.0)
+    trials.mul_(scale)
+    accepts.mul_(scale)
+
+
 class AcceptanceTable:
     """Draft entropy bin -> acceptance of that draft given all earlier drafts were accepted.
 
@@ -85,9 +93,7 @@ class AcceptanceTable:
 
     def soften(self, weight: float) -> None:
         """Keep each bin's estimate but with the weight of at most `weight` observations."""
-        scale = (weight / self.trials.clamp_min(1.0)).clamp(max=1.0)
-        self.trials.mul_(scale)
-        self.accepts.mul_(scale)
+        _cap_counts(self.trials, self.accepts, weight)
         self._fitted, self._stale = None, 0
 
     def bins(self, draft_entropy: torch.Tensor) -> torch.Tensor:
@@ -130,9 +136,7 @@ class AcceptanceTable:
 
     def _window(self) -> None:
         """Sliding memory without a sync: scale a bin down once it holds more than `window`."""
-        scale = (self.window / self.trials.clamp_min(1.0)).clamp(max=1.0)
-        self.trials.mul_(scale)
-        self.accepts.mul_(scale)
+        _cap_counts(self.trials, self.accepts, self.window)
 
     def table(self) -> list[dict]:
         """Per bin: entropy range, observations (after windowing), raw and predicted acceptance."""
@@ -406,9 +410,7 @@ class DepthPolicy:
         self._refresh()
         if self._pos_accept is None:
             # sliding memory: scale the counts down once a position holds more than pos_window
-            scale = (self.pos_window / self.pos_trials.clamp_min(1.0)).clamp(max=1.0)
-            self.pos_trials.mul_(scale)
-            self.pos_accepts.mul_(scale)
+            _cap_counts(self.pos_trials, self.pos_accepts, self.pos_window)
             # Each position's prior is the estimate of the position before it (the first's is
             # prior_pos_accept): a depth never drafted yet is assumed as good as the last one
             # measured, not reset to a fixed guess that would keep it from ever being tried.
@@ -494,21 +496,28 @@ class DepthPolicy:
             return budget, budget, False
         backoff = 32 if budget else self._explore_gap.get(key, 32)
         self._explore_gap[key] = backoff
-        depth = budget + 1 if budget else self.explore_depth(rows_in_flight)
-        gap = backoff
-        if not budget:
-            # an exploring step from a plain stretch costs step_time(rows, 1 + depth) - one
-            # plain step extra: space them so they cost at most explore_overhead of the stretch
-            # (at 64 rows a 7-token step is ~4 plain ones: every 32nd step would cost ~10%)
-            extra = self.cost.step_time(rows_in_flight, 1 + depth) / self.cost.step_time(rows_in_flight, 1) - 1.0
-            gap = max(backoff, math.ceil(max(extra, 0.0) / self.explore_overhead))
-        due = self._explore_at.setdefault(key, self.steps + gap - 1)
+        due = self._explore_at.get(key)
+        if due is None:
+            due = self._explore_at[key] = self.steps + self._explore_plan(rows_in_flight, budget, backoff)[1] - 1
         if self.steps < due:
             return budget, budget, False
+        depth, gap = self._explore_plan(rows_in_flight, budget, backoff)
         self._explore_at[key] = self.steps + gap
         if not budget:
             self._explore_gap[key] = min(2 * backoff, 1024)
         return budget, depth, True
+
+    def _explore_plan(self, rows_in_flight: int, budget: int, backoff: int) -> tuple[int, int]:
+        """(depth, gap) of an exploring step: budget + 1 while drafting, else explore_depth; the
+        gap to the next one is the back-off, but from a plain stretch never shorter than keeps
+        the exploring steps' extra time (step_time(rows, 1 + depth) - one plain step) within
+        explore_overhead of the stretch (at 64 rows a 7-token step is ~4 plain ones: every 32nd
+        step would cost ~10%)."""
+        if budget:
+            return budget + 1, backoff
+        depth = self.explore_depth(rows_in_flight)
+        extra = self.cost.step_time(rows_in_flight, 1 + depth) / self.cost.step_time(rows_in_flight, 1) - 1.0
+        return depth, max(backoff, math.ceil(max(extra, 0.0) / self.explore_overhead))
 
     def _best_by_cost(self, rows_in_flight: int) -> tuple[int, float]:
         """(d, rate): the draft depth d >= 1 that maximises E(d) / step_time(rows, 1 + d)."""
@@ -636,9 +645,7 @@ class DepthPolicy:
         `specroll train`: re-fitted heads, then 28 steps without drafting)."""
         with torch.inference_mode():  # the counts are updated inside the engine's inference mode
             self.table.soften(self.table.prior_weight)
-            scale = (self.prior_pos_weight / self.pos_trials.clamp_min(1.0)).clamp(max=1.0)
-            self.pos_trials.mul_(scale)
-            self.pos_accepts.mul_(scale)
+            _cap_counts(self.pos_trials, self.pos_accepts, self.prior_pos_weight)
         self._pos_accept, self._budgets, self._draft_rate, self._advantage = None, {}, {}, {}
         self._draft_recent = {}
 
