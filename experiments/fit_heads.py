@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from experiments.config import Config, ConfigError
+from spec_heads.depth import expected_tokens
 from spec_heads.heads import CONFIG_FILE, MODEL_DIMS, WEIGHTS_FILE, DraftHeads
 
 _FIT_VERSION = 1  # bump when the fitting recipe changes, to invalidate cached heads
@@ -173,11 +174,7 @@ def _fmt(values: list[float]) -> str:
 def predicted_tokens_per_verify(acceptance: list[float]) -> float:
     """1 + sum_j prod_{i<=j} alpha_i: tokens per verify step drafting all K depths, taking the
     per-depth acceptance (measured given accepted earlier drafts) as each depth's rate."""
-    total, chain = 1.0, 1.0
-    for a in acceptance:
-        chain *= a
-        total += chain
-    return total
+    return expected_tokens(acceptance, len(acceptance))
 
 
 def fit_and_save(cfg: Config, model_dir: str, out_dir: str) -> dict:

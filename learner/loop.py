@@ -25,6 +25,7 @@ import torch
 
 from learner.trainer import Learner
 from rollout.types import RolloutBatch, SamplingParams, Sequence, SpecParams
+from spec_heads.depth import expected_tokens
 
 
 class RewardError(RuntimeError):
@@ -85,6 +86,16 @@ class RLLoop:
         # when entropy mode drafts shallower, so use what the measured acceptance rate predicts
         # at the heads' full depth
         full_len = accepted_len_at_full_depth(stats)
+        measured = None
+        if speculating and 4 * sum(stats.drafted_per_pos[:1]) < stats.row_steps:
+            # The depth policy kept this rollout mostly plain (under a quarter of its row-steps
+            # drafted with the heads' context), so it says little about the heads: measure them
+            # on held-out rollouts instead, so a drop still triggers a re-fit and the workers
+            # learn what drafting would give (else a run that went plain once could stay plain
+            # for good).
+            measured = self.learner.measure_heads(batch.sequences)
+            if measured:
+                full_len = expected_tokens(measured, len(measured))
         refit = self.learner.should_refit(step, full_len, speculating)
         refit_metrics = self.learner.refit_heads(batch.sequences, step_seed(self.seed, step) + 1) if refit else {}
         t3 = time.perf_counter()
@@ -96,7 +107,7 @@ class RLLoop:
             "accuracy": float((rewards >= 1.0).float().mean()),
             "response_len_mean": float(lengths.mean()),
             "mean_accepted_len": stats.mean_accepted_len, "accept_rate_per_pos": stats.accept_rate_per_pos,
-            "accepted_len_full_depth": full_len,
+            "accepted_len_full_depth": full_len, "heads_acceptance_measured": measured,
             "depth_hist": stats.depth_hist, "spec_mode": self.spec.mode,
             "rollout_tokens_per_s": info["tokens_per_s"], "speedup_vs_off_est": info["speedup_vs_off_est"],
             **upd, "refit": bool(refit), **refit_metrics,

@@ -251,6 +251,21 @@ def _acceptance(heads, model, data: _Data, K: int, batch_size: int, temperature:
     return (sums / counts.clamp(min=1)).tolist()
 
 
+def measure_acceptance(model, heads, sequences: list[list[int]], *, prompt_lens: list[int] | None = None,
+                       batch_size: int = 16, temperature: float = 1.0) -> list[float]:
+    """Per-depth acceptance sum_v min(target, draft) of `heads` against the frozen `model` on
+    `sequences` (prompt + completion ids; counted from each prompt's last position on), given
+    the earlier drafts accepted: list[num_depths]. What the heads would achieve drafting with
+    full context, measured without generating (e.g. on a rollout that did not draft)."""
+    was_training = model.training
+    model.eval()
+    try:
+        data = _Data(model, sequences, prompt_lens, batch_size)
+        return _acceptance(heads, model, data, heads.num_depths, batch_size, temperature)
+    finally:
+        model.train(was_training)
+
+
 # ------------------------------------------------------------------------------ the fit
 
 
@@ -313,6 +328,8 @@ def fit_heads(model, heads, sequences: list[list[int]], *, steps: int, lr: float
     heads.eval()
     if log_fn is None:  # otherwise the record after the last step measured it
         after = evaluate()
+    if after:  # the heads carry their held-out acceptance (DraftHeads.acceptance)
+        heads.set_measured_acceptance(after)
     return {"acceptance_before": before, "acceptance_after": after or [], "losses": losses,
             "loss_names": names, "time_s": time.perf_counter() - t_start, "steps": steps,
             "num_sequences": len(sequences), "temperature": temperature}

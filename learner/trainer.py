@@ -27,9 +27,10 @@ import torch
 from learner.batching import PackedBatch, completion_hidden, logprob_mismatch, pack, token_logprobs
 from learner.config import RefitConfig, TrainConfig
 from learner.losses import AlgoConfig, batch_totals, gae, grpo_advantages, masked_mean, policy_loss, value_loss
-from learner.refit import fit_heads
+from learner.refit import fit_heads, measure_acceptance
 from learner.value import ValueHead
 from rollout.types import SamplingParams, Sequence
+from spec_heads.depth import expected_tokens
 
 
 _LOSS_KEYS = ("loss", "pg_loss", "value_loss")  # micro-batch shares of the full-batch loss: they add up
@@ -218,11 +219,34 @@ class Learner:
         before, after = result["acceptance_before"], result["acceptance_after"]
         # A fit on one step's rollouts can overfit them; keep the old heads when the held-out
         # expected tokens per verify (1 + sum_j prod_{i<=j} alpha_i) got worse.
-        kept = _tokens_per_verify(after) >= _tokens_per_verify(before)
+        kept = expected_tokens(after, len(after)) >= expected_tokens(before, len(before))
         if not kept:
             self.heads.load_state_dict(old_state)
+        # the heads carry their held-out acceptance to the rollout workers (DraftHeads.acceptance)
+        self.heads.set_measured_acceptance(after if kept else before)
         return {"refit_loss": result["losses"][-1] if result["losses"] else float("nan"),
                 "refit_accept_before": before, "refit_accept_after": after, "refit_kept": kept}
+
+    def measure_heads(self, sequences: list[Sequence]) -> list[float] | None:
+        """Per-depth acceptance of the heads against the policy as it is now (after this step's
+        update), on the last 1/8 of `sequences` (at least one): what drafting with full
+        context would achieve in the next rollout. For steps whose rollout drafted too little
+        to measure acceptance (the depth policy kept generation plain). The heads record it
+        (DraftHeads.acceptance), so the workers' depth policy starts from it after the publish.
+        None without heads or usable sequences."""
+        if self.heads is None:
+            return None
+        data = [s for s in sequences if len(s.prompt) + len(s.tokens) >= 2]
+        if not data:
+            return None
+        held = data[-max(1, len(data) // 8):]
+        with torch.no_grad():
+            acceptance = measure_acceptance(self.policy, self.heads, [s.prompt + s.tokens for s in held],
+                                            prompt_lens=[len(s.prompt) for s in held],
+                                            batch_size=self.refit_cfg.micro_batch_size,
+                                            temperature=self.sampling.temperature)
+        self.heads.set_measured_acceptance(acceptance)
+        return acceptance
 
     # ----------------------------------------------------------------- publish
     def next_version(self) -> tuple[int, dict, dict | None]:
@@ -251,11 +275,3 @@ def _pad_to(x: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
 def _per_token(advantages: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
     return advantages[:, None].expand_as(batch.mask) if advantages.dim() == 1 else advantages
 
-
-def _tokens_per_verify(acceptance: list[float]) -> float:
-    """Expected tokens per verify step at full depth from per-depth acceptance."""
-    total, chain = 1.0, 1.0
-    for a in acceptance:
-        chain *= a
-        total += chain
-    return total

@@ -138,15 +138,18 @@ class Engine:
             elif spec.mode == "entropy":
                 self._probe_costs(dp, K)
                 self._cost = dp.cost
+            dp.set_measured_prior(self.heads.measured_acceptance())
             self._policies[key] = dp
         dp.k = min(spec.k, K)
         self.depth_policy = dp
         return dp
 
     def reset_calibration(self):
-        """Forget acceptance statistics (the heads changed); measured costs stay."""
+        """Forget acceptance statistics (the heads changed): start again from the heads'
+        recorded held-out acceptance where they carry one; measured costs stay."""
+        measured = self.heads.measured_acceptance() if self.heads is not None else None
         for dp in self._policies.values():
-            dp.reset_calibration()
+            dp.reset_calibration(measured)
 
     def _probe_costs(self, dp: DepthPolicy, K: int):
         """Time dummy steps at (rows, tokens): a plain step for 1 token, a draft of tokens - 1
@@ -223,6 +226,7 @@ class _Run:
         self.results: list[Sequence | None] = [None] * len(prompts)
         self.stats = RolloutStats(drafted_per_pos=[0] * K, accepted_per_pos=[0] * K, depth_hist=[0] * (K + 1))
         self.acc_wa = z(K + 1, K + 1)  # [drafts verified, drafts accepted] -> live row-steps
+        self.acc_blind = z(K + 1)  # [drafts verified] -> live row-steps of blind exploring steps
         self.acc_tokens, self.acc_rowsteps = z(()), z(())
 
     def _kv(self, n: int) -> int:
@@ -252,7 +256,7 @@ class _Run:
             # a draft at depth i counts as tested only if every earlier draft was accepted, so
             # accepted/drafted is the conditional acceptance per position
             wa = self.acc_wa.tolist()
-            s.depth_hist = [sum(r) for r in wa]
+            s.depth_hist = [sum(r) + b for r, b in zip(wa, self.acc_blind.tolist())]
             for d, row in enumerate(wa):
                 for a, count in enumerate(row):
                     for i in range(min(d, a + 1)):
@@ -483,7 +487,10 @@ class _Run:
         self.len_bound += W
         # stats: live row-steps by (drafts verified, drafts accepted), a device accumulator
         # read once at the end (loop() derives per-position acceptance and the depth histogram)
-        self.acc_wa[W - 1].index_add_(0, num - 1, live.long())
+        if blind:  # drafts without the heads' context: their acceptance is no measure of the heads
+            self.acc_blind[W - 1] += live.sum()
+        else:
+            self.acc_wa[W - 1].index_add_(0, num - 1, live.long())
         if e.cuda:
             torch.cuda.synchronize()
         t2 = time.perf_counter()

@@ -114,9 +114,10 @@ class RolloutWorker:
             own = heads.state_dict()
             changed = any(not torch.equal(own[k].cpu(), v.to(own[k].dtype).cpu()) for k, v in heads_state.items())
             heads.load_state_dict(heads_state)
-            if changed and self.engine.depth_policy is not None:
-                # the acceptance table described the old heads; timings stay valid
-                self.engine.depth_policy.reset_calibration()
+            if changed:
+                # the acceptance table described the old heads (or their old measurement);
+                # timings stay valid
+                self.engine.reset_calibration()
         self.version = int(version)
         self.engine.policy_version = self.version
         return self.version

@@ -346,6 +346,8 @@ class DepthPolicy:
         # with the weight of prior_pos_weight observations), so fresh heads get tried; weak
         # heads lose their budget within a few steps of real outcomes.
         self.prior_pos_accept, self.prior_pos_weight, self.pos_window = 0.8, 8.0, 4096.0
+        # the heads' own held-out measurement per position, where known (set_measured_prior)
+        self.measured_prior: list[float] | None = None
         self.pos_trials = torch.zeros(max_k, dtype=torch.float64, device=self.device)
         self.pos_accepts = torch.zeros(max_k, dtype=torch.float64, device=self.device)
         self._pos_accept: list[float] | None = None  # host copy, refreshed with the thresholds
@@ -414,9 +416,13 @@ class DepthPolicy:
             # Each position's prior is the estimate of the position before it (the first's is
             # prior_pos_accept): a depth never drafted yet is assumed as good as the last one
             # measured, not reset to a fixed guess that would keep it from ever being tried.
-            w, prior = self.prior_pos_weight, self.prior_pos_accept
+            # Where the heads come with a held-out measurement (set_measured_prior), that is
+            # each position's prior instead.
+            w, prior, measured = self.prior_pos_weight, self.prior_pos_accept, self.measured_prior
             est = []
-            for trials, accepts in zip(self.pos_trials.tolist(), self.pos_accepts.tolist()):  # one read-back
+            for i, (trials, accepts) in enumerate(zip(self.pos_trials.tolist(), self.pos_accepts.tolist())):  # one read-back
+                if measured is not None and i < len(measured):
+                    prior = measured[i]
                 prior = (accepts + prior * w) / (trials + w)
                 est.append(prior)
             self._pos_accept = est
@@ -635,17 +641,36 @@ class DepthPolicy:
         if old is None or (old < bar) != (new < bar):
             self._budgets.pop(key, None)
 
-    def reset_calibration(self) -> None:
-        """Make acceptance outcomes a weak prior, e.g. after the heads were re-fitted (timings
-        stay): every position and entropy bin keeps its estimate with the weight of at most
-        the prior's pseudo-observations, so fresh outcomes take over within a few steps.
+    def set_measured_prior(self, acceptance: list[float] | None) -> None:
+        """Start each draft position's acceptance estimate from the heads' held-out measurement
+        (DraftHeads.measured_acceptance; None: the fixed prior). Observed outcomes take over
+        as they come; the entropy table's prior becomes the measured first-depth acceptance."""
+        if acceptance is not None:
+            if not all(0.0 <= a <= 1.0 for a in acceptance):
+                raise ValueError(f"acceptance: must be in [0, 1] per position, got {acceptance}")
+            acceptance = [float(a) for a in acceptance]
+            self.table.prior_accept = acceptance[0]
+            self.table._fitted = None
+        self.measured_prior, self._pos_accept, self._budgets = acceptance, None, {}
 
-        Not zero: from a plain stretch, exploring steps are blind and do not count acceptance,
-        so a policy reset to a pessimistic fixed prior could stay plain for good (seen in
-        `specroll train`: re-fitted heads, then 28 steps without drafting)."""
+    def reset_calibration(self, acceptance: list[float] | None = None) -> None:
+        """After the heads changed (timings stay). With `acceptance`, the new heads' held-out
+        measurement per position: the old outcomes are forgotten and estimates start from it.
+        Without, old outcomes become a weak prior: every position and entropy bin keeps its
+        estimate with the weight of at most the prior's pseudo-observations, so fresh outcomes
+        take over within a few steps (not zero: from a plain stretch, exploring steps are
+        blind and do not count acceptance, so a policy reset to a pessimistic fixed prior could
+        stay plain for good)."""
         with torch.inference_mode():  # the counts are updated inside the engine's inference mode
-            self.table.soften(self.table.prior_weight)
-            _cap_counts(self.pos_trials, self.pos_accepts, self.prior_pos_weight)
+            if acceptance is not None:
+                self.table.reset()
+                self.pos_trials.zero_()
+                self.pos_accepts.zero_()
+            else:
+                self.table.soften(self.table.prior_weight)
+                _cap_counts(self.pos_trials, self.pos_accepts, self.prior_pos_weight)
+        if acceptance is not None:
+            self.set_measured_prior(acceptance)
         self._pos_accept, self._budgets, self._draft_rate, self._advantage = None, {}, {}, {}
         self._draft_recent = {}
 

@@ -164,6 +164,28 @@ class DraftHeads(nn.Module):
         else:
             self.mtp = MTPModule(model_config)
             self._n_kv, self._head_dim = model_config.num_key_value_heads, model_config.head_dim
+        # Per-depth acceptance (sum_v min(target, draft), given the earlier drafts accepted) the
+        # heads were last measured at on held-out text of the policy they were fitted to; -1
+        # where unmeasured (not NaN: state dicts with NaN never compare equal). A buffer, so it
+        # travels with the weights (publish, save, load) and the rollout's depth policy starts
+        # from what the heads really achieve.
+        self.register_buffer("acceptance", torch.full((config.num_depths,), -1.0))
+
+    def measured_acceptance(self) -> list[float] | None:
+        """The held-out per-depth acceptance recorded with the heads, or None if unmeasured."""
+        values = self.acceptance.float().tolist()
+        return None if any(v < 0 for v in values) else values
+
+    def set_measured_acceptance(self, values: list[float] | None) -> None:
+        """Record a held-out measurement (one value in [0, 1] per depth; None: unmeasured)."""
+        if values is None:
+            self.acceptance.fill_(-1.0)
+            return
+        if len(values) != self.num_depths or not all(-1e-4 <= v <= 1.0 + 1e-4 for v in values):
+            raise ValueError(f"values: need {self.num_depths} acceptances in [0, 1] (one per depth), "
+                             f"got {values}")
+        clamped = [min(1.0, max(0.0, float(v))) for v in values]  # float sums may pass 1 by an ulp
+        self.acceptance.copy_(torch.tensor(clamped, dtype=self.acceptance.dtype))
 
     def _param(self) -> torch.Tensor:
         return next(self.parameters())
@@ -368,7 +390,11 @@ class DraftHeads(nn.Module):
                              f"but the policy has ({show(wanted)}); re-fit heads for this policy "
                              "(`specroll fit-heads`)")
         heads = cls(HeadConfig(meta["kind"], meta["num_depths"]), model_config)
-        heads.load_state_dict(load_file(str(path / WEIGHTS_FILE)))
+        state = load_file(str(path / WEIGHTS_FILE))
+        # heads saved before the acceptance buffer existed: take fit-heads' held-out record
+        acc = meta.get("extra", {}).get("acceptance_after") or [-1.0] * heads.num_depths
+        state.setdefault("acceptance", torch.tensor(acc, dtype=torch.float32))
+        heads.load_state_dict(state)
         heads.to(device=device, dtype=dtype)
         return heads, int(meta["policy_version"])
 

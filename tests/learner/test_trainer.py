@@ -237,8 +237,25 @@ def test_refit_that_loses_held_out_acceptance_keeps_the_old_heads(monkeypatch):
     monkeypatch.setattr(trainer_mod, "fit_heads", worse_fit)
     m = learner.refit_heads(rollouts(model, heads), seed=0)
     assert m["refit_kept"] is False
-    for k, v in learner.heads.state_dict().items():
+    for k, v in learner.heads.named_parameters():
         assert torch.equal(v, old[k]), k
+    # the kept heads carry their own acceptance measured on this step's held-out rollouts
+    assert learner.heads.measured_acceptance() == pytest.approx([0.9, 0.8])
+
+
+def test_kept_refit_records_the_held_out_acceptance_after_the_fit(monkeypatch):
+    import learner.trainer as trainer_mod
+
+    model, heads = make_policy()
+    learner = make_learner(model, heads, refit="every")
+    assert learner.heads.measured_acceptance() is None
+
+    def better_fit(policy, fitted, *args, **kwargs):
+        return {"losses": [0.5], "acceptance_before": [0.5, 0.4], "acceptance_after": [0.9, 0.7]}
+
+    monkeypatch.setattr(trainer_mod, "fit_heads", better_fit)
+    assert learner.refit_heads(rollouts(model, heads), seed=0)["refit_kept"] is True
+    assert learner.heads.measured_acceptance() == pytest.approx([0.9, 0.7])
 
 
 def test_accepted_len_at_full_depth_reads_the_heads_not_the_depths():
@@ -252,3 +269,62 @@ def test_accepted_len_at_full_depth_reads_the_heads_not_the_depths():
     assert accepted_len_at_full_depth(deep) == pytest.approx(want, rel=1e-2)
     assert accepted_len_at_full_depth(RolloutStats(drafted_per_pos=[0, 0], accepted_per_pos=[0, 0])) == 0.0
     assert accepted_len_at_full_depth(RolloutStats(drafted_per_pos=[5, 5], accepted_per_pos=[5, 5])) == 3.0
+
+
+class _PlainRollouts:
+    """A rollout client whose rollouts report no drafts, as when the depth policy kept them plain."""
+
+    def __init__(self, client):
+        self.client = client
+
+    def generate(self, *args, **kwargs):
+        batch = self.client.generate(*args, **kwargs)
+        K = len(batch.stats.drafted_per_pos)
+        batch.stats.drafted_per_pos, batch.stats.accepted_per_pos = [0] * K, [0] * K
+        return batch
+
+    def __getattr__(self, name):
+        return getattr(self.client, name)
+
+
+def test_plain_rollouts_measure_the_heads_so_a_drop_still_refits():
+    from learner.refit import measure_acceptance
+    from spec_heads.depth import expected_tokens
+
+    model, heads = make_policy()
+    learner = make_learner(model, heads, refit="on_drop")
+    loop = make_loop(learner, spec=SpecParams(mode="entropy"))
+    loop.client = _PlainRollouts(loop.client)
+    m1 = loop.step(1)
+    measured = m1["heads_acceptance_measured"]
+    assert measured is not None and not m1["refit"]
+    # the measurement is the heads' held-out acceptance against the updated policy, it sets the
+    # on_drop baseline, and the heads carry it to the workers with the publish
+    assert m1["accepted_len_full_depth"] == pytest.approx(expected_tokens(measured, len(measured)))
+    assert learner.refit_baseline == pytest.approx(m1["accepted_len_full_depth"])
+    assert learner.heads.measured_acceptance() == pytest.approx(measured, abs=1e-6)
+    worker_heads = loop.client.workers[0].engine.heads
+    assert worker_heads.measured_acceptance() == pytest.approx(measured, abs=1e-6)
+    # the heads go stale (here: scrambled), the next plain rollout sees it, and a re-fit follows
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in learner.heads.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 2.0)
+    m2 = loop.step(2)
+    assert m2["heads_acceptance_measured"][0] < 0.85 * measured[0]
+    assert m2["refit"] and "refit_accept_before" in m2
+    # drafted rollouts are measured by the rollout itself: no extra measurement
+    loop.client, loop.spec = loop.client.client, FIXED
+    assert loop.step(3)["heads_acceptance_measured"] is None
+
+
+def test_measure_acceptance_matches_the_fit_evaluation():
+    from learner.refit import fit_heads, measure_acceptance
+
+    model, heads = make_policy()
+    seqs = [s.prompt + s.tokens for s in rollouts(model, heads)]
+    lens = [3] * len(seqs)
+    m = fit_heads(model, heads, seqs, steps=0, lr=1e-3, loss="tv", kl_warmup_steps=0, micro_batch_size=4,
+                  prompt_lens=lens, eval_sequences=seqs, eval_prompt_lens=lens)
+    assert measure_acceptance(model, heads, seqs, prompt_lens=lens, batch_size=4) == pytest.approx(m["acceptance_after"])
+    assert heads.measured_acceptance() == pytest.approx(m["acceptance_after"], abs=1e-6)

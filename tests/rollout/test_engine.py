@@ -354,3 +354,40 @@ def test_entropy_mode_does_not_draft_past_a_drafted_stop_token_or_max_new_tokens
     assert set(draft_lengths(SamplingParams(temperature=1.0, max_new_tokens=24, stop_token_ids=[eos]))) == {1}
     # two tokens of room left after prefill: one draft and the bonus fill them
     assert set(draft_lengths(SamplingParams(temperature=1.0, max_new_tokens=3))) == {1}
+
+
+def test_depth_policy_starts_from_the_heads_measured_acceptance(pair):
+    _, model = pair
+    heads = _heads(model, "sequential", noise=0.02)
+    heads.set_measured_acceptance([0.95, 0.9, 0.85, 0.8])
+    eng = Engine(model, heads, max_batch=2)
+    policy = eng.ensure_depth_policy(SpecParams(mode="entropy", max_k=4), 4)
+    assert policy.position_acceptance() == pytest.approx([0.95, 0.9, 0.85, 0.8])
+    # re-fitted heads publish a new measurement: the engine forgets old outcomes for it
+    eng.generate(_prompts(2), SamplingParams(temperature=1.0, max_new_tokens=20), SpecParams(mode="entropy", max_k=4))
+    heads.set_measured_acceptance([0.5, 0.4, 0.3, 0.2])
+    eng.reset_calibration()
+    assert policy.position_acceptance() == pytest.approx([0.5, 0.4, 0.3, 0.2])
+
+
+def test_blind_exploring_steps_count_in_the_depth_histogram_not_in_acceptance(pair, monkeypatch):
+    """An exploring step from a plain stretch drafts without the heads' context; its acceptance
+    says little about the heads, so the rollout's per-position acceptance leaves it out."""
+    from spec_heads.depth import DepthPolicy
+
+    _, model = pair
+    heads = _heads(model, "sequential", noise=0.02)
+    prompts, sp = _prompts(4, seed=2), SamplingParams(temperature=0, max_new_tokens=30)
+    plain = Engine(model, max_batch=2).generate(prompts, sp)
+    spec = SpecParams(mode="entropy", max_k=4)
+    monkeypatch.setattr(DepthPolicy, "plan_step", lambda self, rows: (0, 2, True))  # always blind
+    out = Engine(model, heads, max_batch=2).generate(prompts, sp, spec)
+    hist = out.stats.depth_hist
+    assert hist[0] == 0 and hist[2] > 10  # every step drafted (fewer near max_new_tokens)
+    assert out.stats.drafted_per_pos == [0, 0, 0, 0] and out.stats.accepted_per_pos == [0, 0, 0, 0]
+    if DTYPE == torch.float32:
+        assert [s.tokens for s in out.sequences] == [s.tokens for s in plain.sequences]
+    # the same steps drafted with context count
+    monkeypatch.setattr(DepthPolicy, "plan_step", lambda self, rows: (2, 2, False))
+    out = Engine(model, heads, max_batch=2).generate(prompts, sp, spec)
+    assert out.stats.drafted_per_pos[0] == sum(out.stats.depth_hist[1:]) > 10

@@ -52,7 +52,7 @@ def test_publish_swaps_both_and_outputs_follow_new_weights():
     assert {s.policy_version for s in after.sequences} == {1}
     # the heads were swapped too: the worker's heads equal the published ones
     for k, v in new_heads.state_dict().items():
-        assert torch.equal(worker.engine.heads.state_dict()[k], v)
+        assert torch.equal(worker.engine.heads.state_dict()[k], v), k
 
 
 def test_mismatched_or_stale_update_raises_and_changes_nothing():

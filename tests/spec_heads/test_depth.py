@@ -431,3 +431,37 @@ def test_reset_calibration_keeps_acceptance_as_a_weak_prior():
     fill_table(table, [0.95] * 4, 1000)
     table.soften(table.prior_weight)
     assert torch.all(table.predict_bins(torch.arange(4)) > 0.7)
+
+
+def test_measured_heads_acceptance_is_the_prior_and_decides_the_first_budget():
+    """Heads that come with a held-out measurement start from it: good heads draft from the
+    first step where the default prior (0.8) would not pay, and poor ones do not."""
+    def fresh(measured):
+        policy = DepthPolicy("entropy", k=1, max_k=4, num_bins=4, vocab_size=VOCAB, max_batch=MAX_BATCH)
+        linear_cost(policy.cost, lambda r: 0.25, lambda r: 0.75, 5)  # one more token: +75% of a step
+        policy.set_measured_prior(measured)
+        policy.record_step(8, 1, 1.0)  # a real plain step: the budget weighs drafting against it
+        return policy
+
+    default, good, poor = fresh(None), fresh([0.97, 0.96, 0.95, 0.95]), fresh([0.3, 0.2, 0.2, 0.2])
+    assert default.position_acceptance() == pytest.approx([0.8] * 4)
+    assert good.position_acceptance() == pytest.approx([0.97, 0.96, 0.95, 0.95])
+    assert good.table.predict(torch.zeros(1)).item() == pytest.approx(0.97, abs=0.05)
+    # at 0.8 one draft yields 1.8 tokens for 1.75 steps' time (under the 5% margin); at 0.97, 1.97
+    assert default.draft_budget(8) == 0 and poor.draft_budget(8) == 0
+    assert good.draft_budget(8) == 4  # max_k: on a CPU the engine stops drafting early
+    # observed outcomes take over from the measurement
+    n = 400
+    good.observe(torch.zeros(n, 4), torch.full((n,), 4), torch.zeros(n, dtype=torch.int64))
+    for _ in range(16):  # host estimates refresh every 16 timed steps
+        good.record_step(1, 1, 1.0)
+    assert good.position_acceptance()[0] < 0.1
+    with pytest.raises(ValueError, match="acceptance"):
+        good.set_measured_prior([0.5, 1.5])
+
+
+def test_reset_calibration_with_a_measurement_forgets_old_outcomes():
+    policy = observed_policy([0.95] * 4, 1.0, lambda d: 1.5 + 0.1 * d)
+    policy.reset_calibration([0.4, 0.3, 0.3, 0.3])  # re-fitted heads, measured on held-out text
+    assert policy.position_acceptance() == pytest.approx([0.4, 0.3, 0.3, 0.3])
+    assert policy.table.predict(torch.zeros(1)).item() == pytest.approx(0.4, abs=0.05)

@@ -363,3 +363,31 @@ def test_cpu_linear_multiplies_two_or_three_rows_as_four(rows, monkeypatch):
     torch.testing.assert_close(out, ref(x), atol=1e-6, rtol=1e-6)
     (grad,) = torch.autograd.grad(out.square().sum(), x)
     torch.testing.assert_close(grad, torch.autograd.grad(ref(x).square().sum(), x)[0], atol=1e-6, rtol=1e-6)
+
+
+def test_measured_acceptance_travels_with_the_heads(tmp_path):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    mc, _ = tiny()
+    heads = random_heads("sequential", mc, num_depths=3)
+    assert heads.measured_acceptance() is None  # unmeasured
+    heads.set_measured_acceptance([0.9, 0.8, 1.0 + 1e-7])  # a float sum an ulp past 1 is clamped
+    assert heads.measured_acceptance() == pytest.approx([0.9, 0.8, 1.0])
+    assert "acceptance" in heads.state_dict()  # so a publish ships it with the weights
+    heads.save(tmp_path / "h", policy_version=1)
+    loaded, _ = DraftHeads.load(tmp_path / "h", mc)
+    assert loaded.measured_acceptance() == pytest.approx([0.9, 0.8, 1.0])
+    for bad in ([0.9, 0.8], [0.9, 0.8, 1.5], [-0.2, 0.5, 0.5]):
+        with pytest.raises(ValueError, match="one per depth"):
+            heads.set_measured_acceptance(bad)
+    # heads saved before the buffer existed: fit-heads' held-out record, else unmeasured
+    state = load_file(str(tmp_path / "h" / "heads.safetensors"))
+    del state["acceptance"]
+    save_file(state, str(tmp_path / "h" / "heads.safetensors"))
+    assert DraftHeads.load(tmp_path / "h", mc)[0].measured_acceptance() is None
+    meta = json.loads((tmp_path / "h" / "heads_config.json").read_text())
+    meta["extra"] = {"acceptance_after": [0.7, 0.6, 0.5]}
+    (tmp_path / "h" / "heads_config.json").write_text(json.dumps(meta))
+    assert DraftHeads.load(tmp_path / "h", mc)[0].measured_acceptance() == pytest.approx([0.7, 0.6, 0.5])
