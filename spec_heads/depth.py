@@ -41,6 +41,14 @@ def isotonic_decreasing(values: torch.Tensor, weights: torch.Tensor) -> torch.Te
     return prefix_min.diagonal()  # f(k) = prefix_min[k, k]
 
 
+def _near(rows_a: int, rows_b: int) -> bool:
+    """Two timings are comparable: their rows in flight differ by at most 1/8 (or one row).
+    A rows bucket spans up to 2x; where steps are compute-bound their time follows the rows, so
+    a plain step timed at 128 rows against drafting at 70 (a draining batch) would credit
+    drafting with the rows it lost."""
+    return abs(rows_a - rows_b) <= max(1, max(rows_a, rows_b) // 8)
+
+
 def _cap_counts(trials: torch.Tensor, accepts: torch.Tensor, cap: float) -> None:
     """Scale each entry's (trials, accepts) down, in place and without a sync, so that it holds
     at most `cap` trials: the estimate accepts / trials stays, its weight shrinks."""
@@ -364,8 +372,9 @@ class DepthPolicy:
         # few steps apart. A shared machine's speed drifts by tens of percent over minutes;
         # plain steps are rare while drafting (and drafting steps rare while plain), so an
         # average plain step set against recent drafting steps would mostly measure the drift.
-        self._plain_recent: dict[int, tuple[float, int]] = {}  # bucket -> (EMA seconds, step)
-        self._draft_recent: dict[int, tuple[float, int]] = {}  # bucket -> (rate, step) of the last drafting step
+        # Only timings at nearly the same rows pair (_near).
+        self._plain_recent: dict[int, tuple[float, int, int]] = {}  # bucket -> (EMA seconds, step, rows)
+        self._draft_recent: dict[int, tuple[float, int, int]] = {}  # bucket -> (rate, step, rows) of the last drafting step
         self._advantage: dict[int, float] = {}
         self.pair_within = 128  # steps: how far apart two timings may be to pair
         self.early_stop = self.device.type != "cuda"  # the engine stops drafting early on a CPU
@@ -616,17 +625,21 @@ class DepthPolicy:
         if tokens_per_row == 1:
             self._plain_timed.add(key)
             old = self._plain_recent.get(key)
-            self._plain_recent[key] = (seconds if old is None else old[0] + 0.3 * (seconds - old[0]), self.steps)
+            if old is not None and _near(old[2], rows):
+                seconds_ema = old[0] + 0.3 * (seconds - old[0])
+            else:  # a plain step at other rows (a draining batch) starts the average afresh
+                seconds_ema = seconds
+            self._plain_recent[key] = (seconds_ema, self.steps, rows)
             last = self._draft_recent.get(key)  # the latest drafting rate, not an average of old ones
-            if last is not None and self.steps - last[1] <= self.pair_within:
+            if last is not None and self.steps - last[1] <= self.pair_within and _near(last[2], rows):
                 self._pair(key, last[0] * seconds)
         elif self.mode == "entropy":
             rate = self.expected_tokens(tokens_per_row - 1) / seconds
             old = self._draft_rate.get(key)
             self._draft_rate[key] = rate if old is None else old + 0.1 * (rate - old)
-            self._draft_recent[key] = (rate, self.steps)
+            self._draft_recent[key] = (rate, self.steps, rows)
             plain = self._plain_recent.get(key)
-            if plain is not None and self.steps - plain[1] <= self.pair_within:
+            if plain is not None and self.steps - plain[1] <= self.pair_within and _near(plain[2], rows):
                 self._pair(key, rate * plain[0])
 
     def _pair(self, key: int, advantage: float) -> None:

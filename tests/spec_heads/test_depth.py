@@ -465,3 +465,20 @@ def test_reset_calibration_with_a_measurement_forgets_old_outcomes():
     policy.reset_calibration([0.4, 0.3, 0.3, 0.3])  # re-fitted heads, measured on held-out text
     assert policy.position_acceptance() == pytest.approx([0.4, 0.3, 0.3, 0.3])
     assert policy.table.predict(torch.zeros(1)).item() == pytest.approx(0.4, abs=0.05)
+
+
+def test_pairs_only_timings_at_nearly_the_same_rows():
+    """A draining batch: a plain step timed at 64 rows, then drafting steps at ever fewer rows
+    (compute-bound: step time follows the rows). Drafting one token yields 1.66 tokens for 1.9x
+    a plain step's time at the same rows, a loss; set against the plain step at 64 rows, the
+    drafting steps at 35 rows would look like a 1.6x gain."""
+    policy = observed_policy([0.66] * 4, 1.0, lambda d: 1.0 + 0.9 * d, max_k=4)
+    key = policy.cost.bucket(64)
+    policy.record_step(64, 1, 0.01 * 64)
+    for rows in range(63, 32, -1):
+        policy.record_step(rows, 2, 0.01 * rows * 1.9)
+    assert policy._advantage[key] < 0.95  # only the pairs near 64 rows count
+    # a plain step at 35 rows pairs with the drafting steps there, as the drain goes on
+    policy.record_step(35, 1, 0.01 * 35)
+    policy.record_step(33, 2, 0.01 * 33 * 1.9)
+    assert policy._advantage[key] < 0.95
