@@ -65,7 +65,10 @@ def fit_temperature(cfg: Config) -> float:
 def default_heads_dir(model_dir: str, cfg: Config) -> str:
     """`<model_dir>-heads-<kind>-<K>-<hash of what shapes the fit>`, next to the policy."""
     sp = cfg.sampling
-    key = {"heads": dataclasses.asdict(cfg.heads), "fit": dataclasses.asdict(cfg.fit),
+    heads = dataclasses.asdict(cfg.heads)
+    if not heads["draft_vocab"]:  # (heads fitted before the field existed keep their folder)
+        del heads["draft_vocab"]
+    key = {"heads": heads, "fit": dataclasses.asdict(cfg.fit),
            "temperature": fit_temperature(cfg), "seed": cfg.seed, "version": _FIT_VERSION,
            "task": {k: getattr(cfg.task, k) for k in ("name", "path", "digits", "ops")},
            "sampling": {k: getattr(sp, k) for k in ("top_k", "top_p", "max_new_tokens")}}
@@ -194,6 +197,13 @@ def fit_and_save(cfg: Config, model_dir: str, out_dir: str) -> dict:
         torch.manual_seed(cfg.seed)
         heads = DraftHeads(cfg.heads, model.config)
     heads.to(device=device, dtype=torch.float32)  # fp32 heads: the optimiser state stays exact
+    coverage = None
+    if cfg.heads.draft_vocab:  # the tokens the policy samples most, from the fit's samples
+        stops = sorted(set(cfg.sampling.stop_token_ids) | {tok.eos_id})
+        coverage = heads.set_draft_vocab([s[p:] for s, p in zip(sequences[:n_fit], prompt_lens[:n_fit])],
+                                         always=stops)
+        print(f"draft vocabulary: the {cfg.heads.draft_vocab} most sampled tokens (and the stop tokens) "
+              f"cover {coverage:.1%} of the sampled tokens")
 
     def log(record):
         acc = record["acceptance"]
@@ -211,7 +221,8 @@ def fit_and_save(cfg: Config, model_dir: str, out_dir: str) -> dict:
              "task": cfg.task.name, "num_fit_sequences": n_fit, "num_eval_sequences": n_eval,
              "acceptance_before": metrics["acceptance_before"],
              "acceptance_after": metrics["acceptance_after"],
-             "final_loss": metrics["losses"][-1], "fit_time_s": metrics["time_s"]}
+             "final_loss": metrics["losses"][-1], "fit_time_s": metrics["time_s"],
+             "draft_vocab_coverage": coverage}
     heads.save(out_dir, policy_version=0, extra=extra)
     _report(metrics, out_dir)
     return metrics

@@ -222,6 +222,8 @@ def batch_loss(heads, model, hidden, tokens, mask, name: str, temperature: float
 def acceptance_sums(heads, model, hidden, tokens, mask, temperature: float):
     """Per-depth sums of sum_v min(target, draft) over masked positions, and their counts: [K], [K]."""
     embed, lm_head = _frozen_fns(model)
+    # drafts as the engine makes them: from the heads' draft vocabulary where they have one
+    draft_lm = heads.draft_lm_head(model.lm_head) if heads.config.draft_vocab else lm_head
     K = mask.shape[1]
     feats = heads.train_features(hidden, tokens, embed, depths=K)  # [B, K, T, H]
     B, _, T, _ = feats.shape
@@ -230,7 +232,7 @@ def acceptance_sums(heads, model, hidden, tokens, mask, temperature: float):
     for t0 in range(0, T, step):
         t1 = min(T, t0 + step)
         target_probs = _target_probs(hidden, lm_head, K, t0, t1, temperature)
-        draft_probs = sampling_probs(lm_head(feats[:, :, t0:t1]), temperature)  # [B, K, Tc, V]
+        draft_probs = sampling_probs(draft_lm(feats[:, :, t0:t1]).float(), temperature)  # [B, K, Tc, V]
         alpha = torch.minimum(target_probs, draft_probs).sum(-1)  # [B, K, Tc]
         sums += torch.where(mask[:, :, t0:t1], alpha, 0.0).sum((0, 2)).double()
     return sums, mask.sum((0, 2))

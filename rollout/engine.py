@@ -161,6 +161,7 @@ class Engine:
         hcache = heads.new_cache(self.max_batch, 64 + K + 2, self.device, self.dtype)
         g = torch.Generator(device="cpu").manual_seed(0)
         u = torch.rand(self.max_batch, K + 1, generator=g, dtype=torch.float64).to(self.device)
+        draft_lm = heads.draft_lm_head(m.lm_head)
         for rows, tokens in plan:
             ids = torch.randint(0, m.config.vocab_size, (rows, tokens), generator=g).to(self.device)
             pos = (32 + torch.arange(tokens)).expand(rows, tokens).to(self.device)
@@ -171,12 +172,12 @@ class Engine:
             for rep in range(4):
                 t0 = time.perf_counter()
                 if tokens > 1:  # a drafting step: the heads draft tokens - 1, then verify
-                    logits, st = heads.begin(hid, ids[:, :1], pos[:, :1], last, m.embed_tokens, m.logits,
+                    logits, st = heads.begin(hid, ids[:, :1], pos[:, :1], last, m.embed_tokens, draft_lm,
                                              hcache, kv)
                     for i in range(tokens - 1):
                         tok = sample_with_uniforms(sampling_logprobs(logits, 1.0).exp(), u[:rows, i])
                         if i + 1 < tokens - 1:
-                            logits, st = heads.step(st, tok, m.embed_tokens, m.logits)
+                            logits, st = heads.step(st, tok, m.embed_tokens, draft_lm)
                 lp = sampling_logprobs(m.logits(m(ids, pos, cache, kv)), 1.0)
                 sample_with_uniforms(lp[:, -1].exp(), u[:rows, -1])
                 if self.cuda:
@@ -198,6 +199,8 @@ class _Run:
         self.max_len = max(map(len, prompts)) + sampling.max_new_tokens + K + 2
         self.cache, self.hcache = eng.caches(_bucket(self.max_len, 64))
         self.policy = eng.ensure_depth_policy(spec, K) if K else None
+        # the heads' LM head: the policy's, or its rows of the heads' draft vocabulary
+        self.draft_lm = eng.heads.draft_lm_head(eng.model.lm_head) if K else None
         cap = sampling.max_new_tokens + K + 1
         z = lambda *s, dt=torch.int64: torch.zeros(*s, dtype=dt, device=dev)
         self.lengths, self.last_tok, self.n_out, self.keys = z(B), z(B), z(B), z(B)
@@ -347,7 +350,7 @@ class _Run:
             w = min(16, self.window) if w <= 16 else self.window
         pos = self.hstart[:n, None] + torch.arange(w, device=e.device)
         return e.heads.begin(self.hid[:n, :w], self.nxt[:n, :w], pos, self.hlast[:n],
-                             e.model.embed_tokens, e.model.logits, self.hcache,
+                             e.model.embed_tokens, self.draft_lm, self.hcache,
                              self._kv(self.len_bound + K + 2), floor=self.hfloor[:n])
 
     def _keep_last_window_entry(self, n: int):
@@ -414,14 +417,14 @@ class _Run:
                 gain = sum(p * u for p, u in zip(all_accepted, useful))
                 if not self.policy.keep_drafting(gain, sum(expected), n, i + 1):
                     break
-            logits, st = e.heads.step(st, tok, e.model.embed_tokens, e.model.logits)
+            logits, st = e.heads.step(st, tok, e.model.embed_tokens, self.draft_lm)
         return torch.stack(probs, 1), torch.stack(toks, 1), torch.stack(bins, 1) if calibrate else None
 
     def _draft_parallel(self, n: int, K: int, u: torch.Tensor, st, choose: bool):
         """Parallel heads draft every depth at once; with `choose` (entropy mode on a CPU) the
         drafts are then cut at the depth the batch gains most from (depth_policy.best_depth)."""
         e, sp = self.e, self.sp
-        dp = sampling_probs(e.heads.all_logits(st, e.model.logits, K), sp.temperature, sp.top_k,
+        dp = sampling_probs(e.heads.all_logits(st, self.draft_lm, K), sp.temperature, sp.top_k,
                             sp.top_p)  # [n, K, V]
         bins = self.policy.table.bins(_entropy(dp)) if self.spec.mode == "entropy" else None  # [n, K]
         if self.spec.draft == "greedy":

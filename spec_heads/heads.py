@@ -31,6 +31,7 @@ depth d for start t sees the depth-1 entries of starts s <= t and the chain entr
 from __future__ import annotations
 
 import json
+import math
 import os
 import weakref
 from dataclasses import dataclass, replace
@@ -40,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from spec_heads.layers import (CacheView, DecoderBlock, KVCache, Linear, RMSNorm, RopeSpec, Rotary,
+from spec_heads.layers import (CacheView, DecoderBlock, KVCache, Linear, RMSNorm, RopeSpec, Rotary, linear,
                                causal_mask)
 
 KINDS = ("parallel", "sequential")
@@ -56,8 +57,15 @@ MODEL_DIMS = ("hidden_size", "vocab_size", "intermediate_size", "num_attention_h
 class HeadConfig:
     kind: str = "sequential"  # parallel | sequential
     num_depths: int = 6  # 1..8
+    # Drafts come from the draft_vocab tokens the policy samples most (FR-Spec, arXiv:2502.14856):
+    # the heads' LM head then multiplies that many rows of the policy's, not all of them (for a
+    # 49k vocabulary, most of a draft step). 0: the whole vocabulary. Exact either way.
+    draft_vocab: int = 0
 
     def __post_init__(self):
+        if isinstance(self.draft_vocab, bool) or not isinstance(self.draft_vocab, int) or self.draft_vocab < 0:
+            raise ValueError(f"draft_vocab: must be an integer >= 0 (0: draft from the whole vocabulary; "
+                             f"e.g. 8192 for a 49k one), got {self.draft_vocab!r}")
         if self.kind not in KINDS:
             raise ValueError(f"kind: must be one of {', '.join(KINDS)}, got {self.kind!r}")
         if isinstance(self.num_depths, bool) or not isinstance(self.num_depths, int) \
@@ -170,6 +178,38 @@ class DraftHeads(nn.Module):
         # travels with the weights (publish, save, load) and the rollout's depth policy starts
         # from what the heads really achieve.
         self.register_buffer("acceptance", torch.full((config.num_depths,), -1.0))
+        if config.draft_vocab:
+            if config.draft_vocab >= model_config.vocab_size:
+                raise ValueError(f"draft_vocab: {config.draft_vocab} is not below the policy's vocabulary "
+                                 f"({model_config.vocab_size} tokens); set it lower, or 0 to draft from all")
+            # the tokens drafts may take, ascending; the first ids until set_draft_vocab picks them
+            self.register_buffer("draft_tokens", torch.arange(config.draft_vocab))
+
+    def set_draft_vocab(self, sequences: list[list[int]], always: list[int] = ()) -> float:
+        """Pick the draft vocabulary: the `always` tokens (e.g. stop tokens) and then the tokens
+        that occur most in `sequences` (the policy's own samples; ties to the lower id), up to
+        config.draft_vocab. Returns the share of the sequences' tokens it covers."""
+        n, vocab = self.config.draft_vocab, self.model_dims["vocab_size"]
+        if not n:
+            raise ValueError("draft_vocab: these heads draft from the whole vocabulary (heads.draft_vocab=0)")
+        counts = torch.zeros(vocab, dtype=torch.float64)
+        for seq in sequences:
+            counts.index_add_(0, torch.as_tensor(seq, dtype=torch.int64), torch.ones(len(seq), dtype=torch.float64))
+        total = float(counts.sum())
+        ranked = counts - torch.arange(vocab, dtype=torch.float64) / (2.0 * vocab)  # ties: lower id first
+        ranked[torch.as_tensor(list(always), dtype=torch.int64)] = math.inf
+        chosen = ranked.topk(n).indices.sort().values
+        self.draft_tokens.copy_(chosen.to(self.draft_tokens.device))
+        return float(counts[chosen].sum()) / total if total else 0.0
+
+    def draft_lm_head(self, lm_head: nn.Linear):
+        """The LM head the drafts use: `lm_head` itself, or with a draft vocabulary, a callable
+        that multiplies only those rows of its weight and returns full-vocabulary logits, -inf
+        elsewhere (a draft distribution that is zero off the draft vocabulary: rejection
+        sampling stays exact). Build it after each weight update (it copies the rows)."""
+        if not self.config.draft_vocab:
+            return lm_head
+        return _SubsetLMHead(lm_head, self.draft_tokens)
 
     def measured_acceptance(self) -> list[float] | None:
         """The held-out per-depth acceptance recorded with the heads, or None if unmeasured."""
@@ -364,7 +404,8 @@ class DraftHeads(nn.Module):
         path = Path(path_dir)
         path.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        meta = {"kind": self.kind, "num_depths": self.num_depths, **self.model_dims,
+        meta = {"kind": self.kind, "num_depths": self.num_depths, "draft_vocab": self.config.draft_vocab,
+                **self.model_dims,
                 "policy_version": int(policy_version), "extra": extra or {}}
         tmp_w, tmp_c = path / (WEIGHTS_FILE + ".tmp"), path / (CONFIG_FILE + ".tmp")
         save_file(tensors, str(tmp_w))
@@ -389,7 +430,7 @@ class DraftHeads(nn.Module):
             raise ValueError(f"path_dir: heads at {path} were fit for a model with ({show(saved)}) "
                              f"but the policy has ({show(wanted)}); re-fit heads for this policy "
                              "(`specroll fit-heads`)")
-        heads = cls(HeadConfig(meta["kind"], meta["num_depths"]), model_config)
+        heads = cls(HeadConfig(meta["kind"], meta["num_depths"], meta.get("draft_vocab", 0)), model_config)
         state = load_file(str(path / WEIGHTS_FILE))
         # heads saved before the acceptance buffer existed: take fit-heads' held-out record
         acc = meta.get("extra", {}).get("acceptance_after") or [-1.0] * heads.num_depths
@@ -397,6 +438,21 @@ class DraftHeads(nn.Module):
         heads.load_state_dict(state)
         heads.to(device=device, dtype=dtype)
         return heads, int(meta["policy_version"])
+
+
+class _SubsetLMHead:
+    """Logits over `token_ids` only, scattered into a full-vocabulary row of -inf."""
+
+    def __init__(self, lm_head: nn.Linear, token_ids: torch.Tensor):
+        ids = token_ids.to(lm_head.weight.device)
+        self.ids, self.vocab = ids, lm_head.weight.shape[0]
+        self.weight = lm_head.weight.detach().index_select(0, ids).contiguous()  # [N, H]
+        self.bias = lm_head.bias.detach()[ids] if lm_head.bias is not None else None
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        sub = linear(hidden.to(self.weight.dtype), self.weight, self.bias)  # [..., N]
+        out = sub.new_full((*sub.shape[:-1], self.vocab), -math.inf)
+        return out.index_copy_(-1, self.ids, sub)
 
 
 def _train_mask(depth: int, T: int, device) -> torch.Tensor:

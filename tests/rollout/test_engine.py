@@ -5,6 +5,7 @@ log-probs, and a two-sample test against plain sampling).
 CPU fp32 by default. SPECROLL_TEST_DEVICE=cuda SPECROLL_TEST_DTYPE=bfloat16 runs the same
 tests on a GPU in bf16, where log-prob tolerances widen (bf16 logits) and exact token
 equality across different batch shapes is not guaranteed by the kernels."""
+import copy
 import os
 
 import pytest
@@ -42,12 +43,15 @@ def _prompts(n, seed=1, vocab=61):
     return [torch.randint(3, vocab, (int(length),), generator=g).tolist() for length in lens]
 
 
-def _heads(model, kind, noise=0.05, depths=4, seed=1):
+def _heads(model, kind, noise=0.05, depths=4, seed=1, draft_vocab=()):
+    """Heads near the trunk's next-token head; with `draft_vocab` (token ids), drafting only those."""
     torch.manual_seed(seed)
-    heads = DraftHeads(HeadConfig(kind=kind, num_depths=depths), model.config)
+    heads = DraftHeads(HeadConfig(kind=kind, num_depths=depths, draft_vocab=len(draft_vocab)), model.config)
     with torch.no_grad():
         for p in heads.parameters():
             p.add_(noise * torch.randn_like(p))
+    if draft_vocab:
+        heads.set_draft_vocab([list(draft_vocab)])
     p = next(model.parameters())
     return heads.to(p.device, p.dtype)
 
@@ -162,10 +166,11 @@ def test_speculative_logprobs_and_batch_independence(pair, kind):
         assert torch.allclose(torch.tensor(s.entropies), ent, atol=ENT_TOL)
 
 
-@pytest.mark.parametrize("kind", ["parallel", "sequential"])
-def test_speculative_sampling_matches_plain_two_sample(kind):
+@pytest.mark.parametrize("kind,draft_vocab", [("parallel", 0), ("sequential", 0), ("sequential", 4)])
+def test_speculative_sampling_matches_plain_two_sample(kind, draft_vocab):
     """Speculative and plain sampling give the same distribution over the first three tokens
-    (chi-square two-sample tests); and the test has power: a wrong temperature fails it."""
+    (chi-square two-sample tests); and the test has power: a wrong temperature fails it. With a
+    draft vocabulary of half the tokens, the others come only from the residual, as often."""
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
@@ -174,11 +179,17 @@ def test_speculative_sampling_matches_plain_two_sample(kind):
     with torch.no_grad():  # spread-out but far from uniform next-token distributions
         model.lm_head.weight.mul_(4)
     model = model.to(DEV, DTYPE)
-    heads = _heads(model, kind, noise=0.15, depths=3, seed=2)
     n = 12000
     prompts = [[1, 2, 3]] * n
     sp = SamplingParams(temperature=1.0, max_new_tokens=4)
     plain = Engine(model, max_batch=n).generate(prompts, sp, seed=11)
+    heads = _heads(model, kind, noise=0.15, depths=3, seed=2)
+    if draft_vocab:  # the 4 of 8 tokens sampled most (fit-heads picks them from the policy's samples)
+        heads = DraftHeads(HeadConfig(kind, 3, draft_vocab), model.config).to(DEV, DTYPE)
+        heads.load_state_dict({**_heads(model, kind, noise=0.15, depths=3, seed=2).state_dict(),
+                               "draft_tokens": heads.draft_tokens})
+        heads.set_draft_vocab([s.tokens for s in plain.sequences[:1000]])
+        assert len(set(heads.draft_tokens.tolist())) == 4
     spec = Engine(model, heads, max_batch=n).generate(prompts, sp, SpecParams(mode="fixed", k=3), seed=12)
     assert spec.stats.mean_accepted_len > 1.2  # drafts are accepted often enough to matter
 
@@ -391,3 +402,29 @@ def test_blind_exploring_steps_count_in_the_depth_histogram_not_in_acceptance(pa
     monkeypatch.setattr(DepthPolicy, "plan_step", lambda self, rows: (2, 2, False))
     out = Engine(model, heads, max_batch=2).generate(prompts, sp, spec)
     assert out.stats.drafted_per_pos[0] == sum(out.stats.depth_hist[1:]) > 10
+
+
+@pytest.mark.parametrize("kind", ["parallel", "sequential"])
+def test_draft_vocabulary_drafts_only_its_tokens_and_stays_exact(pair, kind, monkeypatch):
+    import rollout.engine as engine_mod
+
+    _, model = pair
+    prompts = _prompts(6, seed=4)
+    sp = SamplingParams(temperature=0, max_new_tokens=24)
+    plain = Engine(model, max_batch=3).generate(prompts, sp)
+    full = _heads(model, kind, noise=0.02)
+    vocab = sorted({t for s in plain.sequences for t in s.tokens})[:20]  # 20 of 61 tokens
+    heads = _heads(model, kind, noise=0.02, draft_vocab=vocab)
+    drafted = []
+    real = engine_mod.rejection_sample
+    monkeypatch.setattr(engine_mod, "rejection_sample",
+                        lambda tp, dp, dt, dl, **kw: (drafted.append(dt.flatten().tolist()), real(tp, dp, dt, dl, **kw))[1])
+    spec = Engine(model, heads, max_batch=3).generate(prompts, sp, SpecParams(mode="fixed", k=3))
+    assert [s.tokens for s in spec.sequences] == [s.tokens for s in plain.sequences]
+    assert sum(map(len, drafted)) > 50 and {t for d in drafted for t in d} <= set(vocab)
+    assert spec.stats.mean_accepted_len > 1.0
+    # the same heads' weights without the restriction draft tokens outside it
+    drafted.clear()
+    heads_full = copy.deepcopy(full)
+    Engine(model, heads_full, max_batch=3).generate(prompts, sp, SpecParams(mode="fixed", k=3))
+    assert not {t for d in drafted for t in d} <= set(vocab)

@@ -1,5 +1,7 @@
 """Draft heads: inference-style drafting (begin/step over a head KV cache with rollback) equals
 teacher-forced training (train_logits), plus structure, checkpoints and batch independence."""
+import math
+
 import pytest
 import torch
 
@@ -391,3 +393,56 @@ def test_measured_acceptance_travels_with_the_heads(tmp_path):
     meta["extra"] = {"acceptance_after": [0.7, 0.6, 0.5]}
     (tmp_path / "h" / "heads_config.json").write_text(json.dumps(meta))
     assert DraftHeads.load(tmp_path / "h", mc)[0].measured_acceptance() == pytest.approx([0.7, 0.6, 0.5])
+
+
+def test_draft_vocabulary_picks_the_most_sampled_tokens_and_restricts_the_logits(tmp_path):
+    mc, trunk = tiny()
+    heads = DraftHeads(HeadConfig("sequential", 2, draft_vocab=4), mc)
+    samples = [[7, 7, 7, 3, 3, 9], [3, 7, 12, 12, 9, 40]]  # 7 x4, 3 x3, 9 x2, 12 x2, 40 x1
+    coverage = heads.set_draft_vocab(samples, always=[0])  # stop token 0 never sampled
+    assert heads.draft_tokens.tolist() == [0, 3, 7, 9]  # 9 before 12: ties go to the lower id
+    assert coverage == pytest.approx(9 / 12)
+    h = torch.randn(2, 5, mc.hidden_size)
+    with torch.no_grad():
+        full, sub = trunk.logits(h), heads.draft_lm_head(trunk.lm_head)(h)
+    keep = torch.zeros(mc.vocab_size, dtype=torch.bool)
+    keep[[0, 3, 7, 9]] = True
+    torch.testing.assert_close(sub[..., keep], full[..., keep])
+    assert torch.all(sub[..., ~keep] == -math.inf)
+    assert heads.draft_lm_head.__func__(DraftHeads(HeadConfig("sequential", 2), mc), trunk.lm_head) is trunk.lm_head
+    # saved and loaded with the heads
+    heads.save(tmp_path / "h", policy_version=0)
+    loaded, _ = DraftHeads.load(tmp_path / "h", mc)
+    assert loaded.config.draft_vocab == 4 and loaded.draft_tokens.tolist() == [0, 3, 7, 9]
+    with pytest.raises(ValueError, match="draft_vocab"):
+        HeadConfig("sequential", 2, draft_vocab=-1)
+    with pytest.raises(ValueError, match="below the policy's vocabulary"):
+        DraftHeads(HeadConfig("sequential", 2, draft_vocab=50), mc)
+    with pytest.raises(ValueError, match="whole vocabulary"):
+        DraftHeads(HeadConfig("sequential", 2), mc).set_draft_vocab(samples)
+
+
+def test_acceptance_with_a_draft_vocabulary_is_that_of_the_restricted_drafts():
+    from learner.refit import measure_acceptance
+    from spec_heads.sampling import sampling_probs
+
+    mc, trunk = tiny()
+    heads = random_heads("parallel", mc, num_depths=1)
+    seqs = [torch.randint(0, mc.vocab_size, (12,), generator=torch.Generator().manual_seed(i)).tolist()
+            for i in range(3)]
+    small = DraftHeads(HeadConfig("parallel", 1, draft_vocab=10), mc)
+    small.load_state_dict({**heads.state_dict(), "draft_tokens": small.draft_tokens})
+    small.set_draft_vocab(seqs)
+    full_acc = measure_acceptance(trunk, heads, seqs, batch_size=2)[0]
+    small_acc = measure_acceptance(trunk, small, seqs, batch_size=2)[0]
+    # by hand: draft = softmax over the 10 tokens, target = the trunk one position on
+    ids = torch.tensor(seqs)
+    with torch.no_grad():
+        hidden = trunk(ids)
+        feats = small.train_features(hidden, ids, trunk.embed_tokens, depths=1)[:, 0]  # [3, T, H]
+        # depth 1 at t drafts token t + 2: the trunk's distribution at t + 1; t + 2 in the sequence
+        draft = sampling_probs(small.draft_lm_head(trunk.lm_head)(feats), 1.0)[:, :-2]
+        target = sampling_probs(trunk.logits(hidden), 1.0)[:, 1:-1]
+    want = torch.minimum(draft, target).sum(-1).mean().item()
+    assert small_acc == pytest.approx(want, abs=1e-5)
+    assert small_acc != pytest.approx(full_acc, abs=1e-3)
