@@ -499,7 +499,7 @@ class _Run:
         t2 = time.perf_counter()
         self.stats.draft_time_s += t1 - t0
         self.stats.verify_time_s += t2 - t1
-        self.policy.record_step(n, W, t2 - t0)
+        self.policy.record_step(n, W, t2 - t0, planned=Kd)
         if self.spec.log_every and self.stats.steps % self.spec.log_every == 0:
             log.info("depth policy at step %d (rows=%d, width=%d): %s", self.stats.steps, n, W,
                      self.policy.summary())

@@ -386,6 +386,12 @@ class DepthPolicy:
         self._explore_at: dict[int, int] = {}  # bucket -> step of its next exploring step
         self._explore_gap: dict[int, int] = {}  # bucket -> back-off between exploring steps
         self.explore_overhead = 0.02  # exploring from a plain stretch costs at most this share
+        # Where the budget is one depth for the whole step (no early stop: the GPU), it climbs on
+        # real timings: bucket -> {planned depth: EMA of expected tokens per second}, fed by
+        # steps at the budget and by exploring steps one deeper and one shallower, in turn.
+        self._depth_rate: dict[int, dict[int, float]] = {}
+        self._explore_down: dict[int, bool] = {}
+        self._climbed: dict[int, int] = {}  # bucket -> the depth the climb stands on
 
     def _refresh(self) -> None:
         """Re-derive host-side caches once per 16 timings: every step records one, and the
@@ -472,8 +478,21 @@ class DepthPolicy:
                 advantage = drafting * self.cost.step_time(rows_in_flight, 1)
             if key in self._plain_timed and advantage < 1.0 + self.draft_margin:
                 self._budgets[key] = 0
+            elif self.early_stop:
+                self._budgets[key] = self.max_k
             else:
-                self._budgets[key] = self.max_k if self.early_stop else best
+                # the depth whose real steps delivered the most tokens per second, once two
+                # depths were timed (the cost model's step times come largely from start-up
+                # probes, which miss the bookkeeping and catch-up of real steps: on an H200 they
+                # chose 4-deep drafts for SmolLM2 at 128 rows, 0.92x, where 2 gave 1.20x)
+                measured = self._depth_rate.get(key, {})
+                if len(measured) >= 2:
+                    top = max(measured, key=measured.get)
+                    held = self._climbed.get(key)  # a 3% edge to move: single timings are noisy
+                    if held in measured and measured[top] < 1.03 * measured[held]:
+                        top = held
+                    best = self._climbed[key] = top
+                self._budgets[key] = best
         return self._budgets[key]
 
     def drafting_off(self, rows_in_flight: int) -> bool:
@@ -507,7 +526,8 @@ class DepthPolicy:
             return budget, 0, False
         if budget and self.steps % 64 == 47:
             return budget, 0, False
-        if budget >= self.max_k:
+        can_go_down = budget > 1 and not self.early_stop
+        if budget >= self.max_k and not can_go_down:
             return budget, budget, False
         backoff = 32 if budget else self._explore_gap.get(key, 32)
         self._explore_gap[key] = backoff
@@ -518,18 +538,24 @@ class DepthPolicy:
             return budget, budget, False
         depth, gap = self._explore_plan(rows_in_flight, budget, backoff)
         self._explore_at[key] = self.steps + gap
+        if budget:  # the next exploring step goes the other way (where both ways are open)
+            self._explore_down[key] = depth > budget
         if not budget:
             self._explore_gap[key] = min(2 * backoff, 1024)
         return budget, depth, True
 
     def _explore_plan(self, rows_in_flight: int, budget: int, backoff: int) -> tuple[int, int]:
-        """(depth, gap) of an exploring step: budget + 1 while drafting, else explore_depth; the
+        """(depth, gap) of an exploring step: budget + 1 while drafting (on the GPU, budget - 1 every
+        other time), else explore_depth; the
         gap to the next one is the back-off, but from a plain stretch never shorter than keeps
         the exploring steps' extra time (step_time(rows, 1 + depth) - one plain step) within
         explore_overhead of the stretch (at 64 rows a 7-token step is ~4 plain ones: every 32nd
         step would cost ~10%)."""
         if budget:
-            return budget + 1, backoff
+            # one deeper, or (the GPU: one depth per step) in turn one shallower
+            key = self.cost.bucket(rows_in_flight)
+            down = budget > 1 and not self.early_stop and (budget >= self.max_k or self._explore_down.get(key, False))
+            return (budget - 1 if down else budget + 1), backoff
         depth = self.explore_depth(rows_in_flight)
         extra = self.cost.step_time(rows_in_flight, 1 + depth) / self.cost.step_time(rows_in_flight, 1) - 1.0
         return depth, max(backoff, math.ceil(max(extra, 0.0) / self.explore_overhead))
@@ -617,9 +643,10 @@ class DepthPolicy:
         self.pos_trials[:K] += valid.sum(0)
         self.pos_accepts[:K] += (accepted & valid).sum(0)  # windowed in position_acceptance
 
-    def record_step(self, rows: int, tokens_per_row: int, seconds: float) -> None:
+    def record_step(self, rows: int, tokens_per_row: int, seconds: float, planned: int | None = None) -> None:
         """Time of a real step (draft + verify) with tokens_per_row = 1 + deepest draft in it
-        (1: a plain step). Start-up probes go to `cost.record` directly."""
+        (1: a plain step); `planned`: the depth plan_step gave it (default: tokens_per_row - 1).
+        Start-up probes go to `cost.record` directly."""
         self.cost.record(rows, tokens_per_row, seconds)
         key = self.cost.bucket(rows)
         if tokens_per_row == 1:
@@ -638,6 +665,9 @@ class DepthPolicy:
             old = self._draft_rate.get(key)
             self._draft_rate[key] = rate if old is None else old + 0.1 * (rate - old)
             self._draft_recent[key] = (rate, self.steps, rows)
+            depth = planned if planned else tokens_per_row - 1
+            rates = self._depth_rate.setdefault(key, {})
+            rates[depth] = rate if depth not in rates else rates[depth] + 0.3 * (rate - rates[depth])
             plain = self._plain_recent.get(key)
             if plain is not None and self.steps - plain[1] <= self.pair_within and _near(plain[2], rows):
                 self._pair(key, rate * plain[0])
@@ -685,7 +715,7 @@ class DepthPolicy:
         if acceptance is not None:
             self.set_measured_prior(acceptance)
         self._pos_accept, self._budgets, self._draft_rate, self._advantage = None, {}, {}, {}
-        self._draft_recent = {}
+        self._draft_recent, self._depth_rate, self._climbed = {}, {}, {}
 
     def summary(self) -> dict:
         """For logs (syncs): acceptance table, cost table, per-depth thresholds, depth histogram."""

@@ -187,8 +187,10 @@ class DraftHeads(nn.Module):
 
     def set_draft_vocab(self, sequences: list[list[int]], always: list[int] = ()) -> float:
         """Pick the draft vocabulary: the `always` tokens (e.g. stop tokens) and then the tokens
-        that occur most in `sequences` (the policy's own samples; ties to the lower id), up to
-        config.draft_vocab. Returns the share of the sequences' tokens it covers."""
+        that occur most in `sequences` (the policy's own samples), up to config.draft_vocab.
+        Ties, and the slots left when the samples hold fewer distinct tokens, go to the lower
+        ids (a BPE vocabulary numbers its tokens roughly by how early, i.e. how frequently,
+        they were merged). Returns the share of the sequences' tokens it covers."""
         n, vocab = self.config.draft_vocab, self.model_dims["vocab_size"]
         if not n:
             raise ValueError("draft_vocab: these heads draft from the whole vocabulary (heads.draft_vocab=0)")

@@ -87,9 +87,23 @@ def test_logprobs_and_entropies_equal_recompute(pair, sp):
         off += ((torch.tensor(s.logprobs) - lp).abs() > LP_TOL) | ((torch.tensor(s.entropies) - ent).abs() > ENT_TOL)
     if DTYPE == torch.float32:
         assert not any(off)
-    else:  # bf16: a logit within rounding of the top-k / top-p cut can fall on either side of it
-        # in the two forwards (seen on an H200 at top-k 7: 1 position of 96, off by 0.13)
-        assert sum(off) <= 0.02 * len(off), (sum(off), len(off))
+    else:  # bf16: a logit within rounding of the top-k cut can fall on either side of it in the
+        # two forwards (seen on an H200 at top-k 7: 1 and 5 positions of 96, off by ~0.13); only
+        # positions whose k-th and (k+1)-th logits are apart by more than bf16 rounding must match
+        ambiguous = []
+        for s in out.sequences:
+            ids = torch.tensor([s.prompt + s.tokens], device=DEV)
+            with torch.no_grad():
+                logits = model.logits(model(ids))[0, len(s.prompt) - 1: -1].float()  # [T, V]
+            if sp.top_k:
+                top = logits.topk(sp.top_k + 1, dim=-1).values
+                gap = top[:, -2] - top[:, -1]
+                ambiguous += (gap <= 2 * torch.finfo(torch.bfloat16).eps * top[:, -2].abs().clamp(min=1.0)).cpu()
+            else:
+                ambiguous += [torch.tensor(False)] * len(s.tokens)
+        bad = [o and not a for o, a in zip(off, ambiguous)]
+        assert not any(bad), (sum(bad), sum(off), len(off))
+        assert sum(off) <= 0.1 * len(off)
 
 
 def test_batch_independence_and_seed(pair):

@@ -482,3 +482,30 @@ def test_pairs_only_timings_at_nearly_the_same_rows():
     policy.record_step(35, 1, 0.01 * 35)
     policy.record_step(33, 2, 0.01 * 33 * 1.9)
     assert policy._advantage[key] < 0.95
+
+
+def test_gpu_budget_climbs_to_the_depth_real_steps_deliver_most_at():
+    """One depth per step (no early stop, the GPU): the start-up cost model says 4 drafts pay
+    best, real steps say 2 (deeper drafts cost more than probes showed). Exploring one deeper
+    and one shallower in turn, the budget walks down to 2 and stays there."""
+    policy = DepthPolicy("entropy", k=1, max_k=4, num_bins=4, vocab_size=VOCAB, max_batch=MAX_BATCH)
+    policy.early_stop = False
+    linear_cost(policy.cost, lambda r: 1.0, lambda r: 0.02, 5)  # probes: drafts nearly free
+    policy.set_measured_prior([0.9] * 4)
+    real = {0: 1.0, 1: 1.3, 2: 1.5, 3: 2.1, 4: 2.8}  # real step times by depth: 2 is best
+    assert policy.draft_budget(32) == 4
+    depths = []
+    for _ in range(1500):
+        _, depth, _ = policy.plan_step(32)
+        policy.record_step(32, 1 + depth, real[depth], planned=depth)
+        depths.append(depth)
+    assert policy.draft_budget(32) == 2
+    late = depths[-500:]
+    assert late.count(2) >= 0.9 * len(late), {d: late.count(d) for d in set(late)}
+    # with the engine's early stop (the CPU) the budget stays max_k: the chain stops per step
+    cpu = DepthPolicy("entropy", k=1, max_k=4, num_bins=4, vocab_size=VOCAB, max_batch=MAX_BATCH)
+    linear_cost(cpu.cost, lambda r: 1.0, lambda r: 0.02, 5)
+    for _ in range(300):
+        _, depth, _ = cpu.plan_step(32)
+        cpu.record_step(32, 1 + depth, real[depth], planned=depth)
+    assert cpu.draft_budget(32) == 4
