@@ -387,12 +387,13 @@ def test_depth_policy_starts_from_the_heads_measured_acceptance(pair):
     heads.set_measured_acceptance([0.95, 0.9, 0.85, 0.8])
     eng = Engine(model, heads, max_batch=2)
     policy = eng.ensure_depth_policy(SpecParams(mode="entropy", max_k=4), 4)
-    assert policy.position_acceptance() == pytest.approx([0.95, 0.9, 0.85, 0.8])
+    tol = 1e-6 if DTYPE == torch.float32 else 1e-2  # the buffer has the heads' dtype
+    assert policy.position_acceptance() == pytest.approx([0.95, 0.9, 0.85, 0.8], abs=tol)
     # re-fitted heads publish a new measurement: the engine forgets old outcomes for it
     eng.generate(_prompts(2), SamplingParams(temperature=1.0, max_new_tokens=20), SpecParams(mode="entropy", max_k=4))
     heads.set_measured_acceptance([0.5, 0.4, 0.3, 0.2])
     eng.reset_calibration()
-    assert policy.position_acceptance() == pytest.approx([0.5, 0.4, 0.3, 0.2])
+    assert policy.position_acceptance() == pytest.approx([0.5, 0.4, 0.3, 0.2], abs=tol)
 
 
 def test_blind_exploring_steps_count_in_the_depth_histogram_not_in_acceptance(pair, monkeypatch):
