@@ -72,3 +72,20 @@ def test_ensure_heads_refuses_heads_of_another_shape(policy_dir, tmp_path):
     fh.run(small_config(policy_dir, f"heads_path={out}", "fit.steps=1", "fit.kl_warmup_steps=0"))
     with pytest.raises(ConfigError, match="^heads_path: .*holds sequential heads with 3 depths but heads.kind=parallel"):
         fh.ensure_heads(small_config(policy_dir, f"heads_path={out}", "heads.kind=parallel"), policy_dir)
+
+
+def test_fit_heads_with_a_draft_vocabulary_picks_it_from_the_samples(policy_dir, tmp_path, capsys):
+    out = tmp_path / "heads"
+    cfg = small_config(policy_dir, "heads.kind=sequential", "heads.draft_vocab=8", f"heads_path={out}")
+    assert fh.run(cfg) == 0
+    model_cfg = ModelConfig.from_hf(json.loads((Path(policy_dir) / "config.json").read_text()))
+    heads, _ = DraftHeads.load(str(out), model_cfg)
+    vocab = heads.draft_tokens.tolist()
+    assert heads.config.draft_vocab == 8 and len(set(vocab)) == 8 and vocab == sorted(vocab)
+    meta = json.loads((out / "heads_config.json").read_text())["extra"]
+    assert 0 < meta["draft_vocab_coverage"] <= 1
+    # the recorded acceptance is that of the restricted drafts, the one the engine will see
+    assert heads.measured_acceptance() == pytest.approx(meta["acceptance_after"], abs=1e-6)
+    assert "draft vocabulary" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="draft_vocab"):
+        small_config(policy_dir, "heads.draft_vocab=-3")
