@@ -441,6 +441,7 @@ class _Run:
         # how deep this step drafts (0: a plain step), and whether it explores beyond the
         # policy's budget (spec_heads.depth.DepthPolicy.plan_step)
         budget, Kd, explore = self.policy.plan_step(n)
+        tokens0 = float(self.acc_tokens)  # (the previous step ended in a sync: free to read)
         budget, Kd = min(budget, self.K), min(Kd, self.K)
         # After a plain stretch, explore from each row's last position only: running the heads
         # over the whole window would cost a head layer per position and row, and the exploring
@@ -455,7 +456,7 @@ class _Run:
             self._plain_step()
             if e.cuda:
                 torch.cuda.synchronize()
-            self.policy.record_step(n, 1, time.perf_counter() - t0)
+            self.policy.record_step(n, 1, time.perf_counter() - t0, emitted=(float(self.acc_tokens) - tokens0) / n)
             return
         u = row_uniforms(self.keys[:n], self.n_out[:n], _S_SPEC, 2 * self.K + 1)  # [n, 2K+1]
         draft_probs, draft_tok, draft_bins = self._draft(n, Kd, u, early_stop=not explore)
@@ -499,7 +500,10 @@ class _Run:
         t2 = time.perf_counter()
         self.stats.draft_time_s += t1 - t0
         self.stats.verify_time_s += t2 - t1
-        self.policy.record_step(n, W, t2 - t0, planned=Kd)
+        # what the step really emitted per row; a blind exploring step's drafts lack the heads'
+        # context, so it is credited with the yield of drafting with context (expected tokens)
+        emitted = None if blind else (float(self.acc_tokens) - tokens0) / n
+        self.policy.record_step(n, W, t2 - t0, planned=Kd, emitted=emitted)
         if self.spec.log_every and self.stats.steps % self.spec.log_every == 0:
             log.info("depth policy at step %d (rows=%d, width=%d): %s", self.stats.steps, n, W,
                      self.policy.summary())

@@ -443,3 +443,26 @@ def test_draft_vocabulary_drafts_only_its_tokens_and_stays_exact(pair, kind, mon
     heads_full = copy.deepcopy(full)
     Engine(model, heads_full, max_batch=3).generate(prompts, sp, SpecParams(mode="fixed", k=3))
     assert not {t for d in drafted for t in d} <= set(vocab)
+
+
+def test_depth_policy_is_told_what_each_step_really_emitted(pair, monkeypatch):
+    from spec_heads.depth import DepthPolicy
+
+    _, model = pair
+    heads = _heads(model, "sequential", noise=0.02)
+    seen = []
+    real = DepthPolicy.record_step
+
+    def spy(self, rows, tokens_per_row, seconds, planned=None, emitted=None):
+        seen.append((rows, tokens_per_row, emitted))
+        return real(self, rows, tokens_per_row, seconds, planned, emitted)
+
+    monkeypatch.setattr(DepthPolicy, "record_step", spy)
+    prompts, sp = _prompts(7, seed=3), SamplingParams(temperature=1.0, max_new_tokens=30)
+    # fixed depth: no blind exploring steps (those are credited with expected tokens, None here)
+    out = Engine(model, heads, max_batch=3).generate(prompts, sp, SpecParams(mode="fixed", k=3), seed=1)
+    steps = [s for s in seen if s[2] is not None]
+    assert len(steps) == len(seen) == out.stats.steps
+    assert all(0 < e <= t for _, t, e in steps)  # at most the step's width per row
+    # every decode-step token is accounted for (each row's first token comes from its prefill)
+    assert sum(r * e for r, _, e in steps) == pytest.approx(out.stats.tokens - len(prompts))

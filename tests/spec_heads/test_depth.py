@@ -509,3 +509,24 @@ def test_gpu_budget_climbs_to_the_depth_real_steps_deliver_most_at():
         _, depth, _ = cpu.plan_step(32)
         cpu.record_step(32, 1 + depth, real[depth], planned=depth)
     assert cpu.draft_budget(32) == 4
+
+
+def test_drafting_is_weighed_by_the_tokens_steps_really_emit():
+    """A 1-deep draft at 0.64 acceptance is expected to yield 1.64 tokens per row-step; at 1.42x
+    a plain step's time that is +15%. Where steps really emit 1.4 per row (rows finishing
+    mid-step, the last step cut at max_new_tokens), drafting loses 1.4 / 1.42 and goes off; the
+    expected yield alone keeps it on."""
+    def run(emitted_draft):
+        policy = observed_policy([0.64] * 4, 1.0, lambda d: 1.0 + 0.42 * d, max_k=4)
+        for _ in range(60):
+            policy.record_step(32, 1, 0.155, emitted=1.0)
+            for _ in range(5):
+                policy.record_step(32, 2, 0.155 * 1.42, planned=1, emitted=emitted_draft)
+        return policy
+
+    assert run(None).draft_budget(32) > 0
+    assert run(1.4).draft_budget(32) == 0
+    # a plain step with idle slots (rows done, not yet collected) costs more per token emitted
+    policy = run(1.4)
+    policy.record_step(32, 1, 0.155, emitted=0.5)
+    assert policy._plain_recent[policy.cost.bucket(32)][0] > 0.155
