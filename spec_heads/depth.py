@@ -392,6 +392,7 @@ class DepthPolicy:
         self._depth_rate: dict[int, dict[int, float]] = {}
         self._explore_down: dict[int, bool] = {}
         self._climbed: dict[int, int] = {}  # bucket -> the depth the climb stands on
+        self._yield: dict[int, float] = {}  # bucket -> EMA of emitted / expected tokens of drafting steps
 
     def _refresh(self) -> None:
         """Re-derive host-side caches once per 16 timings: every step records one, and the
@@ -650,11 +651,12 @@ class DepthPolicy:
         `emitted`: the tokens the step really emitted per row in flight, where known.
         Start-up probes go to `cost.record` directly.
 
-        Drafting is weighed by what steps emit: with `emitted`, a drafting step's yield is the
-        tokens it really added (rows that finished mid-step, a last step cut at max_new_tokens
-        or a stop token, rows done but not yet collected all count), and a plain step's time is
-        per token it emitted; without it, a drafting step yields the expected tokens of its
-        depth. On SmolLM2 at 32 rows on the CPU the expected yield of a 1-deep draft was 1.64
+        Drafting is weighed by what steps emit: a drafting step yields the expected tokens of its
+        depth times the bucket's running ratio of emitted to expected tokens (rows that finished
+        mid-step, a last step cut at max_new_tokens or a stop token, rows done but not yet
+        collected all lower it; smoothed, since at one row a single step emits anywhere from 1
+        to depth + 1 tokens and one unlucky step must not switch drafting off), and a plain
+        step's time is per token it emitted. On SmolLM2 at 32 rows on the CPU the expected yield of a 1-deep draft was 1.64
         tokens per row-step and the realised one ~1.4: the difference between drafting at a
         measured +15% and a real -11% (docs/bench.md)."""
         self.cost.record(rows, tokens_per_row, seconds)
@@ -673,8 +675,11 @@ class DepthPolicy:
             if last is not None and self.steps - last[1] <= self.pair_within and _near(last[2], rows):
                 self._pair(key, last[0] * seconds)
         elif self.mode == "entropy":
-            tokens = emitted if emitted is not None else self.expected_tokens(tokens_per_row - 1)
-            rate = tokens / seconds
+            expected = self.expected_tokens(tokens_per_row - 1)
+            if emitted is not None:  # realised over expected, smoothed: one row's yield swings 1..5
+                old_yield = self._yield.get(key, 1.0)
+                self._yield[key] = old_yield + 0.1 * (emitted / expected - old_yield)
+            rate = expected * self._yield.get(key, 1.0) / seconds
             old = self._draft_rate.get(key)
             self._draft_rate[key] = rate if old is None else old + 0.1 * (rate - old)
             self._draft_recent[key] = (rate, self.steps, rows)

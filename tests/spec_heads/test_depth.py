@@ -530,3 +530,19 @@ def test_drafting_is_weighed_by_the_tokens_steps_really_emit():
     policy = run(1.4)
     policy.record_step(32, 1, 0.155, emitted=0.5)
     assert policy._plain_recent[policy.cost.bucket(32)][0] > 0.155
+
+
+def test_one_unlucky_step_at_one_row_moves_the_drafting_rate_a_tenth_of_the_way():
+    """At one row a 4-deep step emits 1 to 5 tokens; the drafting rate follows the running
+    ratio of emitted to expected tokens, so one step emitting 1 token where 2.8 were expected
+    moves the rate by a tenth of that gap, not all of it."""
+    policy = observed_policy([0.7] * 4, 1.0, lambda d: 1.0 + 0.12 * d, max_k=4)
+    key, expected = policy.cost.bucket(1), policy.expected_tokens(4)
+    for i in range(300):  # 3.7 and 1.0 in turn: 2.35 on average
+        policy.record_step(1, 5, 1.48, planned=4, emitted=1.0 if i % 2 else 3.7)
+    assert policy._yield[key] == pytest.approx(2.35 / expected, rel=0.1)
+    before = policy._draft_recent[key][0]
+    policy.record_step(1, 5, 1.48, planned=4, emitted=1.0)
+    after = policy._draft_recent[key][0]
+    assert after < before and (before - after) / before < 0.1
+    assert after > 0.7 * expected / 1.48  # where the step's own yield alone would put it at 1/1.48
