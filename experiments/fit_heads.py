@@ -187,6 +187,9 @@ def fit_and_save(cfg: Config, model_dir: str, out_dir: str) -> dict:
     from learner.refit import fit_heads
 
     model, tok = _load_policy(cfg, model_dir)
+    if cfg.heads.draft_vocab >= model.config.vocab_size:  # before minutes of sampling, not after
+        raise ConfigError(f"heads.draft_vocab: {cfg.heads.draft_vocab} is not below the policy's vocabulary "
+                          f"({model.config.vocab_size} tokens); set it lower, or 0 to draft from all")
     fc, temperature = cfg.fit, fit_temperature(cfg)
     print(f"fit-heads: {cfg.heads.kind} heads, {cfg.heads.num_depths} depths, for {model_dir}")
     sequences, prompt_lens = _sample(cfg, model, tok)

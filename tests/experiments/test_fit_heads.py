@@ -74,7 +74,7 @@ def test_ensure_heads_refuses_heads_of_another_shape(policy_dir, tmp_path):
         fh.ensure_heads(small_config(policy_dir, f"heads_path={out}", "heads.kind=parallel"), policy_dir)
 
 
-def test_fit_heads_with_a_draft_vocabulary_picks_it_from_the_samples(policy_dir, tmp_path, capsys):
+def test_fit_heads_with_a_draft_vocabulary_picks_it_from_the_samples(policy_dir, tmp_path, capsys, monkeypatch):
     out = tmp_path / "heads"
     cfg = small_config(policy_dir, "heads.kind=sequential", "heads.draft_vocab=8", f"heads_path={out}")
     assert fh.run(cfg) == 0
@@ -89,3 +89,8 @@ def test_fit_heads_with_a_draft_vocabulary_picks_it_from_the_samples(policy_dir,
     assert "draft vocabulary" in capsys.readouterr().out
     with pytest.raises(ConfigError, match="draft_vocab"):
         small_config(policy_dir, "heads.draft_vocab=-3")
+    sampled = []
+    monkeypatch.setattr(fh, "_sample", lambda *a: sampled.append(a) or ([], []))
+    with pytest.raises(ConfigError, match="heads.draft_vocab: 5000 is not below the policy's vocabulary"):
+        fh.run(small_config(policy_dir, "heads.draft_vocab=5000", f"heads_path={tmp_path / 'h2'}"))
+    assert sampled == []  # refused before sampling
