@@ -201,11 +201,9 @@ class Learner:
         1/8 of them (at least one sequence) is held out to measure acceptance before and after,
         and the old heads are kept (refit_kept=False) when the fit made it worse."""
         r = self.refit_cfg
-        data = [s for s in sequences if len(s.prompt) + len(s.tokens) >= 2]
-        if len(data) < 2:
+        fit, held = _held_out(sequences)
+        if not fit:
             return {"refit_skipped": True}
-        n_eval = max(1, len(data) // 8)
-        fit, held = data[:-n_eval], data[-n_eval:]
         gen = torch.Generator().manual_seed(seed)
         old_state = {k: v.detach().clone() for k, v in self.heads.state_dict().items()}
         result = fit_heads(self.policy, self.heads, [s.prompt + s.tokens for s in fit],
@@ -236,10 +234,9 @@ class Learner:
         None without heads or usable sequences."""
         if self.heads is None:
             return None
-        data = [s for s in sequences if len(s.prompt) + len(s.tokens) >= 2]
-        if not data:
+        _, held = _held_out(sequences)
+        if not held:
             return None
-        held = data[-max(1, len(data) // 8):]
         with torch.no_grad():
             acceptance = measure_acceptance(self.policy, self.heads, [s.prompt + s.tokens for s in held],
                                             prompt_lens=[len(s.prompt) for s in held],
@@ -270,6 +267,13 @@ def _pad_to(x: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
     """[b, L'] -> [b, L] with zeros (micro-batches are trimmed to their own longest row)."""
     L = batch.mask.shape[1]
     return torch.nn.functional.pad(x, (0, L - x.shape[1]))
+
+
+def _held_out(sequences: list[Sequence]) -> tuple[list[Sequence], list[Sequence]]:
+    """(fit, held): the sequences of >= 2 tokens, the last 1/8 of them (at least one) held out."""
+    data = [s for s in sequences if len(s.prompt) + len(s.tokens) >= 2]
+    n_eval = max(1, len(data) // 8) if data else 0
+    return data[:len(data) - n_eval], data[len(data) - n_eval:]
 
 
 def _per_token(advantages: torch.Tensor, batch: PackedBatch) -> torch.Tensor:

@@ -316,7 +316,8 @@ class _Run:
         self.stats.prefill_time_s += time.perf_counter() - t0
 
     # ---------------------------------------------------------------- steps
-    def _plain_step(self):
+    def _plain_step(self) -> torch.Tensor:
+        """One plain decode step over the rows in flight; returns the tokens emitted per row [n]."""
         n, sp, m = self.n, self.sp, self.e.model
         pos = self.lengths[:n, None]
         h = m(self.last_tok[:n, None], pos, self.cache, self._kv(self.len_bound + 1))
@@ -331,9 +332,10 @@ class _Run:
             self.hlast[:n] = idx
             self.hwidth += 1
         zero = torch.zeros(n, dtype=torch.int64, device=self.e.device) if self.K else None
-        self._emit(slice(0, n), tok[:, None], lp.gather(1, tok[:, None]), _entropy(probs)[:, None],
-                   torch.ones(n, dtype=torch.int64, device=self.e.device), dlen=zero)
+        emitted = self._emit(slice(0, n), tok[:, None], lp.gather(1, tok[:, None]), _entropy(probs)[:, None],
+                             torch.ones(n, dtype=torch.int64, device=self.e.device), dlen=zero)
         self.len_bound += 1
+        return emitted
 
     def _begin_heads(self, n: int, K: int):
         """Run the heads over each row's window; returns depth-1 logits and the draft state.
@@ -438,7 +440,6 @@ class _Run:
         # how deep this step drafts (0: a plain step), and whether it explores beyond the
         # policy's budget (spec_heads.depth.DepthPolicy.plan_step)
         budget, Kd, explore = self.policy.plan_step(n)
-        tokens0 = float(self.acc_tokens)  # (the previous step ended in a sync: free to read)
         budget, Kd = min(budget, self.K), min(Kd, self.K)
         # After a plain stretch, explore from each row's last position only: running the heads
         # over the whole window would cost a head layer per position and row, and the exploring
@@ -450,10 +451,10 @@ class _Run:
         if Kd == 0:  # a plain step is faster than any draft: skip the heads (they catch up later)
             self.policy.depth_hist[0] += n
             self.acc_wa[0, 0] += (~self.done[:n]).sum()
-            self._plain_step()
+            emitted = self._plain_step()
             if e.cuda:
                 torch.cuda.synchronize()
-            self.policy.record_step(n, 1, time.perf_counter() - t0, emitted=(float(self.acc_tokens) - tokens0) / n)
+            self.policy.record_step(n, 1, time.perf_counter() - t0, emitted=float(emitted.sum()) / n)
             return
         u = row_uniforms(self.keys[:n], self.n_out[:n], _S_SPEC, 2 * self.K + 1)  # [n, 2K+1]
         draft_probs, draft_tok, draft_bins = self._draft(n, Kd, u, early_stop=not explore)
@@ -476,7 +477,7 @@ class _Run:
         lps = tlp.gather(2, safe[..., None])[..., 0]  # [n, W]
         ents = _entropy(tp)  # [n, W]
         live = ~self.done[:n]
-        self._emit(slice(0, n), toks, lps, ents, num, dlen=dlen)
+        emitted = self._emit(slice(0, n), toks, lps, ents, num, dlen=dlen)
         # the heads start next step from the fed positions that were accepted
         self.hid[:n, :W], self.nxt[:n, :W] = h, safe
         self.hstart[:n] = torch.where(live, pos[:, 0], self.hstart[:n])
@@ -499,8 +500,7 @@ class _Run:
         self.stats.verify_time_s += t2 - t1
         # what the step really emitted per row; a blind exploring step's drafts lack the heads'
         # context, so it is credited with the yield of drafting with context (expected tokens)
-        emitted = None if blind else (float(self.acc_tokens) - tokens0) / n
-        self.policy.record_step(n, W, t2 - t0, planned=Kd, emitted=emitted)
+        self.policy.record_step(n, W, t2 - t0, planned=Kd, emitted=None if blind else float(emitted.sum()) / n)
         if self.spec.log_every and self.stats.steps % self.spec.log_every == 0:
             log.info("depth policy at step %d (rows=%d, width=%d): %s", self.stats.steps, n, W,
                      self.policy.summary())
@@ -508,7 +508,8 @@ class _Run:
     # ----------------------------------------------------------- bookkeeping
     def _emit(self, sl: slice, toks, lps, ents, num, dlen=None, count_step=True):
         """Append up to num[b] tokens per row (stopping at a stop token or max_new_tokens);
-        rows already done are left untouched. toks/lps/ents [m, W], num [m]."""
+        rows already done are left untouched. toks/lps/ents [m, W], num [m]. Returns the tokens
+        appended per row [m] (device)."""
         m, W = toks.shape
         dev = toks.device
         done, n_out = self.done[sl], self.n_out[sl]
@@ -543,6 +544,7 @@ class _Run:
         self.last_tok[sl] = torch.where(done, self.last_tok[sl], last)
         self.n_out[sl] = new_out
         self.done[sl] = done | finished
+        return cnt
 
     def _collect(self):
         """Hand finished rows to the results (one read-back), then compact the active slots."""

@@ -527,8 +527,7 @@ class DepthPolicy:
             return budget, 0, False
         if budget and self.steps % 64 == 47:
             return budget, 0, False
-        can_go_down = budget > 1 and not self.early_stop
-        if budget >= self.max_k and not can_go_down:
+        if budget >= self.max_k and not self._explores_down(budget):
             return budget, budget, False
         backoff = 32 if budget else self._explore_gap.get(key, 32)
         self._explore_gap[key] = backoff
@@ -545,17 +544,20 @@ class DepthPolicy:
             self._explore_gap[key] = min(2 * backoff, 1024)
         return budget, depth, True
 
+    def _explores_down(self, budget: int) -> bool:
+        """Whether exploring may try one depth shallower: where the budget is one depth for the
+        whole step (no early stop, the GPU) and there is a shallower drafting depth."""
+        return budget > 1 and not self.early_stop
+
     def _explore_plan(self, rows_in_flight: int, budget: int, backoff: int) -> tuple[int, int]:
-        """(depth, gap) of an exploring step: budget + 1 while drafting (on the GPU, budget - 1 every
-        other time), else explore_depth; the
-        gap to the next one is the back-off, but from a plain stretch never shorter than keeps
-        the exploring steps' extra time (step_time(rows, 1 + depth) - one plain step) within
-        explore_overhead of the stretch (at 64 rows a 7-token step is ~4 plain ones: every 32nd
-        step would cost ~10%)."""
+        """(depth, gap) of an exploring step: budget + 1 while drafting (on the GPU, budget - 1
+        every other time), else explore_depth; the gap to the next one is the back-off, but
+        from a plain stretch never shorter than keeps the exploring steps' extra time
+        (step_time(rows, 1 + depth) - one plain step) within explore_overhead of the stretch
+        (at 64 rows a 7-token step is ~4 plain ones: every 32nd step would cost ~10%)."""
         if budget:
-            # one deeper, or (the GPU: one depth per step) in turn one shallower
             key = self.cost.bucket(rows_in_flight)
-            down = budget > 1 and not self.early_stop and (budget >= self.max_k or self._explore_down.get(key, False))
+            down = self._explores_down(budget) and (budget >= self.max_k or self._explore_down.get(key, False))
             return (budget - 1 if down else budget + 1), backoff
         depth = self.explore_depth(rows_in_flight)
         extra = self.cost.step_time(rows_in_flight, 1 + depth) / self.cost.step_time(rows_in_flight, 1) - 1.0
@@ -656,9 +658,9 @@ class DepthPolicy:
         mid-step, a last step cut at max_new_tokens or a stop token, rows done but not yet
         collected all lower it; smoothed, since at one row a single step emits anywhere from 1
         to depth + 1 tokens and one unlucky step must not switch drafting off), and a plain
-        step's time is per token it emitted. On SmolLM2 at 32 rows on the CPU the expected yield of a 1-deep draft was 1.64
-        tokens per row-step and the realised one ~1.4: the difference between drafting at a
-        measured +15% and a real -11% (docs/bench.md)."""
+        step's time is per token it emitted. On SmolLM2 at 32 rows on the CPU the expected yield
+        of a 1-deep draft was 1.64 tokens per row-step and the realised one ~1.4: the difference
+        between drafting at a measured +15% and a real -11% (docs/bench.md)."""
         self.cost.record(rows, tokens_per_row, seconds)
         key = self.cost.bucket(rows)
         if tokens_per_row == 1:
