@@ -182,11 +182,14 @@ def _load_gguf(file: Path, device, dtype) -> Transformer:
 
 def _hf_model_from_gguf(file: Path):
     try:
-        import gguf  # noqa: F401  (transformers needs it to read GGUF; fail with our hint, not its own)
+        # transformers needs gguf to read GGUF, and from version 5 accelerate too: fail with our
+        # hint, not its own
+        import accelerate  # noqa: F401
+        import gguf  # noqa: F401
         from transformers import AutoModelForCausalLM
     except ImportError as e:
-        raise ImportError(f"reading {file} needs transformers and gguf: pip install transformers gguf "
-                          f"({e})") from None
+        raise ImportError(f"reading {file} needs transformers, gguf and accelerate: pip install "
+                          f"transformers gguf accelerate ({e})") from None
     return AutoModelForCausalLM.from_pretrained(str(file.parent), gguf_file=file.name, dtype=torch.float32)
 
 

