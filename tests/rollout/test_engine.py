@@ -463,3 +463,48 @@ def test_depth_policy_is_told_what_each_step_really_emitted(pair, monkeypatch):
     assert all(0 < e <= t for _, t, e in steps)  # at most the step's width per row
     # every decode-step token is accounted for (each row's first token comes from its prefill)
     assert sum(r * e for r, _, e in steps) == pytest.approx(out.stats.tokens - len(prompts))
+
+
+@pytest.mark.parametrize("spec", [None, SpecParams(mode="fixed", k=3, max_k=4)])
+def test_freed_slots_are_refilled_in_groups_without_changing_any_row(pair, spec):
+    """Queued prompts are admitted once min_refill slots are free (or the rest of the queue
+    fits): fewer, larger prefills than one per freed slot, and every row's output is the same
+    as with min_refill=1 (its random stream is its own, whenever it is admitted)."""
+    _, model = pair
+    heads = _heads(model, "sequential") if spec is not None else None
+    prompts = _prompts(23, seed=8)
+    # stop tokens make rows finish one by one, at different steps
+    sp = SamplingParams(temperature=1.0, max_new_tokens=24, stop_token_ids=list(range(3, 9)))
+    runs = {}
+    for min_refill in (1, 4):
+        eng = Engine(model, heads, max_batch=8, min_refill=min_refill)
+        sizes = []
+        forward = eng.model.forward
+
+        def counting(ids, pos=None, cache=None, kv_len=None, slots=None):
+            if slots is not None:  # a prefill writes the cache rows of its new slots
+                sizes.append(ids.shape[0])
+            return forward(ids, pos, cache, kv_len, slots)
+
+        eng.model.forward = counting
+        out = eng.generate(prompts, sp, spec, seed=3)
+        del eng.model.forward
+        runs[min_refill] = (out, sizes)
+    (one, one_sizes), (grouped, sizes) = runs[1], runs[4]
+    assert sum(sizes) == sum(one_sizes) == len(prompts)
+    assert sizes[0] == 8
+    left = len(prompts) - 8
+    for size in sizes[1:]:  # every later prefill admits a group, or all that were left
+        assert size >= min(4, left), sizes
+        left -= size
+    assert len(sizes) < len(one_sizes), (sizes, one_sizes)
+    assert min(one_sizes[1:-1]) < 4  # (the case grouping is for: slots freed a few at a time)
+    for a, b in zip(one.sequences, grouped.sequences):
+        assert a.prompt_id == b.prompt_id and a.tokens == b.tokens
+        assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=LP_TOL)
+
+
+def test_min_refill_outside_the_batch_is_refused(pair):
+    _, model = pair
+    with pytest.raises(ValueError, match=r"min_refill: must be in 1\.\.max_batch \(4\), got 5"):
+        Engine(model, max_batch=4, min_refill=5)
