@@ -379,6 +379,7 @@ class DepthPolicy:
         self.pair_within = 128  # steps: how far apart two timings may be to pair
         self.early_stop = self.device.type != "cuda"  # the engine stops drafting early on a CPU
         self.draft_margin = 0.05  # drafting must deliver 5% more tokens per second than plain steps
+        self.near_band = 0.05  # within this above the bar, plain steps come 8x as often (_plain_every)
         # Exploration (see plan_step), counted in decode steps over the policy's life: across
         # generate() calls, so a rollout batch of a few dozen steps does not explore at the
         # same early step every time, and per rows bucket, like the budget it re-checks.
@@ -512,8 +513,9 @@ class DepthPolicy:
         and exploring keeps confirming it, it explores ever less often (every 32, 64, ... 1024
         steps, and never more often than keeps the exploring steps' extra time within
         explore_overhead of the stretch: where verifying is dear one costs several plain steps). And while
-        drafting, every 64th step is a plain one, so the plain step's cost that drafting is
-        weighed against is a real timing (the heads catch up on it at the next step).
+        drafting, every 64th step is a plain one (every 8th near the bar: _plain_every), so the
+        plain step's cost that drafting is weighed against is a real timing (the heads catch up
+        on it at the next step).
         """
         self.steps += 1
         budget = self.draft_budget(rows_in_flight)
@@ -525,7 +527,8 @@ class DepthPolicy:
             # can switch drafting off there, and a draining batch passes through every bucket,
             # often for fewer steps than the periodic plain step's cadence
             return budget, 0, False
-        if budget and self.steps % 64 == 47:
+        every = self._plain_every(key) if budget else 0
+        if every and self.steps % every == 47 % every:
             return budget, 0, False
         if budget >= self.max_k and not self._explores_down(budget):
             return budget, budget, False
@@ -543,6 +546,16 @@ class DepthPolicy:
         if not budget:
             self._explore_gap[key] = min(2 * backoff, 1024)
         return budget, depth, True
+
+    def _plain_every(self, key: int) -> int:
+        """While drafting, every n-th step is a plain one: every 64th, or every 8th where drafting's
+        advantage is within near_band (5%) above the bar. Every drafting step is weighed against the
+        latest plain timings, so near the bar the advantage rests on few plain steps and one
+        slow one kept drafting on at a loss (SmolLM2 at 32 rows on the CPU: rated above the bar,
+        0.92x of off). A plain step costs what drafting would have gained, there a few percent."""
+        advantage = self._advantage.get(key)
+        near = advantage is not None and advantage < 1.0 + self.draft_margin + self.near_band
+        return 8 if near else 64
 
     def _explores_down(self, budget: int) -> bool:
         """Whether exploring may try one depth shallower: where the budget is one depth for the

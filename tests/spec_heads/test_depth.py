@@ -404,6 +404,23 @@ def test_plan_step_drafts_the_budget_with_periodic_plain_steps():
     assert {fixed.plan_step(1) for _ in range(100)} == {(3, 3, False)}
 
 
+def test_plain_steps_come_eight_times_as_often_where_drafting_is_near_the_bar():
+    """Every drafting step is weighed against the latest plain timings; near the bar (within
+    5% above the 5% margin) one slow plain step could keep drafting on at a loss, so plain
+    steps come every 8th step there, every 64th where drafting clearly pays."""
+    def plain_steps(advantage):
+        # always accepted (d + 1 tokens) and a step verifying d drafts costs (d + 1) / advantage
+        policy = observed_policy([1.0] * 4, 1.0, lambda d: (d + 1) / advantage)
+        assert policy.draft_budget(1) == 4
+        plans = [policy.plan_step(1) for _ in range(128)]
+        return [i + 1 for i, (_, d, _) in enumerate(plans) if d == 0], policy._advantage[0]
+
+    steps, advantage = plain_steps(1.08)
+    assert 1.05 < advantage < 1.10 and steps == list(range(7, 129, 8))
+    steps, advantage = plain_steps(1.12)
+    assert advantage > 1.10 and steps == [47, 111]
+
+
 def test_plan_step_times_a_plain_step_first_at_every_new_rows_bucket():
     # timed only at rows=1: at 64 rows no plain step has been timed, so drafting could never be
     # switched off there; the first step at that bucket is a plain one, then it drafts
