@@ -180,8 +180,24 @@ def predicted_tokens_per_verify(acceptance: list[float]) -> float:
     return expected_tokens(acceptance, len(acceptance))
 
 
+def _initial_heads(cfg: Config, model_config) -> DraftHeads:
+    """The heads at fit.init, checked against cfg.heads (ConfigError naming both and the fix)."""
+    try:
+        heads, _ = DraftHeads.load(cfg.fit.init, model_config)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"fit.init: {e}") from None
+    saved = dataclasses.asdict(heads.config)
+    wanted = dataclasses.asdict(cfg.heads)
+    if saved != wanted:
+        diff = ", ".join(f"heads.{k}={saved[k]} (config: {wanted[k]})" for k in saved if saved[k] != wanted[k])
+        raise ConfigError(f"fit.init: the heads at {cfg.fit.init} have {diff}; set those heads.* values, "
+                          "or fit fresh heads (fit.init='')")
+    return heads
+
+
 def fit_and_save(cfg: Config, model_dir: str, out_dir: str) -> dict:
-    """Sample, fit fresh heads, save them to `out_dir` (policy_version 0); returns the metrics."""
+    """Sample, fit fresh heads (or continue from fit.init), save them to `out_dir` (policy_version
+    0); returns the metrics."""
     from tqdm.auto import tqdm
 
     from learner.refit import fit_heads
@@ -191,17 +207,22 @@ def fit_and_save(cfg: Config, model_dir: str, out_dir: str) -> dict:
         raise ConfigError(f"heads.draft_vocab: {cfg.heads.draft_vocab} is not below the policy's vocabulary "
                           f"({model.config.vocab_size} tokens); set it lower, or 0 to draft from all")
     fc, temperature = cfg.fit, fit_temperature(cfg)
-    print(f"fit-heads: {cfg.heads.kind} heads, {cfg.heads.num_depths} depths, for {model_dir}")
+    init = _initial_heads(cfg, model.config) if fc.init else None  # checked before sampling too
+    print(f"fit-heads: {cfg.heads.kind} heads, {cfg.heads.num_depths} depths, for {model_dir}"
+          + (f", continuing from {fc.init}" if init is not None else ""))
     sequences, prompt_lens = _sample(cfg, model, tok)
     n_eval = min(len(sequences) - 1, max(1, round(fc.holdout * len(sequences))))
     n_fit = len(sequences) - n_eval
     device = next(model.parameters()).device
-    with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
-        torch.manual_seed(cfg.seed)
-        heads = DraftHeads(cfg.heads, model.config)
+    if init is not None:  # continue a fit: the heads (and their draft vocabulary) as they were saved
+        heads = init
+    else:
+        with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
+            torch.manual_seed(cfg.seed)
+            heads = DraftHeads(cfg.heads, model.config)
     heads.to(device=device, dtype=torch.float32)  # fp32 heads: the optimiser state stays exact
     coverage = None
-    if cfg.heads.draft_vocab:  # the tokens the policy samples most, from the fit's samples
+    if cfg.heads.draft_vocab and not fc.init:  # the tokens the policy samples most, from the fit's samples
         stops = sorted(set(cfg.sampling.stop_token_ids) | {tok.eos_id})
         coverage = heads.set_draft_vocab([s[p:] for s, p in zip(sequences[:n_fit], prompt_lens[:n_fit])],
                                          always=stops)

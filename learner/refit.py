@@ -61,6 +61,9 @@ class HeadFitConfig:
     # The distribution the heads are fitted to: the policy's sampling distribution at this
     # temperature. None: the run's sampling.temperature, the one the engine drafts and verifies at.
     temperature: Optional[float] = None
+    # A heads folder to continue fitting from ("": fresh heads). Its kind, depths and draft
+    # vocabulary must match `heads`; a continued fit usually needs no KL warm-up (kl_warmup_steps=0).
+    init: str = ""
 
     def __post_init__(self):
         if self.num_sequences < 2:

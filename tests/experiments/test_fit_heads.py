@@ -94,3 +94,24 @@ def test_fit_heads_with_a_draft_vocabulary_picks_it_from_the_samples(policy_dir,
     with pytest.raises(ConfigError, match="heads.draft_vocab: 5000 is not below the policy's vocabulary"):
         fh.run(small_config(policy_dir, "heads.draft_vocab=5000", f"heads_path={tmp_path / 'h2'}"))
     assert sampled == []  # refused before sampling
+
+
+def test_fit_continues_from_saved_heads(policy_dir, tmp_path):
+    """fit.init starts from saved heads: on the same samples (same seed) the continued fit's
+    starting acceptance is exactly where the first fit ended, its draft vocabulary is kept, and
+    heads of another shape are refused with the keys to change."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    fh.run(small_config(policy_dir, "heads.draft_vocab=8", f"heads_path={first}"))
+    fh.run(small_config(policy_dir, "heads.draft_vocab=8", f"heads_path={second}", f"fit.init={first}",
+                        "fit.kl_warmup_steps=0"))
+    meta = lambda d: json.loads((d / "heads_config.json").read_text())
+    assert meta(second)["extra"]["acceptance_before"] == pytest.approx(meta(first)["extra"]["acceptance_after"])
+    model_cfg = ModelConfig.from_hf(json.loads((Path(policy_dir) / "config.json").read_text()))
+    a, b = (DraftHeads.load(str(d), model_cfg)[0] for d in (first, second))
+    assert a.draft_tokens.tolist() == b.draft_tokens.tolist()
+    assert any((pa - pb).abs().max() > 0 for pa, pb in zip(a.parameters(), b.parameters()))  # it trained on
+    with pytest.raises(ConfigError, match=r"^fit.init: .*heads.num_depths=3 \(config: 2\)"):
+        fh.run(small_config(policy_dir, "heads.draft_vocab=8", "heads.num_depths=2", f"fit.init={first}",
+                            f"heads_path={tmp_path / 'third'}"))
+    with pytest.raises(ConfigError, match="^fit.init: .*holds no"):
+        fh.run(small_config(policy_dir, f"fit.init={tmp_path / 'nothing'}", f"heads_path={tmp_path / 'fourth'}"))
