@@ -68,7 +68,10 @@ def default_heads_dir(model_dir: str, cfg: Config) -> str:
     heads = dataclasses.asdict(cfg.heads)
     if not heads["draft_vocab"]:  # (heads fitted before the field existed keep their folder)
         del heads["draft_vocab"]
-    key = {"heads": heads, "fit": dataclasses.asdict(cfg.fit),
+    fit = dataclasses.asdict(cfg.fit)
+    if not fit["init"]:  # (fits from fresh heads, as before the field existed, keep their folder)
+        del fit["init"]
+    key = {"heads": heads, "fit": fit,
            "temperature": fit_temperature(cfg), "seed": cfg.seed, "version": _FIT_VERSION,
            "task": {k: getattr(cfg.task, k) for k in ("name", "path", "digits", "ops")},
            "sampling": {k: getattr(sp, k) for k in ("top_k", "top_p", "max_new_tokens")}}

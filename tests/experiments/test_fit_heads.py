@@ -52,6 +52,15 @@ def test_ensure_heads_fits_once_then_reuses(policy_dir, tmp_path, monkeypatch):
     assert len(calls) == 1 and (Path(first) / "heads.safetensors").stat().st_mtime_ns == stamp
     # anything that shapes the fit names another folder, so stale heads are never reused
     assert fh.default_heads_dir(str(model_dir), small_config(str(model_dir), "sampling.temperature=0.5")) != first
+    assert fh.default_heads_dir(str(model_dir), small_config(str(model_dir), f"fit.init={first}")) != first
+
+
+def test_heads_folder_of_the_default_config_is_stable():
+    """Users' fitted heads are found by this hash: a new config field that is left at its
+    default must not change it (fit.init did once, which would have re-fitted every cached
+    head). Change the expected value only with a deliberate _FIT_VERSION bump."""
+    cfg = load_config("default", ["heads.num_depths=8"])
+    assert fh.default_heads_dir("/m/tiny", cfg) == "/m/tiny-heads-sequential-8-8628b73ebb"
 
 
 def test_user_errors_name_the_key_and_fix(policy_dir, tmp_path):
