@@ -157,12 +157,33 @@ def _frozen_fns(model):
     return embed, lm_head
 
 
-def _target_probs(hidden, lm_head, K: int, t0: int, t1: int, temperature: float) -> torch.Tensor:
-    """Depth i at start t targets the trunk's distribution at t+i: [B, K, t1-t0, V] (fp32)."""
+def _target_probs(hidden, lm_head, K: int, t0: int, t1: int, temperature: float,
+                  columns: torch.Tensor | None = None) -> torch.Tensor:
+    """Depth i at start t targets the trunk's distribution at t+i: [B, K, t1-t0, V] (fp32), or
+    only its `columns` [N] ([B, K, t1-t0, N]). Each position's distribution is computed once
+    and shared by the K (start, depth) pairs that target it: a view, not K LM-head calls."""
     padded = F.pad(hidden, (0, 0, 0, K))  # [B, T+K, H]; positions past the end are masked out
-    shifted = torch.stack([padded[:, t0 + i:t1 + i] for i in range(1, K + 1)], dim=1)  # [B, K, Tc, H]
     with torch.no_grad():
-        return sampling_probs(lm_head(shifted), temperature)
+        probs = sampling_probs(lm_head(padded[:, t0 + 1:t1 + K]), temperature)  # [B, Tc+K-1, V]
+        if columns is not None:
+            probs = probs.index_select(-1, columns)
+    return probs.unfold(1, t1 - t0, 1).transpose(2, 3)  # [B, K, Tc, V]: depth i at t -> t+i
+
+
+def _served_draft_head(heads, model, name: str):
+    """(LM head for the drafts in the loss, the target columns it covers or None). With a draft
+    vocabulary, the TV losses compare the drafts the engine serves: a softmax over the draft
+    vocabulary's rows only (zero elsewhere), against the policy's probabilities of those tokens,
+    so 1 - TV is the acceptance rejection sampling will see, and the draft LM head multiplies
+    N rows, not the whole vocabulary (4096 of SmolLM2's 49,152). KL and CE need the draft on
+    every token the policy can sample, so they keep the whole vocabulary."""
+    embed, lm_head = _frozen_fns(model)
+    if not heads.config.draft_vocab or name not in ("tv", "e2e_tv"):
+        return lm_head, None
+    ids = heads.draft_tokens.to(model.lm_head.weight.device)
+    w = model.lm_head.weight.detach().index_select(0, ids)
+    b = model.lm_head.bias.detach()[ids] if model.lm_head.bias is not None else None
+    return (lambda h: F.linear(h.to(w.dtype), w, b).float()), ids  # noqa: E731
 
 
 def _chunk_len(B: int, K: int, T: int, V: int) -> int:
@@ -194,6 +215,7 @@ def batch_loss(heads, model, hidden, tokens, mask, name: str, temperature: float
     The LM head runs over chunks of positions; each chunk's loss is weighted by its share of the
     terms, so the result equals the unchunked loss."""
     embed, lm_head = _frozen_fns(model)
+    draft_head, columns = _served_draft_head(heads, model, name)
     K = mask.shape[1]
     with torch.set_grad_enabled(backward):
         feats = heads.train_features(hidden, tokens, embed, depths=K)  # [B, K, T, H]
@@ -207,9 +229,9 @@ def batch_loss(heads, model, hidden, tokens, mask, name: str, temperature: float
         chunk_mask = mask[:, :, t0:t1]
         if not chunk_mask.any():
             continue
-        target_probs = _target_probs(hidden, lm_head, K, t0, t1, temperature)  # [B, K, Tc, V]
+        target_probs = _target_probs(hidden, lm_head, K, t0, t1, temperature, columns)  # [B, K, Tc, V or N]
         with torch.set_grad_enabled(backward):
-            draft_logits = _draft_for_loss(lm_head(leaf[:, :, t0:t1]), temperature)  # [B, K, Tc, V]
+            draft_logits = _draft_for_loss(draft_head(leaf[:, :, t0:t1]), temperature)  # [B, K, Tc, V or N]
             sampled = _sampled_tokens(tokens, K, t0, t1) if name == "ce" else None
             loss = head_loss(name, target_probs, draft_logits, chunk_mask, sampled) \
                 * (_loss_count(name, chunk_mask) / total)

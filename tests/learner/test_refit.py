@@ -203,3 +203,26 @@ def test_collect_sequences_returns_prompt_plus_completion():
 def test_config_errors_name_the_field(field, value):
     with pytest.raises(ValueError, match=f"^{field}: "):
         HeadFitConfig(**{field: value})
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_tv_with_a_draft_vocabulary_is_one_minus_the_served_acceptance(kind):
+    """With a draft vocabulary the TV loss compares the drafts the engine serves (softmax over
+    the vocabulary's rows, zero elsewhere): its value is 1 - the acceptance acceptance_sums
+    measures with the restricted drafts, and a restricted and an unrestricted fit differ."""
+    from learner.refit import acceptance_sums
+
+    mc, trunk = tiny_trunk()
+    heads = DraftHeads(HeadConfig(kind, 3, draft_vocab=8), mc)
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    heads.set_draft_vocab([list(range(0, V, 4))])  # 8 tokens
+    batch = _padded_batch(trunk, 1)
+    loss = batch_loss(heads, trunk, *batch, "tv", 0.7, backward=True)
+    sums, counts = acceptance_sums(heads, trunk, *batch, 0.7)
+    assert loss == pytest.approx(1.0 - float(sums.sum() / counts.sum()), abs=1e-6)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in heads.parameters() if p.requires_grad)
+    full = DraftHeads(HeadConfig(kind, 3), mc)
+    full.load_state_dict({k: v for k, v in heads.state_dict().items() if k in full.state_dict()})
+    assert abs(batch_loss(full, trunk, *batch, "tv", 0.7) - loss) > 1e-3  # the same weights, served otherwise
