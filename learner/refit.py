@@ -177,13 +177,11 @@ def _served_draft_head(heads, model, name: str):
     so 1 - TV is the acceptance rejection sampling will see, and the draft LM head multiplies
     N rows, not the whole vocabulary (4096 of SmolLM2's 49,152). KL and CE need the draft on
     every token the policy can sample, so they keep the whole vocabulary."""
-    embed, lm_head = _frozen_fns(model)
     if not heads.config.draft_vocab or name not in ("tv", "e2e_tv"):
-        return lm_head, None
-    ids = heads.draft_tokens.to(model.lm_head.weight.device)
-    w = model.lm_head.weight.detach().index_select(0, ids)
-    b = model.lm_head.bias.detach()[ids] if model.lm_head.bias is not None else None
-    return (lambda h: F.linear(h.to(w.dtype), w, b).float()), ids  # noqa: E731
+        return _frozen_fns(model)[1], None
+    served = heads.draft_lm_head(model.lm_head)  # the engine's: the draft vocabulary's rows, detached
+    w, b = served.weight, served.bias
+    return (lambda h: F.linear(h.to(w.dtype), w, b).float()), served.ids  # noqa: E731
 
 
 def _chunk_len(B: int, K: int, T: int, V: int) -> int:
