@@ -172,16 +172,25 @@ def _target_probs(hidden, lm_head, K: int, t0: int, t1: int, temperature: float,
 
 def _served_draft_head(heads, model, name: str):
     """(LM head for the drafts in the loss, the target columns it covers or None). With a draft
-    vocabulary, the TV losses compare the drafts the engine serves: a softmax over the draft
-    vocabulary's rows only (zero elsewhere), against the policy's probabilities of those tokens,
-    so 1 - TV is the acceptance rejection sampling will see, and the draft LM head multiplies
-    N rows, not the whole vocabulary (4096 of SmolLM2's 49,152). KL and CE need the draft on
-    every token the policy can sample, so they keep the whole vocabulary."""
-    if not heads.config.draft_vocab or name not in ("tv", "e2e_tv"):
+    vocabulary, the TV and KL losses compare the drafts the engine serves: a softmax over the
+    draft vocabulary's rows only (zero elsewhere), against the policy's probabilities of those
+    tokens, so 1 - TV is the acceptance rejection sampling will see, and the draft LM head
+    multiplies N rows, not the whole vocabulary (4096 of SmolLM2's 49,152). KL is taken against
+    the policy's distribution renormalised over the vocabulary (the served draft can put no mass
+    elsewhere; its best KL fit there is the renormalised target, which is also where TV starts
+    best). CE needs the draft on every token the policy can sample, so it keeps the whole
+    vocabulary."""
+    if not heads.config.draft_vocab or name not in ("tv", "e2e_tv", "kl"):
         return _frozen_fns(model)[1], None
     served = heads.draft_lm_head(model.lm_head)  # the engine's: the draft vocabulary's rows, detached
     w, b = served.weight, served.bias
     return (lambda h: F.linear(h.to(w.dtype), w, b).float()), served.ids  # noqa: E731
+
+
+def _renormalised(probs: torch.Tensor) -> torch.Tensor:
+    """probs [..., N] scaled to sum to 1 over N (a position with no mass there stays all zero)."""
+    mass = probs.sum(-1, keepdim=True)
+    return torch.where(mass > 0, probs / mass.clamp(min=torch.finfo(probs.dtype).tiny), 0.0)
 
 
 def _chunk_len(B: int, K: int, T: int, V: int) -> int:
@@ -228,6 +237,8 @@ def batch_loss(heads, model, hidden, tokens, mask, name: str, temperature: float
         if not chunk_mask.any():
             continue
         target_probs = _target_probs(hidden, lm_head, K, t0, t1, temperature, columns)  # [B, K, Tc, V or N]
+        if columns is not None and name == "kl":
+            target_probs = _renormalised(target_probs)
         with torch.set_grad_enabled(backward):
             draft_logits = _draft_for_loss(draft_head(leaf[:, :, t0:t1]), temperature)  # [B, K, Tc, V or N]
             sampled = _sampled_tokens(tokens, K, t0, t1) if name == "ce" else None

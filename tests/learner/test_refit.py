@@ -226,3 +226,34 @@ def test_tv_with_a_draft_vocabulary_is_one_minus_the_served_acceptance(kind):
     full = DraftHeads(HeadConfig(kind, 3), mc)
     full.load_state_dict({k: v for k, v in heads.state_dict().items() if k in full.state_dict()})
     assert abs(batch_loss(full, trunk, *batch, "tv", 0.7) - loss) > 1e-3  # the same weights, served otherwise
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_kl_with_a_draft_vocabulary_fits_the_served_draft_to_the_renormalised_target(kind):
+    """With a draft vocabulary the KL warm-up compares the served draft (softmax over the
+    vocabulary's rows) with the policy's distribution renormalised over those rows: the loss is
+    that KL computed by hand, finite although the draft is zero off the vocabulary, and it
+    trains the heads."""
+    from spec_heads.sampling import sampling_probs
+
+    mc, trunk = tiny_trunk()
+    heads = DraftHeads(HeadConfig(kind, 3, draft_vocab=8), mc)
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    ids = list(range(1, V, 4))  # 8 tokens
+    heads.set_draft_vocab([ids])
+    hidden, tokens, mask = _padded_batch(trunk, 1)
+    loss = batch_loss(heads, trunk, hidden, tokens, mask, "kl", 0.7, backward=True)
+
+    with torch.no_grad():
+        feats = heads.train_features(hidden, tokens, trunk.embed_tokens, depths=3)  # [B, K, T, H]
+        draft = (trunk.lm_head(feats).float()[..., ids] / 0.7).log_softmax(-1)
+        target = sampling_probs(trunk.lm_head(hidden).float(), 0.7)[..., ids]  # [B, T, N]
+        terms = []
+        for b, i, t in mask.nonzero().tolist():  # depth i at start t targets position t + 1 + i
+            q = target[b, t + 1 + i] / target[b, t + 1 + i].sum()
+            terms.append(float((q * (q.log() - draft[b, i, t])).sum()))
+    assert loss == pytest.approx(sum(terms) / len(terms), rel=1e-5)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
+               for p in heads.parameters() if p.requires_grad)
