@@ -29,9 +29,11 @@ import time
 from collections import deque
 
 import torch
+from torch import nn
 
 from rollout.types import RolloutBatch, RolloutStats, Sequence, SamplingParams, SpecParams
 from spec_heads.depth import DepthPolicy
+from spec_heads.layers import calibrate_cpu_row_padding, set_cpu_row_padding
 from spec_heads.rejection import rejection_sample
 from spec_heads.sampling import (entropy_from_logprobs, row_keys, row_uniforms, sample_with_uniforms,
                                  sampling_logprobs, sampling_probs)
@@ -66,6 +68,23 @@ def _bucket(n: int, quantum: int) -> int:
     return -(-n // quantum) * quantum
 
 
+_ROW_PADDING: dict[tuple, dict[int, int]] = {}  # (weight shapes, dtype, threads) -> table
+
+
+def _calibrate_row_padding(model) -> None:
+    """On a CPU, time the policy's linear weights at 1..8 rows once per shape set, dtype and
+    thread count in this process, and pad row counts where the BLAS multiplies more rows
+    faster (spec_heads.layers.calibrate_cpu_row_padding): verifying 1-7 drafts at batch 1 and
+    a batch draining to its last rows multiply just such row counts."""
+    weights = [m.weight for m in model.modules() if isinstance(m, nn.Linear)]
+    key = (tuple(tuple(w.shape) for w in weights), weights[0].dtype if weights else None,
+           torch.get_num_threads())
+    if key not in _ROW_PADDING:
+        _ROW_PADDING[key] = calibrate_cpu_row_padding(weights)
+        log.info("CPU row padding for this policy's matrix products (rows -> rows): %s", _ROW_PADDING[key])
+    set_cpu_row_padding(_ROW_PADDING[key])
+
+
 class Engine:
     def __init__(self, model, heads=None, *, max_batch: int = 64, max_len: int | None = None,
                  device=None, sync_every: int | None = None, min_refill: int | None = None):
@@ -89,6 +108,8 @@ class Engine:
         if min_refill is not None and not 1 <= min_refill <= max_batch:
             raise ValueError(f"min_refill: must be in 1..max_batch ({max_batch}), got {min_refill}")
         self.min_refill = min_refill or max(1, max_batch // 8)
+        if not self.cuda:
+            _calibrate_row_padding(model)
         self.depth_policy: DepthPolicy | None = None  # the one the last generate() used
         self._policies: dict[tuple[str, int], DepthPolicy] = {}
         self._cost = None  # spec_heads.depth.CostModel, shared by the policies

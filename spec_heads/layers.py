@@ -10,6 +10,7 @@ before that, because attention is causal on absolute positions.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -33,28 +34,85 @@ class RMSNorm(nn.Module):
 
 
 class Linear(nn.Linear):
-    """nn.Linear that, on a CPU, multiplies 2 or 3 rows as 4 (zero padding, dropped after).
-
-    MKL (torch's CPU BLAS) multiplies 2 or 3 rows as that many matrix-vector products, each
-    reading the whole weight matrix, where from 4 rows on it reads the weights once: for
-    SmolLM2-135M on the 2-core AMD EPYC dev box, the 49k-token LM head takes 9.4 ms at 1 row,
-    32 ms at 3 rows and 16 ms at 4; a 3-token forward 71 ms, a 4-token one 59 ms. Decoding meets
-    2 or 3 rows all the time: a verify of 1-2 drafts at batch 1, a batch draining to its last rows.
-    """
+    """nn.Linear that, on a CPU, multiplies a few rows as more where the BLAS is faster so
+    (zero padding, dropped after): see `calibrate_cpu_row_padding`."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
 
 
+# rows -> rows to multiply them as, on a CPU (calibrate_cpu_row_padding; empty: as they are)
+_CPU_ROW_PAD: dict[int, int] = {}
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, multiplying 2 or 3 rows as 4 on a CPU (see Linear)."""
-    if x.is_cpu and x.dim() >= 2 and x.shape[-1]:
+    """F.linear, multiplying `rows` rows as _CPU_ROW_PAD[rows] on a CPU (see Linear)."""
+    if _CPU_ROW_PAD and x.is_cpu and x.dim() >= 2 and x.shape[-1]:
         rows = x.numel() // x.shape[-1]
-        if rows == 2 or rows == 3:
+        pad = _CPU_ROW_PAD.get(rows, rows)
+        if pad > rows:
             flat = x.reshape(rows, x.shape[-1])
-            out = F.linear(torch.cat((flat, flat.new_zeros(4 - rows, x.shape[-1]))), weight, bias)
+            out = F.linear(torch.cat((flat, flat.new_zeros(pad - rows, x.shape[-1]))), weight, bias)
             return out[:rows].reshape(*x.shape[:-1], out.shape[-1])
     return F.linear(x, weight, bias)
+
+
+def cpu_row_padding() -> dict[int, int]:
+    """The padding in force: rows -> rows they are multiplied as (a copy)."""
+    return dict(_CPU_ROW_PAD)
+
+
+def set_cpu_row_padding(table: dict[int, int]) -> None:
+    """Use `table` (rows -> rows >= them) from now on, in every Linear of this process."""
+    bad = {r: p for r, p in table.items() if not 1 <= r <= p}
+    if bad:
+        raise ValueError(f"table: each entry must map rows >= 1 to at least as many rows, got {bad}")
+    _CPU_ROW_PAD.clear()
+    _CPU_ROW_PAD.update({r: p for r, p in table.items() if p > r})
+
+
+@torch.inference_mode()
+def calibrate_cpu_row_padding(weights: list[torch.Tensor], max_rows: int = 8, repeats: int = 3,
+                              min_gain: float = 0.05) -> dict[int, int]:
+    """Time x @ W.T over all of `weights` (a model's linear weights: what one decode step
+    multiplies, read from memory as a step reads them) for 1..max_rows rows, and map each row
+    count to the row count >= it that was fastest, by at least min_gain (only padding up is
+    possible: the rows are real). Returns the table for set_cpu_row_padding.
+
+    The BLAS's speed by row count differs from machine to machine: on the 2-core AMD EPYC dev
+    box, MKL ran 2 or 3 rows as that many matrix-vector products, each reading the whole weight
+    matrix (SmolLM2-135M's 49k-token LM head 9.4 ms at 1 row, 32 ms at 3, 16 ms at 4); on a
+    2-core Intel Xeon (AVX-512) 1-3 rows cost about the same (SmolLM2's weights: 23, 25, 28 ms)
+    and 4 rows 42 ms, so padding 3 rows to 4 there made a 2-draft verify 1.5x a plain step.
+    A fixed rule is right on one machine and wrong on the other: measure.
+    """
+    weights = [w.detach() for w in weights if w.dim() == 2 and w.is_cpu]
+    if not weights:
+        return {}
+    times = {}
+    for rows in range(1, max_rows + 1):
+        xs = {k: torch.randn(rows, k, dtype=weights[0].dtype) for k in {w.shape[1] for w in weights}}
+        best = math.inf
+        for rep in range(repeats + 1):
+            t0 = time.perf_counter()
+            for w in weights:
+                F.linear(xs[w.shape[1]].to(w.dtype), w)
+            if rep:  # the first pass warms up; other load only ever adds time
+                best = min(best, time.perf_counter() - t0)
+        times[rows] = best
+    return padding_from_times(times, min_gain)
+
+
+def padding_from_times(times: dict[int, float], min_gain: float = 0.05) -> dict[int, int]:
+    """rows -> the row count >= rows with the least time, where it is at least min_gain faster
+    than `rows` itself (times: rows -> seconds for 1..max_rows)."""
+    top = max(times)
+    table = {}
+    for rows in sorted(times):
+        pad = min(range(rows, top + 1), key=lambda r: (times[r], r))
+        if times[pad] < (1.0 - min_gain) * times[rows]:
+            table[rows] = pad
+    return table
 
 
 @dataclass

@@ -344,9 +344,9 @@ def nn_embedding_like(emb):
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 6])
-def test_cpu_linear_multiplies_two_or_three_rows_as_four(rows, monkeypatch):
-    """spec_heads.layers.Linear pads 2 or 3 rows to 4 on a CPU (MKL runs 2-3 rows as that many
-    matrix-vector products): same values and gradients as nn.Linear, at every row count."""
+def test_cpu_linear_pads_rows_as_the_table_says(rows, monkeypatch):
+    """spec_heads.layers.Linear multiplies `rows` rows as the padding table says on a CPU (here
+    2 or 3 as 4, what MKL on an AMD EPYC wanted): same values and gradients as nn.Linear."""
     import torch.nn.functional as F
 
     from spec_heads import layers
@@ -359,12 +359,55 @@ def test_cpu_linear_multiplies_two_or_three_rows_as_four(rows, monkeypatch):
     seen = []
     linear = F.linear
     monkeypatch.setattr(layers.F, "linear", lambda a, w, b=None: (seen.append(a.shape[0]), linear(a, w, b))[1])
+    monkeypatch.setattr(layers, "_CPU_ROW_PAD", {})
+    layers.set_cpu_row_padding({2: 4, 3: 4, 4: 4})
+    assert layers.cpu_row_padding() == {2: 4, 3: 4}
     out = lin(x)
     assert seen == [4 if rows in (2, 3) else rows]
     assert out.shape == (rows, 1, 5)
     torch.testing.assert_close(out, ref(x), atol=1e-6, rtol=1e-6)
     (grad,) = torch.autograd.grad(out.square().sum(), x)
     torch.testing.assert_close(grad, torch.autograd.grad(ref(x).square().sum(), x)[0], atol=1e-6, rtol=1e-6)
+    layers.set_cpu_row_padding({})
+    seen.clear()
+    lin(x)
+    assert seen == [rows]
+    with pytest.raises(ValueError, match="table"):
+        layers.set_cpu_row_padding({3: 2})
+
+
+def test_row_padding_follows_the_measured_times():
+    """Each row count goes to the fastest row count at or above it, where that is >= 5% faster:
+    the AMD EPYC's MKL (2-3 rows as that many matrix-vector products) pads 2 and 3 to 4; the
+    Xeon's (1-3 rows cheap, a jump at 4) pads nothing; noise within 5% pads nothing."""
+    from spec_heads.layers import padding_from_times
+
+    epyc = {1: 9.4, 2: 20.0, 3: 32.0, 4: 16.0, 5: 18.0, 6: 20.0, 7: 22.0, 8: 24.0}
+    assert padding_from_times(epyc) == {2: 4, 3: 4}
+    xeon = {1: 23.4, 2: 25.3, 3: 27.5, 4: 41.9, 5: 45.5, 6: 50.7, 7: 53.0, 8: 55.6}
+    assert padding_from_times(xeon) == {}
+    assert padding_from_times({1: 10.0, 2: 10.4, 3: 10.0}) == {}
+    assert padding_from_times({1: 10.0, 2: 30.0, 3: 12.0, 4: 11.0}) == {2: 4, 3: 4}
+
+
+def test_engine_calibrates_row_padding_on_the_cpu(monkeypatch):
+    """An engine on a CPU times its policy's weights (once per shape set) and installs the
+    padding the times ask for."""
+    from rollout import engine as engine_mod
+    from rollout.engine import Engine
+    from rollout.model import ModelConfig, Transformer
+    from spec_heads import layers
+
+    calls = []
+    monkeypatch.setattr(engine_mod, "_ROW_PADDING", {})
+    monkeypatch.setattr(layers, "_CPU_ROW_PAD", {})
+    monkeypatch.setattr(engine_mod, "calibrate_cpu_row_padding", lambda ws: (calls.append(len(ws)), {3: 4})[1])
+    model = Transformer(ModelConfig(vocab_size=16, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                    num_attention_heads=2, num_key_value_heads=1))
+    Engine(model, max_batch=2)
+    Engine(model, max_batch=4)
+    assert calls == [8]  # q, k, v, o, gate, up, down, LM head; the second engine reuses the table
+    assert layers.cpu_row_padding() == {3: 4}
 
 
 def test_measured_acceptance_travels_with_the_heads(tmp_path):
