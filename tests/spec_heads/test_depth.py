@@ -546,6 +546,7 @@ def test_drafting_is_weighed_by_the_tokens_steps_really_emit():
     # a plain step with idle slots (rows done, not yet collected) costs more per token emitted
     policy = run(1.4)
     policy.record_step(32, 1, 0.155, emitted=0.5)
+    policy.record_step(32, 1, 0.155, emitted=0.5)
     assert policy._plain_recent[policy.cost.bucket(32)][0] > 0.155
 
 
@@ -563,3 +564,24 @@ def test_one_unlucky_step_at_one_row_moves_the_drafting_rate_a_tenth_of_the_way(
     after = policy._draft_recent[key][0]
     assert after < before and (before - after) / before < 0.1
     assert after > 0.7 * expected / 1.48  # where the step's own yield alone would put it at 1/1.48
+
+
+def test_one_slow_first_plain_step_does_not_keep_drafting_on():
+    """The first decode step after a prefill is slow (the tiny policy at 128 rows on a CPU:
+    6.9 ms where its plain steps take 4.9): as a bucket's only plain timing it rated drafting
+    1.44x where drafting delivered 1.00x of plain steps, for the whole run. Until a bucket has
+    min_plain_samples plain timings every 8th drafting step is plain, and the plain timing is
+    the lower median of the last three: drafting at exactly plain's rate goes off."""
+    policy = observed_policy([0.95] * 4, 1.0, lambda d: 1.5 + 0.1 * d)
+    rows, plain = 64, 1.0
+    depths = []
+    for _ in range(400):
+        _, depth, _ = policy.plan_step(rows)
+        if depth == 0:
+            seconds = 1.4 * plain if not depths else plain
+        else:  # drafting delivers exactly the tokens per second of plain steps
+            seconds = policy.expected_tokens(depth) * plain
+        policy.record_step(rows, 1 + depth, seconds, planned=depth)
+        depths.append(depth)
+    assert policy._advantage[policy.cost.bucket(rows)] < 1.0 + policy.draft_margin
+    assert sum(d > 0 for d in depths[100:]) <= 0.05 * len(depths[100:])
