@@ -103,6 +103,7 @@ class RolloutStats:
     drafted_per_pos: list[int] = field(default_factory=list)  # [K] drafts proposed at depth i
     accepted_per_pos: list[int] = field(default_factory=list)  # [K] drafts accepted at depth i
     depth_hist: list[int] = field(default_factory=list)  # [K+1] row-steps that drafted k tokens
+    heads_prefill_skipped: int = 0  # rows admitted without the heads' pass over their prompt
 
     @property
     def tokens_per_s(self) -> float:
@@ -127,7 +128,8 @@ class RolloutStats:
             self.row_steps + other.row_steps, self.time_s + other.time_s,
             self.prefill_time_s + other.prefill_time_s, self.draft_time_s + other.draft_time_s,
             self.verify_time_s + other.verify_time_s, add(self.drafted_per_pos, other.drafted_per_pos),
-            add(self.accepted_per_pos, other.accepted_per_pos), add(self.depth_hist, other.depth_hist))
+            add(self.accepted_per_pos, other.accepted_per_pos), add(self.depth_hist, other.depth_hist),
+            self.heads_prefill_skipped + other.heads_prefill_skipped)
 
 
 @dataclass

@@ -505,6 +505,13 @@ class DepthPolicy:
         (but for exploring steps) until real timings say drafting pays again."""
         return self.mode == "entropy" and self.draft_budget(rows_in_flight) == 0
 
+    def measured_plain(self, rows_in_flight: int) -> bool:
+        """Entropy mode, and real paired timings at this many rows put drafting below the bar
+        (not the start-up cost model alone): the engine then admits new rows without running
+        the heads over their prompts (see rollout.engine._Run._refill)."""
+        key = self.cost.bucket(rows_in_flight)
+        return self.mode == "entropy" and key in self._advantage and self.draft_budget(rows_in_flight) == 0
+
     def plan_step(self, rows_in_flight: int) -> tuple[int, int, bool]:
         """(budget, depth, explore) for the next decode step at this many rows; counts the step.
 

@@ -284,9 +284,9 @@ def test_long_plain_stretches_keep_generation_exact(pair, monkeypatch, kind):
 
 def test_heads_see_every_prompt_even_while_drafting_is_off(pair, monkeypatch):
     """Prefill runs the heads over every prompt, also where the entropy policy's budget is 0 at
-    the rows in flight: a row admitted without it would draft without its prompt for its whole
-    life if drafting resumed (session 4 skipped it; on SmolLM2 at batch 1 that kept drafting
-    off for good). Drafting resuming mid-row stays exact."""
+    the rows in flight by its start-up cost model alone: a row admitted without it would draft
+    without its prompt for its whole life if drafting resumed (session 4 skipped it; on SmolLM2
+    at batch 1 that kept drafting off for good). Drafting resuming mid-row stays exact."""
     from spec_heads.depth import DepthPolicy
 
     _, model = pair
@@ -514,3 +514,49 @@ def test_min_refill_outside_the_batch_is_refused(pair):
     _, model = pair
     with pytest.raises(ValueError, match=r"min_refill: must be in 1\.\.max_batch \(4\), got 5"):
         Engine(model, max_batch=4, min_refill=5)
+
+
+def test_rows_admitted_where_drafting_measured_off_skip_the_heads_prefill_and_stay_exact(pair, monkeypatch):
+    """Where real paired timings put drafting below the bar at the rows a refill brings in flight
+    (DepthPolicy.measured_plain), new rows skip the heads' pass over their prompts (for the tiny
+    policy a fifth of its prefill). Drafting later from such rows, whose heads start at the last
+    prompt position, keeps greedy generation equal to plain greedy."""
+    from spec_heads.depth import DepthPolicy
+
+    _, model = pair
+    heads = _heads(model, "sequential", noise=0.02)
+    prefills = []
+    prefill = heads.prefill
+    heads.prefill = lambda h, *a, **k: (prefills.append(h.shape[0]), prefill(h, *a, **k))[1]
+    prompts, sp = _prompts(8, seed=6), SamplingParams(temperature=0, max_new_tokens=40)
+    plain = Engine(model, max_batch=3).generate(prompts, sp)
+    spec = SpecParams(mode="entropy", max_k=4)
+    out = Engine(model, heads, max_batch=3).generate(prompts, sp, spec)
+    assert prefills[0] == 3  # the first refill, before any timing: the heads see the prompts
+    assert sum(prefills) + out.stats.heads_prefill_skipped == len(prompts)
+
+    prefills.clear()
+    monkeypatch.setattr(DepthPolicy, "measured_plain", lambda self, rows: True)
+    scripted_budget(monkeypatch, 3, depth=4)  # and yet the rows draft after 3 plain steps
+    out = Engine(model, heads, max_batch=3).generate(prompts, sp, spec)
+    assert prefills == [] and out.stats.heads_prefill_skipped == len(prompts)
+    assert sum(out.stats.depth_hist[1:]) > 20, out.stats.depth_hist
+    if DTYPE == torch.float32:
+        assert [s.tokens for s in out.sequences] == [s.tokens for s in plain.sequences]
+
+
+def test_measured_plain_needs_real_paired_timings():
+    """measured_plain is the budget-0 verdict of paired timings, not of the start-up cost model."""
+    from spec_heads.depth import DepthPolicy
+
+    policy = DepthPolicy("entropy", k=1, max_k=4, num_bins=4, vocab_size=100, max_batch=8)
+    for _ in range(3):
+        policy.record_step(8, 1, 1.0)
+    policy._budgets[policy.cost.bucket(8)] = 0  # as if the cost model alone had said so
+    assert not policy.measured_plain(8)
+    policy._budgets.clear()
+    for _ in range(40):  # drafting steps delivering half a plain step's tokens per second
+        policy.record_step(8, 5, 2.0 * policy.expected_tokens(4), planned=4)
+        policy.record_step(8, 1, 1.0)
+    assert policy.draft_budget(8) == 0 and policy.measured_plain(8)
+    assert not DepthPolicy("fixed", k=2, max_k=4, num_bins=4, vocab_size=100, max_batch=8).measured_plain(8)
