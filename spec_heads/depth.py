@@ -376,9 +376,11 @@ class DepthPolicy:
         self._plain_recent: dict[int, tuple[float, int, int]] = {}  # bucket -> (EMA seconds, step, rows)
         self._draft_recent: dict[int, tuple[float, int, int]] = {}  # bucket -> (rate, step, rows) of the last drafting step
         self._advantage: dict[int, float] = {}
-        self._plain_samples: dict[int, list[float]] = {}  # bucket -> last 3 plain timings at near rows
+        self._plain_samples: dict[int, list[float]] = {}  # bucket -> last 2 plain timings at near rows
         self._plain_count: dict[int, int] = {}  # bucket -> plain steps timed there, ever
         self.min_plain_samples = 4  # until then, while drafting, every 8th step is a plain one
+        self._plain_warm: dict[int, int] = {}  # bucket -> warm plain timings among the samples' run
+        self._prev_plain = False  # whether the last step recorded was a plain one
         self.pair_within = 128  # steps: how far apart two timings may be to pair
         self.early_stop = self.device.type != "cuda"  # the engine stops drafting early on a CPU
         self.draft_margin = 0.05  # drafting must deliver 5% more tokens per second than plain steps
@@ -532,13 +534,15 @@ class DepthPolicy:
         if self.mode != "entropy":
             return budget, budget, False
         key = self.cost.bucket(rows_in_flight)
-        if key not in self._plain_timed:
+        if key not in self._plain_timed or (self._prev_plain and not self._plain_warm.get(key)):
             # the first step at a new rows bucket is a plain one: only a real plain step's time
             # can switch drafting off there, and a draining batch passes through every bucket,
-            # often for fewer steps than the periodic plain step's cadence
+            # often for fewer steps than the periodic plain step's cadence; and so is the next,
+            # until one plain step there followed another (record_step: a warm timing)
             return budget, 0, False
         every = self._plain_every(key) if budget else 0
-        if every and self.steps % every == 47 % every:
+        if every and self.steps % every in (47 % every, 48 % every):
+            # two in a row: the second is the warm timing drafting is weighed against
             return budget, 0, False
         if budget >= self.max_k and not self._explores_down(budget):
             return budget, budget, False
@@ -687,21 +691,43 @@ class DepthPolicy:
         of a 1-deep draft was 1.64 tokens per row-step and the realised one ~1.4: the difference
         between drafting at a measured +15% and a real -11% (docs/bench.md)."""
         self.cost.record(rows, tokens_per_row, seconds)
+        try:
+            self._record_real_step(rows, tokens_per_row, seconds, planned, emitted)
+        finally:
+            self._prev_plain = tokens_per_row == 1
+
+    def _record_real_step(self, rows: int, tokens_per_row: int, seconds: float, planned: int | None,
+                          emitted: float | None) -> None:
         key = self.cost.bucket(rows)
         if tokens_per_row == 1:
             self._plain_timed.add(key)
             if emitted is not None and emitted > 0:  # seconds per token per row
                 seconds = seconds / min(1.0, emitted)
-            # The plain timing is the lower median of the last 3 plain steps at near rows, not
-            # an average: plain steps are rare while drafting, and one slow one (the first
+            # The plain timing is the faster of the last 2 plain steps at near rows, not an
+            # average (other load only ever adds time; a machine that speeds up is followed at
+            # once, one that slows down at the second timing): plain steps are rare while
+            # drafting, and one slow one (the first
             # decode step after a prefill: 6.9 ms where the tiny policy's plain steps at 128
             # rows take 4.9 ms) made drafting look 1.44x as fast as plain steps where it
             # delivered 1.00x, for the whole run. A plain step at other rows (a draining batch)
             # starts afresh.
+            # Only a plain step that followed another plain step counts once there is one: after
+            # a drafting step the caches hold the heads' weights and the verify's activations,
+            # and the tiny policy's plain steps at 128 rows took 5.2-6.5 ms there against
+            # 4.1-4.8 ms in a run without speculation, which is what drafting competes with.
+            warm = self._prev_plain
             old = self._plain_recent.get(key)
-            samples = self._plain_samples.get(key, []) if old is not None and _near(old[2], rows) else []
-            samples = self._plain_samples[key] = (samples + [seconds])[-3:]
-            estimate = sorted(samples)[(len(samples) - 1) // 2]
+            near = old is not None and _near(old[2], rows)
+            samples = self._plain_samples.get(key, []) if near else []
+            if not near:
+                self._plain_warm[key] = 0
+            if warm and not self._plain_warm.get(key):
+                samples = []  # the first warm timing replaces the cold ones
+            if warm or not self._plain_warm.get(key):
+                samples = (samples + [seconds])[-2:]
+                self._plain_warm[key] = self._plain_warm.get(key, 0) + warm
+            self._plain_samples[key] = samples
+            estimate = min(samples)
             self._plain_recent[key] = (estimate, self.steps, rows)
             self._plain_count[key] = self._plain_count.get(key, 0) + 1
             last = self._draft_recent.get(key)  # the latest drafting rate, not an average of old ones

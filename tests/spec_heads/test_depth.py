@@ -304,7 +304,8 @@ def test_budget_pairs_drafting_with_plain_steps_timed_near_it():
     # step instead, drafting switched off for 5% of the steps)
     good = observed_policy([0.95] * 4, 1.0, lambda d: 3.6)
     depths = _drifting_run(good, 1.0, good.expected_tokens(4) / 1.12, slow_later)
-    assert sum(d > 0 for d in depths[200:]) >= 0.97 * len(depths[200:])
+    # (2 of every 64 steps are plain ones: the periodic pair)
+    assert sum(d > 0 for d in depths[200:]) >= 0.95 * len(depths[200:])
     # drafting yields 0.9x: off, whether the machine speeds up or slows down
     for speed in (slow_later, fast_later):
         poor = observed_policy([0.95] * 4, 1.0, lambda d: 5.0)
@@ -398,8 +399,9 @@ def test_plan_step_drafts_the_budget_with_periodic_plain_steps():
     good = observed_policy([0.95] * 4, 1.0, lambda d: 1.5 + 0.1 * d)
     plans = [good.plan_step(1) for _ in range(128)]
     assert {b for b, _, _ in plans} == {4} and not any(e for _, _, e in plans)
-    # every 64th step is a plain one, so the plain step's cost stays a real timing
-    assert [i + 1 for i, (_, d, _) in enumerate(plans) if d == 0] == [47, 111]
+    # every 64 steps two plain ones, so the plain step's cost stays a real timing (the second:
+    # one that followed a plain step, with the caches as a run without drafting has them)
+    assert [i + 1 for i, (_, d, _) in enumerate(plans) if d == 0] == [47, 48, 111, 112]
     fixed = DepthPolicy("fixed", k=3, max_k=6, num_bins=8, vocab_size=VOCAB, max_batch=MAX_BATCH)
     assert {fixed.plan_step(1) for _ in range(100)} == {(3, 3, False)}
 
@@ -416,18 +418,23 @@ def test_plain_steps_come_eight_times_as_often_where_drafting_is_near_the_bar():
         return [i + 1 for i, (_, d, _) in enumerate(plans) if d == 0], policy._advantage[0]
 
     steps, advantage = plain_steps(1.08)
-    assert 1.05 < advantage < 1.10 and steps == list(range(7, 129, 8))
+    assert 1.05 < advantage < 1.10 and steps == [s for s in range(1, 129) if s % 8 in (7, 0)]
     steps, advantage = plain_steps(1.12)
-    assert advantage > 1.10 and steps == [47, 111]
+    assert advantage > 1.10 and steps == [47, 48, 111, 112]
 
 
 def test_plan_step_times_a_plain_step_first_at_every_new_rows_bucket():
     # timed only at rows=1: at 64 rows no plain step has been timed, so drafting could never be
-    # switched off there; the first step at that bucket is a plain one, then it drafts
+    # switched off there; the first step at that bucket is a plain one, and the next (a plain
+    # step after a plain one: the warm timing), then it drafts
     good = observed_policy([0.95] * 4, 1.0, lambda d: 1.5 + 0.1 * d)
     assert good.plan_step(64) == (4, 0, False)
     good.record_step(64, 1, 2.0)
+    assert good.plan_step(64) == (4, 0, False)
+    good.record_step(64, 1, 1.6)
+    assert good._plain_recent[good.cost.bucket(64)][0] == 1.6  # the warm timing replaced the cold one
     assert good.plan_step(64)[1] == 4
+    good.record_step(64, 5, 3.0, planned=4)
     assert good.plan_step(1)[1] == 4  # rows=1 had its plain timing already
 
 
@@ -571,7 +578,7 @@ def test_one_slow_first_plain_step_does_not_keep_drafting_on():
     6.9 ms where its plain steps take 4.9): as a bucket's only plain timing it rated drafting
     1.44x where drafting delivered 1.00x of plain steps, for the whole run. Until a bucket has
     min_plain_samples plain timings every 8th drafting step is plain, and the plain timing is
-    the lower median of the last three: drafting at exactly plain's rate goes off."""
+    the faster of the last two: drafting at exactly plain's rate goes off."""
     policy = observed_policy([0.95] * 4, 1.0, lambda d: 1.5 + 0.1 * d)
     rows, plain = 64, 1.0
     depths = []
@@ -585,3 +592,25 @@ def test_one_slow_first_plain_step_does_not_keep_drafting_on():
         depths.append(depth)
     assert policy._advantage[policy.cost.bucket(rows)] < 1.0 + policy.draft_margin
     assert sum(d > 0 for d in depths[100:]) <= 0.05 * len(depths[100:])
+
+
+def test_drafting_is_weighed_against_plain_steps_that_followed_plain_steps():
+    """After a drafting step a plain step runs with the heads' weights and the verify's
+    activations in the caches (the tiny policy at 128 rows: 1.2-1.4x the plain steps of a run
+    without speculation). Drafting competes with plain steps that follow plain steps, so the
+    policy takes its periodic plain steps in pairs and times the second: drafting at exactly the
+    warm plain step's rate goes off, though it beats the cold one by 1.3x."""
+    policy = observed_policy([0.95] * 4, 1.0, lambda d: 1.5 + 0.1 * d)
+    rows, plain = 64, 1.0
+    depths, prev = [], None
+    for _ in range(600):
+        _, depth, _ = policy.plan_step(rows)
+        if depth == 0:
+            seconds = plain if prev == 0 else 1.3 * plain  # cold after a drafting step (or the prefill)
+        else:  # drafting delivers exactly the tokens per second of warm plain steps
+            seconds = policy.expected_tokens(depth) * plain
+        policy.record_step(rows, 1 + depth, seconds, planned=depth)
+        depths.append(depth)
+        prev = depth
+    assert policy._advantage[policy.cost.bucket(rows)] < 1.0 + policy.draft_margin
+    assert sum(d > 0 for d in depths[300:]) <= 0.05 * len(depths[300:])
