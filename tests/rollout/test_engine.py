@@ -282,13 +282,9 @@ def test_long_plain_stretches_keep_generation_exact(pair, monkeypatch, kind):
         assert [s.tokens for s in spec.sequences] == [s.tokens for s in plain.sequences]
 
 
-def test_heads_see_every_prompt_even_while_drafting_is_off(pair, monkeypatch):
-    """Prefill runs the heads over every prompt, also where the entropy policy's budget is 0 at
-    the rows in flight by its start-up cost model alone: a row admitted without it would draft
-    without its prompt for its whole life if drafting resumed (session 4 skipped it; on SmolLM2
-    at batch 1 that kept drafting off for good). Drafting resuming mid-row stays exact."""
-    from spec_heads.depth import DepthPolicy
-
+def _counted_prefill_setup(pair):
+    """A model with sequential heads whose prefill calls are counted (rows per call), 8 prompts,
+    greedy sampling, the plain engine's output, and entropy-mode SpecParams."""
     _, model = pair
     heads = _heads(model, "sequential", noise=0.02)
     prefills = []
@@ -296,9 +292,22 @@ def test_heads_see_every_prompt_even_while_drafting_is_off(pair, monkeypatch):
     heads.prefill = lambda h, *a, **k: (prefills.append(h.shape[0]), prefill(h, *a, **k))[1]
     prompts, sp = _prompts(8, seed=6), SamplingParams(temperature=0, max_new_tokens=40)
     plain = Engine(model, max_batch=3).generate(prompts, sp)
-    spec = SpecParams(mode="entropy", max_k=4)
+    return model, heads, prefills, prompts, sp, plain, SpecParams(mode="entropy", max_k=4)
+
+
+def test_heads_see_every_prompt_even_while_drafting_is_off(pair, monkeypatch):
+    """Prefill runs the heads over every prompt, also where the entropy policy's budget is 0 at
+    the rows in flight by its start-up cost model alone: a row admitted without it would draft
+    without its prompt for its whole life if drafting resumed (session 4 skipped it; on SmolLM2
+    at batch 1 that kept drafting off for good). Drafting resuming mid-row stays exact."""
+    from spec_heads.depth import DepthPolicy
+
+    model, heads, prefills, prompts, sp, plain, spec = _counted_prefill_setup(pair)
 
     monkeypatch.setattr(DepthPolicy, "draft_budget", lambda self, rows: 0)
+    # no paired timing is ever measured (exploring steps would pair with plain ones, and rows
+    # admitted where those put drafting below the bar skip the pass: the test after this one)
+    monkeypatch.setattr(DepthPolicy, "_pair", lambda self, key, advantage: None)
     Engine(model, heads, max_batch=3).generate(prompts, sp, spec)
     assert sum(prefills) == len(prompts)
     # plain for the first steps, then drafting for good: the first rows draft from their prompts
@@ -523,14 +532,7 @@ def test_rows_admitted_where_drafting_measured_off_skip_the_heads_prefill_and_st
     prompt position, keeps greedy generation equal to plain greedy."""
     from spec_heads.depth import DepthPolicy
 
-    _, model = pair
-    heads = _heads(model, "sequential", noise=0.02)
-    prefills = []
-    prefill = heads.prefill
-    heads.prefill = lambda h, *a, **k: (prefills.append(h.shape[0]), prefill(h, *a, **k))[1]
-    prompts, sp = _prompts(8, seed=6), SamplingParams(temperature=0, max_new_tokens=40)
-    plain = Engine(model, max_batch=3).generate(prompts, sp)
-    spec = SpecParams(mode="entropy", max_k=4)
+    model, heads, prefills, prompts, sp, plain, spec = _counted_prefill_setup(pair)
     out = Engine(model, heads, max_batch=3).generate(prompts, sp, spec)
     assert prefills[0] == 3  # the first refill, before any timing: the heads see the prompts
     assert sum(prefills) + out.stats.heads_prefill_skipped == len(prompts)
