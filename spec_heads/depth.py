@@ -690,7 +690,12 @@ class DepthPolicy:
         step's time is per token it emitted. On SmolLM2 at 32 rows on the CPU the expected yield
         of a 1-deep draft was 1.64 tokens per row-step and the realised one ~1.4: the difference
         between drafting at a measured +15% and a real -11% (docs/bench.md)."""
-        self.cost.record(rows, tokens_per_row, seconds)
+        # The cost model's plain cell takes warm plain steps only (one that followed a plain
+        # step; a cell's first timing in any case): a cold one runs 1.2-1.4x slower, and in
+        # training, where each rollout starts plain at every rows bucket, cold timings were
+        # most of that cell and the worker's speedup estimate climbed to 14x.
+        if tokens_per_row > 1 or self._prev_plain or self.cost._seconds[self.cost.bucket(rows)][1] is None:
+            self.cost.record(rows, tokens_per_row, seconds)
         try:
             self._record_real_step(rows, tokens_per_row, seconds, planned, emitted)
         finally:

@@ -614,3 +614,17 @@ def test_drafting_is_weighed_against_plain_steps_that_followed_plain_steps():
         prev = depth
     assert policy._advantage[policy.cost.bucket(rows)] < 1.0 + policy.draft_margin
     assert sum(d > 0 for d in depths[300:]) <= 0.05 * len(depths[300:])
+
+
+def test_the_cost_models_plain_cell_takes_warm_plain_steps_only():
+    """A plain step right after a drafting step is slow (caches); in training every rollout
+    starts plain at each rows bucket, and with those timings in the cost model's plain cell
+    the worker's speedup estimate (mean accepted length over relative step cost) climbed to 14x
+    over 30 steps. Only plain steps that followed a plain step (and a cell's first) count."""
+    policy = DepthPolicy("entropy", k=1, max_k=4, num_bins=4, vocab_size=VOCAB, max_batch=MAX_BATCH)
+    policy.record_step(8, 1, 1.0)  # the cell's first timing
+    for _ in range(50):
+        policy.record_step(8, 5, 2.0, planned=4)
+        policy.record_step(8, 1, 3.0)  # cold: right after a drafting step
+        policy.record_step(8, 1, 1.0)  # warm
+    assert policy.cost.step_time(8, 1) == pytest.approx(1.0)
