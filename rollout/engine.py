@@ -330,23 +330,21 @@ class _Run:
         sl = slice(self.n, self.n + m)
         self.keys[sl], self.lengths[sl], self.n_out[sl], self.n_steps[sl] = keys, lens_t, 0, 0
         self.done[sl] = False
-        # Where real timings at these rows have switched drafting off, the heads skip the
-        # prompts too: the pass costs one head block per prompt token (for the tiny policy's
-        # four layers, a fifth of its prefill; the entropy run at 128 rows stayed plain and
-        # still measured 0.94x of off). Such rows draft from their last prompt position on if
-        # drafting comes back; the exploring steps that bring it back are blind anyway.
-        skip_heads = self.K and self.policy is not None and self.policy.measured_plain(self.n + m)
-        if skip_heads:
-            self.hid[sl, 0], self.nxt[sl, 0] = last, tok
-            self.hstart[sl], self.hlast[sl] = lens_t - 1, 0
-            self.hfloor[sl] = lens_t  # no head-cache entry before the row's window
-            self.stats.heads_prefill_skipped += m
-        elif self.K:
+        if self.K:
             # each row's heads start from its last prompt position
             self.hid[sl, 0], self.nxt[sl, 0] = last, tok
             self.hstart[sl], self.hlast[sl] = lens_t - 1, 0
+        if self.K and self.policy.measured_plain(self.n + m):
+            # Where real timings at these rows have switched drafting off, the heads skip the
+            # prompts: the pass costs one head block per prompt token (for the tiny policy's
+            # four layers, a fifth of its prefill; the entropy run at 128 rows stayed plain and
+            # still measured 0.94x of off). Such rows draft from their last prompt position on
+            # if drafting comes back; the exploring steps that bring it back are blind anyway.
+            self.hfloor[sl] = lens_t  # no head-cache entry before the row's window
+            self.stats.heads_prefill_skipped += m
+        elif self.K:
             # The heads catch up over the prompt (sequential heads fill their own KV cache), also
-            # while the depth policy has drafting off: a row admitted without it drafts without
+            # while drafting is off by the start-up cost model alone: a row admitted without it drafts without
             # its prompt for its whole life, its drafts' real yield is low, and drafting stays
             # off (session 5: SmolLM2 at batch 1 went plain, 0.95x, where fixed 4 gave 1.49x;
             # the pass costs ~4% of a 135M model's prefill on a CPU, ~6% on an H200).
@@ -536,8 +534,6 @@ class _Run:
         # The attention span of later steps follows this bound. A row advances by the tokens
         # it accepted, not by W: on a GPU the bound grows by W (reading lengths back costs a
         # sync; compaction tightens it), on a CPU reading them is free and the bound is exact.
-        # (The tiny policy at 128 rows on a CPU: attending over the grown bound made the
-        # speculative run's plain steps 1.2x the off run's, 5.2-6.5 ms against 4.4-4.6.)
         self.len_bound = self.len_bound + W if e.cuda else int(self.lengths[:n].max())
         # stats: live row-steps by (drafts verified, drafts accepted), a device accumulator
         # read once at the end (loop() derives per-position acceptance and the depth histogram)

@@ -238,6 +238,10 @@ class CostModel:
                 sums[i] = sums[i] * (1.0 - self.line_forget) + v
         self.version += 1
 
+    def has_timing(self, rows: int, tokens_per_row: int) -> bool:
+        """Whether a step of this many tokens per row was timed in this rows bucket."""
+        return self._seconds[self.bucket(rows)][tokens_per_row] is not None
+
     def _measured(self, bucket: int) -> list[tuple[int, float]]:
         """(tokens, seconds) known in a bucket, times made non-decreasing in tokens."""
         points, running = [], 0.0
@@ -379,7 +383,7 @@ class DepthPolicy:
         self._plain_samples: dict[int, list[float]] = {}  # bucket -> last 2 plain timings at near rows
         self._plain_count: dict[int, int] = {}  # bucket -> plain steps timed there, ever
         self.min_plain_samples = 4  # until then, while drafting, every 8th step is a plain one
-        self._plain_warm: dict[int, int] = {}  # bucket -> warm plain timings among the samples' run
+        self._plain_warm: set[int] = set()  # buckets whose plain samples are warm timings
         self._prev_plain = False  # whether the last step recorded was a plain one
         self.pair_within = 128  # steps: how far apart two timings may be to pair
         self.early_stop = self.device.type != "cuda"  # the engine stops drafting early on a CPU
@@ -534,7 +538,7 @@ class DepthPolicy:
         if self.mode != "entropy":
             return budget, budget, False
         key = self.cost.bucket(rows_in_flight)
-        if key not in self._plain_timed or (self._prev_plain and not self._plain_warm.get(key)):
+        if key not in self._plain_timed or (self._prev_plain and key not in self._plain_warm):
             # the first step at a new rows bucket is a plain one: only a real plain step's time
             # can switch drafting off there, and a draining batch passes through every bucket,
             # often for fewer steps than the periodic plain step's cadence; and so is the next,
@@ -690,47 +694,38 @@ class DepthPolicy:
         step's time is per token it emitted. On SmolLM2 at 32 rows on the CPU the expected yield
         of a 1-deep draft was 1.64 tokens per row-step and the realised one ~1.4: the difference
         between drafting at a measured +15% and a real -11% (docs/bench.md)."""
-        # The cost model's plain cell takes warm plain steps only (one that followed a plain
-        # step; a cell's first timing in any case): a cold one runs 1.2-1.4x slower, and in
-        # training, where each rollout starts plain at every rows bucket, cold timings were
-        # most of that cell and the worker's speedup estimate climbed to 14x.
-        if tokens_per_row > 1 or self._prev_plain or self.cost._seconds[self.cost.bucket(rows)][1] is None:
+        # A plain step that followed a plain step is "warm". After a drafting step one runs
+        # 1.2-1.4x slower (the tiny policy at 128 rows on a CPU), and drafting competes with
+        # plain steps as a run without drafting takes them. The cost model's plain cell takes
+        # warm plain steps only (and a cell's first timing): in training, where each rollout
+        # starts plain at every rows bucket, cold timings were most of that cell and the
+        # worker's speedup estimate climbed to 14x.
+        warm, self._prev_plain = self._prev_plain, tokens_per_row == 1
+        if tokens_per_row > 1 or warm or not self.cost.has_timing(rows, 1):
             self.cost.record(rows, tokens_per_row, seconds)
-        try:
-            self._record_real_step(rows, tokens_per_row, seconds, planned, emitted)
-        finally:
-            self._prev_plain = tokens_per_row == 1
-
-    def _record_real_step(self, rows: int, tokens_per_row: int, seconds: float, planned: int | None,
-                          emitted: float | None) -> None:
         key = self.cost.bucket(rows)
         if tokens_per_row == 1:
             self._plain_timed.add(key)
             if emitted is not None and emitted > 0:  # seconds per token per row
                 seconds = seconds / min(1.0, emitted)
-            # The plain timing is the faster of the last 2 plain steps at near rows, not an
-            # average (other load only ever adds time; a machine that speeds up is followed at
-            # once, one that slows down at the second timing): plain steps are rare while
-            # drafting, and one slow one (the first
-            # decode step after a prefill: 6.9 ms where the tiny policy's plain steps at 128
-            # rows take 4.9 ms) made drafting look 1.44x as fast as plain steps where it
-            # delivered 1.00x, for the whole run. A plain step at other rows (a draining batch)
-            # starts afresh.
-            # Only a plain step that followed another plain step counts once there is one: after
-            # a drafting step the caches hold the heads' weights and the verify's activations,
-            # and the tiny policy's plain steps at 128 rows took 5.2-6.5 ms there against
-            # 4.1-4.8 ms in a run without speculation, which is what drafting competes with.
-            warm = self._prev_plain
+            # The plain timing is the faster of the last 2 plain steps at near rows, warm ones
+            # once there is one, not an average: other load only ever adds time (a machine that
+            # speeds up is followed at once, one that slows down at the second timing), and
+            # plain steps are rare while drafting: one slow one (the first decode step after a
+            # prefill, 6.9 ms where the tiny policy's plain steps at 128 rows take 4.9 ms) made
+            # drafting look 1.44x as fast as plain steps where it delivered 1.00x, for the whole
+            # run. A plain step at other rows (a draining batch) starts afresh.
             old = self._plain_recent.get(key)
-            near = old is not None and _near(old[2], rows)
-            samples = self._plain_samples.get(key, []) if near else []
-            if not near:
-                self._plain_warm[key] = 0
-            if warm and not self._plain_warm.get(key):
+            if old is not None and _near(old[2], rows):
+                samples = self._plain_samples.get(key, [])
+            else:
+                samples = []
+                self._plain_warm.discard(key)
+            if warm and key not in self._plain_warm:
                 samples = []  # the first warm timing replaces the cold ones
-            if warm or not self._plain_warm.get(key):
+                self._plain_warm.add(key)
+            if warm or key not in self._plain_warm:
                 samples = (samples + [seconds])[-2:]
-                self._plain_warm[key] = self._plain_warm.get(key, 0) + warm
             self._plain_samples[key] = samples
             estimate = min(samples)
             self._plain_recent[key] = (estimate, self.steps, rows)
