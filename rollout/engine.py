@@ -183,6 +183,7 @@ class Engine:
         for dp in self._policies.values():
             dp.reset_calibration(measured)
 
+    @torch.inference_mode()
     def _probe_costs(self, dp: DepthPolicy, K: int):
         """Time dummy steps at (rows, tokens): a plain step for 1 token, a draft of tokens - 1
         plus a verify forward otherwise, so the depth policy knows what drafting costs before it

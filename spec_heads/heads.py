@@ -145,7 +145,11 @@ class MTPModule(nn.Module):
         embedding half, and the embedding half of every vocabulary token, proj_e(norm_e(E)) [V, H],
         is computed once and looked up (decoding a few rows is launch-bound; this runs once per
         draft depth). The table is rebuilt when a weight it derives from changes: in-place
-        updates (load_state_dict, an optimizer step) bump a tensor's version counter."""
+        updates (load_state_dict, an optimizer step) bump a tensor's version counter. With
+        autograd on, this is `fuse` itself: the table is a no-grad cache (and one built under
+        inference mode cannot enter a graph)."""
+        if torch.is_grad_enabled():
+            return self.fuse(g, embedding(tokens).to(g.dtype))
         w, proj = embedding.weight, self.proj.weight
         key = (w._version, proj._version, self.norm_e.weight._version, g.dtype)
         src = getattr(self, "_fuse_src", None)  # weak references: a freed tensor's address may be reused

@@ -337,6 +337,22 @@ def test_fuse_tokens_equals_fuse_and_follows_weight_updates():
     assert copy.deepcopy(heads).mtp.fuse_tokens(g, tok, emb).shape == g.shape
 
 
+def test_fuse_tokens_after_inference_mode_still_trains():
+    """A table built under inference mode (a rollout) must not break a later call with autograd
+    on (the cost probe after a head fit in the same process died with 'Inference tensors cannot
+    be saved for backward'): with grad enabled fuse_tokens is fuse, gradients included."""
+    mc, trunk = tiny()
+    heads = random_heads("sequential", mc)
+    mtp, emb = heads.mtp, trunk.embed_tokens
+    g, tok = torch.randn(3, 5, 64), torch.randint(0, 50, (3, 5))
+    with torch.inference_mode():
+        mtp.fuse_tokens(g, tok, emb)
+    out = mtp.fuse_tokens(g, tok, emb)
+    torch.testing.assert_close(out, mtp.fuse(g, emb(tok)))
+    out.sum().backward()
+    assert mtp.proj.weight.grad is not None and mtp.proj.weight.grad.abs().sum() > 0
+
+
 def nn_embedding_like(emb):
     other = torch.nn.Embedding(*emb.weight.shape)
     other.weight.normal_()
