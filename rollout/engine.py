@@ -72,16 +72,16 @@ _ROW_PADDING: dict[tuple, dict[int, int]] = {}  # (weight shapes, dtype, threads
 
 
 def _calibrate_row_padding(model) -> None:
-    """On a CPU, time the policy's linear weights at 1..8 rows once per shape set, dtype and
-    thread count in this process, and pad row counts where the BLAS multiplies more rows
-    faster (spec_heads.layers.calibrate_cpu_row_padding): verifying 1-7 drafts at batch 1 and
-    a batch draining to its last rows multiply just such row counts."""
+    """On a CPU, time the policy's linear weights at 1..12 rows, shape by shape, once per shape
+    set, dtype and thread count in this process, and pad row counts where the BLAS multiplies
+    more rows faster (spec_heads.layers.calibrate_cpu_row_padding): verifying 1-8 drafts at
+    batch 1 and a batch draining to its last rows multiply just such row counts."""
     weights = [m.weight for m in model.modules() if isinstance(m, nn.Linear)]
     key = (tuple(tuple(w.shape) for w in weights), weights[0].dtype if weights else None,
            torch.get_num_threads())
     if key not in _ROW_PADDING:
         _ROW_PADDING[key] = calibrate_cpu_row_padding(weights)
-        log.info("CPU row padding for this policy's matrix products (rows -> rows): %s", _ROW_PADDING[key])
+        log.info("CPU row padding for this policy's matrix products (weight shape: rows -> rows): %s", _ROW_PADDING[key])
     set_cpu_row_padding(_ROW_PADDING[key])
 
 
@@ -547,9 +547,16 @@ class _Run:
         t2 = time.perf_counter()
         self.stats.draft_time_s += t1 - t0
         self.stats.verify_time_s += t2 - t1
-        # what the step really emitted per row; a blind exploring step's drafts lack the heads'
-        # context, so it is credited with the yield of drafting with context (expected tokens)
-        self.policy.record_step(n, W, t2 - t0, planned=Kd, emitted=None if blind else float(emitted.sum()) / n)
+        # What the step really emitted per row, and what rejection sampling proposed per live
+        # row: the policy's yield is their ratio, what stops, max_new_tokens and done rows cost
+        # apart from this step's luck (record_step). A blind exploring step's drafts lack the
+        # heads' context: it is credited with the yield of drafting with context.
+        if blind:
+            self.policy.record_step(n, W, t2 - t0, planned=Kd)
+        else:
+            got, proposed, n_live = torch.stack((emitted.sum(), (num * live).sum(), live.sum())).tolist()
+            self.policy.record_step(n, W, t2 - t0, planned=Kd, emitted=got / n,
+                                    proposed=proposed / n_live if n_live else None)
         if self.spec.log_every and self.stats.steps % self.spec.log_every == 0:
             log.info("depth policy at step %d (rows=%d, width=%d): %s", self.stats.steps, n, W,
                      self.policy.summary())

@@ -26,8 +26,8 @@ prompts = [tok.encode(ex.prompt) for ex in task.train_prompts(P, 0)]
 sp = replace(cfg.sampling, stop_token_ids=[tok.eos_id], max_new_tokens=64)
 recs = []
 orig = D.DepthPolicy.record_step
-def rs(self, rows, tpr, seconds, planned=None, emitted=None):
-    recs.append((rows, tpr, seconds, emitted)); return orig(self, rows, tpr, seconds, planned, emitted)
+def rs(self, rows, tpr, seconds, planned=None, emitted=None, proposed=None):
+    recs.append((rows, tpr, seconds, emitted)); return orig(self, rows, tpr, seconds, planned, emitted, proposed)
 D.DepthPolicy.record_step = rs
 plain_off = []
 opl = E._Run._plain_step
@@ -54,4 +54,6 @@ for rnd in range(2):
             pr = [t for r, w, t, e in recs if w == 1 and r >= B * 7 // 8]
             print(f"  drafting steps at >= 7/8 rows: {len(dr)}, emitted tokens/row/s median {statistics.median(dr) if dr else float('nan'):.2f}; true advantage vs off plain {statistics.median(dr) * off_plain if dr else float('nan'):.3f}")
             print(f"  plain steps in the entropy run at >= 7/8 rows: {[round(1e3*t,1) for t in pr][:10]} ms")
-            print(f"  policy: advantage {pol._advantage.get(key)}, plain_recent {pol._plain_recent.get(key)}, draft_rate {pol._draft_rate.get(key)}, yield {pol._yield.get(key)}, budget {pol.draft_budget(B)}")
+            with torch.inference_mode():  # the policy's counters are inference tensors
+                budget = pol.draft_budget(B)
+            print(f"  policy: advantage {pol._advantage.get(key)}, plain_recent {pol._plain_recent.get(key)}, draft_rate {pol._draft_rate.get(key)}, yield {pol._yield.get(key)}, budget {budget}")

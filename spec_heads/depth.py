@@ -680,11 +680,13 @@ class DepthPolicy:
         self.pos_accepts[:K] += (accepted & valid).sum(0)  # windowed in position_acceptance
 
     def record_step(self, rows: int, tokens_per_row: int, seconds: float, planned: int | None = None,
-                    emitted: float | None = None) -> None:
+                    emitted: float | None = None, proposed: float | None = None) -> None:
         """Time of a real step (draft + verify) with tokens_per_row = 1 + deepest draft in it
         (1: a plain step); `planned`: the depth plan_step gave it (default: tokens_per_row - 1);
-        `emitted`: the tokens the step really emitted per row in flight, where known.
-        Start-up probes go to `cost.record` directly.
+        `emitted`: the tokens the step really emitted per row in flight, where known;
+        `proposed`: the tokens rejection sampling gave per live row (1 + drafts accepted),
+        before stop tokens and max_new_tokens cut them. Start-up probes go to `cost.record`
+        directly.
 
         Drafting is weighed by what steps emit: a drafting step yields the expected tokens of its
         depth times the bucket's running ratio of emitted to expected tokens (rows that finished
@@ -693,7 +695,16 @@ class DepthPolicy:
         to depth + 1 tokens and one unlucky step must not switch drafting off), and a plain
         step's time is per token it emitted. On SmolLM2 at 32 rows on the CPU the expected yield
         of a 1-deep draft was 1.64 tokens per row-step and the realised one ~1.4: the difference
-        between drafting at a measured +15% and a real -11% (docs/bench.md)."""
+        between drafting at a measured +15% and a real -11% (docs/bench.md).
+
+        Where the engine says what each step `proposed`, the ratio is emitted / proposed: what
+        the batch loses to rows done, stops and max_new_tokens, not how lucky this step's drafts
+        were. Acceptance has its own long-memory estimate (expected_tokens). At one row the
+        realised acceptance is that of the text being written (SmolLM2's depth-1 acceptance
+        ran 0.15 to 0.75 from prompt to prompt): a hard stretch dragged the ratio to 0.83, rated
+        drafting 0.83x of plain steps and switched it off, and since the exploring steps of a
+        plain stretch are blind (they leave the ratio alone) it stayed off for the rest of the
+        run, 1.00x where fixed 4 gave 1.42x."""
         # A plain step that followed a plain step is "warm". After a drafting step one runs
         # 1.2-1.4x slower (the tiny policy at 128 rows on a CPU), and drafting competes with
         # plain steps as a run without drafting takes them. The cost model's plain cell takes
@@ -736,8 +747,9 @@ class DepthPolicy:
         elif self.mode == "entropy":
             expected = self.expected_tokens(tokens_per_row - 1)
             if emitted is not None:  # realised over expected, smoothed: one row's yield swings 1..5
+                ratio = emitted / proposed if proposed else emitted / expected
                 old_yield = self._yield.get(key, 1.0)
-                self._yield[key] = old_yield + 0.1 * (emitted / expected - old_yield)
+                self._yield[key] = old_yield + 0.1 * (ratio - old_yield)
             rate = expected * self._yield.get(key, 1.0) / seconds
             old = self._draft_rate.get(key)
             self._draft_rate[key] = rate if old is None else old + 0.1 * (rate - old)

@@ -41,15 +41,18 @@ class Linear(nn.Linear):
         return linear(x, self.weight, self.bias)
 
 
-# rows -> rows to multiply them as, on a CPU (calibrate_cpu_row_padding; empty: as they are)
-_CPU_ROW_PAD: dict[int, int] = {}
+# rows -> rows to multiply them as, on a CPU (calibrate_cpu_row_padding; empty: as they are):
+# under a weight shape (out, in) for that shape, under None for every other shape
+_CPU_ROW_PAD: dict[tuple[int, int] | None, dict[int, int]] = {}
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, multiplying `rows` rows as _CPU_ROW_PAD[rows] on a CPU (see Linear)."""
+    """F.linear, multiplying `rows` rows as the padding table says for this weight's shape on a
+    CPU (see Linear)."""
     if _CPU_ROW_PAD and x.is_cpu and x.dim() >= 2 and x.shape[-1]:
+        table = _CPU_ROW_PAD.get(weight.shape) or _CPU_ROW_PAD.get(None)
         rows = x.numel() // x.shape[-1]
-        pad = _CPU_ROW_PAD.get(rows, rows)
+        pad = table.get(rows, rows) if table else rows
         if pad > rows:
             flat = x.reshape(rows, x.shape[-1])
             out = F.linear(torch.cat((flat, flat.new_zeros(pad - rows, x.shape[-1]))), weight, bias)
@@ -57,50 +60,68 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
-def cpu_row_padding() -> dict[int, int]:
-    """The padding in force: rows -> rows they are multiplied as (a copy)."""
-    return dict(_CPU_ROW_PAD)
+def cpu_row_padding() -> dict:
+    """The padding in force (a copy): rows -> rows where one table serves every weight shape,
+    else weight shape (out, in) -> {rows -> rows}."""
+    if set(_CPU_ROW_PAD) <= {None}:
+        return dict(_CPU_ROW_PAD.get(None, {}))
+    return {k: dict(v) for k, v in _CPU_ROW_PAD.items()}
 
 
-def set_cpu_row_padding(table: dict[int, int]) -> None:
-    """Use `table` (rows -> rows >= them) from now on, in every Linear of this process."""
-    bad = {r: p for r, p in table.items() if not 1 <= r <= p}
-    if bad:
-        raise ValueError(f"table: each entry must map rows >= 1 to at least as many rows, got {bad}")
+def set_cpu_row_padding(table: dict) -> None:
+    """Use `table` from now on, in every Linear of this process: rows -> rows >= them for every
+    weight shape, or weight shape (out, in) -> such a table (a shape not in it is not padded)."""
+    by_shape = table if table and all(isinstance(k, tuple) for k in table) else {None: table}
+    clean = {}
+    for shape, rows_to in by_shape.items():
+        if not all(isinstance(r, int) and isinstance(p, int) for r, p in rows_to.items()):
+            raise ValueError(f"table: rows -> rows, or a weight shape (out, in) -> rows -> rows, got {table}")
+        bad = {r: p for r, p in rows_to.items() if not 1 <= r <= p}
+        if bad:
+            raise ValueError(f"table: each entry must map rows >= 1 to at least as many rows, got {bad}")
+        if any(p > r for r, p in rows_to.items()):
+            clean[None if shape is None else tuple(shape)] = {r: p for r, p in rows_to.items() if p > r}
     _CPU_ROW_PAD.clear()
-    _CPU_ROW_PAD.update({r: p for r, p in table.items() if p > r})
+    _CPU_ROW_PAD.update(clean)
 
 
 @torch.inference_mode()
-def calibrate_cpu_row_padding(weights: list[torch.Tensor], max_rows: int = 8, repeats: int = 3,
-                              min_gain: float = 0.05) -> dict[int, int]:
-    """Time x @ W.T over all of `weights` (a model's linear weights: what one decode step
-    multiplies, read from memory as a step reads them) for 1..max_rows rows, and map each row
-    count to the row count >= it that was fastest, by at least min_gain (only padding up is
-    possible: the rows are real). Returns the table for set_cpu_row_padding.
+def calibrate_cpu_row_padding(weights: list[torch.Tensor], max_rows: int = 12, repeats: int = 3,
+                              min_gain: float = 0.05) -> dict[tuple[int, int], dict[int, int]]:
+    """Time x @ W.T for 1..max_rows rows over each weight shape's matrices (a model's linear
+    weights, read from memory as a decode step reads them), and map each row count to the row
+    count >= it that was fastest for that shape, by at least min_gain (only padding up is
+    possible: the rows are real). Returns the table for set_cpu_row_padding: weight shape ->
+    {rows -> rows}, shapes that pad nothing left out.
 
-    The BLAS's speed by row count differs from machine to machine: on the 2-core AMD EPYC dev
-    box, MKL ran 2 or 3 rows as that many matrix-vector products, each reading the whole weight
-    matrix (SmolLM2-135M's 49k-token LM head 9.4 ms at 1 row, 32 ms at 3, 16 ms at 4); on a
-    2-core Intel Xeon (AVX-512) 1-3 rows cost about the same (SmolLM2's weights: 23, 25, 28 ms)
-    and 4 rows 42 ms, so padding 3 rows to 4 there made a 2-draft verify 1.5x a plain step.
-    A fixed rule is right on one machine and wrong on the other: measure.
-    """
-    weights = [w.detach() for w in weights if w.dim() == 2 and w.is_cpu]
-    if not weights:
-        return {}
-    times = {}
-    for rows in range(1, max_rows + 1):
-        xs = {k: torch.randn(rows, k, dtype=weights[0].dtype) for k in {w.shape[1] for w in weights}}
-        best = math.inf
+    The BLAS's speed by row count differs from machine to machine and from shape to shape. On a
+    2-core AMD EPYC (session 4) MKL ran 2 or 3 rows as that many matrix-vector products, each
+    reading the whole matrix (SmolLM2-135M's 49k-token LM head 9.4 ms at 1 row, 32 ms at 3, 16 ms
+    at 4); on a 2-core Intel Xeon (AVX-512, session 7) 1-3 rows cost about the same and 4 rows
+    1.8x. On a 2-core AMD EPYC with AVX-512 (session 8) SmolLM2's 60 MLP up/gate matrices took
+    19, 29, 36, 24, 21, 19 ms at 1-6 rows, its LM head 9.7, 23, 33, 17, 17, 27, 39, 16 ms at 1-8
+    rows: one table for all shapes (session 7's) swung between padding 2-4 rows to 5 and to 8
+    from run to run, and a 1-draft verify cost 1.6x a plain step. Rows are interleaved within
+    each repeat, so drift in the machine's speed affects every row count alike."""
+    groups: dict[tuple[int, int], list[torch.Tensor]] = {}
+    for w in weights:
+        if w.dim() == 2 and w.is_cpu:
+            groups.setdefault(tuple(w.shape), []).append(w.detach())
+    table = {}
+    for shape, ws in groups.items():
+        xs = {rows: torch.randn(rows, shape[1], dtype=ws[0].dtype) for rows in range(1, max_rows + 1)}
+        times = dict.fromkeys(xs, math.inf)
         for rep in range(repeats + 1):
-            t0 = time.perf_counter()
-            for w in weights:
-                F.linear(xs[w.shape[1]].to(w.dtype), w)
-            if rep:  # the first pass warms up; other load only ever adds time
-                best = min(best, time.perf_counter() - t0)
-        times[rows] = best
-    return padding_from_times(times, min_gain)
+            for rows, x in xs.items():
+                t0 = time.perf_counter()
+                for w in ws:
+                    F.linear(x, w)
+                if rep:  # the first pass warms up; other load only ever adds time
+                    times[rows] = min(times[rows], time.perf_counter() - t0)
+        pad = padding_from_times(times, min_gain)
+        if pad:
+            table[shape] = pad
+    return table
 
 
 def padding_from_times(times: dict[int, float], min_gain: float = 0.05) -> dict[int, int]:

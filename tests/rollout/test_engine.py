@@ -459,9 +459,9 @@ def test_depth_policy_is_told_what_each_step_really_emitted(pair, monkeypatch):
     seen = []
     real = DepthPolicy.record_step
 
-    def spy(self, rows, tokens_per_row, seconds, planned=None, emitted=None):
-        seen.append((rows, tokens_per_row, emitted))
-        return real(self, rows, tokens_per_row, seconds, planned, emitted)
+    def spy(self, rows, tokens_per_row, seconds, planned=None, emitted=None, proposed=None):
+        seen.append((rows, tokens_per_row, emitted, proposed))
+        return real(self, rows, tokens_per_row, seconds, planned, emitted, proposed)
 
     monkeypatch.setattr(DepthPolicy, "record_step", spy)
     prompts, sp = _prompts(7, seed=3), SamplingParams(temperature=1.0, max_new_tokens=30)
@@ -471,9 +471,15 @@ def test_depth_policy_is_told_what_each_step_really_emitted(pair, monkeypatch):
     assert len(steps) == len(seen) == out.stats.steps
     # at most the step's width per row; on a GPU rows are collected every few steps, so a step
     # can run with every row in flight already done (it emits nothing)
-    assert all((0 < e if DEV.type == "cpu" else 0 <= e) and e <= t for _, t, e in steps)
+    assert all((0 < e if DEV.type == "cpu" else 0 <= e) and e <= t for _, t, e, _ in steps)
     # every decode-step token is accounted for (each row's first token comes from its prefill)
-    assert sum(r * e for r, _, e in steps) == pytest.approx(out.stats.tokens - len(prompts))
+    assert sum(r * e for r, _, e, _ in steps) == pytest.approx(out.stats.tokens - len(prompts))
+    # drafting steps also say what rejection sampling proposed per live row: 1 to width tokens,
+    # never fewer than were emitted per row in flight (stops, max_new_tokens and done rows only cut)
+    drafting = [s for s in steps if s[1] > 1 and s[3] is not None]
+    assert len(drafting) > 10
+    assert all(1 <= p <= t and e <= p + 1e-9 for _, t, e, p in drafting)
+    assert any(e < p for _, _, e, p in drafting)  # rows finish mid-run: some steps lose tokens
 
 
 @pytest.mark.parametrize("spec", [None, SpecParams(mode="fixed", k=3, max_k=4)])

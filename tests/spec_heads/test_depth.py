@@ -573,6 +573,27 @@ def test_one_unlucky_step_at_one_row_moves_the_drafting_rate_a_tenth_of_the_way(
     assert after > 0.7 * expected / 1.48  # where the step's own yield alone would put it at 1/1.48
 
 
+def test_a_hard_stretch_at_one_row_does_not_switch_drafting_off():
+    """At one row the tokens a step emits follow the text being written (SmolLM2's depth-1
+    acceptance ran 0.15-0.75 from prompt to prompt). Told what rejection sampling proposed, the
+    policy's yield measures only what stops and max_new_tokens cut: 40 steps that accepted
+    nothing leave drafting on where the long-run acceptance says it pays, while steps that
+    lose over half of their proposed tokens to cuts switch it off (and emitted alone, as before,
+    counts the unlucky stretch as a loss)."""
+    def run(emitted, proposed):
+        policy = observed_policy([0.6] * 4, 1.0, lambda d: 1.0 + 0.05 * d, max_k=4)
+        for _ in range(5):
+            policy.record_step(1, 1, 1.0, emitted=1.0)
+            policy.record_step(1, 1, 1.0, emitted=1.0)
+            for _ in range(8):
+                policy.record_step(1, 5, 1.2, planned=4, emitted=emitted, proposed=proposed)
+        return policy
+
+    assert run(1.0, 1.0).draft_budget(1) == 4  # nothing accepted for 40 steps: still drafting
+    assert run(1.0, None).draft_budget(1) == 0  # the old yield: emitted over expected
+    assert run(1.0, 2.1).draft_budget(1) == 0  # over half of what was proposed cut
+
+
 def test_one_slow_first_plain_step_does_not_keep_drafting_on():
     """The first decode step after a prefill is slow (the tiny policy at 128 rows on a CPU:
     6.9 ms where its plain steps take 4.9): as a bucket's only plain timing it rated drafting

@@ -406,6 +406,44 @@ def test_row_padding_follows_the_measured_times():
     assert padding_from_times({1: 10.0, 2: 30.0, 3: 12.0, 4: 11.0}) == {2: 4, 3: 4}
 
 
+def test_row_padding_is_per_weight_shape(monkeypatch):
+    """Calibration times each weight shape on its own and pads each as its own times ask
+    (session 8's EPYC: MLP matrices fastest at 6 rows, the LM head at 4 or 8), and a Linear pads
+    by its weight's shape; a shape the table leaves out is not padded."""
+    import torch.nn.functional as F
+
+    from spec_heads import layers
+
+    costs = {(6, 4): {1: 1.0, 2: 1.6, 3: 1.9, 4: 1.3, 5: 1.1, 6: 1.0},
+             (9, 4): {1: 1.0, 2: 2.3, 3: 3.3, 4: 1.7, 5: 1.7, 6: 2.7},
+             (3, 4): {1: 1.0, 2: 1.02, 3: 1.03, 4: 1.2, 5: 1.3, 6: 1.4}}
+    clock = [0.0]
+    monkeypatch.setattr(layers.time, "perf_counter", lambda: clock[0])
+    linear = F.linear
+
+    def fake(x, w, b=None):
+        clock[0] += costs[tuple(w.shape)][x.shape[0]]
+        return linear(x, w, b)
+
+    monkeypatch.setattr(layers.F, "linear", fake)
+    weights = [torch.randn(6, 4), torch.randn(6, 4), torch.randn(9, 4), torch.randn(3, 4)]
+    table = layers.calibrate_cpu_row_padding(weights, max_rows=6)
+    assert table == {(6, 4): {2: 6, 3: 6, 4: 6, 5: 6}, (9, 4): {2: 4, 3: 4}}
+    monkeypatch.setattr(layers.F, "linear", linear)
+    monkeypatch.setattr(layers, "_CPU_ROW_PAD", {})
+    layers.set_cpu_row_padding(table)
+    assert layers.cpu_row_padding() == table
+    seen = []
+    monkeypatch.setattr(layers.F, "linear", lambda a, w, b=None: (seen.append((tuple(w.shape), a.shape[0])), linear(a, w, b))[1])
+    x = torch.randn(3, 4)
+    for shape in costs:
+        lin = layers.Linear(4, shape[0])
+        torch.testing.assert_close(lin(x), linear(x, lin.weight, lin.bias))
+    assert seen == [((6, 4), 6), ((9, 4), 4), ((3, 4), 3)]
+    with pytest.raises(ValueError, match="table"):
+        layers.set_cpu_row_padding({(6, 4): {3: 2}})
+
+
 def test_engine_calibrates_row_padding_on_the_cpu(monkeypatch):
     """An engine on a CPU times its policy's weights (once per shape set) and installs the
     padding the times ask for."""
