@@ -62,6 +62,7 @@ def test_json_has_one_row_per_configuration_with_required_keys(bench_rows, tiny_
     for r in bench_rows:
         assert REQUIRED <= set(r), REQUIRED - set(r)
         assert r["model"] == tiny_dirs[0]
+        assert r["dtype"] == "float32"  # a CPU's auto: every row says what it ran in
         assert r["tokens_per_s"] > 0 and r["hf_tokens_per_s"] > 0
 
 
@@ -90,6 +91,28 @@ def test_speculative_rows_are_consistent(bench_rows):
             assert len(r["accept_rate_per_pos"]) == 2
             assert all(0.0 <= a <= 1.0 for a in r["accept_rate_per_pos"])
             assert 1.0 <= r["mean_accepted_len"] <= 3.0  # at most k + 1 tokens per verify
+
+
+@pytest.mark.parametrize("caps, device, dtype, hinted", [
+    ({"avx512_bf16": True}, "cpu", torch.float32, True),
+    ({"amx_bf16": True}, "cpu", torch.float32, True),
+    ({"avx512_bf16": False, "amx_bf16": False}, "cpu", torch.float32, False),  # emulated bf16: slow
+    ({"avx512_bf16": True}, "cpu", torch.bfloat16, False),  # already bf16
+    ({"avx512_bf16": True}, "cuda", torch.float32, False),  # not a CPU run
+])
+def test_a_float32_run_on_a_native_bf16_cpu_is_told_about_bfloat16(monkeypatch, caps, device, dtype, hinted):
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: caps)
+    hint = bench.dtype_hint(torch.device(device), dtype)
+    assert (hint is not None) == hinted
+    if hinted:
+        assert "--dtype bfloat16" in hint
+
+
+def test_auto_dtype_is_float32_on_a_cpu_and_bad_dtype_is_named():
+    assert bench.resolve_device_dtype("cpu", "auto") == (torch.device("cpu"), torch.float32)
+    assert bench.resolve_device_dtype("cpu", "bfloat16")[1] == torch.bfloat16
+    with pytest.raises(ConfigError, match="'fp8'"):
+        bench.resolve_device_dtype("cpu", "fp8")
 
 
 def test_spec_parser_expands_ranges_and_keeps_order():
