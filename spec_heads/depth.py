@@ -15,6 +15,7 @@ values; cost thresholds are host floats, moved to the device without a blocking 
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 
@@ -377,8 +378,17 @@ class DepthPolicy:
         # plain steps are rare while drafting (and drafting steps rare while plain), so an
         # average plain step set against recent drafting steps would mostly measure the drift.
         # Only timings at nearly the same rows pair (_near).
-        self._plain_recent: dict[int, tuple[float, int, int]] = {}  # bucket -> (EMA seconds, step, rows)
-        self._draft_recent: dict[int, tuple[float, int, int]] = {}  # bucket -> (rate, step, rows) of the last drafting step
+        # Timings pair only while fresh (_fresh): within pair_within steps and pair_within_s
+        # seconds of wall time (or pair_within_plain plain steps' time, where plain steps are
+        # slow). Counted in steps alone, a plain timing outlived the minute it was taken in:
+        # where other work runs between generate() calls (the bench's other modes; a trainer's
+        # update), the policy's next call paired its drafting steps against a plain step timed
+        # on a machine 1.7x faster, rated drafting below the bar and stayed plain (the tiny
+        # policy at 32 and 128 rows on the CPU: 0.94x and 1.06x where fixed depth 6 gave 1.29x
+        # and 1.33x, docs/bench.md session 10). While drafting, a stale plain timing is
+        # re-measured by a pair of plain steps (plan_step).
+        self._plain_recent: dict[int, tuple[float, int, int, float]] = {}  # bucket -> (seconds, step, rows, wall time)
+        self._draft_recent: dict[int, tuple[float, int, int, float]] = {}  # bucket -> (rate, step, rows, wall time) of the last drafting step
         self._advantage: dict[int, float] = {}
         self._plain_samples: dict[int, list[float]] = {}  # bucket -> last 2 plain timings at near rows
         self._plain_count: dict[int, int] = {}  # bucket -> plain steps timed there, ever
@@ -386,6 +396,8 @@ class DepthPolicy:
         self._plain_warm: set[int] = set()  # buckets whose plain samples are warm timings
         self._prev_plain = False  # whether the last step recorded was a plain one
         self.pair_within = 128  # steps: how far apart two timings may be to pair
+        self.pair_within_s, self.pair_within_plain = 2.0, 32  # and how far apart in wall time
+        self.clock = time.perf_counter  # wall time of the timings (tests set their own)
         self.early_stop = self.device.type != "cuda"  # the engine stops drafting early on a CPU
         self.draft_margin = 0.05  # drafting must deliver 5% more tokens per second than plain steps
         self.near_band = 0.05  # within this above the bar, plain steps come 8x as often (_plain_every)
@@ -538,11 +550,14 @@ class DepthPolicy:
         if self.mode != "entropy":
             return budget, budget, False
         key = self.cost.bucket(rows_in_flight)
-        if key not in self._plain_timed or (self._prev_plain and key not in self._plain_warm):
+        if (key not in self._plain_timed or (self._prev_plain and key not in self._plain_warm)
+                or (budget and not self.plain_fresh(rows_in_flight))):
             # the first step at a new rows bucket is a plain one: only a real plain step's time
             # can switch drafting off there, and a draining batch passes through every bucket,
             # often for fewer steps than the periodic plain step's cadence; and so is the next,
-            # until one plain step there followed another (record_step: a warm timing)
+            # until one plain step there followed another (record_step: a warm timing). While
+            # drafting, so is the step after the plain timing went stale (_fresh): drafting is
+            # weighed against plain steps of the same minute.
             return budget, 0, False
         every = self._plain_every(key) if budget else 0
         if every and self.steps % every in (47 % every, 48 % every):
@@ -727,7 +742,7 @@ class DepthPolicy:
             # drafting look 1.44x as fast as plain steps where it delivered 1.00x, for the whole
             # run. A plain step at other rows (a draining batch) starts afresh.
             old = self._plain_recent.get(key)
-            if old is not None and _near(old[2], rows):
+            if old is not None and _near(old[2], rows) and self._fresh(key, old):
                 samples = self._plain_samples.get(key, [])
             else:
                 samples = []
@@ -739,10 +754,12 @@ class DepthPolicy:
                 samples = (samples + [seconds])[-2:]
             self._plain_samples[key] = samples
             estimate = min(samples)
-            self._plain_recent[key] = (estimate, self.steps, rows)
+            self._plain_recent[key] = (estimate, self.steps, rows, self.clock())
             self._plain_count[key] = self._plain_count.get(key, 0) + 1
             last = self._draft_recent.get(key)  # the latest drafting rate, not an average of old ones
-            if last is not None and self.steps - last[1] <= self.pair_within and _near(last[2], rows):
+            # only a warm plain timing pairs: a cold one (right after drafting) is 1.2-1.4x slow
+            if (last is not None and key in self._plain_warm and _near(last[2], rows)
+                    and self._fresh(key, last)):
                 self._pair(key, last[0] * estimate)
         elif self.mode == "entropy":
             expected = self.expected_tokens(tokens_per_row - 1)
@@ -753,13 +770,29 @@ class DepthPolicy:
             rate = expected * self._yield.get(key, 1.0) / seconds
             old = self._draft_rate.get(key)
             self._draft_rate[key] = rate if old is None else old + 0.1 * (rate - old)
-            self._draft_recent[key] = (rate, self.steps, rows)
+            self._draft_recent[key] = (rate, self.steps, rows, self.clock())
             depth = planned if planned else tokens_per_row - 1
             rates = self._depth_rate.setdefault(key, {})
             rates[depth] = rate if depth not in rates else rates[depth] + 0.3 * (rate - rates[depth])
             plain = self._plain_recent.get(key)
-            if plain is not None and self.steps - plain[1] <= self.pair_within and _near(plain[2], rows):
+            if plain is not None and _near(plain[2], rows) and self._fresh(key, plain):
                 self._pair(key, rate * plain[0])
+
+    def _fresh(self, key: int, timing: tuple[float, int, int, float]) -> bool:
+        """Whether a (value, step, rows, wall time) timing of this bucket may still pair: taken
+        within pair_within steps and pair_within_s seconds (or pair_within_plain plain steps'
+        time, where the bucket's plain step is slower than pair_within_s / pair_within_plain)."""
+        if self.steps - timing[1] > self.pair_within:
+            return False
+        plain = self._plain_recent.get(key)
+        span = max(self.pair_within_s, self.pair_within_plain * plain[0]) if plain else self.pair_within_s
+        return self.clock() - timing[3] <= span
+
+    def plain_fresh(self, rows_in_flight: int) -> bool:
+        """Whether the plain timing at this many rows is fresh enough to weigh drafting against."""
+        key = self.cost.bucket(rows_in_flight)
+        plain = self._plain_recent.get(key)
+        return plain is not None and self._fresh(key, plain)
 
     def _pair(self, key: int, advantage: float) -> None:
         """One sample of drafting's advantage over plain steps from timings near in time. Where

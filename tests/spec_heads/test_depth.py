@@ -649,3 +649,38 @@ def test_the_cost_models_plain_cell_takes_warm_plain_steps_only():
         policy.record_step(8, 1, 3.0)  # cold: right after a drafting step
         policy.record_step(8, 1, 1.0)  # warm
     assert policy.cost.step_time(8, 1) == pytest.approx(1.0)
+
+
+def test_timings_minutes_apart_do_not_pair_and_a_stale_plain_timing_is_retaken():
+    """Between generate() calls other work runs (the bench's other modes, a trainer's update)
+    and the machine's speed drifts: a plain step timed while the machine was 1.7x faster must
+    not rate the drafting steps of the next call. Drafting really delivers 1.3x here; set
+    against the stale fast plain step it would look like 0.76x and switch off."""
+    clock = [0.0]
+    policy = observed_policy([0.9] * 4, 1.0, lambda d: 1.0 + 0.5 * d, max_k=4)
+    policy.clock = lambda: clock[0]
+    key = policy.cost.bucket(32)
+    for _ in range(2):  # a warm plain pair at 1.0 s, on the fast machine
+        policy.record_step(32, 1, 1.0)
+    draft_s = policy.expected_tokens(4) / 1.3  # 1.3x the tokens per second of a plain step
+    policy.record_step(32, 5, draft_s, planned=4)
+    adv0 = policy._advantage[key]
+    assert adv0 == pytest.approx(1.3, rel=0.02)
+    with torch.inference_mode():
+        assert policy.draft_budget(32) > 0
+    clock[0] += 60.0  # a minute later the machine runs 1.7x slower
+    assert not policy.plain_fresh(32)
+    policy.record_step(32, 5, 1.7 * draft_s, planned=4)
+    assert policy._advantage[key] == adv0  # no pair with the stale plain step
+    # the next two steps are plain (the second, warm one is the timing drafting is weighed against)
+    with torch.inference_mode():
+        assert policy.plan_step(32)[1] == 0
+        policy.record_step(32, 1, 1.7 * 1.3)  # cold: right after drafting
+        assert policy._advantage[key] == adv0  # a cold plain timing does not pair
+        assert policy.plan_step(32)[1] == 0
+        policy.record_step(32, 1, 1.7)
+    assert policy._plain_recent[key][0] == 1.7  # retaken: not the minute-old 1.0
+    assert policy._advantage[key] == pytest.approx(adv0, rel=0.02)  # the same 1.3x, not 0.76x
+    with torch.inference_mode():
+        assert policy.plan_step(32)[1] > 0  # drafting again
+
