@@ -384,9 +384,9 @@ class DepthPolicy:
         # where other work runs between generate() calls (the bench's other modes; a trainer's
         # update), the policy's next call paired its drafting steps against a plain step timed
         # on a machine 1.7x faster, rated drafting below the bar and stayed plain (the tiny
-        # policy at 32 and 128 rows on the CPU: 0.94x and 1.06x where fixed depth 6 gave 1.29x
-        # and 1.33x, docs/bench.md session 10). While drafting, a stale plain timing is
-        # re-measured by a pair of plain steps (plan_step).
+        # policy at 32 rows on the CPU: 0.94x where fixed depth 6 gave 1.29x, docs/bench.md
+        # session 10). While drafting, a stale plain timing is re-measured by a pair of plain
+        # steps (plan_step).
         self._plain_recent: dict[int, tuple[float, int, int, float]] = {}  # bucket -> (seconds, step, rows, wall time)
         self._draft_recent: dict[int, tuple[float, int, int, float]] = {}  # bucket -> (rate, step, rows, wall time) of the last drafting step
         self._advantage: dict[int, float] = {}
@@ -741,8 +741,7 @@ class DepthPolicy:
             # prefill, 6.9 ms where the tiny policy's plain steps at 128 rows take 4.9 ms) made
             # drafting look 1.44x as fast as plain steps where it delivered 1.00x, for the whole
             # run. A plain step at other rows (a draining batch) starts afresh.
-            old = self._plain_recent.get(key)
-            if old is not None and _near(old[2], rows) and self._fresh(key, old):
+            if self._pairs_with(key, self._plain_recent.get(key), rows):
                 samples = self._plain_samples.get(key, [])
             else:
                 samples = []
@@ -758,8 +757,7 @@ class DepthPolicy:
             self._plain_count[key] = self._plain_count.get(key, 0) + 1
             last = self._draft_recent.get(key)  # the latest drafting rate, not an average of old ones
             # only a warm plain timing pairs: a cold one (right after drafting) is 1.2-1.4x slow
-            if (last is not None and key in self._plain_warm and _near(last[2], rows)
-                    and self._fresh(key, last)):
+            if key in self._plain_warm and self._pairs_with(key, last, rows):
                 self._pair(key, last[0] * estimate)
         elif self.mode == "entropy":
             expected = self.expected_tokens(tokens_per_row - 1)
@@ -775,7 +773,7 @@ class DepthPolicy:
             rates = self._depth_rate.setdefault(key, {})
             rates[depth] = rate if depth not in rates else rates[depth] + 0.3 * (rate - rates[depth])
             plain = self._plain_recent.get(key)
-            if plain is not None and _near(plain[2], rows) and self._fresh(key, plain):
+            if self._pairs_with(key, plain, rows):
                 self._pair(key, rate * plain[0])
 
     def _fresh(self, key: int, timing: tuple[float, int, int, float]) -> bool:
@@ -787,6 +785,11 @@ class DepthPolicy:
         plain = self._plain_recent.get(key)
         span = max(self.pair_within_s, self.pair_within_plain * plain[0]) if plain else self.pair_within_s
         return self.clock() - timing[3] <= span
+
+    def _pairs_with(self, key: int, timing: tuple[float, int, int, float] | None, rows: int) -> bool:
+        """Whether a timing of this bucket (None: none yet) pairs with one taken now at `rows`:
+        fresh (_fresh) and at nearly the same rows (_near)."""
+        return timing is not None and _near(timing[2], rows) and self._fresh(key, timing)
 
     def plain_fresh(self, rows_in_flight: int) -> bool:
         """Whether the plain timing at this many rows is fresh enough to weigh drafting against."""
