@@ -350,8 +350,16 @@ class _Run:
             # off (session 5: SmolLM2 at batch 1 went plain, 0.95x, where fixed 4 gave 1.49x;
             # the pass costs ~4% of a 135M model's prefill on a CPU, ~6% on an H200).
             nxt = torch.cat([ids[:, 1:], ids[:, :1]], 1).scatter(1, (lens_t - 1)[:, None], tok[:, None])
+            timed = self.spec.mode == "entropy"  # the depth policy weighs drafting net of this pass
+            if timed and self.e.cuda:
+                torch.cuda.synchronize()
+            th = time.perf_counter()
             self.e.heads.prefill(h, nxt, pos, lens_t - 1, self.e.model.embed_tokens, self.hcache,
                                  _bucket(P + 1, 16), slots)
+            if timed:
+                if self.e.cuda:
+                    torch.cuda.synchronize()
+                self.policy.record_heads_prefill(m, time.perf_counter() - th)
             self.hfloor[sl] = 0
         for r, i in enumerate(take):
             self.slot_prompt[self.n + r] = i
@@ -611,8 +619,13 @@ class _Run:
             return
         idx = torch.tensor(fin, device=self.e.device)
         n_out, n_steps = self.n_out[idx].tolist(), self.n_steps[idx].tolist()
-        toks, lps, ents = self.out_tok[idx].tolist(), self.out_lp[idx].tolist(), self.out_ent[idx].tolist()
-        dls, accs = self.out_dl[idx].tolist(), self.out_acc[idx].tolist()
+        if self.K and self.spec.mode == "entropy":  # what a row yields, against its heads' prefill
+            self.policy.record_finished(len(fin), sum(n_out))
+        # read back only the columns written: the buffers are max_new_tokens + K + 1 wide, answers
+        # are often far shorter (the tiny task's ~21 tokens of 73 columns)
+        k_max, s_max = max(n_out), max(n_steps)
+        toks, lps, ents = (t[idx, :k_max].tolist() for t in (self.out_tok, self.out_lp, self.out_ent))
+        dls, accs = self.out_dl[idx, :s_max].tolist(), self.out_acc[idx, :s_max].tolist()
         for r, b in enumerate(fin):
             i = self.slot_prompt[b]
             k = n_out[r]

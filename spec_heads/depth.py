@@ -390,6 +390,9 @@ class DepthPolicy:
         self._plain_recent: dict[int, tuple[float, int, int, float]] = {}  # bucket -> (seconds, step, rows, wall time)
         self._draft_recent: dict[int, tuple[float, int, int, float]] = {}  # bucket -> (rate, step, rows, wall time) of the last drafting step
         self._advantage: dict[int, float] = {}
+        self._draft_samples: dict[int, list[float]] = {}  # bucket -> last 2 drafting rates at near rows
+        self._anchor: dict[int, tuple] = {}  # bucket -> (anchor, base, n, sum) of the pairs sharing an anchor (_pair)
+        self.pair_anchor_cap = 10  # pairs sharing one anchor move the advantage by at most 1 - 0.9^10 = 65%
         self._plain_samples: dict[int, list[float]] = {}  # bucket -> last 2 plain timings at near rows
         self._plain_count: dict[int, int] = {}  # bucket -> plain steps timed there, ever
         self.min_plain_samples = 4  # until then, while drafting, every 8th step is a plain one
@@ -408,6 +411,11 @@ class DepthPolicy:
         self._explore_at: dict[int, int] = {}  # bucket -> step of its next exploring step
         self._explore_gap: dict[int, int] = {}  # bucket -> back-off between exploring steps
         self.explore_overhead = 0.02  # exploring from a plain stretch costs at most this share
+        # From a plain stretch, exploring steps come in bursts of explore_burst drafting steps:
+        # the drafting rate that pairs is the faster of the last 2 (record_step), and one lone
+        # exploring step that a noisy machine slowed rated drafting for the whole stretch.
+        self.explore_burst = 2
+        self._burst: dict[int, tuple[int, int]] = {}  # bucket -> (exploring steps left, depth)
         # Where the budget is one depth for the whole step (no early stop: the GPU), it climbs on
         # real timings: bucket -> {planned depth: EMA of expected tokens per second}, fed by
         # steps at the budget and by exploring steps one deeper and one shallower, in turn.
@@ -415,6 +423,11 @@ class DepthPolicy:
         self._explore_down: dict[int, bool] = {}
         self._climbed: dict[int, int] = {}  # bucket -> the depth the climb stands on
         self._yield: dict[int, float] = {}  # bucket -> EMA of emitted / expected tokens of drafting steps
+        # What drafting costs outside decode steps: the heads' pass over each admitted prompt
+        # (record_heads_prefill), set against the tokens a row goes on to yield (record_finished);
+        # EMAs over prefills and finished rows (prefill_share).
+        self.heads_prefill_row_s: float | None = None  # seconds of the heads' prefill per admitted row
+        self.tokens_per_row: float | None = None  # tokens a finished row generated
 
     def _refresh(self) -> None:
         """Re-derive host-side caches once per 16 timings: every step records one, and the
@@ -499,6 +512,7 @@ class DepthPolicy:
             advantage = self._advantage.get(key)
             if advantage is None:  # no paired timings yet: the cost model's plain step
                 advantage = drafting * self.cost.step_time(rows_in_flight, 1)
+            advantage = self._net(advantage, key, rows_in_flight)
             if key in self._plain_timed and advantage < 1.0 + self.draft_margin:
                 self._budgets[key] = 0
             elif self.early_stop:
@@ -517,6 +531,42 @@ class DepthPolicy:
                     best = self._climbed[key] = top
                 self._budgets[key] = best
         return self._budgets[key]
+
+    def record_heads_prefill(self, rows: int, seconds: float) -> None:
+        """Time of the heads' pass over the prompts of `rows` newly admitted rows (a cost a run
+        without drafting does not pay: the engine skips it where drafting is measured off)."""
+        if rows < 1:
+            raise ValueError(f"rows: must be >= 1, got {rows}")
+        if not (math.isfinite(seconds) and seconds >= 0):
+            raise ValueError(f"seconds: must be a finite duration >= 0, got {seconds}")
+        per_row, old = seconds / rows, self.heads_prefill_row_s
+        self.heads_prefill_row_s = per_row if old is None else old + 0.1 * (per_row - old)
+
+    def record_finished(self, rows: int, tokens: int) -> None:
+        """`rows` rows finished with `tokens` generated tokens in all."""
+        if rows < 1:
+            return
+        per_row, old = tokens / rows, self.tokens_per_row
+        self.tokens_per_row = per_row if old is None else old + 0.1 * (per_row - old)
+
+    def prefill_share(self, rows_in_flight: int) -> float:
+        """The heads' prefill time per token drafting yields, over drafting's decode time per
+        token at this many rows: rows * (tokens per row per second of drafting steps) *
+        (heads' prefill seconds per row) / (tokens per row). 0 until all three were measured.
+
+        Each admitted row costs the heads one block over its prompt; a run without drafting
+        skips it. Short completions at many rows make it dear: the tiny policy's ~21-token
+        answers at 128 rows on the CPU spent 0.06-0.10 s of a 1.6-2.2 s run there, 6-8% of its
+        drafting steps' time, more than the 5% drafting had to win by (draft_margin)."""
+        rate = self._draft_rate.get(self.cost.bucket(rows_in_flight))
+        if rate is None or self.heads_prefill_row_s is None or not self.tokens_per_row:
+            return 0.0
+        return rows_in_flight * rate * self.heads_prefill_row_s / self.tokens_per_row
+
+    def _net(self, advantage: float, key: int, rows_in_flight: int) -> float:
+        """Drafting's advantage over plain steps in decode steps, net of the heads' prefill:
+        what the decode steps gain, the prefill gives back (prefill_share)."""
+        return advantage / (1.0 + self.prefill_share(rows_in_flight))
 
     def drafting_off(self, rows_in_flight: int) -> bool:
         """Entropy mode with a draft budget of 0 at this many rows: decode steps are plain ones
@@ -537,7 +587,7 @@ class DepthPolicy:
         In entropy mode, now and then a step drafts beyond the budget (explore), so acceptance
         and cost keep being measured there and one slow timing cannot switch drafting off for
         good (any depth is exact; this only costs time): budget + 1, or from a plain stretch
-        (budget 0) an ordinary drafting step (explore_depth). While a bucket's budget stays 0
+        (budget 0) a burst of explore_burst ordinary drafting steps (explore_depth). While a bucket's budget stays 0
         and exploring keeps confirming it, it explores ever less often (every 32, 64, ... 1024
         steps, and never more often than keeps the exploring steps' extra time within
         explore_overhead of the stretch: where verifying is dear one costs several plain steps). And while
@@ -559,7 +609,12 @@ class DepthPolicy:
             # drafting, so is the step after the plain timing went stale (_fresh): drafting is
             # weighed against plain steps of the same minute.
             return budget, 0, False
-        every = self._plain_every(key) if budget else 0
+        left, burst_depth = self._burst.pop(key, (0, 0))
+        if left and not budget:  # the rest of a burst of exploring steps from a plain stretch
+            if left > 1:
+                self._burst[key] = (left - 1, burst_depth)
+            return budget, burst_depth, True
+        every = self._plain_every(key, rows_in_flight) if budget else 0
         if every and self.steps % every in (47 % every, 48 % every):
             # two in a row: the second is the warm timing drafting is weighed against
             return budget, 0, False
@@ -578,9 +633,11 @@ class DepthPolicy:
             self._explore_down[key] = depth > budget
         if not budget:
             self._explore_gap[key] = min(2 * backoff, 1024)
+            if self.explore_burst > 1:
+                self._burst[key] = (self.explore_burst - 1, depth)
         return budget, depth, True
 
-    def _plain_every(self, key: int) -> int:
+    def _plain_every(self, key: int, rows_in_flight: int) -> int:
         """While drafting, every n-th step is a plain one: every 64th, or every 8th where drafting's
         advantage is within near_band (5%) above the bar or fewer than min_plain_samples plain
         steps were timed at these rows. Every drafting step is weighed against the
@@ -588,7 +645,8 @@ class DepthPolicy:
         slow one kept drafting on at a loss (SmolLM2 at 32 rows on the CPU: rated above the bar,
         0.92x of off). A plain step costs what drafting would have gained, there a few percent."""
         advantage = self._advantage.get(key)
-        near = advantage is not None and advantage < 1.0 + self.draft_margin + self.near_band
+        near = (advantage is not None
+                and self._net(advantage, key, rows_in_flight) < 1.0 + self.draft_margin + self.near_band)
         few = self._plain_count.get(key, 0) < self.min_plain_samples  # the plain timing rests on too few
         return 8 if near or few else 64
 
@@ -609,7 +667,8 @@ class DepthPolicy:
             return (budget - 1 if down else budget + 1), backoff
         depth = self.explore_depth(rows_in_flight)
         extra = self.cost.step_time(rows_in_flight, 1 + depth) / self.cost.step_time(rows_in_flight, 1) - 1.0
-        return depth, max(backoff, math.ceil(max(extra, 0.0) / self.explore_overhead))
+        burst = max(1, self.explore_burst)  # a burst's steps all cost that extra time
+        return depth, max(backoff, math.ceil(burst * max(extra, 0.0) / self.explore_overhead))
 
     def _best_by_cost(self, rows_in_flight: int) -> tuple[int, float]:
         """(d, rate): the draft depth d >= 1 that maximises E(d) / step_time(rows, 1 + d)."""
@@ -755,10 +814,10 @@ class DepthPolicy:
             estimate = min(samples)
             self._plain_recent[key] = (estimate, self.steps, rows, self.clock())
             self._plain_count[key] = self._plain_count.get(key, 0) + 1
-            last = self._draft_recent.get(key)  # the latest drafting rate, not an average of old ones
+            last = self._draft_recent.get(key)  # the latest drafting rates, not an average of old ones
             # only a warm plain timing pairs: a cold one (right after drafting) is 1.2-1.4x slow
             if key in self._plain_warm and self._pairs_with(key, last, rows):
-                self._pair(key, last[0] * estimate)
+                self._pair(key, last[0] * estimate, ("draft", last[1]))
         elif self.mode == "entropy":
             expected = self.expected_tokens(tokens_per_row - 1)
             if emitted is not None:  # realised over expected, smoothed: one row's yield swings 1..5
@@ -768,13 +827,21 @@ class DepthPolicy:
             rate = expected * self._yield.get(key, 1.0) / seconds
             old = self._draft_rate.get(key)
             self._draft_rate[key] = rate if old is None else old + 0.1 * (rate - old)
-            self._draft_recent[key] = (rate, self.steps, rows, self.clock())
+            # The drafting rate that pairs is the faster of the last 2 drafting steps at near rows,
+            # as the plain timing is the faster of the last 2 plain steps: the same estimator on
+            # both sides of the ratio. With the latest rate alone against the best of 2 plain
+            # steps, noise that hits both alike (the tiny policy's plain steps at 128 rows on
+            # the CPU ranged 5.6-12 ms within a run) rated drafting below what it delivered.
+            prev = self._draft_recent.get(key)
+            samples = self._draft_samples.get(key, []) if self._pairs_with(key, prev, rows) else []
+            samples = self._draft_samples[key] = (samples + [rate])[-2:]
+            self._draft_recent[key] = (max(samples), self.steps, rows, self.clock())
             depth = planned if planned else tokens_per_row - 1
             rates = self._depth_rate.setdefault(key, {})
             rates[depth] = rate if depth not in rates else rates[depth] + 0.3 * (rate - rates[depth])
             plain = self._plain_recent.get(key)
             if self._pairs_with(key, plain, rows):
-                self._pair(key, rate * plain[0])
+                self._pair(key, self._draft_recent[key][0] * plain[0], ("plain", plain[1]))
 
     def _fresh(self, key: int, timing: tuple[float, int, int, float]) -> bool:
         """Whether a (value, step, rows, wall time) timing of this bucket may still pair: taken
@@ -797,15 +864,31 @@ class DepthPolicy:
         plain = self._plain_recent.get(key)
         return plain is not None and self._fresh(key, plain)
 
-    def _pair(self, key: int, advantage: float) -> None:
-        """One sample of drafting's advantage over plain steps from timings near in time. Where
-        it moves the bucket's advantage across the drafting threshold, the bucket's cached
-        budget goes at once (not at the next refresh, up to 16 steps later: on a CPU at 32
-        rows of a 135M model, 16 drafting steps at a loss cost several seconds)."""
+    def _pair(self, key: int, advantage: float, anchor: tuple[str, int]) -> None:
+        """One sample of drafting's advantage over plain steps from timings near in time;
+        `anchor` names the older timing of the pair (its kind and step). Where it moves the
+        bucket's advantage across the drafting threshold, the bucket's cached budget goes at
+        once (not at the next refresh, up to 16 steps later: on a CPU at 32 rows of a 135M
+        model, 16 drafting steps at a loss cost several seconds).
+
+        Samples that share an anchor move the advantage as one: towards their mean, by at most
+        1 - 0.9^pair_anchor_cap of the way. The rare side of a regime (a plain timing while
+        drafting, an exploring burst while plain) pairs with every step that follows it; as
+        separate samples of an EMA, one both-slow pair of plain steps, or one slow burst, set
+        the advantage for the whole stretch (a third of steps 1.6x slow at random switched
+        drafting that delivers 1.15x off for most of a run)."""
         old = self._advantage.get(key)
-        new = advantage if old is None else old + 0.1 * (advantage - old)
+        held = self._anchor.get(key)
+        if held is None or held[0] != anchor:
+            held = (anchor, old, 0, 0.0)  # (anchor, advantage before it, samples, their sum)
+        _, base, n, total = held
+        n, total = n + 1, total + advantage
+        self._anchor[key] = (anchor, base, n, total)
+        mean = total / n
+        new = mean if base is None else base + (1.0 - 0.9 ** min(n, self.pair_anchor_cap)) * (mean - base)
         self._advantage[key] = new
-        bar = 1.0 + self.draft_margin
+        recent = self._draft_recent.get(key)  # the bar is for the advantage net of the heads' prefill
+        bar = (1.0 + self.draft_margin) * (1.0 + (self.prefill_share(recent[2]) if recent else 0.0))
         if old is None or (old < bar) != (new < bar):
             self._budgets.pop(key, None)
 
@@ -839,8 +922,8 @@ class DepthPolicy:
                 _cap_counts(self.pos_trials, self.pos_accepts, self.prior_pos_weight)
         if acceptance is not None:
             self.set_measured_prior(acceptance)
-        self._pos_accept, self._budgets, self._draft_rate, self._advantage = None, {}, {}, {}
-        self._draft_recent, self._depth_rate, self._climbed = {}, {}, {}
+        self._pos_accept, self._budgets, self._draft_rate, self._advantage, self._anchor = None, {}, {}, {}, {}
+        self._draft_recent, self._draft_samples, self._depth_rate, self._climbed = {}, {}, {}, {}
 
     def summary(self) -> dict:
         """For logs (syncs): acceptance table, cost table, per-depth thresholds, depth histogram."""
@@ -853,4 +936,7 @@ class DepthPolicy:
                 "position_acceptance": [round(a, 4) for a in self.position_acceptance()],
                 "budget_by_rows": {self.cost.bucket_rows(b): self.draft_budget(self.cost.bucket_rows(b))
                                    for b in range(self.cost.num_buckets)},
+                "heads_prefill_row_s": self.heads_prefill_row_s, "tokens_per_row": self.tokens_per_row,
+                "prefill_share_by_rows": {self.cost.bucket_rows(b): round(self.prefill_share(self.cost.bucket_rows(b)), 4)
+                                          for b in range(self.cost.num_buckets)},
                 "depth_hist": self.depth_hist.tolist()}

@@ -307,7 +307,7 @@ def test_heads_see_every_prompt_even_while_drafting_is_off(pair, monkeypatch):
     monkeypatch.setattr(DepthPolicy, "draft_budget", lambda self, rows: 0)
     # no paired timing is ever measured (exploring steps would pair with plain ones, and rows
     # admitted where those put drafting below the bar skip the pass: the test after this one)
-    monkeypatch.setattr(DepthPolicy, "_pair", lambda self, key, advantage: None)
+    monkeypatch.setattr(DepthPolicy, "_pair", lambda self, key, advantage, anchor: None)
     Engine(model, heads, max_batch=3).generate(prompts, sp, spec)
     assert sum(prefills) == len(prompts)
     # plain for the first steps, then drafting for good: the first rows draft from their prompts
@@ -551,6 +551,35 @@ def test_rows_admitted_where_drafting_measured_off_skip_the_heads_prefill_and_st
     assert sum(out.stats.depth_hist[1:]) > 20, out.stats.depth_hist
     if DTYPE == torch.float32:
         assert [s.tokens for s in out.sequences] == [s.tokens for s in plain.sequences]
+
+
+def test_entropy_policy_learns_what_the_heads_prefill_costs_per_token(pair, monkeypatch):
+    """The engine times the heads' pass over each refill's prompts and reports the tokens each
+    finished row generated, so the depth policy weighs drafting net of that pass
+    (DepthPolicy.prefill_share); rows that skip the pass report no time."""
+    from spec_heads.depth import DepthPolicy
+
+    model, heads, prefills, prompts, sp, plain, spec = _counted_prefill_setup(pair)
+    seen = []
+    record = DepthPolicy.record_heads_prefill
+    monkeypatch.setattr(DepthPolicy, "record_heads_prefill",
+                        lambda self, rows, seconds: (seen.append((rows, seconds)), record(self, rows, seconds))[1])
+    eng = Engine(model, heads, max_batch=3)
+    out = eng.generate(prompts, sp, spec)
+    assert [rows for rows, _ in seen] == prefills and all(sec > 0 for _, sec in seen)
+    policy = eng.depth_policy
+    assert policy.heads_prefill_row_s > 0
+    lengths = [len(s.tokens) for s in out.sequences]
+    assert min(lengths) <= policy.tokens_per_row <= max(lengths)
+    # fixed depth never asks
+    seen.clear()
+    Engine(model, heads, max_batch=3).generate(prompts, sp, SpecParams(mode="fixed", k=2, max_k=4))
+    assert seen == []
+    # nor rows admitted without the heads' pass
+    monkeypatch.setattr(DepthPolicy, "measured_plain", lambda self, rows: True)
+    eng = Engine(model, heads, max_batch=3)
+    eng.generate(prompts, sp, spec)
+    assert seen == [] and eng.depth_policy.heads_prefill_row_s is None
 
 
 def test_measured_plain_needs_real_paired_timings():
