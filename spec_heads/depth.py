@@ -817,7 +817,7 @@ class DepthPolicy:
             last = self._draft_recent.get(key)  # the latest drafting rates, not an average of old ones
             # only a warm plain timing pairs: a cold one (right after drafting) is 1.2-1.4x slow
             if key in self._plain_warm and self._pairs_with(key, last, rows):
-                self._pair(key, last[0] * estimate, ("draft", last[1]))
+                self._pair(key, last[0] * estimate, ("draft", last[1]), rows)
         elif self.mode == "entropy":
             expected = self.expected_tokens(tokens_per_row - 1)
             if emitted is not None:  # realised over expected, smoothed: one row's yield swings 1..5
@@ -841,7 +841,7 @@ class DepthPolicy:
             rates[depth] = rate if depth not in rates else rates[depth] + 0.3 * (rate - rates[depth])
             plain = self._plain_recent.get(key)
             if self._pairs_with(key, plain, rows):
-                self._pair(key, self._draft_recent[key][0] * plain[0], ("plain", plain[1]))
+                self._pair(key, self._draft_recent[key][0] * plain[0], ("plain", plain[1]), rows)
 
     def _fresh(self, key: int, timing: tuple[float, int, int, float]) -> bool:
         """Whether a (value, step, rows, wall time) timing of this bucket may still pair: taken
@@ -864,7 +864,7 @@ class DepthPolicy:
         plain = self._plain_recent.get(key)
         return plain is not None and self._fresh(key, plain)
 
-    def _pair(self, key: int, advantage: float, anchor: tuple[str, int]) -> None:
+    def _pair(self, key: int, advantage: float, anchor: tuple[str, int], rows: int) -> None:
         """One sample of drafting's advantage over plain steps from timings near in time;
         `anchor` names the older timing of the pair (its kind and step). Where it moves the
         bucket's advantage across the drafting threshold, the bucket's cached budget goes at
@@ -876,16 +876,21 @@ class DepthPolicy:
         drafting, an exploring burst while plain) pairs with every step that follows it; as
         separate samples of an EMA, one both-slow pair of plain steps, or one slow burst, set
         the advantage for the whole stretch (a third of steps 1.6x slow at random switched
-        drafting that delivers 1.15x off for most of a run)."""
+        drafting that delivers 1.15x off for most of a run). The first samples of a bucket move
+        from the advantage its start-up probes predict (the tiny policy at 128 rows: the first
+        drafting step after the prefill took 17.5 ms where the next ones took 12, and as the
+        only drafting sample it rated drafting 0.87x and kept it off for the whole run)."""
         old = self._advantage.get(key)
         held = self._anchor.get(key)
         if held is None or held[0] != anchor:
-            held = (anchor, old, 0, 0.0)  # (anchor, advantage before it, samples, their sum)
+            base = old
+            if base is None:  # the probes' prediction: their best rate against their plain step
+                base = self._best_by_cost(rows)[1] * self.cost.step_time(rows, 1)
+            held = (anchor, base, 0, 0.0)  # (anchor, advantage before it, samples, their sum)
         _, base, n, total = held
         n, total = n + 1, total + advantage
         self._anchor[key] = (anchor, base, n, total)
-        mean = total / n
-        new = mean if base is None else base + (1.0 - 0.9 ** min(n, self.pair_anchor_cap)) * (mean - base)
+        new = base + (1.0 - 0.9 ** min(n, self.pair_anchor_cap)) * (total / n - base)
         self._advantage[key] = new
         recent = self._draft_recent.get(key)  # the bar is for the advantage net of the heads' prefill
         bar = (1.0 + self.draft_margin) * (1.0 + (self.prefill_share(recent[2]) if recent else 0.0))

@@ -307,7 +307,7 @@ def test_heads_see_every_prompt_even_while_drafting_is_off(pair, monkeypatch):
     monkeypatch.setattr(DepthPolicy, "draft_budget", lambda self, rows: 0)
     # no paired timing is ever measured (exploring steps would pair with plain ones, and rows
     # admitted where those put drafting below the bar skip the pass: the test after this one)
-    monkeypatch.setattr(DepthPolicy, "_pair", lambda self, key, advantage, anchor: None)
+    monkeypatch.setattr(DepthPolicy, "_pair", lambda self, key, advantage, anchor, rows: None)
     Engine(model, heads, max_batch=3).generate(prompts, sp, spec)
     assert sum(prefills) == len(prompts)
     # plain for the first steps, then drafting for good: the first rows draft from their prompts

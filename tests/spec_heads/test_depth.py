@@ -346,6 +346,30 @@ def test_noise_that_slows_plain_and_drafting_steps_alike_does_not_switch_draftin
     assert _noisy_run(0.9, 0.35) <= 0.05
 
 
+def test_one_slow_first_drafting_step_does_not_switch_drafting_off():
+    """The first drafting step at a rows bucket runs cold (the tiny policy at 128 rows on the
+    CPU: 17.5 ms where the next ones took 12). As the bucket's only drafting sample it paired
+    with every plain step after it and kept drafting off for the run; now pairs start from the
+    start-up probes' prediction and move from it step by step."""
+    rows = 32
+
+    def share_drafting(first_slow: float) -> float:
+        policy = observed_policy([0.95] * 4, 1.0, lambda d: 1.0 + 0.5 * d)
+        for t in range(1, 6):  # start-up probes at 32 rows
+            policy.cost.record(rows, t, 1.0 + 0.55 * (t - 1))
+        step_s = lambda d: 1.0 + 0.6 * d  # real steps: drafting 4 deep delivers 1.33x
+        depths = []
+        for _ in range(300):
+            _, depth, _ = policy.plan_step(rows)
+            slow = first_slow if depth and not any(depths) else 1.0
+            policy.record_step(rows, 1 + depth, slow * step_s(depth), planned=depth)
+            depths.append(depth)
+        return sum(d > 0 for d in depths) / len(depths)
+
+    assert share_drafting(1.0) >= 0.9
+    assert share_drafting(3.0) >= 0.9  # (0.76 when the first pair set the advantage outright)
+
+
 def test_drafting_must_also_pay_for_the_heads_prefill():
     """Each admitted row costs the heads one pass over its prompt, which a run without drafting
     skips. Drafting steps 1.10x as fast as plain ones lose where that pass costs 10% of
@@ -354,9 +378,12 @@ def test_drafting_must_also_pay_for_the_heads_prefill():
 
     def paired(prefill_row_s: float | None) -> DepthPolicy:
         policy = DepthPolicy("entropy", k=1, max_k=4, num_bins=4, vocab_size=VOCAB, max_batch=MAX_BATCH)
-        for _ in range(2):
-            policy.record_step(rows, 1, 1.0, emitted=1.0)  # a warm plain pair at 1 s
-        policy.record_step(rows, 5, policy.expected_tokens(4) / 1.10, planned=4, emitted=1.0, proposed=1.0)
+        for _ in range(20):  # warm plain pairs at 1 s, each followed by drafting steps 1.10x as fast
+            for _ in range(2):
+                policy.record_step(rows, 1, 1.0, emitted=1.0)
+            for _ in range(4):
+                policy.record_step(rows, 5, policy.expected_tokens(4) / 1.10, planned=4, emitted=1.0, proposed=1.0)
+        assert policy._advantage[policy.cost.bucket(rows)] == pytest.approx(1.10, rel=0.01)
         if prefill_row_s is not None:
             policy.record_heads_prefill(8, 8 * prefill_row_s)
             policy.record_finished(4, 4 * 20)  # rows yield 20 tokens each
