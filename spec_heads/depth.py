@@ -512,7 +512,7 @@ class DepthPolicy:
             advantage = self._advantage.get(key)
             if advantage is None:  # no paired timings yet: the cost model's plain step
                 advantage = drafting * self.cost.step_time(rows_in_flight, 1)
-            advantage = self._net(advantage, key, rows_in_flight)
+            advantage = self._net(advantage, rows_in_flight)
             if key in self._plain_timed and advantage < 1.0 + self.draft_margin:
                 self._budgets[key] = 0
             elif self.early_stop:
@@ -563,7 +563,7 @@ class DepthPolicy:
             return 0.0
         return rows_in_flight * rate * self.heads_prefill_row_s / self.tokens_per_row
 
-    def _net(self, advantage: float, key: int, rows_in_flight: int) -> float:
+    def _net(self, advantage: float, rows_in_flight: int) -> float:
         """Drafting's advantage over plain steps in decode steps, net of the heads' prefill:
         what the decode steps gain, the prefill gives back (prefill_share)."""
         return advantage / (1.0 + self.prefill_share(rows_in_flight))
@@ -646,7 +646,7 @@ class DepthPolicy:
         0.92x of off). A plain step costs what drafting would have gained, there a few percent."""
         advantage = self._advantage.get(key)
         near = (advantage is not None
-                and self._net(advantage, key, rows_in_flight) < 1.0 + self.draft_margin + self.near_band)
+                and self._net(advantage, rows_in_flight) < 1.0 + self.draft_margin + self.near_band)
         few = self._plain_count.get(key, 0) < self.min_plain_samples  # the plain timing rests on too few
         return 8 if near or few else 64
 
@@ -815,7 +815,8 @@ class DepthPolicy:
             self._plain_recent[key] = (estimate, self.steps, rows, self.clock())
             self._plain_count[key] = self._plain_count.get(key, 0) + 1
             last = self._draft_recent.get(key)  # the latest drafting rates, not an average of old ones
-            # only a warm plain timing pairs: a cold one (right after drafting) is 1.2-1.4x slow
+            # only a warm plain timing pairs: a cold one (right after drafting) ran 1.2-1.4x slow in
+            # session 10's traces (session 11's at 128 rows found it as fast as a warm one)
             if key in self._plain_warm and self._pairs_with(key, last, rows):
                 self._pair(key, last[0] * estimate, ("draft", last[1]), rows)
         elif self.mode == "entropy":
@@ -892,9 +893,8 @@ class DepthPolicy:
         self._anchor[key] = (anchor, base, n, total)
         new = base + (1.0 - 0.9 ** min(n, self.pair_anchor_cap)) * (total / n - base)
         self._advantage[key] = new
-        recent = self._draft_recent.get(key)  # the bar is for the advantage net of the heads' prefill
-        bar = (1.0 + self.draft_margin) * (1.0 + (self.prefill_share(recent[2]) if recent else 0.0))
-        if old is None or (old < bar) != (new < bar):
+        bar = 1.0 + self.draft_margin  # for the advantage net of the heads' prefill, as draft_budget
+        if old is None or (self._net(old, rows) < bar) != (self._net(new, rows) < bar):
             self._budgets.pop(key, None)
 
     def set_measured_prior(self, acceptance: list[float] | None) -> None:
