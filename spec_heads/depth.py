@@ -401,7 +401,14 @@ class DepthPolicy:
         self.pair_within = 128  # steps: how far apart two timings may be to pair
         self.pair_within_s, self.pair_within_plain = 2.0, 32  # and how far apart in wall time
         self.clock = time.perf_counter  # wall time of the timings (tests set their own)
-        self.early_stop = self.device.type != "cuda"  # the engine stops drafting early on a CPU
+        # On a CPU the engine stops drafting early (keep_drafting), per step, where the batch has
+        # few rows: their drafts' entropies tell when to stop. At more rows the batch sums make
+        # that rule a near-constant depth from an imperfect step model, and one depth for the
+        # whole step climbs on real timings instead, as on the GPU (the tiny policy at 128 rows
+        # on the CPU: early stop drafted 1-2 deep at times, where 1-deep steps deliver less than
+        # plain ones and fixed depths 3-6 gained 1.2-1.4x; docs/bench.md session 12).
+        self.early_stop = self.device.type != "cuda"
+        self.early_stop_rows = 8  # early stop up to this many rows in flight (stops_early)
         self.draft_margin = 0.05  # drafting must deliver 5% more tokens per second than plain steps
         self.near_band = 0.05  # within this above the bar, plain steps come 8x as often (_plain_every)
         # Exploration (see plan_step), counted in decode steps over the policy's life: across
@@ -492,7 +499,7 @@ class DepthPolicy:
         steps, each drafting rate against a plain step's timed near it: record_step; before
         any, predicted from the cost model). That is what keeps speculation from ever being much slower than `off`
         where drafts are poor or verifying is dear; exploration steps keep re-measuring it.
-        Otherwise max_k where the engine stops drafting early (CPU), else the depth d that
+        Otherwise max_k where the engine stops drafting early (a CPU at few rows), else the depth d that
         maximises E(d) / step_time(rows, 1 + d).
         """
         if self.mode == "off":
@@ -515,7 +522,7 @@ class DepthPolicy:
             advantage = self._net(advantage, rows_in_flight)
             if key in self._plain_timed and advantage < 1.0 + self.draft_margin:
                 self._budgets[key] = 0
-            elif self.early_stop:
+            elif self.stops_early(rows_in_flight):
                 self._budgets[key] = self.max_k
             else:
                 # the depth whose real steps delivered the most tokens per second, once two
@@ -618,7 +625,7 @@ class DepthPolicy:
         if every and self.steps % every in (47 % every, 48 % every):
             # two in a row: the second is the warm timing drafting is weighed against
             return budget, 0, False
-        if budget >= self.max_k and not self._explores_down(budget):
+        if budget >= self.max_k and not self._explores_down(budget, rows_in_flight):
             return budget, budget, False
         backoff = 32 if budget else self._explore_gap.get(key, 32)
         self._explore_gap[key] = backoff
@@ -650,10 +657,16 @@ class DepthPolicy:
         few = self._plain_count.get(key, 0) < self.min_plain_samples  # the plain timing rests on too few
         return 8 if near or few else 64
 
-    def _explores_down(self, budget: int) -> bool:
+    def stops_early(self, rows_in_flight: int) -> bool:
+        """Whether the engine ends each step's draft chain by keep_drafting at this many rows (a
+        CPU, at most early_stop_rows rows); else the budget is the step's one depth, and it
+        climbs on the rates real steps deliver (draft_budget)."""
+        return self.early_stop and self.cost.bucket(rows_in_flight) <= self.cost.bucket(self.early_stop_rows)
+
+    def _explores_down(self, budget: int, rows_in_flight: int) -> bool:
         """Whether exploring may try one depth shallower: where the budget is one depth for the
-        whole step (no early stop, the GPU) and there is a shallower drafting depth."""
-        return budget > 1 and not self.early_stop
+        whole step (no early stop: the GPU, or many rows) and there is a shallower drafting depth."""
+        return budget > 1 and not self.stops_early(rows_in_flight)
 
     def _explore_plan(self, rows_in_flight: int, budget: int, backoff: int) -> tuple[int, int]:
         """(depth, gap) of an exploring step: budget + 1 while drafting (on the GPU, budget - 1
@@ -663,7 +676,7 @@ class DepthPolicy:
         (at 64 rows a 7-token step is ~4 plain ones: every 32nd step would cost ~10%)."""
         if budget:
             key = self.cost.bucket(rows_in_flight)
-            down = self._explores_down(budget) and (budget >= self.max_k or self._explore_down.get(key, False))
+            down = self._explores_down(budget, rows_in_flight) and (budget >= self.max_k or self._explore_down.get(key, False))
             return (budget - 1 if down else budget + 1), backoff
         depth = self.explore_depth(rows_in_flight)
         extra = self.cost.step_time(rows_in_flight, 1 + depth) / self.cost.step_time(rows_in_flight, 1) - 1.0

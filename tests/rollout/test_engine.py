@@ -597,3 +597,22 @@ def test_measured_plain_needs_real_paired_timings():
         policy.record_step(8, 1, 1.0)
     assert policy.draft_budget(8) == 0 and policy.measured_plain(8)
     assert not DepthPolicy("fixed", k=2, max_k=4, num_bins=4, vocab_size=100, max_batch=8).measured_plain(8)
+
+
+def test_acceptance_the_policy_learns_leaves_out_rows_whose_heads_miss_their_context(pair, monkeypatch):
+    """Rows admitted without the heads' prefill (drafting measured off) draft without their
+    prompt; the depth policy's acceptance estimate counts only rows whose heads saw their whole
+    context, while the rollout's statistics count every row."""
+    from spec_heads.depth import DepthPolicy
+
+    model, heads, prefills, prompts, sp, plain, spec = _counted_prefill_setup(pair)
+    scripted_budget(monkeypatch, 0, depth=3)
+    eng = Engine(model, heads, max_batch=3)
+    out = eng.generate(prompts, sp, spec)
+    assert eng.depth_policy.pos_trials[0] == out.stats.drafted_per_pos[0] > 20
+
+    monkeypatch.setattr(DepthPolicy, "measured_plain", lambda self, rows: True)  # every prompt skips the pass
+    eng = Engine(model, heads, max_batch=3)
+    out = eng.generate(prompts, sp, spec)
+    assert out.stats.heads_prefill_skipped == len(prompts) and out.stats.drafted_per_pos[0] > 20
+    assert eng.depth_policy.pos_trials.sum() == 0 and eng.depth_policy.table.trials.sum() == 0

@@ -601,7 +601,7 @@ def test_pairs_only_timings_at_nearly_the_same_rows():
     assert policy._advantage[key] < 0.95
 
 
-def test_gpu_budget_climbs_to_the_depth_real_steps_deliver_most_at():
+def test_budget_climbs_to_the_depth_real_steps_deliver_most_at_without_early_stop():
     """One depth per step (no early stop, the GPU): the start-up cost model says 4 drafts pay
     best, real steps say 2 (deeper drafts cost more than probes showed). Exploring one deeper
     and one shallower in turn, the budget walks down to 2 and stays there."""
@@ -619,13 +619,17 @@ def test_gpu_budget_climbs_to_the_depth_real_steps_deliver_most_at():
     assert policy.draft_budget(32) == 2
     late = depths[-500:]
     assert late.count(2) >= 0.9 * len(late), {d: late.count(d) for d in set(late)}
-    # with the engine's early stop (the CPU) the budget stays max_k: the chain stops per step
+    # on the CPU at few rows the engine stops each chain early: the budget stays max_k there;
+    # at more rows it climbs as on the GPU
     cpu = DepthPolicy("entropy", k=1, max_k=4, num_bins=4, vocab_size=VOCAB, max_batch=MAX_BATCH)
+    assert cpu.early_stop and cpu.stops_early(cpu.early_stop_rows) and not cpu.stops_early(32)
     linear_cost(cpu.cost, lambda r: 1.0, lambda r: 0.02, 5)
-    for _ in range(300):
-        _, depth, _ = cpu.plan_step(32)
-        cpu.record_step(32, 1 + depth, real[depth], planned=depth)
-    assert cpu.draft_budget(32) == 4
+    cpu.set_measured_prior([0.9] * 4)
+    for rows in (cpu.early_stop_rows, 32):
+        for _ in range(1500):
+            _, depth, _ = cpu.plan_step(rows)
+            cpu.record_step(rows, 1 + depth, real[depth], planned=depth)
+    assert cpu.draft_budget(cpu.early_stop_rows) == 4 and cpu.draft_budget(32) == 2
 
 
 def test_drafting_is_weighed_by_the_tokens_steps_really_emit():
