@@ -693,9 +693,16 @@ class DepthPolicy:
         return best, best_rate
 
     def explore_depth(self, rows_in_flight: int) -> int:
-        """How deep an exploring step drafts when the budget is 0: the depth with the best tokens
-        per second by the cost model, so it measures the rate that could switch drafting back
-        on (where verifying is dear, a max-depth step would cost many plain steps)."""
+        """How deep an exploring step drafts when the budget is 0: the depth drafting would use
+        there, so it measures the rate that could switch drafting back on. Where the budget is
+        one depth per step (no early stop) and it climbed before, the depth it stood on: the cost
+        model's best depth can be far from it (the tiny policy at 128 rows on the CPU: 7-8 by
+        the cost model, which misses the drafts cut by the ~21-token answers' ends, where real
+        steps delivered most at 3-4). Else the depth with the best tokens per second by the cost
+        model (where verifying is dear, a max-depth step would cost many plain steps)."""
+        climbed = self._climbed.get(self.cost.bucket(rows_in_flight))
+        if climbed is not None and not self.stops_early(rows_in_flight):
+            return climbed
         return self._best_by_cost(rows_in_flight)[0]
 
     def keep_drafting(self, all_accepted: float, expected: float, rows_in_flight: int, depth: int) -> bool:

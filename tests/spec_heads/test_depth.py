@@ -632,6 +632,31 @@ def test_budget_climbs_to_the_depth_real_steps_deliver_most_at_without_early_sto
     assert cpu.draft_budget(cpu.early_stop_rows) == 4 and cpu.draft_budget(32) == 2
 
 
+def test_exploring_from_a_plain_stretch_drafts_at_the_depth_the_climb_stood_on():
+    """Without early stop, once the budget climbed to the depth real steps deliver most at (2,
+    where probes said 4), a plain stretch explores at that depth: the cost model's best depth
+    measures a rate drafting would not use, and deep exploring steps cost several plain steps."""
+    policy = DepthPolicy("entropy", k=1, max_k=4, num_bins=4, vocab_size=VOCAB, max_batch=MAX_BATCH)
+    rows = 32
+    assert not policy.stops_early(rows)
+    linear_cost(policy.cost, lambda r: 1.0, lambda r: 0.02, 5)  # probes: drafts nearly free
+    policy.set_measured_prior([0.9] * 4)
+    real = {0: 1.0, 1: 1.3, 2: 1.5, 3: 2.1, 4: 2.8}
+    for _ in range(1500):
+        _, depth, _ = policy.plan_step(rows)
+        policy.record_step(rows, 1 + depth, real[depth], planned=depth)
+    assert policy.draft_budget(rows) == 2 and policy._best_by_cost(rows)[0] == 4
+    real = {0: 0.5, 1: 1.3, 2: 1.5, 3: 2.1, 4: 2.8}  # plain steps got cheap: drafting loses
+    explored = []
+    for _ in range(3000):
+        _, depth, explore = policy.plan_step(rows)
+        policy.record_step(rows, 1 + depth, real[depth], planned=depth)
+        if explore and policy.draft_budget(rows) == 0:
+            explored.append(depth)
+    assert policy.draft_budget(rows) == 0 and len(explored) >= 4
+    assert set(explored) == {2}, explored
+
+
 def test_drafting_is_weighed_by_the_tokens_steps_really_emit():
     """A 1-deep draft at 0.64 acceptance is expected to yield 1.64 tokens per row-step; at 1.42x
     a plain step's time that is +15%. Where steps really emit 1.4 per row (rows finishing
