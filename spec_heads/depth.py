@@ -423,10 +423,16 @@ class DepthPolicy:
         # exploring step that a noisy machine slowed rated drafting for the whole stretch.
         self.explore_burst = 2
         self._burst: dict[int, tuple[int, int]] = {}  # bucket -> (exploring steps left, depth)
-        # Where the budget is one depth for the whole step (no early stop: the GPU), it climbs on
-        # real timings: bucket -> {planned depth: EMA of expected tokens per second}, fed by
-        # steps at the budget and by exploring steps one deeper and one shallower, in turn.
-        self._depth_rate: dict[int, dict[int, float]] = {}
+        # Where the budget is one depth for the whole step (no early stop: the GPU, or a CPU at
+        # many rows), it climbs on real timings: exploring steps one deeper and one shallower, in
+        # turn, each weighed against the latest step at the budget (paired in time, as drafting
+        # against plain steps: a CPU's speed drifts by tens of percent between minutes, and
+        # per-depth averages taken minutes apart climbed SmolLM2 at 32 rows to 3-deep drafts at
+        # 0.98x of off where 1-deep ones gave 1.18x). bucket -> {depth: (EMA of the explored
+        # depth's rate over the budget's, samples)}, reset when the budget moves.
+        self._depth_rel: dict[int, dict[int, tuple[float, int]]] = {}
+        self._budget_recent: dict[int, tuple[float, int, int, float]] = {}  # bucket -> (rate, step, rows, wall time) at the budget
+        self.climb_edge, self.climb_samples = 1.03, 2  # move on a 3% edge over 2 paired samples
         self._explore_down: dict[int, bool] = {}
         self._climbed: dict[int, int] = {}  # bucket -> the depth the climb stands on
         self._yield: dict[int, float] = {}  # bucket -> EMA of emitted / expected tokens of drafting steps
@@ -525,18 +531,11 @@ class DepthPolicy:
             elif self.stops_early(rows_in_flight):
                 self._budgets[key] = self.max_k
             else:
-                # the depth whose real steps delivered the most tokens per second, once two
-                # depths were timed (the cost model's step times come largely from start-up
-                # probes, which miss the bookkeeping and catch-up of real steps: on an H200 they
-                # chose 4-deep drafts for SmolLM2 at 128 rows, 0.92x, where 2 gave 1.20x)
-                measured = self._depth_rate.get(key, {})
-                if len(measured) >= 2:
-                    top = max(measured, key=measured.get)
-                    held = self._climbed.get(key)  # a 3% edge to move: single timings are noisy
-                    if held in measured and measured[top] < 1.03 * measured[held]:
-                        top = held
-                    best = self._climbed[key] = top
-                self._budgets[key] = best
+                # the cost model's best depth to start from, then the depth the climb moved to
+                # on real steps (record_step: the cost model's step times come largely from
+                # start-up probes, which miss the bookkeeping and catch-up of real steps: on an
+                # H200 they chose 4-deep drafts for SmolLM2 at 128 rows, 0.92x, where 2 gave 1.20x)
+                self._budgets[key] = self._climbed.setdefault(key, best)
         return self._budgets[key]
 
     def record_heads_prefill(self, rows: int, seconds: float) -> None:
@@ -857,12 +856,35 @@ class DepthPolicy:
             samples = self._draft_samples.get(key, []) if self._pairs_with(key, prev, rows) else []
             samples = self._draft_samples[key] = (samples + [rate])[-2:]
             self._draft_recent[key] = (max(samples), self.steps, rows, self.clock())
-            depth = planned if planned else tokens_per_row - 1
-            rates = self._depth_rate.setdefault(key, {})
-            rates[depth] = rate if depth not in rates else rates[depth] + 0.3 * (rate - rates[depth])
+            self._climb(key, planned if planned else tokens_per_row - 1, rate, rows)
             plain = self._plain_recent.get(key)
             if self._pairs_with(key, plain, rows):
                 self._pair(key, self._draft_recent[key][0] * plain[0], ("plain", plain[1]), rows)
+
+    def _climb(self, key: int, depth: int, rate: float, rows: int) -> None:
+        """A drafting step of `depth` delivered `rate` (expected tokens per row per second). At
+        the depth the climb stands on it is the timing later exploring steps are weighed against;
+        one depth either side, it is one sample of that depth's rate over the budget's, against
+        the budget's latest step if that pairs (fresh, near rows). Once climb_samples samples put
+        a neighbour climb_edge above, the budget moves there."""
+        held = self._climbed.get(key)
+        if held is None:
+            return
+        if depth == held:
+            self._budget_recent[key] = (rate, self.steps, rows, self.clock())
+            return
+        base = self._budget_recent.get(key)
+        if abs(depth - held) != 1 or not self._pairs_with(key, base, rows):
+            return
+        rel = self._depth_rel.setdefault(key, {})
+        ema, n = rel.get(depth, (1.0, 0))
+        ratio = rate / base[0]
+        ema = ratio if n == 0 else ema + 0.3 * (ratio - ema)
+        rel[depth] = (ema, n + 1)
+        if n + 1 >= self.climb_samples and ema > self.climb_edge:
+            self._climbed[key] = depth
+            self._depth_rel[key], self._budget_recent[key] = {}, (rate, self.steps, rows, self.clock())
+            self._budgets.pop(key, None)
 
     def _fresh(self, key: int, timing: tuple[float, int, int, float]) -> bool:
         """Whether a (value, step, rows, wall time) timing of this bucket may still pair: taken
@@ -948,7 +970,8 @@ class DepthPolicy:
         if acceptance is not None:
             self.set_measured_prior(acceptance)
         self._pos_accept, self._budgets, self._draft_rate, self._advantage, self._anchor = None, {}, {}, {}, {}
-        self._draft_recent, self._draft_samples, self._depth_rate, self._climbed = {}, {}, {}, {}
+        self._draft_recent, self._draft_samples, self._depth_rel, self._climbed = {}, {}, {}, {}
+        self._budget_recent = {}
 
     def summary(self) -> dict:
         """For logs (syncs): acceptance table, cost table, per-depth thresholds, depth histogram."""

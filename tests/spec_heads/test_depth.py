@@ -632,6 +632,27 @@ def test_budget_climbs_to_the_depth_real_steps_deliver_most_at_without_early_sto
     assert cpu.draft_budget(cpu.early_stop_rows) == 4 and cpu.draft_budget(32) == 2
 
 
+def test_budget_climb_weighs_each_explored_depth_against_the_budget_timed_next_to_it():
+    """A machine whose speed drifts: every 150 steps it turns 1.6x slower or back. Real steps
+    deliver most at 2 drafts. Per-depth averages let a neighbour timed before a slowdown look
+    1.6x better than the budget timed after it, and the climb wandered; weighed against the
+    budget's step next to it, the explored depths lose in every phase and the budget stays at 2."""
+    policy = DepthPolicy("entropy", k=1, max_k=4, num_bins=4, vocab_size=VOCAB, max_batch=MAX_BATCH)
+    policy.early_stop = False
+    real = {0: 1.0, 1: 1.3, 2: 1.5, 3: 2.1, 4: 2.8}
+    for rows, tokens in CostModel.probe_plan(MAX_BATCH, 5):  # probes timing real steps (the
+        policy.cost.record(rows, tokens, real[tokens - 1])  # cost model's line starts it at 1)
+    policy.set_measured_prior([0.9] * 4)
+    depths = []
+    for step in range(3000):
+        _, depth, _ = policy.plan_step(32)
+        slow = 1.6 if (step // 150) % 2 else 1.0
+        policy.record_step(32, 1 + depth, real[depth] * slow, planned=depth)
+        depths.append(depth)
+    late = depths[1000:]
+    assert late.count(2) >= 0.9 * len(late), {d: late.count(d) for d in set(late)}
+
+
 def test_exploring_from_a_plain_stretch_drafts_at_the_depth_the_climb_stood_on():
     """Without early stop, once the budget climbed to the depth real steps deliver most at (2,
     where probes said 4), a plain stretch explores at that depth: the cost model's best depth
@@ -645,7 +666,10 @@ def test_exploring_from_a_plain_stretch_drafts_at_the_depth_the_climb_stood_on()
     for _ in range(1500):
         _, depth, _ = policy.plan_step(rows)
         policy.record_step(rows, 1 + depth, real[depth], planned=depth)
-    assert policy.draft_budget(rows) == 2 and policy._best_by_cost(rows)[0] == 4
+    assert policy.draft_budget(rows) == 2
+    for _ in range(200):  # probes again: the cost model's best depth is 4, not the climb's 2
+        linear_cost(policy.cost, lambda r: 1.0, lambda r: 0.02, 5)
+    assert policy._best_by_cost(rows)[0] == 4
     real = {0: 0.5, 1: 1.3, 2: 1.5, 3: 2.1, 4: 2.8}  # plain steps got cheap: drafting loses
     explored = []
     for _ in range(3000):
