@@ -433,6 +433,7 @@ class DepthPolicy:
         self._depth_rel: dict[int, dict[int, tuple[float, int]]] = {}
         self._budget_recent: dict[int, tuple[float, int, int, float]] = {}  # bucket -> (rate, step, rows, wall time) at the budget
         self.climb_edge, self.climb_samples = 1.03, 2  # move on a 3% edge over 2 paired samples
+        self.climb_edge_at_once = 1.10  # or on a 10% edge in one
         self._explore_down: dict[int, bool] = {}
         self._climbed: dict[int, int] = {}  # bucket -> the depth the climb stands on
         self._yield: dict[int, float] = {}  # bucket -> EMA of emitted / expected tokens of drafting steps
@@ -535,7 +536,9 @@ class DepthPolicy:
                 # on real steps (record_step: the cost model's step times come largely from
                 # start-up probes, which miss the bookkeeping and catch-up of real steps: on an
                 # H200 they chose 4-deep drafts for SmolLM2 at 128 rows, 0.92x, where 2 gave 1.20x)
-                self._budgets[key] = self._climbed.setdefault(key, best)
+                if key not in self._climbed:
+                    self._climbed[key] = best
+                self._budgets[key] = self._climbed[key]
         return self._budgets[key]
 
     def record_heads_prefill(self, rows: int, seconds: float) -> None:
@@ -626,7 +629,7 @@ class DepthPolicy:
             return budget, 0, False
         if budget >= self.max_k and not self._explores_down(budget, rows_in_flight):
             return budget, budget, False
-        backoff = 32 if budget else self._explore_gap.get(key, 32)
+        backoff = (32 if self._climb_settled(key) else 8) if budget else self._explore_gap.get(key, 32)
         self._explore_gap[key] = backoff
         due = self._explore_at.get(key)
         if due is None:
@@ -694,14 +697,14 @@ class DepthPolicy:
     def explore_depth(self, rows_in_flight: int) -> int:
         """How deep an exploring step drafts when the budget is 0: the depth drafting would use
         there, so it measures the rate that could switch drafting back on. Where the budget is
-        one depth per step (no early stop) and it climbed before, the depth it stood on: the cost
-        model's best depth can be far from it (the tiny policy at 128 rows on the CPU: 7-8 by
-        the cost model, which misses the drafts cut by the ~21-token answers' ends, where real
-        steps delivered most at 3-4). Else the depth with the best tokens per second by the cost
+        one depth per step (no early stop), the depth the climb stands on (or starts from): the
+        cost model's best depth can be far from it (the tiny policy at 128
+        rows on the CPU: 7-8 by the cost model, which misses the drafts cut by the ~21-token
+        answers' ends, where real steps delivered most at 3-4). Else the depth with the best tokens per second by the cost
         model (where verifying is dear, a max-depth step would cost many plain steps)."""
-        climbed = self._climbed.get(self.cost.bucket(rows_in_flight))
-        if climbed is not None and not self.stops_early(rows_in_flight):
-            return climbed
+        if not self.stops_early(rows_in_flight):
+            climbed = self._climbed.get(self.cost.bucket(rows_in_flight))
+            return climbed if climbed is not None else self._best_by_cost(rows_in_flight)[0]
         return self._best_by_cost(rows_in_flight)[0]
 
     def keep_drafting(self, all_accepted: float, expected: float, rows_in_flight: int, depth: int) -> bool:
@@ -866,7 +869,11 @@ class DepthPolicy:
         the depth the climb stands on it is the timing later exploring steps are weighed against;
         one depth either side, it is one sample of that depth's rate over the budget's, against
         the budget's latest step if that pairs (fresh, near rows). Once climb_samples samples put
-        a neighbour climb_edge above, the budget moves there."""
+        a neighbour climb_edge above (or one sample climb_edge_at_once above), the budget moves
+        there, and the next exploring step goes on in the same direction: from a start one or
+        two depths off (the tiny policy at 128 rows on the CPU: the cost model's best was 1
+        draft, real steps delivered most at 3-5) the climb gets there within a few dozen steps,
+        before the drafting gate has judged drafting by its worst depths."""
         held = self._climbed.get(key)
         if held is None:
             return
@@ -881,10 +888,22 @@ class DepthPolicy:
         ratio = rate / base[0]
         ema = ratio if n == 0 else ema + 0.3 * (ratio - ema)
         rel[depth] = (ema, n + 1)
-        if n + 1 >= self.climb_samples and ema > self.climb_edge:
+        # a clear edge moves at once; a small one needs climb_samples samples
+        if ema > self.climb_edge_at_once or (n + 1 >= self.climb_samples and ema > self.climb_edge):
             self._climbed[key] = depth
             self._depth_rel[key], self._budget_recent[key] = {}, (rate, self.steps, rows, self.clock())
+            self._explore_down[key] = depth < held  # the next exploring step goes on the same way
             self._budgets.pop(key, None)
+
+    def _climb_settled(self, key: int) -> bool:
+        """Whether each neighbour of the depth the climb stands on has climb_samples paired samples
+        (record_step: _climb): until then, while drafting, every 8th step explores, not every 32nd."""
+        held = self._climbed.get(key)
+        if held is None:
+            return True
+        rel = self._depth_rel.get(key, {})
+        return all(rel.get(d, (0.0, 0))[1] >= self.climb_samples
+                   for d in (held - 1, held + 1) if 1 <= d <= self.max_k)
 
     def _fresh(self, key: int, timing: tuple[float, int, int, float]) -> bool:
         """Whether a (value, step, rows, wall time) timing of this bucket may still pair: taken

@@ -653,6 +653,29 @@ def test_budget_climb_weighs_each_explored_depth_against_the_budget_timed_next_t
     assert late.count(2) >= 0.9 * len(late), {d: late.count(d) for d in set(late)}
 
 
+def test_budget_climb_gets_from_a_poor_start_to_the_best_depth_within_a_few_dozen_steps():
+    """The cost model says 1 draft (probes of deep steps were slow); real steps deliver most at
+    4. Exploring every 8th step while the climb is unsettled, moving at once on a clear edge and
+    going on the way it moved, the budget gets to 4 within 100 steps (at 128 rows a rollout
+    batch of the tiny task has ~50 drafting steps: a climb of one depth per 64 steps left the
+    drafting gate judging the start depth, and it switched drafting off)."""
+    policy = DepthPolicy("entropy", k=1, max_k=6, num_bins=4, vocab_size=VOCAB, max_batch=MAX_BATCH)
+    policy.early_stop = False
+    real = {0: 1.0, 1: 1.6, 2: 2.0, 3: 2.1, 4: 2.2, 5: 3.6, 6: 4.2}  # drafting has a fixed cost
+    probes = {0: 1.0, 1: 1.6, 2: 3.0, 3: 4.0, 4: 5.0, 5: 6.0, 6: 7.0}
+    for rows, tokens in CostModel.probe_plan(MAX_BATCH, 7):
+        policy.cost.record(rows, tokens, probes[tokens - 1])
+    policy.set_measured_prior([0.95] * 6)
+    for _ in range(4):  # real plain timings: the first steps at a bucket are plain ones
+        _, depth, _ = policy.plan_step(32)
+        policy.record_step(32, 1 + depth, real[depth], planned=depth)
+    assert policy.draft_budget(32) == 1
+    for _ in range(100):
+        _, depth, _ = policy.plan_step(32)
+        policy.record_step(32, 1 + depth, real[depth], planned=depth)
+    assert policy.draft_budget(32) == 4
+
+
 def test_exploring_from_a_plain_stretch_drafts_at_the_depth_the_climb_stood_on():
     """Without early stop, once the budget climbed to the depth real steps deliver most at (2,
     where probes said 4), a plain stretch explores at that depth: the cost model's best depth
