@@ -697,15 +697,13 @@ class DepthPolicy:
     def explore_depth(self, rows_in_flight: int) -> int:
         """How deep an exploring step drafts when the budget is 0: the depth drafting would use
         there, so it measures the rate that could switch drafting back on. Where the budget is
-        one depth per step (no early stop), the depth the climb stands on (or starts from): the
-        cost model's best depth can be far from it (the tiny policy at 128
-        rows on the CPU: 7-8 by the cost model, which misses the drafts cut by the ~21-token
-        answers' ends, where real steps delivered most at 3-4). Else the depth with the best tokens per second by the cost
-        model (where verifying is dear, a max-depth step would cost many plain steps)."""
-        if not self.stops_early(rows_in_flight):
-            climbed = self._climbed.get(self.cost.bucket(rows_in_flight))
-            return climbed if climbed is not None else self._best_by_cost(rows_in_flight)[0]
-        return self._best_by_cost(rows_in_flight)[0]
+        one depth per step (no early stop), the depth the climb stands on: the cost model's best
+        can be far from it (the tiny policy at 128 rows on the CPU: 7-8 by the cost model, which
+        misses the drafts cut by the ~21-token answers' ends; real steps delivered most at 3-5).
+        Else, and before any climb, the depth with the best tokens per second by the cost model
+        (where verifying is dear, a max-depth step would cost many plain steps)."""
+        climbed = None if self.stops_early(rows_in_flight) else self._climbed.get(self.cost.bucket(rows_in_flight))
+        return climbed if climbed is not None else self._best_by_cost(rows_in_flight)[0]
 
     def keep_drafting(self, all_accepted: float, expected: float, rows_in_flight: int, depth: int) -> bool:
         """After `depth` drafts: is drafting (and verifying) depth + 1 worth its marginal cost?
