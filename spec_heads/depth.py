@@ -50,6 +50,11 @@ def _near(rows_a: int, rows_b: int) -> bool:
     return abs(rows_a - rows_b) <= max(1, max(rows_a, rows_b) // 8)
 
 
+def _ema(old: float | None, value: float, weight: float) -> float:
+    """Exponential moving average: `value` where there is none yet, else `weight` of the way there."""
+    return value if old is None else old + weight * (value - old)
+
+
 def _cap_counts(trials: torch.Tensor, accepts: torch.Tensor, cap: float) -> None:
     """Scale each entry's (trials, accepts) down, in place and without a sync, so that it holds
     at most `cap` trials: the estimate accepts / trials stays, its weight shrinks."""
@@ -231,7 +236,7 @@ class CostModel:
             raise ValueError(f"seconds: must be a positive finite duration, got {seconds}")
         b = self.bucket(rows)
         old = self._seconds[b][tokens_per_row]
-        self._seconds[b][tokens_per_row] = seconds if old is None else old + self.ema * (seconds - old)
+        self._seconds[b][tokens_per_row] = _ema(old, seconds, self.ema)
         self._counts[b][tokens_per_row] += 1
         if tokens_per_row >= 2:  # drafting steps also feed the bucket's least-squares line
             sums, x = self._line[b], float(tokens_per_row)
@@ -536,9 +541,7 @@ class DepthPolicy:
                 # on real steps (record_step: the cost model's step times come largely from
                 # start-up probes, which miss the bookkeeping and catch-up of real steps: on an
                 # H200 they chose 4-deep drafts for SmolLM2 at 128 rows, 0.92x, where 2 gave 1.20x)
-                if key not in self._climbed:
-                    self._climbed[key] = best
-                self._budgets[key] = self._climbed[key]
+                self._budgets[key] = self._climbed.setdefault(key, best)
         return self._budgets[key]
 
     def record_heads_prefill(self, rows: int, seconds: float) -> None:
@@ -548,15 +551,13 @@ class DepthPolicy:
             raise ValueError(f"rows: must be >= 1, got {rows}")
         if not (math.isfinite(seconds) and seconds >= 0):
             raise ValueError(f"seconds: must be a finite duration >= 0, got {seconds}")
-        per_row, old = seconds / rows, self.heads_prefill_row_s
-        self.heads_prefill_row_s = per_row if old is None else old + 0.1 * (per_row - old)
+        self.heads_prefill_row_s = _ema(self.heads_prefill_row_s, seconds / rows, 0.1)
 
     def record_finished(self, rows: int, tokens: int) -> None:
         """`rows` rows finished with `tokens` generated tokens in all."""
         if rows < 1:
             return
-        per_row, old = tokens / rows, self.tokens_per_row
-        self.tokens_per_row = per_row if old is None else old + 0.1 * (per_row - old)
+        self.tokens_per_row = _ema(self.tokens_per_row, tokens / rows, 0.1)
 
     def prefill_share(self, rows_in_flight: int) -> float:
         """The heads' prefill time per token drafting yields, over drafting's decode time per
@@ -832,7 +833,7 @@ class DepthPolicy:
                 samples = (samples + [seconds])[-2:]
             self._plain_samples[key] = samples
             estimate = min(samples)
-            self._plain_recent[key] = (estimate, self.steps, rows, self.clock())
+            self._plain_recent[key] = self._stamp(estimate, rows)
             self._plain_count[key] = self._plain_count.get(key, 0) + 1
             last = self._draft_recent.get(key)  # the latest drafting rates, not an average of old ones
             # only a warm plain timing pairs: a cold one (right after drafting) ran 1.2-1.4x slow in
@@ -846,8 +847,7 @@ class DepthPolicy:
                 old_yield = self._yield.get(key, 1.0)
                 self._yield[key] = old_yield + 0.1 * (ratio - old_yield)
             rate = expected * self._yield.get(key, 1.0) / seconds
-            old = self._draft_rate.get(key)
-            self._draft_rate[key] = rate if old is None else old + 0.1 * (rate - old)
+            self._draft_rate[key] = _ema(self._draft_rate.get(key), rate, 0.1)
             # The drafting rate that pairs is the faster of the last 2 drafting steps at near rows,
             # as the plain timing is the faster of the last 2 plain steps: the same estimator on
             # both sides of the ratio. With the latest rate alone against the best of 2 plain
@@ -856,7 +856,7 @@ class DepthPolicy:
             prev = self._draft_recent.get(key)
             samples = self._draft_samples.get(key, []) if self._pairs_with(key, prev, rows) else []
             samples = self._draft_samples[key] = (samples + [rate])[-2:]
-            self._draft_recent[key] = (max(samples), self.steps, rows, self.clock())
+            self._draft_recent[key] = self._stamp(max(samples), rows)
             self._climb(key, planned if planned else tokens_per_row - 1, rate, rows)
             plain = self._plain_recent.get(key)
             if self._pairs_with(key, plain, rows):
@@ -876,20 +876,19 @@ class DepthPolicy:
         if held is None:
             return
         if depth == held:
-            self._budget_recent[key] = (rate, self.steps, rows, self.clock())
+            self._budget_recent[key] = self._stamp(rate, rows)
             return
         base = self._budget_recent.get(key)
         if abs(depth - held) != 1 or not self._pairs_with(key, base, rows):
             return
         rel = self._depth_rel.setdefault(key, {})
-        ema, n = rel.get(depth, (1.0, 0))
-        ratio = rate / base[0]
-        ema = ratio if n == 0 else ema + 0.3 * (ratio - ema)
+        ema, n = rel.get(depth, (None, 0))
+        ema = _ema(ema, rate / base[0], 0.3)
         rel[depth] = (ema, n + 1)
         # a clear edge moves at once; a small one needs climb_samples samples
         if ema > self.climb_edge_at_once or (n + 1 >= self.climb_samples and ema > self.climb_edge):
             self._climbed[key] = depth
-            self._depth_rel[key], self._budget_recent[key] = {}, (rate, self.steps, rows, self.clock())
+            self._depth_rel[key], self._budget_recent[key] = {}, self._stamp(rate, rows)
             self._explore_down[key] = depth < held  # the next exploring step goes on the same way
             self._budgets.pop(key, None)
 
@@ -902,6 +901,10 @@ class DepthPolicy:
         rel = self._depth_rel.get(key, {})
         return all(rel.get(d, (0.0, 0))[1] >= self.climb_samples
                    for d in (held - 1, held + 1) if 1 <= d <= self.max_k)
+
+    def _stamp(self, value: float, rows: int) -> tuple[float, int, int, float]:
+        """A timing as pairing reads it: (value, step, rows, wall time)."""
+        return value, self.steps, rows, self.clock()
 
     def _fresh(self, key: int, timing: tuple[float, int, int, float]) -> bool:
         """Whether a (value, step, rows, wall time) timing of this bucket may still pair: taken
