@@ -33,7 +33,8 @@ from torch import nn
 
 from rollout.types import RolloutBatch, RolloutStats, Sequence, SamplingParams, SpecParams
 from spec_heads.depth import DepthPolicy
-from spec_heads.layers import calibrate_cpu_row_padding, set_cpu_row_padding
+from spec_heads.layers import (Attention, calibrate_cpu_attention, calibrate_cpu_row_padding, cpu_attention,
+                               set_cpu_attention, set_cpu_row_padding)
 from spec_heads.rejection import rejection_sample
 from spec_heads.sampling import (entropy_from_logprobs, row_keys, row_uniforms, sample_with_uniforms,
                                  sampling_logprobs, sampling_probs)
@@ -85,6 +86,27 @@ def _calibrate_row_padding(model) -> None:
     set_cpu_row_padding(_ROW_PADDING[key])
 
 
+_ATTENTION: dict[tuple, set] = {}  # (heads, kv heads, head dim, dtype, threads) -> grouped classes
+
+
+def _calibrate_attention(*modules) -> None:
+    """On a CPU, time the two attention kernels at each attention shape of these modules (the
+    policy's and its heads'), once per shape, dtype and thread count in this process, and run
+    grouped_attention where it is faster (spec_heads.layers.calibrate_cpu_attention: in
+    bfloat16 SDPA took 4x its time for one query per row at 128 rows)."""
+    threads, table = torch.get_num_threads(), {}
+    for module in modules:
+        for m in module.modules() if module is not None else ():
+            if isinstance(m, Attention):
+                key = (m.n_heads, m.n_kv, m.head_dim, m.q_proj.weight.dtype)
+                if key + (threads,) not in _ATTENTION:
+                    _ATTENTION[key + (threads,)] = calibrate_cpu_attention(*key)
+                    log.info("CPU attention for %s (heads, kv heads, head dim, dtype): grouped kernel at "
+                             "(rows, width) %s, SDPA elsewhere", key, sorted(_ATTENTION[key + (threads,)]))
+                table[key] = _ATTENTION[key + (threads,)]
+    set_cpu_attention({**cpu_attention(), **table})  # other engines' shapes stay
+
+
 class Engine:
     def __init__(self, model, heads=None, *, max_batch: int = 64, max_len: int | None = None,
                  device=None, sync_every: int | None = None, min_refill: int | None = None):
@@ -110,6 +132,7 @@ class Engine:
         self.min_refill = min_refill or max(1, max_batch // 8)
         if not self.cuda:
             _calibrate_row_padding(model)
+            _calibrate_attention(model, heads)
         self.depth_policy: DepthPolicy | None = None  # the one the last generate() used
         self._policies: dict[tuple[str, int], DepthPolicy] = {}
         self._cost = None  # spec_heads.depth.CostModel, shared by the policies
@@ -118,6 +141,8 @@ class Engine:
     # ------------------------------------------------------------------ public
     def set_heads(self, heads):
         self.heads = heads.eval() if heads is not None else None
+        if not self.cuda:
+            _calibrate_attention(self.model, self.heads)
         self._head_cache = None
         self.reset_calibration()
 

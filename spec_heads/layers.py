@@ -273,6 +273,94 @@ def expand_kv(kv: torch.Tensor, n_heads: int) -> torch.Tensor:
     return kv[:, :, None].expand(B, n_kv, n_heads // n_kv, S, D).reshape(B, n_heads, S, D)
 
 
+def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D) masked) v for q [B, heads, T, D], k/v [B, kv_heads, S, D] and a
+    boolean mask [B, 1, T, S], as two batched matrix products per KV head's group of query
+    heads (no KV expansion) with the softmax in fp32 (or wider): SDPA's result, by another kernel (see
+    calibrate_cpu_attention)."""
+    B, H, T, D = q.shape
+    n_kv, S = k.shape[1], k.shape[2]
+    g = H // n_kv
+    scores = torch.matmul(q.reshape(B, n_kv, g * T, D), k.transpose(-1, -2))  # [B, kv, g*T, S]
+    acc = torch.promote_types(q.dtype, torch.float32)  # the softmax in fp32 at least
+    scores = scores.view(B, n_kv, g, T, S).to(acc).mul_(D ** -0.5).masked_fill_(~mask[:, :, None], float("-inf"))
+    probs = torch.softmax(scores, -1).to(q.dtype).view(B, n_kv, g * T, S)
+    return torch.matmul(probs, v).view(B, H, T, D)
+
+
+# (heads, kv heads, head dim, dtype) -> the (rows class, width class) pairs whose masked
+# attention runs grouped_attention on a CPU (calibrate_cpu_attention; absent: SDPA throughout)
+_CPU_GROUPED: dict[tuple, frozenset] = {}
+_ATTN_ROWS, _ATTN_WIDTHS = (1, 4, 16, 64), (1, 4)  # the classes' calibration points
+_ATTN_MAX_WIDTH = 16  # wider queries (prefills of longer prompts, training) always run SDPA
+
+
+def attention_class(rows: int, width: int) -> tuple[int, int]:
+    """(rows, query width) -> the calibration point standing for them: rows to the nearest of
+    1 / 4 / 16 / 64 on a log scale, width 1 or 2..16 (as 4)."""
+    r = min(_ATTN_ROWS, key=lambda p: abs(math.log(max(rows, 1) / p)))
+    return r, 1 if width == 1 else 4
+
+
+def set_cpu_attention(table: dict) -> None:
+    """Use `table` from now on, in every Attention of this process: (heads, kv heads, head dim,
+    dtype) -> the (rows class, width class) pairs (attention_class) to run grouped_attention."""
+    clean = {}
+    for key, classes in table.items():
+        if not (isinstance(key, tuple) and len(key) == 4 and isinstance(key[3], torch.dtype)):
+            raise ValueError(f"table: keys must be (heads, kv heads, head dim, dtype), got {key!r}")
+        bad = [c for c in classes if c not in {(r, w) for r in _ATTN_ROWS for w in _ATTN_WIDTHS}]
+        if bad:
+            raise ValueError(f"table: classes must be (rows, width) with rows in {_ATTN_ROWS} and "
+                             f"width in {_ATTN_WIDTHS}, got {bad}")
+        if classes:
+            clean[key] = frozenset(classes)
+    _CPU_GROUPED.clear()
+    _CPU_GROUPED.update(clean)
+
+
+def cpu_attention() -> dict:
+    """The attention kernel table in force (a copy; see set_cpu_attention)."""
+    return {k: set(v) for k, v in _CPU_GROUPED.items()}
+
+
+@torch.inference_mode()
+def calibrate_cpu_attention(n_heads: int, n_kv: int, head_dim: int, dtype: torch.dtype,
+                            kv_len: int = 128, repeats: int = 5, min_gain: float = 0.10) -> set:
+    """Time SDPA and grouped_attention on a CPU at each (rows, width) calibration point, with
+    a causal boolean mask and K/V laid out as a KV cache holds them; returns the points where
+    grouped_attention was faster by at least min_gain (the set for set_cpu_attention).
+
+    CPU SDPA with a mask is fast in fp32 but slow in bfloat16, worst for one query per row: on a
+    2-core AMD EPYC with AVX512-BF16 (torch 2.13, session 13), SmolLM2-135M's attention shape
+    (9 heads, 3 KV heads, 64 dims) at 128 rows over 256 positions took 24.4 ms per layer for
+    one query and 11.2 ms for two; grouped_attention took 5.9 ms and 5.3 ms. That made a plain
+    decode step of SmolLM2 at 32 rows 1.4x slower than it had to be, and speculative steps
+    (several queries per row) look faster against it than they are. In fp32 SDPA won at every
+    point. The kernels interleave within each repeat, so drift hits both alike."""
+    times: dict[tuple[int, int, str], float] = {}
+    inputs = {}
+    for rows in _ATTN_ROWS:
+        for width in _ATTN_WIDTHS:
+            q = torch.randn(rows, n_heads, width, head_dim, dtype=dtype)
+            k = torch.randn(rows, kv_len, n_kv, head_dim, dtype=dtype).transpose(1, 2)
+            v = torch.randn(rows, kv_len, n_kv, head_dim, dtype=dtype).transpose(1, 2)
+            pos = torch.randint(width, kv_len, (rows, 1)) - width + 1 + torch.arange(width)
+            inputs[rows, width] = (q, k, v, causal_mask(pos, kv_len))
+    gqa = n_kv != n_heads
+    kernels = {"sdpa": lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=gqa),
+               "grouped": grouped_attention}
+    for rep in range(repeats + 1):
+        for (rows, width), args in inputs.items():
+            for name, fn in kernels.items():
+                t0 = time.perf_counter()
+                fn(*args)
+                if rep:  # the first pass warms up; other load only ever adds time
+                    key = (rows, width, name)
+                    times[key] = min(times.get(key, math.inf), time.perf_counter() - t0)
+    return {(r, w) for (r, w) in inputs if times[r, w, "grouped"] < (1.0 - min_gain) * times[r, w, "sdpa"]}
+
+
 class Attention(nn.Module):
     def __init__(self, hidden: int, n_heads: int, n_kv_heads: int, head_dim: int,
                  bias: bool = False, qk_norm: bool = False, eps: float = 1e-6, o_bias: bool = False):
@@ -304,6 +392,11 @@ class Attention(nn.Module):
     def attend(self, q, k, v, mask):
         """q [B, heads, T, D], k/v [B, kv_heads, S, D], boolean mask -> o_proj output [B, T, H]."""
         B, _, T, _ = q.shape
+        if _CPU_GROUPED and mask is not None and T <= _ATTN_MAX_WIDTH and not q.is_cuda:
+            classes = _CPU_GROUPED.get((self.n_heads, self.n_kv, self.head_dim, q.dtype))
+            if classes and attention_class(B, T) in classes:
+                out = grouped_attention(q, k.to(q.dtype), v.to(q.dtype), mask)
+                return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
         gqa = self.n_kv != self.n_heads
         if gqa and mask is not None and q.is_cuda and self.expand_masked_gqa_on_cuda:
             k, v, gqa = expand_kv(k, self.n_heads), expand_kv(v, self.n_heads), False

@@ -180,6 +180,43 @@ def test_speculative_logprobs_and_batch_independence(pair, kind):
         assert torch.allclose(torch.tensor(s.entropies), ent, atol=ENT_TOL)
 
 
+@pytest.mark.skipif(DEV.type == "cuda", reason="the grouped attention kernel is a CPU path")
+def test_grouped_attention_runs_where_the_engine_calibrated_it_faster_and_keeps_generation_exact(pair, monkeypatch):
+    from rollout import engine as engine_mod
+    from spec_heads import layers
+
+    _, model = pair
+    heads = _heads(model, "sequential")
+    chosen = {(1, 1), (4, 1), (4, 4)}
+    timed = []
+    monkeypatch.setattr(engine_mod, "_ATTENTION", {})
+    monkeypatch.setattr(layers, "_CPU_GROUPED", {})
+    monkeypatch.setattr(engine_mod, "calibrate_cpu_attention", lambda *key: timed.append(key) or chosen)
+    eng = Engine(model, heads, max_batch=4)
+    # one calibration per attention shape (the trunk's and the head's are the same one), installed
+    assert timed == [(4, 2, 16, DTYPE)]
+    assert layers.cpu_attention() == {(4, 2, 16, DTYPE): chosen}
+    Engine(model, heads, max_batch=4).set_heads(heads)
+    assert len(timed) == 1  # and not again in this process
+    widths = []
+    real = layers.grouped_attention
+    monkeypatch.setattr(layers, "grouped_attention", lambda q, *a: widths.append(q.shape[2]) or real(q, *a))
+    prompts, sp = _prompts(6), SamplingParams(temperature=1.0, max_new_tokens=12)
+    for spec in (SpecParams(mode="off"), SpecParams(mode="fixed", k=3)):
+        widths.clear()
+        got = eng.generate(prompts, sp, spec, seed=5)
+        # plain steps and the head's drafting steps (1 query per row), verify steps (4 per row)
+        assert 1 in widths and (spec.mode == "off" or 4 in widths)
+        layers.set_cpu_attention({})
+        ref = eng.generate(prompts, sp, spec, seed=5)
+        layers.set_cpu_attention({(4, 2, 16, DTYPE): chosen})
+        assert [s.tokens for s in got.sequences] == [s.tokens for s in ref.sequences]
+        for s in got.sequences:
+            lp, ent = _recompute(model, s, sp)
+            assert torch.allclose(torch.tensor(s.logprobs), lp, atol=LP_TOL)
+            assert torch.allclose(torch.tensor(s.entropies), ent, atol=ENT_TOL)
+
+
 @pytest.mark.parametrize("kind,draft_vocab", [("parallel", 0), ("sequential", 0), ("sequential", 4)])
 def test_speculative_sampling_matches_plain_two_sample(kind, draft_vocab):
     """Speculative and plain sampling give the same distribution over the first three tokens

@@ -1,9 +1,13 @@
 """Shared layers: the masked-GQA path that CUDA takes (KV heads expanded before SDPA) computes
-what SDPA's own enable_gqa computes."""
+what SDPA's own enable_gqa computes; so does the CPU's grouped attention kernel, which runs
+just where its calibration table says."""
+import pytest
 import torch
 import torch.nn.functional as F
 
-from spec_heads.layers import causal_mask, expand_kv
+from spec_heads import layers
+from spec_heads.layers import (Attention, attention_class, calibrate_cpu_attention, causal_mask, expand_kv,
+                               grouped_attention, set_cpu_attention)
 
 
 def test_expanded_kv_heads_equal_sdpa_gqa_with_a_mask():
@@ -19,3 +23,69 @@ def test_expanded_kv_heads_equal_sdpa_gqa_with_a_mask():
     # and head h reads KV head h // 3: swapping the KV heads changes the result
     swapped = F.scaled_dot_product_attention(q, expand_kv(k.flip(1), H), expand_kv(v.flip(1), H), attn_mask=mask)
     assert not torch.allclose(swapped, ref, atol=1e-3)
+
+
+def _qkv_mask(B, H, Hkv, T, S, D, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, T, D, generator=g).to(dtype)
+    # K/V as a KV cache lays them out: [B, S, kv heads, D] viewed as [B, kv heads, S, D]
+    k = torch.randn(B, S, Hkv, D, generator=g).to(dtype).transpose(1, 2)
+    v = torch.randn(B, S, Hkv, D, generator=g).to(dtype).transpose(1, 2)
+    pos = torch.randint(T - 1, S, (B, 1), generator=g) - (T - 1) + torch.arange(T)  # [B, T]
+    return q, k, v, causal_mask(pos, S)
+
+
+@pytest.mark.parametrize("H,Hkv,T", [(6, 2, 1), (6, 2, 5), (4, 4, 3), (9, 3, 16)])
+def test_grouped_attention_equals_sdpa_with_a_causal_mask(H, Hkv, T):
+    q, k, v, mask = _qkv_mask(5, H, Hkv, T, 24, 8)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=Hkv != H)
+    assert torch.allclose(grouped_attention(q, k, v, mask), ref, atol=1e-12)
+    # each query head reads its own group's KV head: pairing them the other way round differs
+    assert not torch.allclose(grouped_attention(q, k.flip(1), v.flip(1), mask), ref, atol=1e-3) or Hkv == 1
+    # and the mask counts: attending one more position differs
+    wider = mask | torch.roll(mask, 1, -1)
+    assert not torch.allclose(grouped_attention(q, k, v, wider), ref, atol=1e-3)
+
+
+def test_attention_runs_the_grouped_kernel_just_where_the_table_says(monkeypatch):
+    torch.manual_seed(0)
+    attn = Attention(32, 4, 2, 8).double().eval()
+    calls = []
+    real = layers.grouped_attention
+    monkeypatch.setattr(layers, "grouped_attention", lambda *a: calls.append(a[0].shape) or real(*a))
+    monkeypatch.setattr(layers, "_CPU_GROUPED", {})
+
+    def both(B, T):
+        """attend() under the table, and by SDPA alone, on the same inputs."""
+        q, k, v, mask = _qkv_mask(B, 4, 2, T, 40, 8)
+        got = attn.attend(q, k, v, mask)
+        saved = dict(layers._CPU_GROUPED)
+        layers._CPU_GROUPED.clear()
+        ref = attn.attend(q, k, v, mask)
+        layers._CPU_GROUPED.update(saved)
+        return got, ref
+
+    set_cpu_attention({(4, 2, 8, torch.float64): {(1, 1), (64, 4)}})
+    for B, T, grouped in [(1, 1, True), (2, 1, True), (1, 3, False), (64, 1, False), (100, 9, True),
+                          (64, 17, False), (16, 4, False)]:
+        calls.clear()
+        got, ref = both(B, T)
+        assert bool(calls) == grouped, (B, T)
+        assert torch.allclose(got, ref, atol=1e-12)
+    # another shape or dtype has its own entry: none here, so SDPA
+    calls.clear()
+    Attention(32, 4, 4, 8).double().attend(*_qkv_mask(1, 4, 4, 1, 40, 8))
+    assert not calls
+    assert attention_class(1, 1) == (1, 1) and attention_class(3, 2) == (4, 4)
+    assert attention_class(20, 16) == (16, 4) and attention_class(500, 1) == (64, 1)
+    with pytest.raises(ValueError, match="rows in"):
+        set_cpu_attention({(4, 2, 8, torch.float64): {(8, 1)}})
+    with pytest.raises(ValueError, match="dtype"):
+        set_cpu_attention({(4, 2, 8): {(1, 1)}})
+
+
+def test_attention_calibration_keeps_the_kernel_that_wins_by_min_gain():
+    every = {(r, w) for r in (1, 4, 16, 64) for w in (1, 4)}
+    # a gain no kernel can have keeps SDPA everywhere; a "gain" of -1000% takes grouped everywhere
+    assert calibrate_cpu_attention(4, 2, 8, torch.float32, kv_len=16, repeats=1, min_gain=1.0) == set()
+    assert calibrate_cpu_attention(4, 2, 8, torch.float32, kv_len=16, repeats=1, min_gain=-10.0) == every
