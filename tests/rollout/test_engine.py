@@ -439,6 +439,32 @@ def test_depth_policy_starts_from_the_heads_measured_acceptance(pair):
     assert policy.position_acceptance() == pytest.approx([0.5, 0.4, 0.3, 0.2], abs=tol)
 
 
+def test_start_up_probes_keep_a_slow_moment_of_the_machine_off_the_cost_model(pair, monkeypatch):
+    """A shared machine has slow moments: here 4 probe calls in a row take 2x. Wherever such a
+    moment falls, every probed cell keeps its true time (each cell's timings are spread over
+    passes; the fastest stays). Timed back to back, a cell caught in one was recorded 2x slow,
+    and the cost model's best depth went wherever the slow moment was not."""
+    _, model = pair
+    heads = _heads(model, "sequential", noise=0.02)
+    true = lambda rows, tokens: 1e-3 * rows * (1.0 + 0.5 * (tokens - 1))
+    calls = [0]
+
+    for slow_start in range(0, 40, 3):
+        def fake_step(self, ctx, rows, tokens):
+            i = calls[0]
+            calls[0] += 1
+            return true(rows, tokens) * (2.0 if slow_start <= i < slow_start + 4 else 1.0)
+
+        monkeypatch.setattr(Engine, "_probe_step", fake_step)
+        calls[0] = 0
+        eng = Engine(model, heads, max_batch=4)
+        policy = eng.ensure_depth_policy(SpecParams(mode="entropy", max_k=4), 4)
+        assert calls[0] == 3 * 4 * 5  # 3 rows buckets (1, 2, 4) x (1 warm-up + 3 passes) x 5 token counts
+        for rows in (1, 2, 4):
+            for tokens in range(1, 6):
+                assert policy.cost.step_time(rows, tokens) == pytest.approx(true(rows, tokens)), (slow_start, rows, tokens)
+
+
 def test_blind_exploring_steps_count_in_the_depth_histogram_not_in_acceptance(pair, monkeypatch):
     """An exploring step from a plain stretch drafts without the heads' context; its acceptance
     says little about the heads, so the rollout's per-position acceptance leaves it out."""
