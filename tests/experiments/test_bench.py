@@ -232,7 +232,7 @@ def test_rounds_alternate_the_order_of_configurations():
     calls = []
 
     def runner(name):
-        def run():
+        def run(seed):
             clock["t"] += 1
             calls.append(name)
             return 100.0 / clock["t"], None  # the machine slows down with every run
@@ -242,6 +242,48 @@ def test_rounds_alternate_the_order_of_configurations():
     assert calls == ["a", "b"] + ["a", "b", "b", "a"] * 2  # warm-up, then alternating rounds
     ratios = timed["b"].speedup_over(timed["a"])[1]
     assert min(ratios) < 1.0 < max(ratios)  # the drift no longer always favours one side
+
+
+def test_each_round_samples_with_its_own_seed_shared_by_every_configuration():
+    """With one seed for every round a configuration draws the same sample each time, and its
+    luck (how many tokens it emits in as many steps) biases every paired ratio alike."""
+    calls = []
+
+    def runner(name):
+        def run(seed):
+            calls.append((name, seed))
+            return 100.0, None
+        return run
+
+    bench.time_interleaved({"a": runner("a"), "b": runner("b")}, 3, torch.device("cpu"), seed=7)
+    assert calls[:2] == [("a", 7), ("b", 7)]  # the warm-up
+    rounds = [calls[i:i + 2] for i in range(2, len(calls), 2)]
+    seeds = [{s for _, s in pair} for pair in rounds]
+    assert all(len(s) == 1 for s in seeds)  # one seed per round, for every configuration
+    assert [s.pop() for s in seeds] == [8, 9, 10]  # and a new one each round
+
+
+def test_engine_runner_samples_with_the_seed_it_is_given(tiny_dirs):
+    """EngineRunner's seed reaches the engine: two seeds give two samples, one seed the same."""
+    from rollout.checkpoint import load_checkpoint
+    from rollout.engine import Engine
+    from rollout.types import SamplingParams, SpecParams
+
+    model = load_checkpoint(tiny_dirs[0])
+    heads, _ = DraftHeads.load(tiny_dirs[1], model.config)
+    eng = Engine(model, heads, max_batch=4)
+    prompts = [[1, 2, 3], [4, 5, 6, 7]]
+    sampling = SamplingParams(temperature=1.0, max_new_tokens=12)
+    run = bench.EngineRunner(eng, prompts, sampling, SpecParams(mode="off", max_k=heads.config.num_depths), seed=0)
+
+    def sample(seed):
+        eng.depth_policy = None
+        return [s.tokens for s in eng.generate(prompts, sampling, run.spec, seed=seed).sequences]
+
+    assert sample(3) == sample(3) and sample(3) != sample(4)
+    _, stats_a = run(3)
+    _, stats_b = run(4)
+    assert stats_a.tokens == sum(map(len, sample(3))) and stats_b.tokens == sum(map(len, sample(4)))
 
 
 def test_auto_rounds_fill_the_time_budget_within_bounds():
