@@ -47,10 +47,20 @@ _S_SAMPLE, _S_SPEC = 1, 2  # a speculative step draws [K drafts | K accepts | 1 
 _WINDOW = 32  # positions the heads' window holds between drafting steps before it is dropped
 
 
-def _entropy(probs: torch.Tensor) -> torch.Tensor:
-    """Entropy [...] of probabilities [..., V] (zeros allowed: entr(0) = 0); two kernels, for
-    the decode loop (spec_heads.sampling.entropy_from_logprobs is the differentiable one)."""
-    return torch.special.entr(probs).sum(-1)
+_LOG_FLOOR = torch.finfo(torch.float32).min
+
+
+def _entropy(probs: torch.Tensor, logprobs: torch.Tensor | None = None) -> torch.Tensor:
+    """Entropy [...] of probabilities [..., V] (zeros allowed), for the decode loop
+    (spec_heads.sampling.entropy_from_logprobs is the differentiable one).
+
+    With their log-probabilities (probs = logprobs.exp()), -sum p * log p is one dot product per
+    row: cut tokens (log p = -inf, p = 0) are floored to the most negative float, so they add
+    -0.0, not NaN. entr() takes a log per element: 8.5 ms of a ~140 ms plain step of SmolLM2's
+    49k vocabulary at 128 rows on the 2-core CPU, where the dot product took 3.4 ms."""
+    if logprobs is None:
+        return torch.special.entr(probs).sum(-1)
+    return -torch.linalg.vecdot(probs, logprobs.clamp_min(_LOG_FLOOR))
 
 
 def _attention_backends(device: torch.device):
@@ -270,12 +280,13 @@ class Engine:
                 if i + 1 < tokens - 1:
                     logits, st = heads.step(st, toks[-1], m.embed_tokens, draft_lm)
             draft_probs, draft_tok = torch.stack(probs, 1), torch.stack(toks, 1)
-        tp = sampling_logprobs(m.logits(m(ids, pos, cache, kv)), 1.0).exp()  # [rows, tokens, V]
+        tlp = sampling_logprobs(m.logits(m(ids, pos, cache, kv)), 1.0)  # [rows, tokens, V]
+        tp = tlp.exp()
         if drafting:
             rejection_sample(tp, draft_probs, draft_tok, dlen, uniforms=(u[:rows, :tokens - 1], u[:rows, -1]))
         else:
             sample_with_uniforms(tp[:, -1], u[:rows, -1])
-        _entropy(tp)
+        _entropy(tp, tlp)
         if self.cuda:
             torch.cuda.synchronize()
         return time.perf_counter() - t0
@@ -446,7 +457,7 @@ class _Run:
             self.hlast[:n] = idx
             self.hwidth += 1
         zero = torch.zeros(n, dtype=torch.int64, device=self.e.device) if self.K else None
-        emitted = self._emit(slice(0, n), tok[:, None], lp.gather(1, tok[:, None]), _entropy(probs)[:, None],
+        emitted = self._emit(slice(0, n), tok[:, None], lp.gather(1, tok[:, None]), _entropy(probs, lp)[:, None],
                              torch.ones(n, dtype=torch.int64, device=self.e.device), dlen=zero)
         self.len_bound += 1
         return emitted
@@ -589,7 +600,7 @@ class _Run:
                                      uniforms=(acc_u, fin_u))  # [n, W], [n]
         safe = toks.clamp(min=0)
         lps = tlp.gather(2, safe[..., None])[..., 0]  # [n, W]
-        ents = _entropy(tp)  # [n, W]
+        ents = _entropy(tp, tlp)  # [n, W]
         live = ~self.done[:n]
         emitted = self._emit(slice(0, n), toks, lps, ents, num, dlen=dlen)
         # the heads start next step from the fed positions that were accepted

@@ -100,6 +100,9 @@ def entropy_from_logprobs(logprobs: torch.Tensor) -> torch.Tensor:
     return -(p * logprobs.masked_fill(p == 0, 0.0)).sum(-1)
 
 
+_CDF_BLOCK = 1024  # tokens per block of the two-level inverse CDF (sample_with_uniforms)
+
+
 def sample_with_uniforms(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Inverse-CDF sample: probs [..., V] (need not be normalised, must have mass), u [...] in
     (0, 1). Returns int64 [...]. Zero-probability tokens are never returned.
@@ -107,8 +110,38 @@ def sample_with_uniforms(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     The target u * total is kept strictly below the total mass, so the first index whose
     float64 CDF exceeds it is a step of the CDF: a token with positive probability. (The cap
     moves only u within 2^-52 of 1, where rounding could otherwise land past the last token.)
+
+    Over a large vocabulary the CDF has two levels: the target picks a block of _CDF_BLOCK
+    tokens by the blocks' masses, then a token within that block by the block's own float64
+    CDF, the target rescaled to that CDF's total. A float64 cumulative sum over every token of
+    every row was the dearest op of a plain decode step of SmolLM2's 49k vocabulary on a CPU
+    (21.6 ms of ~140 ms at 128 rows; two levels: ~3 ms). The block masses are float32 sums (a
+    float64 sum converts every element, 11 ms there): a block's weight is off by at most ~1e-7
+    of itself, the rounding of the float32 probabilities themselves, and within a block the
+    draw is exactly proportional to the float64 CDF.
     """
-    cdf = probs.double().cumsum(-1)
-    total = cdf[..., -1:]
-    target = torch.minimum(u.double()[..., None] * total, total * (1.0 - 2.0 ** -52))
-    return torch.searchsorted(cdf, target, right=True).squeeze(-1)
+    V = probs.shape[-1]
+    if V <= 2 * _CDF_BLOCK:
+        cdf = probs.double().cumsum(-1)
+        total = cdf[..., -1:]
+        target = torch.minimum(u.double()[..., None] * total, total * (1.0 - 2.0 ** -52))
+        return torch.searchsorted(cdf, target, right=True).squeeze(-1)
+    lead, bs = probs.shape[:-1], _CDF_BLOCK
+    nb = -(-V // bs)
+    p = probs.reshape(-1, V)
+    if nb * bs != V:  # zero mass past the end: never drawn
+        p = torch.nn.functional.pad(p, (0, nb * bs - V))
+    p = p.view(-1, nb, bs)  # [N, nb, bs]
+    N = p.shape[0]
+    cdf = p.sum(-1).double().cumsum(-1)  # [N, nb]
+    total = cdf[:, -1:]
+    target = torch.minimum(u.double().reshape(N, 1) * total, total * (1.0 - 2.0 ** -52))
+    block = torch.searchsorted(cdf, target, right=True)  # [N, 1]: a block with mass
+    lo = cdf.gather(1, (block - 1).clamp(min=0)).masked_fill(block == 0, 0.0)
+    hi = cdf.gather(1, block)
+    inner = p.gather(1, block[..., None].expand(N, 1, bs))[:, 0].double().cumsum(-1)  # [N, bs]
+    in_total = inner[:, -1:]
+    # the target's place within the block, on the block's own CDF; kept below its total
+    t = torch.minimum((target - lo) / (hi - lo) * in_total, in_total * (1.0 - 2.0 ** -52))
+    token = block * bs + torch.searchsorted(inner, t, right=True)
+    return token.reshape(lead)

@@ -679,3 +679,19 @@ def test_acceptance_the_policy_learns_leaves_out_rows_whose_heads_miss_their_con
     out = eng.generate(prompts, sp, spec)
     assert out.stats.heads_prefill_skipped == len(prompts) and out.stats.drafted_per_pos[0] > 20
     assert eng.depth_policy.pos_trials.sum() == 0 and eng.depth_policy.table.trials.sum() == 0
+
+
+def test_decode_entropy_from_log_probs_matches_entr_also_where_tokens_are_cut():
+    """The decode loop's entropy is one dot product of p and log p; cut tokens (log p = -inf,
+    p = 0: top-k, top-p, temperature 0) must add nothing, not NaN."""
+    from rollout.engine import _entropy
+    from spec_heads.sampling import sampling_logprobs
+
+    logits = torch.randn(6, 3, 5000, generator=torch.Generator().manual_seed(0)) * 3
+    for temperature, top_k, top_p in ((1.0, 0, 1.0), (0.7, 50, 1.0), (1.0, 0, 0.9), (0.0, 0, 1.0)):
+        lp = sampling_logprobs(logits, temperature, top_k, top_p)
+        p = lp.exp()
+        got = _entropy(p, lp)
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, torch.special.entr(p).sum(-1), rtol=1e-5, atol=1e-5)
+    assert float(_entropy(p, lp).abs().max()) == 0.0  # temperature 0: one-hot, no entropy

@@ -370,6 +370,47 @@ def test_inverse_cdf_sample_never_returns_zero_mass_tokens_at_the_extremes():
     assert abs((got == 3).double().mean().item() - 0.7) < 0.015
 
 
+def _big_vocab_dist(V=3 * 1024 + 100):
+    """A large vocabulary (two-level inverse CDF) that is not a whole number of blocks: mass on
+    the first and last tokens, a block with no mass at all, and a spread of tokens elsewhere."""
+    probs = torch.zeros(V, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(5)
+    where = torch.tensor([0, 5, 1023, 1024, 2500, 3071, 3100, V - 1])  # 1025..2047: an empty stretch
+    probs[where] = torch.rand(len(where), generator=gen, dtype=torch.float64) + 0.2
+    return (probs / probs.sum()).float(), where
+
+
+def test_two_level_inverse_cdf_never_returns_zero_mass_tokens_at_the_extremes():
+    probs, where = _big_vocab_dist()
+    top = 1.0 - 2.0 ** -54  # the largest and smallest uniforms row_uniforms returns
+    got = sample_with_uniforms(probs[None].expand(2, -1), torch.tensor([top, 2.0 ** -54], dtype=torch.float64))
+    assert got.tolist() == [int(where[-1]), int(where[0])]
+    u = torch.rand(50_000, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    assert set(sample_with_uniforms(probs[None].expand(len(u), -1), u).tolist()) <= set(where.tolist())
+
+
+def test_two_level_inverse_cdf_draws_the_distribution():
+    """Chi-square on 200k draws over a vocabulary past two blocks, and the draws follow the
+    one-level float64 inverse CDF on the same uniforms (they can differ only where a uniform
+    falls within float32 rounding of a block's edge)."""
+    probs, where = _big_vocab_dist()
+    u = torch.rand(N_DRAWS, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    got = sample_with_uniforms(probs[None].expand(N_DRAWS, -1), u)
+    counts = torch.bincount(got, minlength=probs.shape[0])[where].double()
+    expected = probs[where].double() * N_DRAWS
+    assert counts.sum() == N_DRAWS
+    assert stats.chisquare(counts.numpy(), expected.numpy()).pvalue > 1e-3
+    cdf = probs.double().cumsum(0)
+    one_level = torch.searchsorted(cdf, (u * cdf[-1]).clamp(max=float(cdf[-1]) * (1 - 2.0 ** -52)), right=True)
+    assert (one_level == got).double().mean() > 0.999
+    # a batch [B, K, V] samples each row on its own, as one row at a time does
+    batch = torch.stack([probs, probs.flip(0), probs.roll(700)])[None].expand(4, 3, -1)
+    u2 = torch.rand(4, 3, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    rows = torch.stack([torch.stack([sample_with_uniforms(batch[b, k][None], u2[b, k][None])[0] for k in range(3)])
+                        for b in range(4)])
+    assert torch.equal(sample_with_uniforms(batch, u2), rows)
+
+
 @pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, 0, 1.0), (0.7, 0, 1.0), (1.0, 5, 1.0),
                                                       (0.7, 0, 0.9), (0.0, 0, 1.0)])
 def test_sampling_probs_is_the_sampling_distribution(temperature, top_k, top_p):
