@@ -147,8 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N (default: model.device)")
     p.add_argument("--dtype", default=None, help="auto | float32 | bfloat16 | float16 (default: model.dtype)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: leave as is)")
-    p.add_argument("--seed", type=int, default=None, help="prompt set and sampling seed (default: seed); round r samples with seed + 1 + r, "
-                   "every configuration of a round alike")
+    p.add_argument("--seed", type=int, default=None,
+                   help="prompt set and sampling seed (default: seed); round r samples with seed + 1 + r, "
+                        "every configuration of a round alike")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the rows to PATH as JSON")
     p.add_argument("--markdown", default=None, metavar="PATH", help="also write the table to PATH as markdown")
     p.add_argument("--config", default="default", metavar="PRESET_OR_PATH",
@@ -314,7 +315,7 @@ def time_interleaved(runners: dict, repeats, device, seed: int = 0) -> dict:
     per-round ratio: two exploring steps change the random stream of every row they touch, and
     SmolLM2's entropy run at 32 rows on the CPU emitted 3% fewer tokens than off in as many
     decode steps, in every round (0.92x in a tight 0.91-0.96 range where the engine's own cost
-    was ~1%). Fresh seeds turn that luck into noise that the median over rounds averages."""
+    was ~1.5%). Fresh seeds turn that luck into noise that the median over rounds averages."""
     timed = {key: Timed([], []) for key in runners}
     t0 = time.perf_counter()
     for run in runners.values():
