@@ -362,6 +362,8 @@ class _Run:
         if self.K:
             # a draft at depth i counts as tested only if every earlier draft was accepted, so
             # accepted/drafted is the conditional acceptance per position
+            # plain steps' live row-steps: all of them but the drafting and blind ones
+            self.acc_wa[0, 0] = self.acc_rowsteps - self.acc_wa.sum() - self.acc_blind.sum()
             wa = self.acc_wa.tolist()
             s.depth_hist = [sum(r) + b for r, b in zip(wa, self.acc_blind.tolist())]
             for d, row in enumerate(wa):
@@ -403,6 +405,8 @@ class _Run:
         self.keys[sl], self.lengths[sl], self.n_out[sl], self.n_steps[sl] = keys, lens_t, 0, 0
         self.done[sl] = False
         if self.K:
+            # a plain step leaves its step's column (0 drafted, 0 accepted) as zeroed here
+            self.out_dl[sl], self.out_acc[sl] = 0, 0
             # each row's heads start from its last prompt position
             self.hid[sl, 0], self.nxt[sl, 0] = last, tok
             self.hstart[sl], self.hlast[sl] = lens_t - 1, 0
@@ -456,9 +460,8 @@ class _Run:
             self.hid[rows, idx], self.nxt[rows, idx] = h[:, 0], tok
             self.hlast[:n] = idx
             self.hwidth += 1
-        zero = torch.zeros(n, dtype=torch.int64, device=self.e.device) if self.K else None
         emitted = self._emit(slice(0, n), tok[:, None], lp.gather(1, tok[:, None]), _entropy(probs, lp)[:, None],
-                             torch.ones(n, dtype=torch.int64, device=self.e.device), dlen=zero)
+                             torch.ones(n, dtype=torch.int64, device=self.e.device))
         self.len_bound += 1
         return emitted
 
@@ -574,8 +577,7 @@ class _Run:
         if blind and self.hwidth > 1:
             self._keep_last_window_entry(n)
         if Kd == 0:  # a plain step is faster than any draft: skip the heads (they catch up later)
-            self.policy.depth_hist[0] += n
-            self.acc_wa[0, 0] += (~self.done[:n]).sum()
+            self.policy.depth_hist[0] += n  # acc_wa[0, 0]: loop() counts the plain row-steps
             emitted = self._plain_step()
             if e.cuda:
                 torch.cuda.synchronize()
@@ -639,12 +641,9 @@ class _Run:
         # row: the policy's yield is their ratio, what stops, max_new_tokens and done rows cost
         # apart from this step's luck (record_step). A blind exploring step's drafts lack the
         # heads' context: it is credited with the yield of drafting with context.
-        if blind:
-            self.policy.record_step(n, W, t2 - t0, planned=Kd)
-        else:
-            got, proposed, n_live = torch.stack((emitted.sum(), (num * live).sum(), live.sum())).tolist()
-            self.policy.record_step(n, W, t2 - t0, planned=Kd, emitted=got / n,
-                                    proposed=proposed / n_live if n_live else None)
+        got, proposed, n_live = torch.stack((emitted.sum(), (num * live).sum(), live.sum())).tolist()
+        self.policy.record_step(n, W, t2 - t0, planned=Kd, emitted=got / n,
+                                proposed=proposed / n_live if n_live and not blind else None, blind=blind)
         if self.spec.log_every and self.stats.steps % self.spec.log_every == 0:
             log.info("depth policy at step %d (rows=%d, width=%d): %s", self.stats.steps, n, W,
                      self.policy.summary())

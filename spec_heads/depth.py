@@ -358,7 +358,7 @@ class DepthPolicy:
         # a long memory (~50 steps per cell): step times are a property of the model and
         # machine, and millisecond timings are noisy
         self.cost = CostModel(max_batch, 1 + max_k, ema=0.02)
-        self.depth_hist = torch.zeros(max_k + 1, dtype=torch.int64, device=self.device)  # [max_k + 1]
+        self.depth_hist = [0] * (max_k + 1)  # host: row-steps by draft depth
         # Conditional acceptance per draft position (accepted given all earlier ones were), the
         # batch-level estimate behind the draft budget. It starts optimistic (prior_pos_accept
         # with the weight of prior_pos_weight observations), so fresh heads get tried; weak
@@ -419,10 +419,23 @@ class DepthPolicy:
         # Exploration (see plan_step), counted in decode steps over the policy's life: across
         # generate() calls, so a rollout batch of a few dozen steps does not explore at the
         # same early step every time, and per rows bucket, like the budget it re-checks.
+        # The exploring cadence counts each bucket's own steps: a draining batch passes through
+        # the buckets below its full size for a few steps per rollout, and counted in all steps
+        # the back-off came due at each of them in nearly every rollout (the tiny policy at 128
+        # rows on the CPU: 3-6 exploring steps per call in the tail's buckets, each bucket
+        # exploring 2 of its ~10 steps; 5% of the call where drafting was off throughout).
         self.steps = 0
-        self._explore_at: dict[int, int] = {}  # bucket -> step of its next exploring step
+        self._bucket_steps: dict[int, int] = {}  # bucket -> decode steps planned at it
+        self._explore_at: dict[int, int] = {}  # bucket -> its step count at its next exploring step
         self._explore_gap: dict[int, int] = {}  # bucket -> back-off between exploring steps
-        self.explore_overhead = 0.02  # exploring from a plain stretch costs at most this share
+        # exploring from a plain stretch costs at most this share of the stretch, by what the
+        # last burst really cost (_burst_ledger) once one was timed, by the cost model before
+        self.explore_overhead = 0.01
+        # bucket -> [steps left to time, extra seconds so far, its step count at the burst's
+        # start] of the burst being timed: its exploring steps and the plain step after them
+        # (which runs cold), each against the plain steps' time for the tokens it emitted
+        self._burst_ledger: dict[int, list] = {}
+        self._burst_cost: dict[int, float] = {}  # bucket -> the last burst's extra time, in plain steps
         # From a plain stretch, exploring steps come in bursts of explore_burst drafting steps:
         # the drafting rate that pairs is the faster of the last 2 (record_step), and one lone
         # exploring step that a noisy machine slowed rated drafting for the whole stretch.
@@ -610,6 +623,7 @@ class DepthPolicy:
         if self.mode != "entropy":
             return budget, budget, False
         key = self.cost.bucket(rows_in_flight)
+        local = self._bucket_steps[key] = self._bucket_steps.get(key, 0) + 1
         if (key not in self._plain_timed or (self._prev_plain and key not in self._plain_warm)
                 or (budget and not self.plain_fresh(rows_in_flight))):
             # the first step at a new rows bucket is a plain one: only a real plain step's time
@@ -634,17 +648,18 @@ class DepthPolicy:
         self._explore_gap[key] = backoff
         due = self._explore_at.get(key)
         if due is None:
-            due = self._explore_at[key] = self.steps + self._explore_plan(rows_in_flight, budget, backoff)[1] - 1
-        if self.steps < due:
+            due = self._explore_at[key] = local + self._explore_plan(rows_in_flight, budget, backoff)[1] - 1
+        if local < due:
             return budget, budget, False
         depth, gap = self._explore_plan(rows_in_flight, budget, backoff)
-        self._explore_at[key] = self.steps + gap
+        self._explore_at[key] = local + gap
         if budget:  # the next exploring step goes the other way (where both ways are open)
             self._explore_down[key] = depth > budget
         if not budget:
             self._explore_gap[key] = min(2 * backoff, 1024)
             if self.explore_burst > 1:
                 self._burst[key] = (self.explore_burst - 1, self._burst_neighbour(key, depth, rows_in_flight))
+            self._burst_ledger[key] = [max(1, self.explore_burst) + 1, 0.0, local]
         return budget, depth, True
 
     def _burst_neighbour(self, key: int, depth: int, rows_in_flight: int) -> int:
@@ -707,9 +722,31 @@ class DepthPolicy:
         plain = self.cost.step_time(rows_in_flight, 1)
         extra = lambda d: max(self.cost.step_time(rows_in_flight, 1 + d) / plain - 1.0, 0.0)
         # the burst's first step at `depth`, the rest at its neighbour (_burst_neighbour)
-        rest = self._neighbour(self.cost.bucket(rows_in_flight), depth, rows_in_flight)
-        cost = extra(depth) + max(0, self.explore_burst - 1) * extra(rest)
-        return depth, max(backoff, math.ceil(cost / self.explore_overhead))
+        key = self.cost.bucket(rows_in_flight)
+        cost = self._burst_cost.get(key)
+        if cost is None:  # no burst timed at these rows yet: the cost model's
+            rest = self._neighbour(key, depth, rows_in_flight)
+            cost = extra(depth) + max(0, self.explore_burst - 1) * extra(rest)
+        return depth, max(backoff, math.ceil(cost / self.explore_overhead - 1e-9))
+
+    def _time_burst(self, key: int, seconds: float, emitted: float | None) -> None:
+        """Charge one step of the burst being timed at this bucket (_burst_ledger) with its time
+        over what plain steps take for the tokens it emitted per row; after the last one (the
+        plain step after the burst, which runs cold), the burst's cost in plain steps sets how
+        long the bucket waits before exploring again (_explore_plan). The cost model's step times
+        come from start-up probes: on the tiny policy at 128 rows on the CPU they put a 2-step
+        burst at ~1.3 plain steps where the real burst, with the cold plain step after it, cost
+        several."""
+        ledger, plain = self._burst_ledger.get(key), self._plain_recent.get(key)
+        if ledger is None or plain is None:
+            return
+        ledger[0] -= 1
+        ledger[1] += seconds - plain[0] * (1.0 if emitted is None else emitted)
+        if ledger[0] <= 0:
+            del self._burst_ledger[key]
+            cost = self._burst_cost[key] = max(0.0, ledger[1] / plain[0])
+            wait = math.ceil(cost / self.explore_overhead - 1e-9)
+            self._explore_at[key] = max(self._explore_at.get(key, 0), ledger[2] + wait)
 
     def _best_by_cost(self, rows_in_flight: int) -> tuple[int, float]:
         """(d, rate): the draft depth d >= 1 that maximises E(d) / step_time(rows, 1 + d)."""
@@ -773,7 +810,8 @@ class DepthPolicy:
             expected_before = 1.0 + all_accepted.cumsum(-1) - all_accepted  # [B, K] E_i = 1 + sum_{j<i} P_j
             keep = all_accepted > self.thresholds(rows_in_flight, num_drafts) * expected_before
             depth = keep.to(torch.int64).cumprod(-1).sum(-1)  # [B] stop at the first depth that fails
-        self.depth_hist.index_add_(0, depth.to(self.device), torch.ones_like(depth, device=self.device))
+        for d, count in enumerate(torch.bincount(depth, minlength=self.max_k + 1).tolist()):
+            self.depth_hist[d] += count
         return depth
 
     def observe(self, draft_entropy: torch.Tensor, draft_lengths: torch.Tensor,
@@ -800,13 +838,14 @@ class DepthPolicy:
         self.pos_accepts[:K] += (accepted & valid).sum(0)  # windowed in position_acceptance
 
     def record_step(self, rows: int, tokens_per_row: int, seconds: float, planned: int | None = None,
-                    emitted: float | None = None, proposed: float | None = None) -> None:
+                    emitted: float | None = None, proposed: float | None = None, blind: bool = False) -> None:
         """Time of a real step (draft + verify) with tokens_per_row = 1 + deepest draft in it
         (1: a plain step); `planned`: the depth plan_step gave it (default: tokens_per_row - 1);
         `emitted`: the tokens the step really emitted per row in flight, where known;
         `proposed`: the tokens rejection sampling gave per live row (1 + drafts accepted),
         before stop tokens and max_new_tokens cut them. Start-up probes go to `cost.record`
-        directly.
+        directly. `blind`: a step exploring from a plain stretch, without the heads' context
+        (its `emitted` times the burst, not the yield of drafting).
 
         Drafting is weighed by what steps emit: a drafting step yields the expected tokens of its
         depth times the bucket's running ratio of emitted to expected tokens (rows that finished
@@ -831,10 +870,12 @@ class DepthPolicy:
         # warm plain steps only (and a cell's first timing): in training, where each rollout
         # starts plain at every rows bucket, cold timings were most of that cell and the
         # worker's speedup estimate climbed to 14x.
+        key = self.cost.bucket(rows)
+        if self._burst_ledger:
+            self._time_burst(key, seconds, emitted)
         warm, self._prev_plain = self._prev_plain, tokens_per_row == 1
         if tokens_per_row > 1 or warm or not self.cost.has_timing(rows, 1):
             self.cost.record(rows, tokens_per_row, seconds)
-        key = self.cost.bucket(rows)
         if tokens_per_row == 1:
             self._plain_timed.add(key)
             if emitted is not None and emitted > 0:  # seconds per token per row
@@ -867,7 +908,7 @@ class DepthPolicy:
                 self._pair(key, last[0] * estimate, ("draft", last[1]), rows)
         elif self.mode == "entropy":
             expected = self.expected_tokens(tokens_per_row - 1)
-            if emitted is not None:  # realised over expected, smoothed: one row's yield swings 1..5
+            if emitted is not None and not blind:  # realised over expected, smoothed: one row's yield swings 1..5
                 ratio = emitted / proposed if proposed else emitted / expected
                 old_yield = self._yield.get(key, 1.0)
                 self._yield[key] = old_yield + 0.1 * (ratio - old_yield)
@@ -1032,4 +1073,4 @@ class DepthPolicy:
                 "heads_prefill_row_s": self.heads_prefill_row_s, "tokens_per_row": self.tokens_per_row,
                 "prefill_share_by_rows": {self.cost.bucket_rows(b): round(self.prefill_share(self.cost.bucket_rows(b)), 4)
                                           for b in range(self.cost.num_buckets)},
-                "depth_hist": self.depth_hist.tolist()}
+                "depth_hist": list(self.depth_hist)}

@@ -488,6 +488,44 @@ def test_blind_exploring_steps_count_in_the_depth_histogram_not_in_acceptance(pa
     assert out.stats.drafted_per_pos[0] == sum(out.stats.depth_hist[1:]) > 10
 
 
+def test_each_sequence_records_zero_drafts_for_its_plain_steps_in_a_reused_slot(pair, monkeypatch):
+    """A plain step of a speculative run writes nothing to the rows' per-step draft records
+    (the columns are zeroed when a row is admitted): a row admitted into a slot whose earlier
+    row drafted still reads 0 drafted, 0 accepted at its plain steps."""
+    import rollout.engine as engine_mod
+    from spec_heads.depth import DepthPolicy
+
+    _, model = pair
+    heads = _heads(model, "sequential", noise=0.02)
+    prompts, sp = _prompts(8, seed=5), SamplingParams(temperature=1.0, max_new_tokens=20)
+
+    def plan(self, rows):  # draft 2 deep for the first 16 steps, then plain
+        self.steps += 1
+        return (0, 0, False) if self.steps > 16 else (2, 2, False)
+
+    admitted = {}  # prompt -> the policy's step count when it was admitted
+    real_refill = engine_mod._Run._refill
+
+    def refill(self):
+        queued = list(self.queue)
+        real_refill(self)
+        for i in queued[: len(queued) - len(self.queue)]:
+            admitted[i] = self.policy.steps
+
+    monkeypatch.setattr(DepthPolicy, "plan_step", plan)
+    monkeypatch.setattr(engine_mod._Run, "_refill", refill)
+    out = Engine(model, heads, max_batch=2).generate(prompts, sp, SpecParams(mode="entropy", max_k=2), seed=3)
+    late = 0
+    for i, seq in enumerate(out.sequences):
+        steps = [admitted[i] + 1 + j for j in range(len(seq.draft_lengths))]
+        # drafting steps verify 1-2 drafts (a chain stops short where no row has room for more)
+        assert [d > 0 for d in seq.draft_lengths] == [t <= 16 for t in steps], (i, admitted[i], seq.draft_lengths)
+        assert all(a == 0 for a, t in zip(seq.accepted, steps) if t > 16)
+        late += admitted[i] > 16
+    assert sum(out.stats.depth_hist[1:]) > 20 and late >= 2  # rows admitted into slots that drafted
+    assert sum(len(s.draft_lengths) for s in out.sequences) == out.stats.row_steps == sum(out.stats.depth_hist)
+
+
 @pytest.mark.parametrize("kind", ["parallel", "sequential"])
 def test_draft_vocabulary_drafts_only_its_tokens_and_stays_exact(pair, kind, monkeypatch):
     import rollout.engine as engine_mod
@@ -522,13 +560,13 @@ def test_depth_policy_is_told_what_each_step_really_emitted(pair, monkeypatch):
     seen = []
     real = DepthPolicy.record_step
 
-    def spy(self, rows, tokens_per_row, seconds, planned=None, emitted=None, proposed=None):
+    def spy(self, rows, tokens_per_row, seconds, planned=None, emitted=None, proposed=None, blind=False):
         seen.append((rows, tokens_per_row, emitted, proposed))
-        return real(self, rows, tokens_per_row, seconds, planned, emitted, proposed)
+        return real(self, rows, tokens_per_row, seconds, planned, emitted, proposed, blind)
 
     monkeypatch.setattr(DepthPolicy, "record_step", spy)
     prompts, sp = _prompts(7, seed=3), SamplingParams(temperature=1.0, max_new_tokens=30)
-    # fixed depth: no blind exploring steps (those are credited with expected tokens, None here)
+    # fixed depth: no blind exploring steps (they say what they emitted, but propose None)
     out = Engine(model, heads, max_batch=3).generate(prompts, sp, SpecParams(mode="fixed", k=3), seed=1)
     steps = [s for s in seen if s[2] is not None]
     assert len(steps) == len(seen) == out.stats.steps
