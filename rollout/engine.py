@@ -345,6 +345,12 @@ class _Run:
         e, t0 = self.e, time.perf_counter()
         self._refill()
         step = 0
+        # A speculative step reads its outcome back anyway (the depth policy's timings), so its
+        # finished rows go at once: on a GPU, collected every sync_every steps, a row done at
+        # one step was drafted and verified for up to 3 more (the tiny policy at batch 1 on an
+        # H200: ~21-token answers, 8-deep steps costing ~3.4 plain ones; their zero yield also
+        # made entropy mode rate drafting below plain steps and turn it off).
+        collect_every = 1 if self.K else e.sync_every
         while self.n:
             if self.K:
                 self._spec_step()
@@ -352,7 +358,7 @@ class _Run:
                 self._plain_step()
             step += 1
             self.stats.steps += 1
-            if step % e.sync_every == 0 or self.len_bound + self.K + 1 >= self.max_len:
+            if step % collect_every == 0 or self.len_bound + self.K + 1 >= self.max_len:
                 self._collect()
                 self._refill()
         s = self.stats

@@ -488,6 +488,21 @@ def test_blind_exploring_steps_count_in_the_depth_histogram_not_in_acceptance(pa
     assert out.stats.drafted_per_pos[0] == sum(out.stats.depth_hist[1:]) > 10
 
 
+def test_speculative_steps_never_run_for_rows_already_done_whatever_the_sync_cadence(pair):
+    """Plain decoding on a GPU collects finished rows every sync_every steps (a done row costs a
+    cheap plain step or two); a speculative step reads its outcome back anyway, so its finished
+    rows go at once and no draft-and-verify step runs for a row that is done."""
+    _, model = pair
+    heads = _heads(model, "sequential", noise=0.02)
+    prompts, sp = _prompts(6, seed=7), SamplingParams(temperature=1.0, max_new_tokens=23)
+    for spec in (SpecParams(mode="fixed", k=3), SpecParams(mode="entropy", max_k=3)):
+        out = Engine(model, heads, max_batch=1, sync_every=4).generate(prompts, sp, spec, seed=2)
+        assert out.stats.steps == out.stats.row_steps == sum(len(s.draft_lengths) for s in out.sequences)
+    # plain decoding keeps the cadence: a row done mid-stretch waits for the next read-back
+    plain = Engine(model, max_batch=1, sync_every=4).generate(prompts, sp, seed=2)
+    assert plain.stats.steps > plain.stats.row_steps
+
+
 def test_each_sequence_records_zero_drafts_for_its_plain_steps_in_a_reused_slot(pair, monkeypatch):
     """A plain step of a speculative run writes nothing to the rows' per-step draft records
     (the columns are zeroed when a row is admitted): a row admitted into a slot whose earlier
