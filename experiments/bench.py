@@ -170,14 +170,14 @@ def resolve_device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.d
         raise ConfigError(f"--device {device}: CUDA is not available here; use --device cpu")
     if dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise ConfigError(f"--dtype {dtype!r}: must be auto, float32, bfloat16 or float16")
-    from rollout.worker import resolve_dtype
+    from rollout.device import resolve_dtype
 
     return dev, resolve_dtype(dtype, dev)
 
 
 def dtype_hint(device: torch.device, dtype: torch.dtype) -> str | None:
     """A line for a float32 run on a CPU that multiplies bf16 natively, where bf16 is faster."""
-    from rollout.worker import cpu_native_bf16
+    from rollout.device import cpu_native_bf16
 
     if device.type == "cpu" and dtype == torch.float32 and cpu_native_bf16():
         return ("note: this CPU multiplies bf16 natively (AVX512-BF16/AMX); --dtype bfloat16 decodes "

@@ -147,7 +147,7 @@ def _setup(cfg: Config):
     from experiments.tokenizer import TextTokenizer
     from learner.trainer import Learner
     from rollout.checkpoint import load_checkpoint
-    from rollout.worker import resolve_device, resolve_dtype
+    from rollout.device import resolve_device, resolve_dtype
     from spec_heads.heads import DraftHeads
 
     model_dir = policy_dir(cfg)
