@@ -26,8 +26,8 @@ prompts = [tok.encode(ex.prompt) for ex in task.train_prompts(P, 0)]
 sp = replace(cfg.sampling, stop_token_ids=[tok.eos_id], max_new_tokens=64)
 recs = []
 orig = D.DepthPolicy.record_step
-def rs(self, rows, tpr, seconds, planned=None, emitted=None, proposed=None):
-    recs.append((rows, tpr, seconds, emitted)); return orig(self, rows, tpr, seconds, planned, emitted, proposed)
+def rs(self, rows, tpr, seconds, **kw):  # record_step's keywords: planned, emitted, proposed, blind
+    recs.append((rows, tpr, seconds, kw.get("emitted"))); return orig(self, rows, tpr, seconds, **kw)
 D.DepthPolicy.record_step = rs
 plain_off = []
 opl = E._Run._plain_step
