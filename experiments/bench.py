@@ -39,6 +39,7 @@ import torch
 
 from experiments.config import ConfigError, load_config
 from experiments.tasks import make_task
+from rollout.device import DTYPES, cpu_native_bf16, resolve_device, resolve_dtype
 from rollout.types import RolloutStats, SamplingParams, SpecParams
 
 _OVERRIDE_RE = re.compile(r"^[A-Za-z_][\w.]*=")
@@ -163,22 +164,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    dev = resolve_device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {device}: CUDA is not available here; use --device cpu")
-    if dtype not in ("auto", "float32", "bfloat16", "float16"):
+    if dtype != "auto" and dtype not in DTYPES:
         raise ConfigError(f"--dtype {dtype!r}: must be auto, float32, bfloat16 or float16")
-    from rollout.device import resolve_dtype
-
     return dev, resolve_dtype(dtype, dev)
 
 
 def dtype_hint(device: torch.device, dtype: torch.dtype) -> str | None:
     """A line for a float32 run on a CPU that multiplies bf16 natively, where bf16 is faster."""
-    from rollout.device import cpu_native_bf16
-
     if device.type == "cpu" and dtype == torch.float32 and cpu_native_bf16():
         return ("note: this CPU multiplies bf16 natively (AVX512-BF16/AMX); --dtype bfloat16 decodes "
                 "faster, and a verify forward over several tokens there costs about one token's "

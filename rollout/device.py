@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -21,7 +21,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     dtype would give it logprobs of a slightly different policy. Ask for bfloat16 to have it."""
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return _DTYPES[name]
+    return DTYPES[name]
 
 
 def cpu_native_bf16() -> bool:

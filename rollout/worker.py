@@ -24,7 +24,7 @@ import ray
 import torch
 
 from rollout.checkpoint import load_checkpoint
-from rollout.device import cpu_native_bf16, resolve_device, resolve_dtype  # noqa: F401 (re-exported)
+from rollout.device import resolve_device, resolve_dtype
 from rollout.engine import Engine
 from rollout.model import ModelConfig, Transformer
 from rollout.types import RolloutBatch, RolloutConfig, RolloutStats, SamplingParams, SpecParams

@@ -298,8 +298,10 @@ def test_auto_rounds_fill_the_time_budget_within_bounds():
 def test_bench_runs_where_ray_is_not_installed(tiny_dirs, tmp_path):
     """A lent GPU machine's image has torch and transformers but not Ray: `specroll bench` is one
     process and must not import it (it once did, through rollout.worker, and failed there)."""
+    import os
     import subprocess
     import sys
+    from pathlib import Path
     model_dir, heads_dir = tiny_dirs
     out = tmp_path / "b.json"
     block = tmp_path / "noray"
@@ -310,7 +312,7 @@ def test_bench_runs_where_ray_is_not_installed(tiny_dirs, tmp_path):
             f"'--spec', 'off,fixed:1', '--prompts', '1', '--max-new-tokens', '4', '--repeats', '1', "
             f"'--device', 'cpu', '--json', {str(out)!r}]); "
             "assert 'ray' not in sys.modules or sys.modules['ray'] is None; sys.exit(rc)")
-    env = {**__import__("os").environ, "PYTHONPATH": f"{block}:{__import__('os').getcwd()}"}
+    env = {**os.environ, "PYTHONPATH": f"{block}:{Path(__file__).resolve().parents[2]}"}
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert {"off", "fixed"} <= {r["mode"] for r in json.loads(out.read_text())}
