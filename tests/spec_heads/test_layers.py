@@ -89,3 +89,32 @@ def test_attention_calibration_keeps_the_kernel_that_wins_by_min_gain():
     # a gain no kernel can have keeps SDPA everywhere; a "gain" of -1000% takes grouped everywhere
     assert calibrate_cpu_attention(4, 2, 8, torch.float32, kv_len=16, repeats=1, min_gain=1.0) == set()
     assert calibrate_cpu_attention(4, 2, 8, torch.float32, kv_len=16, repeats=1, min_gain=-10.0) == every
+
+
+def test_kv_cache_moves_rows_in_every_layer_up_to_the_bound_and_nothing_else():
+    """KVCache.move_rows copies slots src -> dst in every layer's K and V at positions below
+    `upto` (over the buffer all layers share), leaving the rest of those rows and every other row
+    as they were; k[i] / v[i] stay views of the buffer, so forwards see what was moved."""
+    from spec_heads.layers import KVCache
+    c = KVCache(3, 6, 10, 2, 4)
+    g = torch.Generator().manual_seed(0)
+    c.buf.copy_(torch.randn(c.buf.shape, generator=g))
+    before = c.buf.clone()
+    c.move_rows([(5, 0), (3, 2)], upto=7)
+    for layer in range(3):
+        for kv, t in enumerate((c.k[layer], c.v[layer])):
+            b = before[2 * layer + kv]
+            assert t.data_ptr() == c.buf[2 * layer + kv].data_ptr()
+            assert torch.equal(t[0, :7], b[5, :7]) and torch.equal(t[2, :7], b[3, :7])
+            assert torch.equal(t[0, 7:], b[0, 7:]) and torch.equal(t[2, 7:], b[2, 7:])
+            for row in (1, 3, 4, 5):
+                assert torch.equal(t[row], b[row])
+    c.move_rows([(4, 1)])  # no bound: the whole row
+    assert torch.equal(c.k[2][1], before[4][4]) and torch.equal(c.v[0][1], before[1][4])
+    many = KVCache(1, 80, 5, 1, 2)  # more than 32 rows move as one indexed copy
+    many.buf.copy_(torch.randn(many.buf.shape, generator=g))
+    ref = many.buf.clone()
+    many.move_rows([(40 + i, i) for i in range(40)], upto=3)
+    assert torch.equal(many.buf[:, :40, :3], ref[:, 40:, :3]) and torch.equal(many.buf[:, :40, 3:], ref[:, :40, 3:])
+    assert torch.equal(many.buf[:, 40:], ref[:, 40:])
+    assert c.nbytes() == 2 * 3 * 6 * 10 * 2 * 4 * 4
