@@ -254,7 +254,8 @@ class KVCache:
         at or past its length are never read before a forward writes them, so callers pass a
         bound on the rows' lengths. On a CPU, one plain slice copy per row over the shared
         buffer: 6 rows of the tiny policy's 8 buffers took 55 us this way, 94 us as one indexed
-        copy and 276 us as one indexed copy per buffer. On a GPU (launch-bound), one indexed copy."""
+        copy and 276 us as one indexed copy per buffer. On a GPU (launch-bound), and for more than
+        32 rows (where the per-row Python calls add up), one indexed copy."""
         upto = self.max_len if upto is None else min(upto, self.max_len)
         if self.buf.is_cuda or len(moves) > 32:
             src = torch.tensor([s for s, _ in moves], device=self.buf.device)
