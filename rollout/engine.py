@@ -756,7 +756,7 @@ class _Run:
             upto = self.len_bound + self.K + 2
             for c in (self.cache, self.hcache):
                 if c is not None:
-                    c.move_rows(moves, upto)
+                    c.move_rows(moves, upto, index=(src, dst))
             for s, d in moves:
                 self.slot_prompt[d] = self.slot_prompt[s]
         for b in range(m, self.n):
