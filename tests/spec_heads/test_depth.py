@@ -570,6 +570,37 @@ def test_plan_step_times_a_plain_step_first_at_every_new_rows_bucket():
     assert good.plan_step(1)[1] == 4  # rows=1 had its plain timing already
 
 
+def test_where_drafting_is_clear_plain_steps_come_only_at_the_periodic_cadence():
+    """Drafting at 1.7x of plain steps: a stale plain timing, too few plain timings and a new
+    rows bucket below a clear one each took plain steps (on an H200, the tiny policy at 32 rows
+    drafted at 1.7x and still lost 7% to them against fixed 8). None of them can change the
+    choice there, so only the periodic pair at steps 47-48 of every 64 remains; at 1.3x (not
+    clear) each still takes its plain steps."""
+    def policy_at(advantage):
+        clock = [0.0]
+        policy = observed_policy([0.9] * 4, 1.0, lambda d: 1.0 + 0.5 * d, max_k=4)
+        policy.clock = lambda: clock[0]
+        for _ in range(2):  # a warm plain pair at 32 rows
+            policy.record_step(32, 1, 1.0)
+        policy.record_step(32, 5, policy.expected_tokens(4) / advantage, planned=4)
+        assert policy._advantage[policy.cost.bucket(32)] == pytest.approx(advantage, rel=0.02)
+        clock[0] += 60.0  # the plain timing is a minute old
+        assert not policy.plain_fresh(32)
+        return policy
+
+    with torch.inference_mode():
+        clear = policy_at(1.7)
+        assert clear.plan_step(32)[1] > 0  # stale, but drafting is clear: no re-timing
+        assert clear.plan_step(16)[1] > 0  # bucket 16 has no plain timing: it borrows 32's
+        assert clear.plan_step(64)[1] == 0  # nothing above 64 to borrow from: timed first
+        plans = [clear.plan_step(32)[1] for _ in range(125)]  # policy steps 4..128
+        assert [i + 4 for i, d in enumerate(plans) if d == 0] == [47, 48, 111, 112]
+
+        unclear = policy_at(1.3)
+        assert unclear.plan_step(32)[1] == 0  # stale: re-timed before drafting goes on
+        assert unclear.plan_step(16)[1] == 0  # new bucket, nothing clear above it: timed first
+
+
 def test_reset_calibration_keeps_acceptance_as_a_weak_prior():
     policy = observed_policy([0.95] * 4, 1.0, lambda d: 1.5 + 0.1 * d)
     policy.reset_calibration()
