@@ -553,14 +553,10 @@ class DepthPolicy:
             # does not see (the heads' prefill, catching up after plain steps, noisy timings),
             # and where the two are within a few percent plain steps are the safe choice.
             advantage = self._advantage.get(key)
-            # no paired timings here yet: the advantage of a clear bucket above (_clear), else
-            # the cost model's plain step (whose start-up probes put the tiny policy's tail
-            # buckets on an H200 below the bar, while 32 rows drafted at 1.8x)
-            borrowed = advantage is None and self._clear(key, rows_in_flight)
-            if advantage is None:
+            if advantage is None:  # no paired timings yet: the cost model's plain step
                 advantage = drafting * self.cost.step_time(rows_in_flight, 1)
             advantage = self._net(advantage, rows_in_flight)
-            if key in self._plain_timed and advantage < 1.0 + self.draft_margin and not borrowed:
+            if key in self._plain_timed and advantage < 1.0 + self.draft_margin:
                 self._budgets[key] = 0
             elif self.stops_early(rows_in_flight):
                 self._budgets[key] = self.max_k
