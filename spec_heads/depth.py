@@ -651,7 +651,7 @@ class DepthPolicy:
             if left > 1:
                 self._burst[key] = (left - 1, burst_depth)
             return budget, burst_depth, True
-        every = self._plain_every(key, rows_in_flight) if budget else 0
+        every = self._plain_every(key, rows_in_flight, clear) if budget else 0
         if every and self.steps % every in (47 % every, 48 % every):
             # two in a row: the second is the warm timing drafting is weighed against
             return budget, 0, False
@@ -697,10 +697,11 @@ class DepthPolicy:
         down = self._explore_down.get(key, False)
         return depth - 1 if (down and depth > 1) or depth >= self.max_k else depth + 1
 
-    def _plain_every(self, key: int, rows_in_flight: int) -> int:
+    def _plain_every(self, key: int, rows_in_flight: int, clear: bool) -> int:
         """While drafting, every n-th step is a plain one: every 64th, or every 8th where drafting's
         advantage is within near_band (5%) above the bar or fewer than min_plain_samples plain
-        steps were timed at these rows. Every drafting step is weighed against the
+        steps were timed at these rows (unless drafting is `clear` there: _clear, which plan_step
+        has computed). Every drafting step is weighed against the
         latest plain timings, so near the bar the advantage rests on few plain steps and one
         slow one kept drafting on at a loss (SmolLM2 at 32 rows on the CPU: rated above the bar,
         0.92x of off). A plain step costs what drafting would have gained, there a few percent."""
@@ -708,7 +709,7 @@ class DepthPolicy:
         near = (advantage is not None
                 and self._net(advantage, rows_in_flight) < 1.0 + self.draft_margin + self.near_band)
         # the plain timing rests on too few (unless drafting is clear: then no timing would matter)
-        few = self._plain_count.get(key, 0) < self.min_plain_samples and not self._clear(key, rows_in_flight)
+        few = self._plain_count.get(key, 0) < self.min_plain_samples and not clear
         return 8 if near or few else 64
 
     def _clear(self, key: int, rows_in_flight: int) -> bool:
