@@ -404,6 +404,13 @@ def test_row_padding_follows_the_measured_times():
     assert padding_from_times(xeon) == {}
     assert padding_from_times({1: 10.0, 2: 10.4, 3: 10.0}) == {}
     assert padding_from_times({1: 10.0, 2: 30.0, 3: 12.0, 4: 11.0}) == {2: 4, 3: 4}
+    # padding's own cost counts against it (session 20's EPYC, the tiny policy's 352x128
+    # matrices: 7 rows 25 us, 8 rows 20.5 us, the zero rows, cat and slice ~5 us a matrix)
+    tiny = {6: 19.0, 7: 25.0, 8: 20.5}
+    assert padding_from_times(tiny) == {7: 8}
+    assert padding_from_times(tiny, overhead=5.0) == {}
+    assert padding_from_times(epyc, overhead=2.0) == {2: 4, 3: 4}
+    assert padding_from_times(epyc, overhead=9.0) == {3: 4}
 
 
 def test_row_padding_is_per_weight_shape(monkeypatch):
@@ -442,6 +449,38 @@ def test_row_padding_is_per_weight_shape(monkeypatch):
     assert seen == [((6, 4), 6), ((9, 4), 4), ((3, 4), 3)]
     with pytest.raises(ValueError, match="table"):
         layers.set_cpu_row_padding({(6, 4): {3: 2}})
+
+
+def test_row_padding_calibration_counts_what_padding_costs(monkeypatch):
+    """Calibration times padding's own ops (zero rows, cat, slice) and pads only where the
+    product's saving outweighs them: the tiny policy's 7-token verify on the EPYC was 10% slower
+    with 7 rows padded to 8 in every Linear, each saving 2-3 us and costing ~5 us."""
+    import torch.nn.functional as F
+
+    from spec_heads import layers
+
+    costs = {1: 1.0, 2: 3.0, 3: 3.2, 4: 2.0}  # per matrix; 2 and 3 rows pad to 4 when padding is free
+    clock = [0.0]
+    monkeypatch.setattr(layers.time, "perf_counter", lambda: clock[0])
+    linear, cat = F.linear, torch.cat
+
+    def fake(x, w, b=None):
+        clock[0] += costs[x.shape[0]]
+        return linear(x, w, b)
+
+    def slow_cat(tensors, *a, **kw):
+        clock[0] += pad_cost
+        return cat(tensors, *a, **kw)
+
+    monkeypatch.setattr(layers.F, "linear", fake)
+    monkeypatch.setattr(layers.torch, "cat", slow_cat)
+    weights = [torch.randn(6, 4), torch.randn(6, 4)]
+    pad_cost = 0.0
+    assert layers.calibrate_cpu_row_padding(weights, max_rows=4) == {(6, 4): {2: 4, 3: 4}}
+    pad_cost = 0.6  # per matrix: 2 rows cost 3.0 alone, 2.0 + 0.6 padded; 3 rows 3.2 against 2.6
+    assert layers.calibrate_cpu_row_padding(weights, max_rows=4) == {(6, 4): {2: 4, 3: 4}}
+    pad_cost = 1.1  # 2 rows: 3.1 padded against 3.0; 3 rows: 3.1 against 3.2, not 5% faster
+    assert layers.calibrate_cpu_row_padding(weights, max_rows=4) == {}
 
 
 def test_engine_calibrates_row_padding_on_the_cpu(monkeypatch):
