@@ -271,12 +271,19 @@ class DraftHeads(nn.Module):
             h_last = hidden[rows, last_index]  # [B, H]
             state = DraftState(depth=1, hidden=h_last, out_dtype=hidden.dtype)
             return self._parallel_logits(state, lm_head), state
-        out, write_pos, kv_len, chain = self._absorb(hidden, next_tokens, positions, last_index, embed,
-                                                     cache, kv_len, slots, floor, chain=self.num_depths > 1)
-        last_pos = chain[0][:, 0] - 1 if chain is not None else write_pos[rows, last_index]  # [B]
+        out, write_pos, kv_len = self._absorb(hidden, next_tokens, positions, last_index, embed, cache,
+                                              kv_len, slots, floor)
+        mtp, dt = self.mtp, self._param().dtype
+        last_pos = write_pos[rows, last_index]  # [B]
+        chain = None
+        if self.num_depths > 1:
+            # the chain's entries sit at last_pos + 1 .. last_pos + num_depths - 1: their rotary
+            # angles and masks are made once here, not once per depth (decoding is launch-bound)
+            cpos = last_pos[:, None] + torch.arange(1, self.num_depths, device=hidden.device)  # [B, K-1]
+            chain = (cpos, *mtp.rotary(cpos, dt), self._mask(cpos, kv_len, floor))
         state = DraftState(depth=1, hidden=out[rows, last_index], positions=last_pos, cache=cache,
                            kv_len=kv_len, slots=slots, out_dtype=hidden.dtype, chain=chain)
-        return lm_head(self.mtp.final_norm(state.hidden).to(hidden.dtype)), state
+        return lm_head(mtp.final_norm(state.hidden).to(hidden.dtype)), state
 
     def prefill(self, hidden, next_tokens, positions, last_index, embed, cache: KVCache | None = None,
                 kv_len: int | None = None, slots: torch.Tensor | None = None) -> None:
@@ -288,12 +295,10 @@ class DraftHeads(nn.Module):
             return
         self._absorb(hidden, next_tokens, positions, last_index, embed, cache, kv_len, slots, None)
 
-    def _absorb(self, hidden, next_tokens, positions, last_index, embed, cache, kv_len, slots, floor,
-                chain: bool = False):
+    def _absorb(self, hidden, next_tokens, positions, last_index, embed, cache, kv_len, slots, floor):
         """Run the head's block over the T fed positions, writing their depth-1 cache entries.
-        Returns the block output [B, T, H], the cache positions written [B, T], the kv_len used
-        (default: the whole cache) and, with `chain`, the draft chain's (positions [B, K-1], cos,
-        sin, mask) for depths 2..K (else None)."""
+        Returns the block output [B, T, H], the cache positions written [B, T] and the kv_len
+        used (default: the whole cache)."""
         if cache is None:
             raise ValueError("cache: sequential heads keep their own KV cache; pass "
                              "heads.new_cache(max_batch, max_len) to begin")
@@ -305,24 +310,10 @@ class DraftHeads(nn.Module):
         # whatever positions the caller put in padding can never overwrite a committed entry.
         write_pos = torch.where(valid, positions + 1, cache.max_len - 1)  # [B, T]
         x = mtp.fuse_next(hidden.to(dt), next_tokens, embed)  # [B, T, H]
-        if not chain:
-            cos, sin = mtp.rotary(write_pos, dt)
-            out = mtp.block(x, cos, sin, self._mask(write_pos, kv_len, floor), 0,
-                            CacheView(cache, write_pos, kv_len, slots))  # [B, T, H]
-            return out, write_pos, kv_len, None
-        # The chain's entries sit at last_pos + 1 .. last_pos + num_depths - 1 (last_pos: the
-        # entry of each row's last valid position). Their rotary angles and masks are made here,
-        # once for the chain and the fed positions together (decoding a few rows is launch-bound:
-        # one rotary and one mask, not one for the fed positions, one for the chain and one per
-        # depth).
-        last_pos = positions.gather(1, last_index[:, None]) + 1  # [B, 1]
-        cpos = last_pos + torch.arange(1, self.num_depths, device=hidden.device)  # [B, K-1]
-        both = torch.cat((write_pos, cpos), 1)  # [B, T + K - 1]
-        cos, sin = mtp.rotary(both, dt)
-        mask = self._mask(both, kv_len, floor)
-        out = mtp.block(x, cos[:, :, :T], sin[:, :, :T], mask[:, :, :T], 0,
+        cos, sin = mtp.rotary(write_pos, dt)
+        out = mtp.block(x, cos, sin, self._mask(write_pos, kv_len, floor), 0,
                         CacheView(cache, write_pos, kv_len, slots))  # [B, T, H]
-        return out, write_pos, kv_len, (cpos, cos[:, :, T:], sin[:, :, T:], mask[:, :, T:])
+        return out, write_pos, kv_len
 
     def step(self, state: DraftState, token: torch.Tensor, embed, lm_head):
         """Depth m+1 logits [B, V] given the depth-m drafted token [B]; returns (logits, state)."""
