@@ -61,8 +61,17 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 def _padded_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: int,
                    pad: int) -> torch.Tensor:
     """F.linear of x's `rows` rows multiplied as `pad` rows (zero rows added, dropped after)."""
+    return _unpad_rows(F.linear(_pad_rows(x, rows, pad), weight, bias), x, rows)
+
+
+def _pad_rows(x: torch.Tensor, rows: int, pad: int) -> torch.Tensor:
+    """x's `rows` rows as a [pad, in] matrix, zero rows after them."""
     flat = x.reshape(rows, x.shape[-1])
-    out = F.linear(torch.cat((flat, flat.new_zeros(pad - rows, x.shape[-1]))), weight, bias)
+    return torch.cat((flat, flat.new_zeros(pad - rows, x.shape[-1])))
+
+
+def _unpad_rows(out: torch.Tensor, x: torch.Tensor, rows: int) -> torch.Tensor:
+    """The first `rows` rows of a padded product, in x's leading shape."""
     return out[:rows].reshape(*x.shape[:-1], out.shape[-1])
 
 
@@ -120,7 +129,7 @@ def calibrate_cpu_row_padding(weights: list[torch.Tensor], max_rows: int = 12, r
         # What padding itself costs (the zero rows, the cat, the slice back), per matrix: for the
         # tiny policy's 128-wide matrices on the 2-core EPYC (session 20) it was ~5 us against
         # 2-3 us saved by multiplying 7 rows as 8, and padding made a 7-token verify forward 10%
-        # slower. Timed as _padded_linear's ops without the product, from 1 row to max_rows.
+        # slower. Timed as _padded_linear's ops around the product, from 1 row to max_rows.
         extra = math.inf
         for rep in range(repeats + 1):
             for rows, x in xs.items():
@@ -131,8 +140,7 @@ def calibrate_cpu_row_padding(weights: list[torch.Tensor], max_rows: int = 12, r
                     times[rows] = min(times[rows], time.perf_counter() - t0)
             if max_rows > 1:
                 t0 = time.perf_counter()
-                flat = xs[1].reshape(1, shape[1])
-                torch.cat((flat, flat.new_zeros(max_rows - 1, shape[1])))[:1].reshape(1, shape[1])
+                _unpad_rows(_pad_rows(xs[1], 1, max_rows), xs[1], 1)
                 if rep:
                     extra = min(extra, time.perf_counter() - t0)
         pad = padding_from_times(times, min_gain, 0.0 if math.isinf(extra) else extra * len(ws))
