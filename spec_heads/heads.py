@@ -41,8 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from spec_heads.layers import (CacheView, DecoderBlock, KVCache, Linear, RMSNorm, RopeSpec, Rotary, linear,
-                               causal_mask)
+from spec_heads.layers import (Attention, CacheView, DecoderBlock, KVCache, Linear, RMSNorm, RopeSpec, Rotary,
+                               attention, causal_mask, linear)
 
 KINDS = ("parallel", "sequential")
 MAX_DEPTHS = 8
@@ -92,6 +92,8 @@ class DraftState:
     slots: torch.Tensor | None = None
     out_dtype: torch.dtype = torch.float32  # the trunk's dtype, which its lm_head expects
     chain: tuple | None = None  # sequential: (positions [B, K-1], cos, sin, mask) of depths 2..K
+    packed: "_Packed | None" = None  # sequential: the decode weights the chain runs on (None: the modules)
+    cache_rows: torch.Tensor | None = None  # sequential, packed: the head-cache rows as a column [B, 1]
 
 
 class ResBlock(nn.Module):
@@ -106,6 +108,38 @@ class ResBlock(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return h + self.w2(F.silu(self.w1(h)))
+
+
+@dataclass
+class _Packed:
+    """The sequential head's weights as drafting multiplies them (MTPModule.packed): every
+    RMSNorm weight that feeds a matrix folded into that matrix's columns, q/k/v and gate/up
+    each one matrix. A draft step at one row is launch-bound: this is one head step in ~35 ops
+    and no module calls, against 61 ops and 13 module calls through the modules. Draft
+    distributions only need to be the ones drafts are sampled from (rejection sampling is exact
+    for any), so the float rounding that folding moves is no error; tests hold it to the
+    modules' logits within 1e-5 all the same."""
+
+    w_h_t: torch.Tensor  # [H, H]: proj's hidden half, norm_h's weight folded in, transposed (addmm's operand)
+    table: torch.Tensor  # [V, H]: proj's embedding half of norm_e(embedding) for every token
+    w_qkv: torch.Tensor  # [(heads + 2 kv_heads) * D, H], input_layernorm's weight folded in
+    b_qkv: torch.Tensor | None
+    w_o: torch.Tensor
+    b_o: torch.Tensor | None
+    w_gu: torch.Tensor  # [2 I, H]: gate then up, post_attention_layernorm's weight folded in
+    w_down: torch.Tensor
+    n_heads: int
+    n_kv: int
+    head_dim: int
+    eps: float
+
+
+def _rms(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm without a weight (folded into the next matrix), in fp32 as RMSNorm computes it."""
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, x.shape[-1:], None, eps)
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 class MTPModule(nn.Module):
@@ -132,6 +166,82 @@ class MTPModule(nn.Module):
 
     def __getstate__(self):  # the decode-time table (with weak references) is not state
         return {k: v for k, v in super().__getstate__().items() if not k.startswith("_fuse_")}
+
+    def packed(self, embed, dtype: torch.dtype) -> _Packed | None:
+        """The decode weights (_Packed) for drafting in `dtype` with the policy's `embed`, built
+        once and rebuilt when any weight they derive from changes (a new tensor, or an in-place
+        update: load_state_dict, an optimizer step). None where drafting runs the modules: with
+        autograd on, an `embed` that is not an nn.Embedding, q/k norms, partial rotary."""
+        block, attn = self.block, self.block.self_attn
+        if torch.is_grad_enabled() or not isinstance(embed, nn.Embedding) or attn.q_norm is not None:
+            return None
+        if self.rotary.inv_freq.numel() * 2 != attn.head_dim:
+            return None
+        params = [embed.weight, *self.parameters()]
+        key = (dtype, *((p.data_ptr(), p._version, p.dtype, p.device) for p in params))
+        cached = getattr(self, "_fuse_packed", None)  # weak references: a freed tensor's address may be reused
+        if cached is not None and cached[0] == key and all(r() is p for r, p in zip(cached[1], params)):
+            return cached[2]
+        H = self.proj.weight.shape[0]
+        mlp = block.mlp
+
+        def fold(ws, norm):  # the norm's weight scales the matrices' input columns
+            return (torch.cat([w.float() for w in ws]) * norm.weight.float()[None, :]).to(dtype).contiguous()
+
+        def cat_bias(*linears):
+            bs = [m.bias for m in linears]
+            return None if bs[0] is None else torch.cat([b.float() for b in bs]).to(dtype)
+
+        with torch.no_grad():
+            packed = _Packed(
+                w_h_t=fold([self.proj.weight[:, :H]], self.norm_h).t(),
+                table=F.linear(self.norm_e(embed.weight.to(self.proj.weight.dtype)), self.proj.weight[:, H:]).to(dtype),
+                w_qkv=fold([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight], block.input_layernorm),
+                b_qkv=cat_bias(attn.q_proj, attn.k_proj, attn.v_proj),
+                w_o=attn.o_proj.weight.to(dtype), b_o=None if attn.o_proj.bias is None else attn.o_proj.bias.to(dtype),
+                w_gu=fold([mlp.gate_proj.weight, mlp.up_proj.weight], block.post_attention_layernorm),
+                w_down=mlp.down_proj.weight.to(dtype),
+                n_heads=attn.n_heads, n_kv=attn.n_kv, head_dim=attn.head_dim, eps=self.norm_h.eps)
+        self._fuse_packed = (key, [weakref.ref(p) for p in params], packed)
+        return packed
+
+    def rotary_packed(self, p: _Packed, positions: torch.Tensor, dtype: torch.dtype):
+        """cos, signed sin [B, T, heads + 2 kv_heads, D] for `decode_block`: the rotary of
+        `positions` [B, T] for the q and k heads, identity (1, 0) for the v heads, so one
+        rotation of the whole q|k|v projection leaves v as it is."""
+        cos, sin = self.rotary(positions, dtype)  # [B, 1, T, D]
+        B, T, D = positions.shape[0], positions.shape[1], p.head_dim
+        qk = (B, T, p.n_heads + p.n_kv, D)
+        v = (B, T, p.n_kv, D)
+        one = cos.new_ones(()).expand(v)
+        return (torch.cat((cos.transpose(1, 2).expand(qk), one), 2),
+                torch.cat((sin.transpose(1, 2).expand(qk), one.new_zeros(()).expand(v)), 2))
+
+    def fuse_packed(self, p: _Packed, g: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """`fuse(g, embed(tokens))` through the packed weights: g [.., H], tokens [..]."""
+        H = g.shape[-1]
+        return torch.addmm(p.table[tokens].reshape(-1, H), _rms(g, p.eps).reshape(-1, H), p.w_h_t).view(g.shape)
+
+    def decode_block(self, p: _Packed, x, cos, sin, mask, cache: KVCache, slots, positions, kv_len,
+                     rows: torch.Tensor | None = None):
+        """`block(x, ...)` with its K/V written to `cache` at `positions` [B, T] of rows `slots`
+        (None: 0..B-1), through the packed weights; cos/sin from `rotary_packed`. rows: the
+        cache rows as a column [B, 1] where the caller has them."""
+        B, T, _ = x.shape
+        D, nq = p.head_dim, p.n_heads
+        qkv = linear(_rms(x, p.eps), p.w_qkv, p.b_qkv).view(B, T, -1, D)
+        qkv = torch.addcmul(qkv * cos, qkv.roll(D // 2, -1), sin)  # rotary on q and k, v as it is
+        if rows is None:
+            rows = (slots if slots is not None else torch.arange(B, device=x.device))[:, None]
+        buf = cache.buf  # [2, max_batch, max_len, kv_heads, D]: this module's one layer
+        kv = qkv[:, :, nq:].view(B, T, 2, p.n_kv, D).movedim(2, 0)
+        buf[:, rows, positions] = kv if kv.dtype == buf.dtype else kv.to(buf.dtype)
+        kv = buf[:, :B, :kv_len] if slots is None else buf[:, slots, :kv_len]  # [2, B, S, kv_heads, D]
+        kv = kv.transpose(2, 3)
+        o = attention(qkv[:, :, :nq].transpose(1, 2), kv[0], kv[1], mask, Attention.expand_masked_gqa_on_cuda)
+        x = x + linear(o, p.w_o, p.b_o)
+        gate, up = linear(_rms(x, p.eps), p.w_gu).chunk(2, -1)
+        return x + linear(F.silu(gate) * up, p.w_down)
 
     def fuse_next(self, g: torch.Tensor, tokens: torch.Tensor, embed) -> torch.Tensor:
         """`fuse` of g with the embedding of `tokens`: through the per-token table where `embed`
@@ -271,18 +381,37 @@ class DraftHeads(nn.Module):
             h_last = hidden[rows, last_index]  # [B, H]
             state = DraftState(depth=1, hidden=h_last, out_dtype=hidden.dtype)
             return self._parallel_logits(state, lm_head), state
-        out, write_pos, kv_len = self._absorb(hidden, next_tokens, positions, last_index, embed, cache,
-                                              kv_len, slots, floor)
         mtp, dt = self.mtp, self._param().dtype
-        last_pos = write_pos[rows, last_index]  # [B]
-        chain = None
-        if self.num_depths > 1:
-            # the chain's entries sit at last_pos + 1 .. last_pos + num_depths - 1: their rotary
-            # angles and masks are made once here, not once per depth (decoding is launch-bound)
+        packed = mtp.packed(embed, dt)
+        cache_rows = None
+        if packed is None:
+            out, write_pos, kv_len = self._absorb(hidden, next_tokens, positions, last_index, embed, cache,
+                                                  kv_len, slots, floor)
+            last_pos = write_pos[rows, last_index]  # [B]
+            chain = None
+            if self.num_depths > 1:
+                # the chain's entries sit at last_pos + 1 .. last_pos + num_depths - 1: their rotary
+                # angles and masks are made once here, not once per depth (decoding is launch-bound)
+                cpos = last_pos[:, None] + torch.arange(1, self.num_depths, device=hidden.device)  # [B, K-1]
+                chain = (cpos, *mtp.rotary(cpos, dt), self._mask(cpos, kv_len, floor))
+        else:
+            # One rotary and one mask for the T fed positions and the chain's K-1 positions
+            # after the last accepted one, split after (decoding is launch-bound).
+            write_pos, kv_len = self._write_positions(positions, last_index, cache, kv_len)
+            T = write_pos.shape[1]
+            last_pos = write_pos[rows, last_index]  # [B]
             cpos = last_pos[:, None] + torch.arange(1, self.num_depths, device=hidden.device)  # [B, K-1]
-            chain = (cpos, *mtp.rotary(cpos, dt), self._mask(cpos, kv_len, floor))
+            every = torch.cat((write_pos, cpos), 1)
+            cos, sin = mtp.rotary_packed(packed, every, dt)
+            mask = self._mask(every, kv_len, floor)
+            x = mtp.fuse_packed(packed, hidden.to(dt), next_tokens)  # [B, T, H]
+            cache_rows = (rows if slots is None else slots)[:, None]
+            out = mtp.decode_block(packed, x, cos[:, :T], sin[:, :T], mask[:, :, :T], cache, slots,
+                                   write_pos, kv_len, cache_rows)
+            chain = (cpos, cos[:, T:], sin[:, T:], mask[:, :, T:]) if self.num_depths > 1 else None
         state = DraftState(depth=1, hidden=out[rows, last_index], positions=last_pos, cache=cache,
-                           kv_len=kv_len, slots=slots, out_dtype=hidden.dtype, chain=chain)
+                           kv_len=kv_len, slots=slots, out_dtype=hidden.dtype, chain=chain, packed=packed,
+                           cache_rows=cache_rows)
         return lm_head(mtp.final_norm(state.hidden).to(hidden.dtype)), state
 
     def prefill(self, hidden, next_tokens, positions, last_index, embed, cache: KVCache | None = None,
@@ -299,21 +428,31 @@ class DraftHeads(nn.Module):
         """Run the head's block over the T fed positions, writing their depth-1 cache entries.
         Returns the block output [B, T, H], the cache positions written [B, T] and the kv_len
         used (default: the whole cache)."""
+        mtp, dt = self.mtp, self._param().dtype
+        write_pos, kv_len = self._write_positions(positions, last_index, cache, kv_len)
+        mask = self._mask(write_pos, kv_len, floor)
+        packed = mtp.packed(embed, dt)
+        if packed is not None:
+            cos, sin = mtp.rotary_packed(packed, write_pos, dt)
+            x = mtp.fuse_packed(packed, hidden.to(dt), next_tokens)  # [B, T, H]
+            return mtp.decode_block(packed, x, cos, sin, mask, cache, slots, write_pos, kv_len), write_pos, kv_len
+        x = mtp.fuse_next(hidden.to(dt), next_tokens, embed)  # [B, T, H]
+        cos, sin = mtp.rotary(write_pos, dt)
+        out = mtp.block(x, cos, sin, mask, 0, CacheView(cache, write_pos, kv_len, slots))  # [B, T, H]
+        return out, write_pos, kv_len
+
+    @staticmethod
+    def _write_positions(positions, last_index, cache, kv_len):
+        """The head-cache positions the T fed positions write [B, T], and the kv_len to attend
+        over (default: the whole cache)."""
         if cache is None:
             raise ValueError("cache: sequential heads keep their own KV cache; pass "
                              "heads.new_cache(max_batch, max_len) to begin")
-        kv_len = kv_len or cache.max_len
-        mtp, dt = self.mtp, self._param().dtype
-        T = hidden.shape[1]
-        valid = torch.arange(T, device=hidden.device)[None, :] <= last_index[:, None]  # [B, T]
+        T = positions.shape[1]
+        valid = torch.arange(T, device=positions.device)[None, :] <= last_index[:, None]  # [B, T]
         # Depth-1 entry for position p sits at p+1. Padding goes to the scratch position, so
         # whatever positions the caller put in padding can never overwrite a committed entry.
-        write_pos = torch.where(valid, positions + 1, cache.max_len - 1)  # [B, T]
-        x = mtp.fuse_next(hidden.to(dt), next_tokens, embed)  # [B, T, H]
-        cos, sin = mtp.rotary(write_pos, dt)
-        out = mtp.block(x, cos, sin, self._mask(write_pos, kv_len, floor), 0,
-                        CacheView(cache, write_pos, kv_len, slots))  # [B, T, H]
-        return out, write_pos, kv_len
+        return torch.where(valid, positions + 1, cache.max_len - 1), kv_len or cache.max_len
 
     def step(self, state: DraftState, token: torch.Tensor, embed, lm_head):
         """Depth m+1 logits [B, V] given the depth-m drafted token [B]; returns (logits, state)."""
@@ -323,15 +462,20 @@ class DraftHeads(nn.Module):
         if self.kind == "parallel":
             state = replace(state, depth=state.depth + 1)
             return self._parallel_logits(state, lm_head), state
-        mtp, i = self.mtp, state.depth - 1
+        mtp, i, p = self.mtp, state.depth - 1, state.packed
         cpos, cos, sin, mask = state.chain
         pos = cpos[:, i:i + 1]  # [B, 1]
-        x = mtp.fuse_next(state.hidden, token, embed)[:, None]  # [B, 1, H]
-        out = mtp.block(x, cos[:, :, i:i + 1], sin[:, :, i:i + 1], mask[:, :, i:i + 1], 0,
-                        CacheView(state.cache, pos, state.kv_len, state.slots))[:, 0]
+        if p is not None:
+            x = mtp.fuse_packed(p, state.hidden, token)[:, None]  # [B, 1, H]
+            out = mtp.decode_block(p, x, cos[:, i:i + 1], sin[:, i:i + 1], mask[:, :, i:i + 1], state.cache,
+                                   state.slots, pos, state.kv_len, state.cache_rows)[:, 0]
+        else:
+            x = mtp.fuse_next(state.hidden, token, embed)[:, None]  # [B, 1, H]
+            out = mtp.block(x, cos[:, :, i:i + 1], sin[:, :, i:i + 1], mask[:, :, i:i + 1], 0,
+                            CacheView(state.cache, pos, state.kv_len, state.slots))[:, 0]
         state = DraftState(depth=state.depth + 1, hidden=out, positions=pos[:, 0], cache=state.cache,
                            kv_len=state.kv_len, slots=state.slots, out_dtype=state.out_dtype,
-                           chain=state.chain)
+                           chain=state.chain, packed=p, cache_rows=state.cache_rows)
         return lm_head(mtp.final_norm(out).to(state.out_dtype)), state
 
     def all_logits(self, state: DraftState, lm_head, depths: int | None = None) -> torch.Tensor:

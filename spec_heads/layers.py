@@ -412,6 +412,24 @@ def calibrate_cpu_attention(n_heads: int, n_kv: int, head_dim: int, dtype: torch
     return {(r, w) for (r, w) in inputs if times[r, w, "grouped"] < (1.0 - min_gain) * times[r, w, "sdpa"]}
 
 
+def attention(q, k, v, mask, expand_masked_gqa_on_cuda: bool = True) -> torch.Tensor:
+    """q [B, heads, T, D], k/v [B, kv_heads, S, D], boolean mask [B, 1, T, S] (or None) ->
+    the heads' outputs side by side, [B, T, heads * D] (o_proj's input): grouped_attention
+    where the CPU calibration chose it for this shape, else SDPA (see Attention)."""
+    B, n_heads, T, head_dim = q.shape
+    n_kv = k.shape[1]
+    if _CPU_GROUPED and mask is not None and T <= _ATTN_MAX_WIDTH and not q.is_cuda:
+        classes = _CPU_GROUPED.get((n_heads, n_kv, head_dim, q.dtype))
+        if classes and attention_class(B, T) in classes:
+            out = grouped_attention(q, k.to(q.dtype), v.to(q.dtype), mask)
+            return out.transpose(1, 2).reshape(B, T, -1)
+    gqa = n_kv != n_heads
+    if gqa and mask is not None and q.is_cuda and expand_masked_gqa_on_cuda:
+        k, v, gqa = expand_kv(k, n_heads), expand_kv(v, n_heads), False
+    out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, enable_gqa=gqa)
+    return out.transpose(1, 2).reshape(B, T, -1)
+
+
 class Attention(nn.Module):
     def __init__(self, hidden: int, n_heads: int, n_kv_heads: int, head_dim: int,
                  bias: bool = False, qk_norm: bool = False, eps: float = 1e-6, o_bias: bool = False):
@@ -442,17 +460,7 @@ class Attention(nn.Module):
 
     def attend(self, q, k, v, mask):
         """q [B, heads, T, D], k/v [B, kv_heads, S, D], boolean mask -> o_proj output [B, T, H]."""
-        B, _, T, _ = q.shape
-        if _CPU_GROUPED and mask is not None and T <= _ATTN_MAX_WIDTH and not q.is_cuda:
-            classes = _CPU_GROUPED.get((self.n_heads, self.n_kv, self.head_dim, q.dtype))
-            if classes and attention_class(B, T) in classes:
-                out = grouped_attention(q, k.to(q.dtype), v.to(q.dtype), mask)
-                return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
-        gqa = self.n_kv != self.n_heads
-        if gqa and mask is not None and q.is_cuda and self.expand_masked_gqa_on_cuda:
-            k, v, gqa = expand_kv(k, self.n_heads), expand_kv(v, self.n_heads), False
-        out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, enable_gqa=gqa)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+        return self.o_proj(attention(q, k, v, mask, self.expand_masked_gqa_on_cuda))
 
     def forward(self, x, cos, sin, mask, layer: int = 0, view: CacheView | None = None):
         B = x.shape[0]
