@@ -97,7 +97,7 @@ def draft_along_path(trunk, heads, seq, prompt_lens, rounds, slots):
     return out
 
 
-@pytest.mark.parametrize("kind, arch", [("parallel", {}), ("sequential", {}),
+@pytest.mark.parametrize("kind, arch", [("parallel", {}), ("sequential", {}), ("sequential", {"attention_bias": True}),
                                         ("sequential", {"qk_norm": True, "attention_bias": True})])
 def test_inference_drafts_equal_train_logits(kind, arch):
     mc, trunk = tiny(**arch)
@@ -582,3 +582,88 @@ def test_acceptance_with_a_draft_vocabulary_is_that_of_the_restricted_drafts():
     want = torch.minimum(draft, target).sum(-1).mean().item()
     assert small_acc == pytest.approx(want, abs=1e-5)
     assert small_acc != pytest.approx(full_acc, abs=1e-3)
+
+
+def module_drafts(heads, trunk, hidden, seq, pos, last, cache, slots, packed: bool):
+    """begin + every step, through the packed decode weights or (packed=False) the modules;
+    returns the logits [B, K, V], the chain's states and the head cache's K/V after."""
+    from spec_heads.heads import MTPModule
+
+    orig = MTPModule.packed
+    if not packed:
+        MTPModule.packed = lambda self, embed, dtype: None
+    try:
+        logits, st = heads.begin(hidden, seq[:, 1:hidden.shape[1] + 1], pos, last, trunk.embed_tokens,
+                                 trunk.logits, cache, 48, slots)
+        out, states = [logits], [st]
+        for _ in range(heads.num_depths - 1):
+            logits, st = heads.step(st, logits.argmax(-1), trunk.embed_tokens, trunk.logits)
+            out.append(logits)
+            states.append(st)
+    finally:
+        MTPModule.packed = orig
+    return torch.stack(out, 1), states, cache.buf.clone()
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("arch", [{}, {"attention_bias": True}])
+def test_packed_decode_equals_the_modules(arch):
+    """Drafting through the packed weights (norm weights folded into the matrices, q|k|v and
+    gate|up as one matrix each, one rotary and one cache write) gives the modules' drafts and
+    writes the modules' cache entries, slot by slot, for B rows at their own positions."""
+    mc, trunk = tiny(**arch)
+    heads = random_heads("sequential", mc)
+    seq = torch.randint(0, mc.vocab_size, (3, 14))
+    hidden = trunk(seq[:, :10])
+    pos = torch.arange(10).expand(3, 10) + torch.tensor([[0], [3], [1]])
+    last, slots = torch.tensor([9, 4, 6]), torch.tensor([5, 0, 2])
+    got, states, buf = module_drafts(heads, trunk, hidden, seq, pos, last, heads.new_cache(6, 64), slots, True)
+    want, ref_states, ref_buf = module_drafts(heads, trunk, hidden, seq, pos, last, heads.new_cache(6, 64), slots,
+                                              False)
+    assert all(s.packed is not None for s in states) and all(s.packed is None for s in ref_states)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(buf, ref_buf, rtol=1e-5, atol=1e-5)
+    assert buf.abs().sum() > 0 and not buf[:, [1, 3, 4]].any()  # only the rows' own slots are written
+
+
+@torch.no_grad()
+def test_packed_decode_weights_follow_weight_updates():
+    """The packed weights are a cache: any in-place update of a weight they fold in (an
+    optimizer step, load_state_dict) or of the policy's embedding rebuilds them."""
+    mc, trunk = tiny()
+    heads = random_heads("sequential", mc)
+    mtp = heads.mtp
+    seq = torch.randint(0, mc.vocab_size, (2, 12))
+    hidden = trunk(seq[:, :8])
+    pos, last = torch.arange(8).expand(2, 8), torch.tensor([7, 5])
+
+    def check():
+        got = module_drafts(heads, trunk, hidden, seq, pos, last, heads.new_cache(2, 64), None, True)[0]
+        want = module_drafts(heads, trunk, hidden, seq, pos, last, heads.new_cache(2, 64), None, False)[0]
+        # folding rounds differently (~1e-5 of logits of ~10 here); a stale cache is off by ~0.1 and more
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        return got
+
+    before = check()
+    for update in (lambda: mtp.block.input_layernorm.weight.mul_(1.5),
+                   lambda: mtp.block.self_attn.v_proj.weight.add_(0.1),
+                   lambda: mtp.block.post_attention_layernorm.weight.mul_(0.5),
+                   lambda: mtp.block.mlp.up_proj.weight.add_(0.1),
+                   lambda: mtp.norm_h.weight.mul_(2.0), lambda: trunk.embed_tokens.weight.mul_(1.5),
+                   lambda: heads.load_state_dict(random_heads("sequential", mc, seed=7).state_dict())):
+        update()
+        after = check()
+        assert not torch.allclose(after, before)
+        before = after
+
+
+def test_packed_decode_only_where_it_applies():
+    """The modules draft where the packed path does not apply: with autograd on (fitting),
+    q/k norms (Qwen3), an embed that is a plain callable."""
+    mc, trunk = tiny()
+    mtp = random_heads("sequential", mc).mtp
+    with torch.no_grad():
+        assert mtp.packed(trunk.embed_tokens, torch.float32) is not None
+        assert mtp.packed(lambda ids: trunk.embed_tokens(ids), torch.float32) is None
+        assert random_heads("sequential", tiny(qk_norm=True)[0]).mtp.packed(trunk.embed_tokens, torch.float32) is None
+    assert mtp.packed(trunk.embed_tokens, torch.float32) is None
