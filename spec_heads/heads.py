@@ -34,7 +34,7 @@ import json
 import math
 import os
 import weakref
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from spec_heads.layers import (Attention, CacheView, DecoderBlock, KVCache, Linear, RMSNorm, RopeSpec, Rotary,
-                               attention, causal_mask, linear)
+                               attention, linear)
 
 KINDS = ("parallel", "sequential")
 MAX_DEPTHS = 8
@@ -80,7 +80,8 @@ class DraftState:
 
     depth: the depth of the logits just returned (1 after `begin`).
     hidden [B, H]: parallel: the trunk's h at the row's last position; sequential: the block
-      output of the last depth (before the final norm), the next depth's input.
+      output of the last depth (before the final norm), the next depth's input ([B, H+1] where
+      the chain runs on packed weights: see _Packed).
     positions [B]: sequential: head-cache position of the last entry written (None: parallel).
     """
 
@@ -112,34 +113,48 @@ class ResBlock(nn.Module):
 
 @dataclass
 class _Packed:
-    """The sequential head's weights as drafting multiplies them (MTPModule.packed): every
-    RMSNorm weight that feeds a matrix folded into that matrix's columns, q/k/v and gate/up
-    each one matrix. A draft step at one row is launch-bound: this is one head step in ~35 ops
-    and no module calls, against 61 ops and 13 module calls through the modules. Draft
-    distributions only need to be the ones drafts are sampled from (rejection sampling is exact
-    for any), so the float rounding that folding moves is no error; tests hold it to the
+    """The sequential head's weights as drafting multiplies them (MTPModule.packed).
+
+    A draft step at one row is launch-bound; this path runs one in ~40 ops and no module calls,
+    against 61 ops and 13 module calls through the modules. How:
+    - every RMSNorm weight that feeds a matrix is folded into that matrix's columns; q|k|v and
+      gate|up are one matrix each; the residual adds ride in addmm;
+    - the residual stream runs as rows of H + 1: the last column holds sqrt(H * eps), and
+      every matrix ignores it (a zero column) and leaves it as it is (a zero row). An RMSNorm is
+      then one fused op, `torch._weight_norm` with gain sqrt(H): x sqrt(H) / |[x, sqrt(H eps)]|
+      = x / sqrt(mean(x^2) + eps), RMSNorm's own formula, eps included (F.rms_norm runs as
+      ~8 ops on a CPU: 10 us at H=128 against 2 us).
+    Draft distributions need only be the ones drafts are sampled from (rejection sampling is
+    exact for any), so the float rounding this moves is no error; tests hold it to the
     modules' logits within 1e-5 all the same."""
 
-    w_h_t: torch.Tensor  # [H, H]: proj's hidden half, norm_h's weight folded in, transposed (addmm's operand)
-    table: torch.Tensor  # [V, H]: proj's embedding half of norm_e(embedding) for every token
-    w_qkv: torch.Tensor  # [(heads + 2 kv_heads) * D, H], input_layernorm's weight folded in
+    table: torch.Tensor  # [V, H+1]: proj's embedding half of norm_e(embedding) for every token, then the column
+    w_h_t: torch.Tensor  # [H+1, H+1]: proj's hidden half (norm_h's weight folded in), transposed
+    w_qkv: torch.Tensor  # [(heads + 2 kv_heads) * D, H+1], input_layernorm's weight folded in
     b_qkv: torch.Tensor | None
-    w_o: torch.Tensor
-    b_o: torch.Tensor | None
-    w_gu: torch.Tensor  # [2 I, H]: gate then up, post_attention_layernorm's weight folded in
-    w_down: torch.Tensor
+    w_o_t: torch.Tensor  # [heads * D, H+1]
+    b_o: torch.Tensor | None  # [H+1]
+    w_gu: torch.Tensor  # [2 I, H+1]: gate then up, post_attention_layernorm's weight folded in
+    w_down_t: torch.Tensor  # [I, H+1]
+    w_final: torch.Tensor  # [H]: final_norm's weight (the LM head is the policy's)
+    column: torch.Tensor  # [1, 1]: sqrt(H * eps)
+    gain: torch.Tensor  # [1, 1]: sqrt(H)
     n_heads: int
     n_kv: int
     head_dim: int
-    eps: float
+    gains: dict = field(default_factory=dict)  # rows -> gain as [rows, 1] (what _weight_norm takes)
+    rotary: dict = field(default_factory=dict)  # max_len -> cos, sin tables (MTPModule.rotary_packed)
 
+    def norm(self, x: torch.Tensor) -> torch.Tensor:
+        """RMSNorm without weight of rows [N, H+1] (last column: `column`) -> [N, H+1]."""
+        g = self.gains.get(x.shape[0])
+        if g is None:
+            g = self.gains[x.shape[0]] = self.gain.expand(x.shape[0], 1).contiguous()
+        return torch._weight_norm(x, g, 0)
 
-def _rms(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm without a weight (folded into the next matrix), in fp32 as RMSNorm computes it."""
-    if x.dtype == torch.float32:
-        return F.rms_norm(x, x.shape[-1:], None, eps)
-    xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    def extend(self, h: torch.Tensor) -> torch.Tensor:
+        """Rows [N, H] -> [N, H+1] with the column."""
+        return torch.cat((h, self.column.expand(h.shape[0], 1)), 1)
 
 
 class MTPModule(nn.Module):
@@ -175,61 +190,73 @@ class MTPModule(nn.Module):
         block, attn = self.block, self.block.self_attn
         if torch.is_grad_enabled() or not isinstance(embed, nn.Embedding) or attn.q_norm is not None:
             return None
-        if self.rotary.inv_freq.numel() * 2 != attn.head_dim:
+        norms = (self.norm_h, block.input_layernorm, block.post_attention_layernorm, self.final_norm)
+        if self.rotary.inv_freq.numel() * 2 != attn.head_dim or len({n.eps for n in norms}) != 1:
             return None
         params = [embed.weight, *self.parameters()]
         key = (dtype, *((p.data_ptr(), p._version, p.dtype, p.device) for p in params))
         cached = getattr(self, "_fuse_packed", None)  # weak references: a freed tensor's address may be reused
         if cached is not None and cached[0] == key and all(r() is p for r, p in zip(cached[1], params)):
             return cached[2]
-        H = self.proj.weight.shape[0]
-        mlp = block.mlp
+        H, eps, mlp = self.proj.weight.shape[0], self.norm_h.eps, block.mlp
+        f32 = torch.float32
 
-        def fold(ws, norm):  # the norm's weight scales the matrices' input columns
-            return (torch.cat([w.float() for w in ws]) * norm.weight.float()[None, :]).to(dtype).contiguous()
+        def weights(ws, norm=None):  # [out, H] -> [out, H+1]: a zero column; a norm's weight folded in
+            w = torch.cat([w.to(f32) for w in ws])
+            w = w * norm.weight.to(f32)[None, :] if norm is not None else w
+            return torch.cat((w, w.new_zeros(w.shape[0], 1)), 1).to(dtype)
 
-        def cat_bias(*linears):
-            bs = [m.bias for m in linears]
-            return None if bs[0] is None else torch.cat([b.float() for b in bs]).to(dtype)
+        def outputs_t(w):  # [H, in] -> [in, H+1]: a zero output row (the column stays), transposed
+            w = w.to(f32)
+            return torch.cat((w, w.new_zeros(1, w.shape[1]))).to(dtype).t()
 
         with torch.no_grad():
+            table = F.linear(self.norm_e(embed.weight.to(self.proj.weight.dtype)), self.proj.weight[:, H:]).to(f32)
+            column = torch.full((1, 1), math.sqrt(H * eps), dtype=f32, device=table.device)
+            bias = [m.bias for m in (attn.q_proj, attn.k_proj, attn.v_proj)]
             packed = _Packed(
-                w_h_t=fold([self.proj.weight[:, :H]], self.norm_h).t(),
-                table=F.linear(self.norm_e(embed.weight.to(self.proj.weight.dtype)), self.proj.weight[:, H:]).to(dtype),
-                w_qkv=fold([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight], block.input_layernorm),
-                b_qkv=cat_bias(attn.q_proj, attn.k_proj, attn.v_proj),
-                w_o=attn.o_proj.weight.to(dtype), b_o=None if attn.o_proj.bias is None else attn.o_proj.bias.to(dtype),
-                w_gu=fold([mlp.gate_proj.weight, mlp.up_proj.weight], block.post_attention_layernorm),
-                w_down=mlp.down_proj.weight.to(dtype),
-                n_heads=attn.n_heads, n_kv=attn.n_kv, head_dim=attn.head_dim, eps=self.norm_h.eps)
+                table=torch.cat((table, column.expand(table.shape[0], 1)), 1).to(dtype),
+                w_h_t=outputs_t(weights([self.proj.weight[:, :H]], self.norm_h)),
+                w_qkv=weights([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight], block.input_layernorm),
+                b_qkv=None if bias[0] is None else torch.cat([b.to(f32) for b in bias]).to(dtype),
+                w_o_t=outputs_t(attn.o_proj.weight),
+                b_o=None if attn.o_proj.bias is None else F.pad(attn.o_proj.bias.to(f32), (0, 1)).to(dtype),
+                w_gu=weights([mlp.gate_proj.weight, mlp.up_proj.weight], block.post_attention_layernorm),
+                w_down_t=outputs_t(mlp.down_proj.weight),
+                w_final=self.final_norm.weight.to(dtype), column=column.to(dtype),
+                gain=torch.full((1, 1), math.sqrt(H), dtype=dtype, device=table.device),
+                n_heads=attn.n_heads, n_kv=attn.n_kv, head_dim=attn.head_dim)
         self._fuse_packed = (key, [weakref.ref(p) for p in params], packed)
         return packed
 
-    def rotary_packed(self, p: _Packed, positions: torch.Tensor, dtype: torch.dtype):
+    def rotary_packed(self, p: _Packed, positions: torch.Tensor, max_len: int):
         """cos, signed sin [B, T, heads + 2 kv_heads, D] for `decode_block`: the rotary of
-        `positions` [B, T] for the q and k heads, identity (1, 0) for the v heads, so one
-        rotation of the whole q|k|v projection leaves v as it is."""
-        cos, sin = self.rotary(positions, dtype)  # [B, 1, T, D]
-        B, T, D = positions.shape[0], positions.shape[1], p.head_dim
-        qk = (B, T, p.n_heads + p.n_kv, D)
-        v = (B, T, p.n_kv, D)
-        one = cos.new_ones(()).expand(v)
-        return (torch.cat((cos.transpose(1, 2).expand(qk), one), 2),
-                torch.cat((sin.transpose(1, 2).expand(qk), one.new_zeros(()).expand(v)), 2))
+        `positions` [B, T] (< max_len) for the q and k heads, identity (1, 0) for the v heads,
+        so one rotation of the whole q|k|v projection leaves v as it is. Looked up in a table
+        of every position below max_len, made once (one op each, against ~14 to compute them)."""
+        tables = p.rotary.get(max_len)
+        if tables is None:
+            cos, sin = self.rotary(torch.arange(max_len, device=positions.device)[None], p.gain.dtype)
+            D, qk, v = p.head_dim, p.n_heads + p.n_kv, p.n_kv
+            cos, sin = cos[0, 0, :, None], sin[0, 0, :, None]  # [L, 1, D]
+            tables = p.rotary[max_len] = (torch.cat((cos.expand(max_len, qk, D), torch.ones_like(cos).expand(max_len, v, D)), 1),
+                                          torch.cat((sin.expand(max_len, qk, D), torch.zeros_like(sin).expand(max_len, v, D)), 1))
+        return tables[0][positions], tables[1][positions]
 
-    def fuse_packed(self, p: _Packed, g: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """`fuse(g, embed(tokens))` through the packed weights: g [.., H], tokens [..]."""
-        H = g.shape[-1]
-        return torch.addmm(p.table[tokens].reshape(-1, H), _rms(g, p.eps).reshape(-1, H), p.w_h_t).view(g.shape)
+    @staticmethod
+    def fuse_packed(p: _Packed, g: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """`fuse(g, embed(tokens))` through the packed weights: g [N, H+1], tokens [N] -> [N, H+1]."""
+        return torch.addmm(p.table[tokens], p.norm(g), p.w_h_t)
 
-    def decode_block(self, p: _Packed, x, cos, sin, mask, cache: KVCache, slots, positions, kv_len,
+    @staticmethod
+    def decode_block(p: _Packed, x, B: int, cos, sin, mask, cache: KVCache, slots, positions, kv_len,
                      rows: torch.Tensor | None = None):
-        """`block(x, ...)` with its K/V written to `cache` at `positions` [B, T] of rows `slots`
-        (None: 0..B-1), through the packed weights; cos/sin from `rotary_packed`. rows: the
-        cache rows as a column [B, 1] where the caller has them."""
-        B, T, _ = x.shape
-        D, nq = p.head_dim, p.n_heads
-        qkv = linear(_rms(x, p.eps), p.w_qkv, p.b_qkv).view(B, T, -1, D)
+        """`block(x, ...)` over rows x [B * T, H+1] (row-major over [B, T]) with its K/V written to
+        `cache` at `positions` [B, T] of cache rows `slots` (None: 0..B-1), through the packed
+        weights; cos/sin from `rotary_packed`. rows: the cache rows as a column [B, 1] where the
+        caller has them. Returns [B * T, H+1]."""
+        T, D, nq = positions.shape[1], p.head_dim, p.n_heads
+        qkv = linear(p.norm(x), p.w_qkv, p.b_qkv).view(B, T, -1, D)
         qkv = torch.addcmul(qkv * cos, qkv.roll(D // 2, -1), sin)  # rotary on q and k, v as it is
         if rows is None:
             rows = (slots if slots is not None else torch.arange(B, device=x.device))[:, None]
@@ -239,9 +266,16 @@ class MTPModule(nn.Module):
         kv = buf[:, :B, :kv_len] if slots is None else buf[:, slots, :kv_len]  # [2, B, S, kv_heads, D]
         kv = kv.transpose(2, 3)
         o = attention(qkv[:, :, :nq].transpose(1, 2), kv[0], kv[1], mask, Attention.expand_masked_gqa_on_cuda)
-        x = x + linear(o, p.w_o, p.b_o)
-        gate, up = linear(_rms(x, p.eps), p.w_gu).chunk(2, -1)
-        return x + linear(F.silu(gate) * up, p.w_down)
+        x = torch.addmm(x, o.view(B * T, -1), p.w_o_t)
+        if p.b_o is not None:
+            x = x + p.b_o
+        gate, up = linear(p.norm(x), p.w_gu).chunk(2, -1)
+        return torch.addmm(x, F.silu(gate) * up, p.w_down_t)
+
+    @staticmethod
+    def final_packed(p: _Packed, x: torch.Tensor) -> torch.Tensor:
+        """final_norm of rows [N, H+1] -> [N, H]."""
+        return p.norm(x)[:, :-1] * p.w_final
 
     def fuse_next(self, g: torch.Tensor, tokens: torch.Tensor, embed) -> torch.Tensor:
         """`fuse` of g with the embedding of `tokens`: through the per-token table where `embed`
@@ -402,17 +436,18 @@ class DraftHeads(nn.Module):
             last_pos = write_pos[rows, last_index]  # [B]
             cpos = last_pos[:, None] + torch.arange(1, self.num_depths, device=hidden.device)  # [B, K-1]
             every = torch.cat((write_pos, cpos), 1)
-            cos, sin = mtp.rotary_packed(packed, every, dt)
+            cos, sin = mtp.rotary_packed(packed, every, cache.max_len)
             mask = self._mask(every, kv_len, floor)
-            x = mtp.fuse_packed(packed, hidden.to(dt), next_tokens)  # [B, T, H]
+            x = mtp.fuse_packed(packed, packed.extend(hidden.to(dt).reshape(B * T, -1)), next_tokens.reshape(-1))
             cache_rows = (rows if slots is None else slots)[:, None]
-            out = mtp.decode_block(packed, x, cos[:, :T], sin[:, :T], mask[:, :, :T], cache, slots,
-                                   write_pos, kv_len, cache_rows)
+            out = mtp.decode_block(packed, x, B, cos[:, :T], sin[:, :T], mask[:, :, :T], cache, slots,
+                                   write_pos, kv_len, cache_rows).view(B, T, -1)  # [B, T, H+1]
             chain = (cpos, cos[:, T:], sin[:, T:], mask[:, :, T:]) if self.num_depths > 1 else None
         state = DraftState(depth=1, hidden=out[rows, last_index], positions=last_pos, cache=cache,
                            kv_len=kv_len, slots=slots, out_dtype=hidden.dtype, chain=chain, packed=packed,
                            cache_rows=cache_rows)
-        return lm_head(mtp.final_norm(state.hidden).to(hidden.dtype)), state
+        final = mtp.final_norm(state.hidden) if packed is None else mtp.final_packed(packed, state.hidden)
+        return lm_head(final.to(hidden.dtype)), state
 
     def prefill(self, hidden, next_tokens, positions, last_index, embed, cache: KVCache | None = None,
                 kv_len: int | None = None, slots: torch.Tensor | None = None) -> None:
@@ -432,10 +467,12 @@ class DraftHeads(nn.Module):
         write_pos, kv_len = self._write_positions(positions, last_index, cache, kv_len)
         mask = self._mask(write_pos, kv_len, floor)
         packed = mtp.packed(embed, dt)
-        if packed is not None:
-            cos, sin = mtp.rotary_packed(packed, write_pos, dt)
-            x = mtp.fuse_packed(packed, hidden.to(dt), next_tokens)  # [B, T, H]
-            return mtp.decode_block(packed, x, cos, sin, mask, cache, slots, write_pos, kv_len), write_pos, kv_len
+        if packed is not None:  # (the block output has the packed path's extra column: [B, T, H+1])
+            B, T = write_pos.shape
+            cos, sin = mtp.rotary_packed(packed, write_pos, cache.max_len)
+            x = mtp.fuse_packed(packed, packed.extend(hidden.to(dt).reshape(B * T, -1)), next_tokens.reshape(-1))
+            out = mtp.decode_block(packed, x, B, cos, sin, mask, cache, slots, write_pos, kv_len)
+            return out.view(B, T, -1), write_pos, kv_len
         x = mtp.fuse_next(hidden.to(dt), next_tokens, embed)  # [B, T, H]
         cos, sin = mtp.rotary(write_pos, dt)
         out = mtp.block(x, cos, sin, mask, 0, CacheView(cache, write_pos, kv_len, slots))  # [B, T, H]
@@ -466,17 +503,19 @@ class DraftHeads(nn.Module):
         cpos, cos, sin, mask = state.chain
         pos = cpos[:, i:i + 1]  # [B, 1]
         if p is not None:
-            x = mtp.fuse_packed(p, state.hidden, token)[:, None]  # [B, 1, H]
-            out = mtp.decode_block(p, x, cos[:, i:i + 1], sin[:, i:i + 1], mask[:, :, i:i + 1], state.cache,
-                                   state.slots, pos, state.kv_len, state.cache_rows)[:, 0]
+            x = mtp.fuse_packed(p, state.hidden, token)  # [B, H+1]
+            out = mtp.decode_block(p, x, x.shape[0], cos[:, i:i + 1], sin[:, i:i + 1], mask[:, :, i:i + 1],
+                                   state.cache, state.slots, pos, state.kv_len, state.cache_rows)
+            final = mtp.final_packed(p, out)
         else:
             x = mtp.fuse_next(state.hidden, token, embed)[:, None]  # [B, 1, H]
             out = mtp.block(x, cos[:, :, i:i + 1], sin[:, :, i:i + 1], mask[:, :, i:i + 1], 0,
                             CacheView(state.cache, pos, state.kv_len, state.slots))[:, 0]
+            final = mtp.final_norm(out)
         state = DraftState(depth=state.depth + 1, hidden=out, positions=pos[:, 0], cache=state.cache,
                            kv_len=state.kv_len, slots=state.slots, out_dtype=state.out_dtype,
                            chain=state.chain, packed=p, cache_rows=state.cache_rows)
-        return lm_head(mtp.final_norm(out).to(state.out_dtype)), state
+        return lm_head(final.to(state.out_dtype)), state
 
     def all_logits(self, state: DraftState, lm_head, depths: int | None = None) -> torch.Tensor:
         """parallel only: the logits of depths 1..depths (default num_depths) at once, [B, K, V].
@@ -500,9 +539,8 @@ class DraftHeads(nn.Module):
         """[B, 1, T, kv_len]: causal over head-cache positions; position 0 never holds an entry,
         nor do positions below a row's floor."""
         keys = torch.arange(kv_len, device=write_pos.device)
-        if floor is None:
-            return causal_mask(write_pos, kv_len) & (keys >= 1)
-        return causal_mask(write_pos, kv_len) & (keys >= floor.clamp(min=1)[:, None, None, None])
+        mask = keys <= write_pos[:, None, :, None]
+        return mask.logical_and_(keys >= (1 if floor is None else floor.clamp(min=1)[:, None, None, None]))
 
     # ------------------------------------------------------------------ training
     def train_logits(self, hidden, tokens, embed, lm_head, depths: int | None = None):
