@@ -129,13 +129,15 @@ class _Packed:
     modules' logits within 1e-5 all the same."""
 
     table: torch.Tensor  # [V, H+1]: proj's embedding half of norm_e(embedding) for every token, then the column
-    w_h_t: torch.Tensor  # [H+1, H+1]: proj's hidden half (norm_h's weight folded in), transposed
-    w_qkv: torch.Tensor  # [(heads + 2 kv_heads) * D, H+1], input_layernorm's weight folded in
+    # Matrices are stored [in, out], contiguous: products x @ W in the BLAS's NN layout, which
+    # at 1-8 rows ran 10-25% faster than F.linear's x @ W^T on the 2-core EPYC (MKL).
+    w_h: torch.Tensor  # [H+1, H+1]: proj's hidden half (norm_h's weight folded in)
+    w_qkv: torch.Tensor  # [H+1, (heads + 2 kv_heads) * D], input_layernorm's weight folded in
     b_qkv: torch.Tensor | None
-    w_o_t: torch.Tensor  # [heads * D, H+1]
+    w_o: torch.Tensor  # [heads * D, H+1]
     b_o: torch.Tensor | None  # [H+1]
-    w_gu: torch.Tensor  # [2 I, H+1]: gate then up, post_attention_layernorm's weight folded in
-    w_down_t: torch.Tensor  # [I, H+1]
+    w_gu: torch.Tensor  # [H+1, 2 I]: gate then up, post_attention_layernorm's weight folded in
+    w_down: torch.Tensor  # [I, H+1]
     w_final: torch.Tensor  # [H]: final_norm's weight (the LM head is the policy's)
     column: torch.Tensor  # [1, 1]: sqrt(H * eps)
     gain: torch.Tensor  # [1, 1]: sqrt(H)
@@ -201,14 +203,14 @@ class MTPModule(nn.Module):
         H, eps, mlp = self.proj.weight.shape[0], self.norm_h.eps, block.mlp
         f32 = torch.float32
 
-        def weights(ws, norm=None):  # [out, H] -> [out, H+1]: a zero column; a norm's weight folded in
+        def weights(ws, norm=None):  # [out, H] -> [H+1, out]: a zero input row; a norm's weight folded in
             w = torch.cat([w.to(f32) for w in ws])
             w = w * norm.weight.to(f32)[None, :] if norm is not None else w
-            return torch.cat((w, w.new_zeros(w.shape[0], 1)), 1).to(dtype)
+            return torch.cat((w, w.new_zeros(w.shape[0], 1)), 1).t().contiguous().to(dtype)
 
-        def outputs_t(w):  # [H, in] -> [in, H+1]: a zero output row (the column stays), transposed
+        def outputs(w):  # [H, in] -> [in, H+1]: a zero output column (the column stays as it is)
             w = w.to(f32)
-            return torch.cat((w, w.new_zeros(1, w.shape[1]))).to(dtype).t()
+            return torch.cat((w, w.new_zeros(1, w.shape[1]))).t().contiguous().to(dtype)
 
         with torch.no_grad():
             table = F.linear(self.norm_e(embed.weight.to(self.proj.weight.dtype)), self.proj.weight[:, H:]).to(f32)
@@ -216,13 +218,13 @@ class MTPModule(nn.Module):
             bias = [m.bias for m in (attn.q_proj, attn.k_proj, attn.v_proj)]
             packed = _Packed(
                 table=torch.cat((table, column.expand(table.shape[0], 1)), 1).to(dtype),
-                w_h_t=outputs_t(weights([self.proj.weight[:, :H]], self.norm_h)),
+                w_h=outputs(weights([self.proj.weight[:, :H]], self.norm_h).t()),
                 w_qkv=weights([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight], block.input_layernorm),
                 b_qkv=None if bias[0] is None else torch.cat([b.to(f32) for b in bias]).to(dtype),
-                w_o_t=outputs_t(attn.o_proj.weight),
+                w_o=outputs(attn.o_proj.weight),
                 b_o=None if attn.o_proj.bias is None else F.pad(attn.o_proj.bias.to(f32), (0, 1)).to(dtype),
                 w_gu=weights([mlp.gate_proj.weight, mlp.up_proj.weight], block.post_attention_layernorm),
-                w_down_t=outputs_t(mlp.down_proj.weight),
+                w_down=outputs(mlp.down_proj.weight),
                 w_final=self.final_norm.weight.to(dtype), column=column.to(dtype),
                 gain=torch.full((1, 1), math.sqrt(H), dtype=dtype, device=table.device),
                 n_heads=attn.n_heads, n_kv=attn.n_kv, head_dim=attn.head_dim)
@@ -246,7 +248,7 @@ class MTPModule(nn.Module):
     @staticmethod
     def fuse_packed(p: _Packed, g: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """`fuse(g, embed(tokens))` through the packed weights: g [N, H+1], tokens [N] -> [N, H+1]."""
-        return torch.addmm(p.table[tokens], p.norm(g), p.w_h_t)
+        return torch.addmm(p.table[tokens], p.norm(g), p.w_h)
 
     @staticmethod
     def decode_block(p: _Packed, x, B: int, cos, sin, mask, cache: KVCache, slots, positions, kv_len,
@@ -256,7 +258,8 @@ class MTPModule(nn.Module):
         weights; cos/sin from `rotary_packed`. rows: the cache rows as a column [B, 1] where the
         caller has them. Returns [B * T, H+1]."""
         T, D, nq = positions.shape[1], p.head_dim, p.n_heads
-        qkv = linear(p.norm(x), p.w_qkv, p.b_qkv).view(B, T, -1, D)
+        y = p.norm(x)
+        qkv = (torch.mm(y, p.w_qkv) if p.b_qkv is None else torch.addmm(p.b_qkv, y, p.w_qkv)).view(B, T, -1, D)
         qkv = torch.addcmul(qkv * cos, qkv.roll(D // 2, -1), sin)  # rotary on q and k, v as it is
         if rows is None:
             rows = (slots if slots is not None else torch.arange(B, device=x.device))[:, None]
@@ -266,11 +269,11 @@ class MTPModule(nn.Module):
         kv = buf[:, :B, :kv_len] if slots is None else buf[:, slots, :kv_len]  # [2, B, S, kv_heads, D]
         kv = kv.transpose(2, 3)
         o = attention(qkv[:, :, :nq].transpose(1, 2), kv[0], kv[1], mask, Attention.expand_masked_gqa_on_cuda)
-        x = torch.addmm(x, o.view(B * T, -1), p.w_o_t)
+        x = torch.addmm(x, o.view(B * T, -1), p.w_o)
         if p.b_o is not None:
             x = x + p.b_o
-        gate, up = linear(p.norm(x), p.w_gu).chunk(2, -1)
-        return torch.addmm(x, F.silu(gate) * up, p.w_down_t)
+        gate, up = torch.mm(p.norm(x), p.w_gu).chunk(2, -1)
+        return torch.addmm(x, F.silu(gate) * up, p.w_down)
 
     @staticmethod
     def final_packed(p: _Packed, x: torch.Tensor) -> torch.Tensor:
