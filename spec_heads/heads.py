@@ -440,7 +440,8 @@ class DraftHeads(nn.Module):
             cpos = last_pos[:, None] + torch.arange(1, self.num_depths, device=hidden.device)  # [B, K-1]
             every = torch.cat((write_pos, cpos), 1)
             cos, sin = mtp.rotary_packed(packed, every, cache.max_len)
-            mask = self._mask(every, kv_len, floor)
+            # additive (0 / -inf, log of the boolean): SDPA turns a boolean mask into one on every call
+            mask = self._mask(every, kv_len, floor).to(dt).log_()
             x = mtp.fuse_packed(packed, packed.extend(hidden.to(dt).reshape(B * T, -1)), next_tokens.reshape(-1))
             cache_rows = (rows if slots is None else slots)[:, None]
             out = mtp.decode_block(packed, x, B, cos[:, :T], sin[:, :T], mask[:, :, :T], cache, slots,
@@ -472,6 +473,7 @@ class DraftHeads(nn.Module):
         packed = mtp.packed(embed, dt)
         if packed is not None:  # (the block output has the packed path's extra column: [B, T, H+1])
             B, T = write_pos.shape
+            mask = mask.to(dt).log_()  # additive, as in begin
             cos, sin = mtp.rotary_packed(packed, write_pos, cache.max_len)
             x = mtp.fuse_packed(packed, packed.extend(hidden.to(dt).reshape(B * T, -1)), next_tokens.reshape(-1))
             out = mtp.decode_block(packed, x, B, cos, sin, mask, cache, slots, write_pos, kv_len)

@@ -326,15 +326,19 @@ def expand_kv(kv: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """softmax(q k^T / sqrt(D) masked) v for q [B, heads, T, D], k/v [B, kv_heads, S, D] and a
-    boolean mask [B, 1, T, S], as two batched matrix products per KV head's group of query
-    heads (no KV expansion) with the softmax in fp32 (or wider): SDPA's result, by another kernel (see
-    calibrate_cpu_attention)."""
+    mask [B, 1, T, S] (boolean, or additive: 0 / -inf), as two batched matrix products per KV
+    head's group of query heads (no KV expansion) with the softmax in fp32 (or wider): SDPA's
+    result, by another kernel (see calibrate_cpu_attention)."""
     B, H, T, D = q.shape
     n_kv, S = k.shape[1], k.shape[2]
     g = H // n_kv
     scores = torch.matmul(q.reshape(B, n_kv, g * T, D), k.transpose(-1, -2))  # [B, kv, g*T, S]
     acc = torch.promote_types(q.dtype, torch.float32)  # the softmax in fp32 at least
-    scores = scores.view(B, n_kv, g, T, S).to(acc).mul_(D ** -0.5).masked_fill_(~mask[:, :, None], float("-inf"))
+    scores = scores.view(B, n_kv, g, T, S).to(acc).mul_(D ** -0.5)
+    if mask.dtype == torch.bool:
+        scores = scores.masked_fill_(~mask[:, :, None], float("-inf"))
+    else:
+        scores = scores.add_(mask[:, :, None])
     probs = torch.softmax(scores, -1).to(q.dtype).view(B, n_kv, g * T, S)
     return torch.matmul(probs, v).view(B, H, T, D)
 
@@ -413,7 +417,7 @@ def calibrate_cpu_attention(n_heads: int, n_kv: int, head_dim: int, dtype: torch
 
 
 def attention(q, k, v, mask, expand_masked_gqa_on_cuda: bool = True) -> torch.Tensor:
-    """q [B, heads, T, D], k/v [B, kv_heads, S, D], boolean mask [B, 1, T, S] (or None) ->
+    """q [B, heads, T, D], k/v [B, kv_heads, S, D], mask [B, 1, T, S] (boolean or additive, or None) ->
     the heads' outputs side by side, [B, T, heads * D] (o_proj's input): grouped_attention
     where the CPU calibration chose it for this shape, else SDPA (see Attention)."""
     B, n_heads, T, head_dim = q.shape

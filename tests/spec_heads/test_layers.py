@@ -45,6 +45,11 @@ def test_grouped_attention_equals_sdpa_with_a_causal_mask(H, Hkv, T):
     # and the mask counts: attending one more position differs
     wider = mask | torch.roll(mask, 1, -1)
     assert not torch.allclose(grouped_attention(q, k, v, wider), ref, atol=1e-3)
+    # an additive mask (0 / -inf, what packed head drafting passes) is the same mask
+    additive = mask.to(q.dtype).log()
+    assert torch.allclose(grouped_attention(q, k, v, additive), ref, atol=1e-12)
+    assert torch.allclose(F.scaled_dot_product_attention(q, k, v, attn_mask=additive, enable_gqa=Hkv != H), ref,
+                          atol=1e-12)
 
 
 def test_attention_runs_the_grouped_kernel_just_where_the_table_says(monkeypatch):
