@@ -80,7 +80,7 @@ class DraftState:
 
     depth: the depth of the logits just returned (1 after `begin`).
     hidden [B, H]: parallel: the trunk's h at the row's last position; sequential: the block
-      output of the last depth (before the final norm), the next depth's input ([B, H+1] where
+      output of the last depth (before the final norm), the next depth's input ([B, H+E] where
       the chain runs on packed weights: see _Packed).
     positions [B]: sequential: head-cache position of the last entry written (None: parallel).
     """
@@ -111,6 +111,9 @@ class ResBlock(nn.Module):
         return h + self.w2(F.silu(self.w1(h)))
 
 
+_EXTRA = 8  # the packed residual stream's extra columns (see _Packed)
+
+
 @dataclass
 class _Packed:
     """The sequential head's weights as drafting multiplies them (MTPModule.packed).
@@ -120,46 +123,50 @@ class _Packed:
     313 us for the tiny policy on the 2-core EPYC, `begin` over 5 positions 370 against 540). How:
     - every RMSNorm weight that feeds a matrix is folded into that matrix's columns; q|k|v and
       gate|up are one matrix each; the residual adds ride in addmm;
-    - the residual stream runs as rows of H + 1: the last column holds sqrt(H * eps), and
-      every matrix ignores it (a zero column) and leaves it as it is (a zero row). An RMSNorm is
-      then one fused op, `torch._weight_norm` with gain sqrt(H): x sqrt(H) / |[x, sqrt(H eps)]|
-      = x / sqrt(mean(x^2) + eps), RMSNorm's own formula, eps included (F.rms_norm runs as
-      ~8 ops on a CPU: 10 us at H=128 against 2 us).
+    - the residual stream runs as rows of H + E, E = 8 extra columns: the first holds
+      sqrt(H * eps), the others 0, and every matrix ignores them (zero rows) and leaves them as
+      they are (zero columns). An RMSNorm is then one fused op, `torch._weight_norm` with gain
+      sqrt(H): x sqrt(H) / |[x, sqrt(H eps), 0..]| = x / sqrt(mean(x^2) + eps), RMSNorm's own
+      formula, eps included (F.rms_norm runs as ~8 ops on a CPU: 10 us at H=128 against 2 us).
+      E = 8, not 1, keeps every matrix dimension a multiple of 8 where H is: with H+1 on an H100
+      in bf16, rows' drafts changed with the batch's size (other GEMM kernels), and the engine's
+      batch-independence test failed.
     Draft distributions need only be the ones drafts are sampled from (rejection sampling is
     exact for any), so the float rounding this moves is no error; tests hold it to the
     modules' logits within 1e-5 all the same."""
 
-    table: torch.Tensor  # [V, H+1]: proj's embedding half of norm_e(embedding) for every token, then the column
+    table: torch.Tensor  # [V, H+E]: proj's embedding half of norm_e(embedding) for every token, then `column`
     # Matrices are stored [in, out], contiguous: products x @ W in the BLAS's NN layout, which
     # at 1-8 rows ran 10-25% faster than F.linear's x @ W^T for the tiny policy's 128-wide
     # matrices on the 2-core EPYC (MKL); for SmolLM2's shapes the two layouts were within ~15%
     # either way.
-    w_h: torch.Tensor  # [H+1, H+1]: proj's hidden half (norm_h's weight folded in)
-    w_qkv: torch.Tensor  # [H+1, (heads + 2 kv_heads) * D], input_layernorm's weight folded in
+    w_h: torch.Tensor  # [H+E, H+E]: proj's hidden half (norm_h's weight folded in)
+    w_qkv: torch.Tensor  # [H+E, (heads + 2 kv_heads) * D], input_layernorm's weight folded in
     b_qkv: torch.Tensor | None
-    w_o: torch.Tensor  # [heads * D, H+1]
-    b_o: torch.Tensor | None  # [H+1]
-    w_gu: torch.Tensor  # [H+1, 2 I]: gate then up, post_attention_layernorm's weight folded in
-    w_down: torch.Tensor  # [I, H+1]
+    w_o: torch.Tensor  # [heads * D, H+E]
+    b_o: torch.Tensor | None  # [H+E]
+    w_gu: torch.Tensor  # [H+E, 2 I]: gate then up, post_attention_layernorm's weight folded in
+    w_down: torch.Tensor  # [I, H+E]
     w_final: torch.Tensor  # [H]: final_norm's weight (the LM head is the policy's)
-    column: torch.Tensor  # [1, 1]: sqrt(H * eps)
+    column: torch.Tensor  # [1, E]: sqrt(H * eps), then zeros
     gain: torch.Tensor  # [1, 1]: sqrt(H)
     n_heads: int
     n_kv: int
     head_dim: int
+    hidden: int  # H
     gains: dict = field(default_factory=dict)  # rows -> gain as [rows, 1] (what _weight_norm takes)
     rotary: dict = field(default_factory=dict)  # max_len -> cos, sin tables (MTPModule.rotary_packed)
 
     def norm(self, x: torch.Tensor) -> torch.Tensor:
-        """RMSNorm without weight of rows [N, H+1] (last column: `column`) -> [N, H+1]."""
+        """RMSNorm without weight of rows [N, H+E] (extra columns: `column`) -> [N, H+E]."""
         g = self.gains.get(x.shape[0])
         if g is None:
             g = self.gains[x.shape[0]] = self.gain.expand(x.shape[0], 1).contiguous()
         return torch._weight_norm(x, g, 0)
 
     def extend(self, h: torch.Tensor) -> torch.Tensor:
-        """Rows [N, H] -> [N, H+1] with the column."""
-        return torch.cat((h, self.column.expand(h.shape[0], 1)), 1)
+        """Rows [N, H] -> [N, H+E] with the extra columns."""
+        return torch.cat((h, self.column.expand(h.shape[0], _EXTRA)), 1)
 
 
 class MTPModule(nn.Module):
@@ -206,31 +213,31 @@ class MTPModule(nn.Module):
         H, eps, mlp = self.proj.weight.shape[0], self.norm_h.eps, block.mlp
         f32 = torch.float32
 
-        def weights(ws, norm=None):  # [out, H] -> [H+1, out]: a zero input row; a norm's weight folded in
+        def weights(ws, norm=None):  # [out, H] -> [H+E, out]: zero input rows; a norm's weight folded in
             w = torch.cat([w.to(f32) for w in ws])
             w = w * norm.weight.to(f32)[None, :] if norm is not None else w
-            return torch.cat((w, w.new_zeros(w.shape[0], 1)), 1).t().contiguous().to(dtype)
+            return torch.cat((w, w.new_zeros(w.shape[0], _EXTRA)), 1).t().contiguous().to(dtype)
 
-        def outputs(w):  # [H, in] -> [in, H+1]: a zero output column (the column stays as it is)
+        def outputs(w):  # [H, in] -> [in, H+E]: zero output columns (the extra columns stay as they are)
             w = w.to(f32)
-            return torch.cat((w, w.new_zeros(1, w.shape[1]))).t().contiguous().to(dtype)
+            return torch.cat((w, w.new_zeros(_EXTRA, w.shape[1]))).t().contiguous().to(dtype)
 
         with torch.no_grad():
             table = F.linear(self.norm_e(embed.weight.to(self.proj.weight.dtype)), self.proj.weight[:, H:]).to(f32)
-            column = torch.full((1, 1), math.sqrt(H * eps), dtype=f32, device=table.device)
+            column = F.pad(torch.full((1, 1), math.sqrt(H * eps), dtype=f32, device=table.device), (0, _EXTRA - 1))
             bias = [m.bias for m in (attn.q_proj, attn.k_proj, attn.v_proj)]
             packed = _Packed(
-                table=torch.cat((table, column.expand(table.shape[0], 1)), 1).to(dtype),
+                table=torch.cat((table, column.expand(table.shape[0], _EXTRA)), 1).to(dtype),
                 w_h=outputs(weights([self.proj.weight[:, :H]], self.norm_h).t()),
                 w_qkv=weights([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight], block.input_layernorm),
                 b_qkv=None if bias[0] is None else torch.cat([b.to(f32) for b in bias]).to(dtype),
                 w_o=outputs(attn.o_proj.weight),
-                b_o=None if attn.o_proj.bias is None else F.pad(attn.o_proj.bias.to(f32), (0, 1)).to(dtype),
+                b_o=None if attn.o_proj.bias is None else F.pad(attn.o_proj.bias.to(f32), (0, _EXTRA)).to(dtype),
                 w_gu=weights([mlp.gate_proj.weight, mlp.up_proj.weight], block.post_attention_layernorm),
                 w_down=outputs(mlp.down_proj.weight),
                 w_final=self.final_norm.weight.to(dtype), column=column.to(dtype),
                 gain=torch.full((1, 1), math.sqrt(H), dtype=dtype, device=table.device),
-                n_heads=attn.n_heads, n_kv=attn.n_kv, head_dim=attn.head_dim)
+                n_heads=attn.n_heads, n_kv=attn.n_kv, head_dim=attn.head_dim, hidden=H)
         self._fuse_packed = (key, [weakref.ref(p) for p in params], packed)
         return packed
 
@@ -250,16 +257,16 @@ class MTPModule(nn.Module):
 
     @staticmethod
     def fuse_packed(p: _Packed, g: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """`fuse(g, embed(tokens))` through the packed weights: g [N, H+1], tokens [N] -> [N, H+1]."""
+        """`fuse(g, embed(tokens))` through the packed weights: g [N, H+E], tokens [N] -> [N, H+E]."""
         return torch.addmm(p.table[tokens], p.norm(g), p.w_h)
 
     @staticmethod
     def decode_block(p: _Packed, x, B: int, cos, sin, mask, cache: KVCache, slots, positions, kv_len,
                      rows: torch.Tensor | None = None):
-        """`block(x, ...)` over rows x [B * T, H+1] (row-major over [B, T]) with its K/V written to
+        """`block(x, ...)` over rows x [B * T, H+E] (row-major over [B, T]) with its K/V written to
         `cache` at `positions` [B, T] of cache rows `slots` (None: 0..B-1), through the packed
         weights; cos/sin from `rotary_packed`. rows: the cache rows as a column [B, 1] where the
-        caller has them. Returns [B * T, H+1]."""
+        caller has them. Returns [B * T, H+E]."""
         T, D, nq = positions.shape[1], p.head_dim, p.n_heads
         y = p.norm(x)
         qkv = (torch.mm(y, p.w_qkv) if p.b_qkv is None else torch.addmm(p.b_qkv, y, p.w_qkv)).view(B, T, -1, D)
@@ -280,8 +287,8 @@ class MTPModule(nn.Module):
 
     @staticmethod
     def final_packed(p: _Packed, x: torch.Tensor) -> torch.Tensor:
-        """final_norm of rows [N, H+1] -> [N, H]."""
-        return p.norm(x)[:, :-1] * p.w_final
+        """final_norm of rows [N, H+E] -> [N, H]."""
+        return p.norm(x)[:, :p.hidden] * p.w_final
 
     def fuse_next(self, g: torch.Tensor, tokens: torch.Tensor, embed) -> torch.Tensor:
         """`fuse` of g with the embedding of `tokens`: through the per-token table where `embed`
@@ -448,7 +455,7 @@ class DraftHeads(nn.Module):
             x = mtp.fuse_packed(packed, packed.extend(hidden.to(dt).reshape(B * T, -1)), next_tokens.reshape(-1))
             cache_rows = (rows if slots is None else slots)[:, None]
             out = mtp.decode_block(packed, x, B, cos[:, :T], sin[:, :T], mask[:, :, :T], cache, slots,
-                                   write_pos, kv_len, cache_rows).view(B, T, -1)  # [B, T, H+1]
+                                   write_pos, kv_len, cache_rows).view(B, T, -1)  # [B, T, H+E]
             chain = (cpos, cos[:, T:], sin[:, T:], mask[:, :, T:]) if self.num_depths > 1 else None
         state = DraftState(depth=1, hidden=out[rows, last_index], positions=last_pos, cache=cache,
                            kv_len=kv_len, slots=slots, out_dtype=hidden.dtype, chain=chain, packed=packed,
@@ -474,7 +481,7 @@ class DraftHeads(nn.Module):
         write_pos, kv_len = self._write_positions(positions, last_index, cache, kv_len)
         mask = self._mask(write_pos, kv_len, floor)
         packed = mtp.packed(embed, dt)
-        if packed is not None:  # (the block output has the packed path's extra column: [B, T, H+1])
+        if packed is not None:  # (the block output has the packed path's extra columns: [B, T, H+E])
             B, T = write_pos.shape
             mask = mask.to(dt).log_()  # additive, as in begin
             cos, sin = mtp.rotary_packed(packed, write_pos, cache.max_len)
@@ -511,7 +518,7 @@ class DraftHeads(nn.Module):
         cpos, cos, sin, mask = state.chain
         pos = cpos[:, i:i + 1]  # [B, 1]
         if p is not None:
-            x = mtp.fuse_packed(p, state.hidden, token)  # [B, H+1]
+            x = mtp.fuse_packed(p, state.hidden, token)  # [B, H+E]
             out = mtp.decode_block(p, x, x.shape[0], cos[:, i:i + 1], sin[:, i:i + 1], mask[:, :, i:i + 1],
                                    state.cache, state.slots, pos, state.kv_len, state.cache_rows)
             final = mtp.final_packed(p, out)

@@ -634,7 +634,9 @@ def test_packed_decode_equals_the_modules(arch, dtype, device):
     assert all(s.packed is not None for s in states) and all(s.packed is None for s in ref_states)
     assert got.dtype == dtype and buf.dtype == dtype
     torch.testing.assert_close(got, want, **tol)
-    torch.testing.assert_close(buf, ref_buf, **tol)
+    # padding entries all go to the scratch position (the cache's last), where duplicate writes
+    # land in no fixed order on a GPU: it is never attended by a valid query
+    torch.testing.assert_close(buf[:, :, :-1], ref_buf[:, :, :-1], **tol)
     assert buf.abs().sum() > 0 and not buf[:, [1, 3, 4]].any()  # only the rows' own slots are written
 
 
