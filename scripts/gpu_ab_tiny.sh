@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# A/B of two trees on a lent GPU, in one call: the engine's CUDA tests on this tree, then the tiny
+# A/B of two trees on a lent GPU, in one call: the engine's CUDA tests on this tree (its whole suite in
+# bf16, then the gpu-marked tests), then the tiny
 # policy's bench (off / fixed 8 / entropy, bf16, 3 rounds, no HF) at each batch size, the base
 # tree and this tree in turn, so both meet the same card at the same minutes. JSON and logs under $OUT.
 # Needs, carried with the call: .whl (../shared/tools/device-wheels), .devcache/models with the tiny
@@ -12,6 +13,10 @@ out=${OUT:-/tmp/out}; mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 echo "base ${BASE_COMMIT:-unknown} new ${COMMIT:-unknown}" | tee -a "$out/gpu.txt"
 here=$PWD
+# the engine's whole suite on CUDA in bf16 (batch independence, exactness), then the gpu-marked tests:
+# the gpu marker alone missed a drafting change that made a row's drafts depend on the batch's size in bf16
+SPECROLL_TEST_DEVICE=cuda SPECROLL_TEST_DTYPE=bfloat16 PYTHONPATH=/tmp/site:$here python3 -m pytest -q \
+  -p no:cacheprovider tests/rollout/test_engine.py 2>&1 | tail -3 | tee -a "$out/gpu.txt"
 PYTHONPATH=/tmp/site:$here python3 -m pytest -q -m gpu -p no:cacheprovider tests/rollout/test_engine.py \
   tests/spec_heads 2>&1 | tail -3 | tee -a "$out/gpu.txt"
 for bp in ${BATCHES:-1:16 32:64 128:256}; do
