@@ -213,14 +213,14 @@ class MTPModule(nn.Module):
         H, eps, mlp = self.proj.weight.shape[0], self.norm_h.eps, block.mlp
         f32 = torch.float32
 
-        def weights(ws, norm=None):  # [out, H] -> [H+E, out]: zero input rows; a norm's weight folded in
+        def packed_matrix(ws, norm=None, extra_in=True, extra_out=False):
+            """Stacked [out, in] weights -> [in(+E), out(+E)] in `dtype`: the norm's weight folded
+            into the input columns, zero rows for the extra input columns (ignored), zero
+            columns for the extra outputs (the extra columns stay as they are)."""
             w = torch.cat([w.to(f32) for w in ws])
             w = w * norm.weight.to(f32)[None, :] if norm is not None else w
-            return torch.cat((w, w.new_zeros(w.shape[0], _EXTRA)), 1).t().contiguous().to(dtype)
-
-        def outputs(w):  # [H, in] -> [in, H+E]: zero output columns (the extra columns stay as they are)
-            w = w.to(f32)
-            return torch.cat((w, w.new_zeros(_EXTRA, w.shape[1]))).t().contiguous().to(dtype)
+            w = F.pad(w, (0, _EXTRA if extra_in else 0, 0, _EXTRA if extra_out else 0))
+            return w.t().contiguous().to(dtype)
 
         with torch.no_grad():
             table = F.linear(self.norm_e(embed.weight.to(self.proj.weight.dtype)), self.proj.weight[:, H:]).to(f32)
@@ -228,13 +228,14 @@ class MTPModule(nn.Module):
             bias = [m.bias for m in (attn.q_proj, attn.k_proj, attn.v_proj)]
             packed = _Packed(
                 table=torch.cat((table, column.expand(table.shape[0], _EXTRA)), 1).to(dtype),
-                w_h=outputs(weights([self.proj.weight[:, :H]], self.norm_h).t()),
-                w_qkv=weights([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight], block.input_layernorm),
+                w_h=packed_matrix([self.proj.weight[:, :H]], self.norm_h, extra_out=True),
+                w_qkv=packed_matrix([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight],
+                                    block.input_layernorm),
                 b_qkv=None if bias[0] is None else torch.cat([b.to(f32) for b in bias]).to(dtype),
-                w_o=outputs(attn.o_proj.weight),
+                w_o=packed_matrix([attn.o_proj.weight], extra_in=False, extra_out=True),
                 b_o=None if attn.o_proj.bias is None else F.pad(attn.o_proj.bias.to(f32), (0, _EXTRA)).to(dtype),
-                w_gu=weights([mlp.gate_proj.weight, mlp.up_proj.weight], block.post_attention_layernorm),
-                w_down=outputs(mlp.down_proj.weight),
+                w_gu=packed_matrix([mlp.gate_proj.weight, mlp.up_proj.weight], block.post_attention_layernorm),
+                w_down=packed_matrix([mlp.down_proj.weight], extra_in=False, extra_out=True),
                 w_final=self.final_norm.weight.to(dtype), column=column.to(dtype),
                 gain=torch.full((1, 1), math.sqrt(H), dtype=dtype, device=table.device),
                 n_heads=attn.n_heads, n_kv=attn.n_kv, head_dim=attn.head_dim, hidden=H)
@@ -450,12 +451,10 @@ class DraftHeads(nn.Module):
             cpos = last_pos[:, None] + torch.arange(1, self.num_depths, device=hidden.device)  # [B, K-1]
             every = torch.cat((write_pos, cpos), 1)
             cos, sin = mtp.rotary_packed(packed, every, cache.max_len)
-            # additive (0 / -inf, log of the boolean): SDPA turns a boolean mask into one on every call
-            mask = self._mask(every, kv_len, floor).to(dt).log_()
-            x = mtp.fuse_packed(packed, packed.extend(hidden.to(dt).reshape(B * T, -1)), next_tokens.reshape(-1))
+            mask = self._mask(every, kv_len, floor, additive=dt)
             cache_rows = (rows if slots is None else slots)[:, None]
-            out = mtp.decode_block(packed, x, B, cos[:, :T], sin[:, :T], mask[:, :, :T], cache, slots,
-                                   write_pos, kv_len, cache_rows).view(B, T, -1)  # [B, T, H+E]
+            out = self._packed_absorb(packed, hidden, next_tokens, cos[:, :T], sin[:, :T], mask[:, :, :T], cache,
+                                      slots, write_pos, kv_len, cache_rows)  # [B, T, H+E]
             chain = (cpos, cos[:, T:], sin[:, T:], mask[:, :, T:]) if self.num_depths > 1 else None
         state = DraftState(depth=1, hidden=out[rows, last_index], positions=last_pos, cache=cache,
                            kv_len=kv_len, slots=slots, out_dtype=hidden.dtype, chain=chain, packed=packed,
@@ -479,19 +478,26 @@ class DraftHeads(nn.Module):
         used (default: the whole cache)."""
         mtp, dt = self.mtp, self._param().dtype
         write_pos, kv_len = self._write_positions(positions, last_index, cache, kv_len)
-        mask = self._mask(write_pos, kv_len, floor)
         packed = mtp.packed(embed, dt)
         if packed is not None:  # (the block output has the packed path's extra columns: [B, T, H+E])
-            B, T = write_pos.shape
-            mask = mask.to(dt).log_()  # additive, as in begin
             cos, sin = mtp.rotary_packed(packed, write_pos, cache.max_len)
-            x = mtp.fuse_packed(packed, packed.extend(hidden.to(dt).reshape(B * T, -1)), next_tokens.reshape(-1))
-            out = mtp.decode_block(packed, x, B, cos, sin, mask, cache, slots, write_pos, kv_len)
-            return out.view(B, T, -1), write_pos, kv_len
+            mask = self._mask(write_pos, kv_len, floor, additive=dt)
+            out = self._packed_absorb(packed, hidden, next_tokens, cos, sin, mask, cache, slots, write_pos, kv_len)
+            return out, write_pos, kv_len
         x = mtp.fuse_next(hidden.to(dt), next_tokens, embed)  # [B, T, H]
         cos, sin = mtp.rotary(write_pos, dt)
-        out = mtp.block(x, cos, sin, mask, 0, CacheView(cache, write_pos, kv_len, slots))  # [B, T, H]
+        out = mtp.block(x, cos, sin, self._mask(write_pos, kv_len, floor), 0,
+                        CacheView(cache, write_pos, kv_len, slots))  # [B, T, H]
         return out, write_pos, kv_len
+
+    def _packed_absorb(self, packed, hidden, next_tokens, cos, sin, mask, cache, slots, write_pos, kv_len,
+                       cache_rows=None) -> torch.Tensor:
+        """The packed block over the T fed positions (trunk hidden [B, T, H]) -> [B, T, H+E]."""
+        B, T = write_pos.shape
+        g = packed.extend(hidden.to(self._param().dtype).reshape(B * T, -1))
+        x = self.mtp.fuse_packed(packed, g, next_tokens.reshape(-1))
+        return self.mtp.decode_block(packed, x, B, cos, sin, mask, cache, slots, write_pos, kv_len,
+                                     cache_rows).view(B, T, -1)
 
     @staticmethod
     def _write_positions(positions, last_index, cache, kv_len):
@@ -550,12 +556,15 @@ class DraftHeads(nn.Module):
         return lm_head(self.blocks[state.depth - 1](h.to(self._param().dtype)).to(h.dtype))
 
     @staticmethod
-    def _mask(write_pos: torch.Tensor, kv_len: int, floor: torch.Tensor | None = None) -> torch.Tensor:
+    def _mask(write_pos: torch.Tensor, kv_len: int, floor: torch.Tensor | None = None,
+              additive: torch.dtype | None = None) -> torch.Tensor:
         """[B, 1, T, kv_len]: causal over head-cache positions; position 0 never holds an entry,
-        nor do positions below a row's floor."""
+        nor do positions below a row's floor. Boolean, or with `additive` a 0 / -inf mask of that
+        dtype (the log of the boolean one): SDPA turns a boolean mask into one on every call."""
         keys = torch.arange(kv_len, device=write_pos.device)
         mask = keys <= write_pos[:, None, :, None]
-        return mask.logical_and_(keys >= (1 if floor is None else floor.clamp(min=1)[:, None, None, None]))
+        mask = mask.logical_and_(keys >= (1 if floor is None else floor.clamp(min=1)[:, None, None, None]))
+        return mask if additive is None else mask.to(additive).log_()
 
     # ------------------------------------------------------------------ training
     def train_logits(self, hidden, tokens, embed, lm_head, depths: int | None = None):
