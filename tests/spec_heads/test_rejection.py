@@ -14,8 +14,8 @@ import pytest
 import torch
 from scipy import stats
 
-from spec_heads.rejection import (acceptance_rate, expected_tokens_per_step, rejection_sample,
-                                  rejection_sample_reference)
+# the public API: spec_heads.rejection_sample (the package exports it)
+from spec_heads import acceptance_rate, expected_tokens_per_step, rejection_sample, rejection_sample_reference
 from spec_heads.sampling import row_keys, row_uniforms, sample_with_uniforms, sampling_probs
 
 V, K, N_DRAWS, CONTEXT = 8, 3, 200_000, 0
