@@ -424,12 +424,14 @@ class _Run:
             # each row's heads start from its last prompt position
             self.hid[sl, 0], self.nxt[sl, 0] = last, tok
             self.hstart[sl], self.hlast[sl] = lens_t - 1, 0
-        if self.K and self.policy.measured_plain(self.n + m):
-            # Where real timings at these rows have switched drafting off, the heads skip the
-            # prompts: the pass costs one head block per prompt token (for the tiny policy's
-            # four layers, a fifth of its prefill; the entropy run at 128 rows stayed plain and
-            # still measured 0.94x of off). Such rows draft from their last prompt position on
-            # if drafting comes back; the exploring steps that bring it back are blind anyway.
+        if self.K and self.policy.skips_heads_prefill(self.n + m):
+            # Where real timings at these rows have switched drafting off, or it is off there
+            # and nothing has drafted for a while (DepthPolicy.skips_heads_prefill), the heads
+            # skip the prompts: the pass costs one head block per prompt token (for the tiny
+            # policy's four layers, a fifth of its prefill; the entropy run at 128 rows stayed
+            # plain and still measured 0.94x of off). Such rows draft from their last prompt
+            # position on if drafting comes back; the exploring steps that bring it back are
+            # blind anyway.
             self.hfloor[sl] = lens_t  # no head-cache entry before the row's window
             self.stats.heads_prefill_skipped += m
         elif self.K:

@@ -470,6 +470,11 @@ class DepthPolicy:
         # (record_heads_prefill), set against the tokens a row goes on to yield (record_finished);
         # EMAs over prefills and finished rows (prefill_share).
         self.heads_prefill_row_s: float | None = None  # seconds of the heads' prefill per admitted row
+        # Rows are admitted without that pass where drafting is off and idle (skips_heads_prefill):
+        # self.steps at the last step that drafted to a budget, and how many plain (or exploring)
+        # steps since then make drafting idle.
+        self._drafted_at = 0
+        self.idle_prefill_steps = 128
         self.tokens_per_row: float | None = None  # tokens a finished row generated
 
     def _refresh(self) -> None:
@@ -607,6 +612,22 @@ class DepthPolicy:
         (but for exploring steps) until real timings say drafting pays again."""
         return self.mode == "entropy" and self.draft_budget(rows_in_flight) == 0
 
+    def skips_heads_prefill(self, rows_in_flight: int) -> bool:
+        """Whether rows admitted now, bringing this many rows in flight, go without the heads'
+        pass over their prompts (entropy mode): where real paired timings put drafting off at
+        these rows (measured_plain), or where it is off there by the cost model and no step has
+        drafted to a budget in the last idle_prefill_steps decode steps. The pass costs one head
+        block per prompt token and pays only for rows that go on to draft. SmolLM2 at 128 rows
+        on the CPU stayed plain by the cost model from the start, never timed a drafting step
+        there (so never measured_plain), and paid the pass on every prompt: 14% more prefill,
+        0.93x of off where its decode steps ran even with off's (docs/bench.md, session 22).
+        Exploring steps (which bring drafting back) do not need the pass: they draft blind."""
+        if self.mode != "entropy":
+            return False
+        if self.measured_plain(rows_in_flight):
+            return True
+        return self.steps - self._drafted_at >= self.idle_prefill_steps and self.drafting_off(rows_in_flight)
+
     def measured_plain(self, rows_in_flight: int) -> bool:
         """Entropy mode, and real paired timings at this many rows put drafting below the bar
         (not the start-up cost model alone): the engine then admits new rows without running
@@ -615,6 +636,14 @@ class DepthPolicy:
         return self.mode == "entropy" and key in self._advantage and self.draft_budget(rows_in_flight) == 0
 
     def plan_step(self, rows_in_flight: int) -> tuple[int, int, bool]:
+        """(budget, depth, explore) for the next decode step at this many rows; counts the step
+        (see _plan), and notes the last step that drafted to a budget (skips_heads_prefill)."""
+        budget, depth, explore = self._plan(rows_in_flight)
+        if depth and not explore:
+            self._drafted_at = self.steps
+        return budget, depth, explore
+
+    def _plan(self, rows_in_flight: int) -> tuple[int, int, bool]:
         """(budget, depth, explore) for the next decode step at this many rows; counts the step.
 
         budget = draft_budget(rows); depth is how deep this step drafts (0: a plain step).

@@ -357,6 +357,37 @@ def test_heads_see_every_prompt_even_while_drafting_is_off(pair, monkeypatch):
         assert [s.tokens for s in out.sequences] == [s.tokens for s in plain.sequences]
 
 
+def test_rows_skip_the_heads_prefill_once_drafting_has_idled(pair, monkeypatch):
+    """Off by the cost model alone (never measured_plain), rows still get the heads' pass until no
+    step has drafted to a budget for idle_prefill_steps decode steps
+    (DepthPolicy.skips_heads_prefill): SmolLM2 at 128 rows on the CPU stayed plain and paid the
+    pass on every prompt, 0.93x of off. Exploring steps do not end the idle stretch (they draft
+    blind), and greedy output stays plain greedy's."""
+    from spec_heads.depth import DepthPolicy
+
+    model, heads, prefills, prompts, sp, plain, spec = _counted_prefill_setup(pair)
+    monkeypatch.setattr(DepthPolicy, "draft_budget", lambda self, rows: 0)
+    monkeypatch.setattr(DepthPolicy, "_pair", lambda self, key, advantage, anchor, rows: None)
+    plan = DepthPolicy._plan
+
+    def every_fifth_explores(self, rows):  # 2 deep, blind
+        if (self.steps + 1) % 5:
+            return plan(self, rows)
+        self.steps += 1
+        return 0, 2, True
+    monkeypatch.setattr(DepthPolicy, "_plan", every_fifth_explores)
+    eng = Engine(model, heads, max_batch=3)
+    policy = eng.ensure_depth_policy(spec, 4)
+    policy.idle_prefill_steps = 10
+    out = eng.generate(prompts, sp, spec)
+    assert out.stats.depth_hist[2] > 20, out.stats.depth_hist  # it explored throughout
+    assert prefills == [3]  # the first refill, at step 0; every later one came after 10 idle steps
+    assert out.stats.heads_prefill_skipped == len(prompts) - 3
+    assert not policy.measured_plain(3)
+    if DTYPE == torch.float32:
+        assert [s.tokens for s in out.sequences] == [s.tokens for s in plain.sequences]
+
+
 def test_entropy_mode_stops_drafting_with_useless_heads():
     """Heads whose drafts are almost never accepted make drafting slower than plain steps: the
     entropy policy must notice from real outcomes and timings and switch to plain steps, where

@@ -953,3 +953,37 @@ def test_timings_minutes_apart_do_not_pair_and_a_stale_plain_timing_is_retaken()
     with torch.inference_mode():
         assert policy.plan_step(32)[1] > 0  # drafting again
 
+
+
+def test_heads_prefill_is_skipped_once_drafting_has_idled_where_it_is_off():
+    """Where drafting is off by the cost model alone (no drafting step timed, so not
+    measured_plain), admitted rows still get the heads' pass over their prompts until
+    idle_prefill_steps decode steps went by without a step that drafted to a budget. Rows
+    admitted where drafting is on keep the pass, and a step that drafts ends the idle stretch."""
+    policy = DepthPolicy("entropy", k=3, max_k=6, num_bins=8, vocab_size=VOCAB, max_batch=MAX_BATCH)
+    fill_table(policy.table, [0.99] * 8, 4000)
+    # compute-bound at 64 rows (an extra token costs a whole step), nearly free at 1 row
+    linear_cost(policy.cost, lambda r: 1.0 if r < 8 else 0.0, lambda r: 0.01 * r, 7)
+    policy.record_step(64, 1, 0.64)
+    policy.cost.version += 16  # next refresh
+    assert policy.draft_budget(64) == 0 and not policy.measured_plain(64)
+    assert policy.draft_budget(1) > 0
+    assert not policy.skips_heads_prefill(64)  # a fresh policy: the pass runs
+    plans = [policy.plan_step(64) for _ in range(policy.idle_prefill_steps - 1)]
+    assert not any(depth and not explore for _, depth, explore in plans)
+    assert not policy.skips_heads_prefill(64)
+    policy.plan_step(64)
+    assert policy.skips_heads_prefill(64)
+    assert not policy.skips_heads_prefill(1)  # drafting is on at 1 row
+    for _ in range(20):  # at 1 row the policy drafts after its first plain timings
+        budget, depth, explore = policy.plan_step(1)
+        policy.record_step(1, 1 + depth, 1.0 + 0.01 * (1 + depth), planned=depth)
+        if depth and not explore:
+            break
+    else:
+        pytest.fail("never drafted at 1 row")
+    assert not policy.skips_heads_prefill(64)
+    fixed = DepthPolicy("fixed", k=3, max_k=6, num_bins=8, vocab_size=VOCAB, max_batch=MAX_BATCH)
+    for _ in range(200):
+        fixed.plan_step(64)
+    assert not fixed.skips_heads_prefill(64)
