@@ -27,13 +27,11 @@ import torch
 import rollout.engine as E
 import rollout.model as M
 import spec_heads.sampling as S
-from spec_heads.depth import DepthPolicy
-from spec_heads.heads import DraftHeads
-
 from experiments.bench import _load
 from experiments.config import load_config
 from experiments.tasks import make_task
-from rollout.engine import Engine
+from spec_heads.depth import DepthPolicy
+from spec_heads.heads import DraftHeads
 
 
 def main(argv=None) -> int:
@@ -54,14 +52,13 @@ def main(argv=None) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.dtype:
         cfg = replace(cfg, model=replace(cfg.model, dtype=args.dtype))
-    args.model = None
-    model, heads, tok, *_ , device, dtype = _load(args, cfg)
+    model, heads, tok, *_, device, _ = _load(args, cfg)
     sampling = replace(cfg.sampling, temperature=1.0, max_new_tokens=args.max_new_tokens,
                        stop_token_ids=[tok.eos_id])
     task = make_task(cfg.task, chat=tok.apply_chat)
     prompts = [tok.encode(ex.prompt) for ex in task.train_prompts(args.prompts, args.seed)]
     K = heads.config.num_depths
-    eng = Engine(model, heads, max_batch=args.batch, device=device)
+    eng = E.Engine(model, heads, max_batch=args.batch, device=device)
     specs = {"off": replace(cfg.spec, mode="off", k=1, max_k=K),
              "entropy": replace(cfg.spec, mode="entropy", k=1, max_k=K),
              "plain": replace(cfg.spec, mode="entropy", k=1, max_k=K)}

@@ -470,12 +470,12 @@ class DepthPolicy:
         # (record_heads_prefill), set against the tokens a row goes on to yield (record_finished);
         # EMAs over prefills and finished rows (prefill_share).
         self.heads_prefill_row_s: float | None = None  # seconds of the heads' prefill per admitted row
+        self.tokens_per_row: float | None = None  # tokens a finished row generated
         # Rows are admitted without that pass where drafting is off and idle (skips_heads_prefill):
         # self.steps at the last step that drafted to a budget, and how many plain (or exploring)
         # steps since then make drafting idle.
         self._drafted_at = 0
         self.idle_prefill_steps = 128
-        self.tokens_per_row: float | None = None  # tokens a finished row generated
 
     def _refresh(self) -> None:
         """Re-derive host-side caches once per 16 timings: every step records one, and the

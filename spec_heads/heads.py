@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from spec_heads.layers import (Attention, CacheView, DecoderBlock, KVCache, Linear, RMSNorm, RopeSpec, Rotary,
-                               attention, linear)
+                               attention, causal_mask, linear)
 
 KINDS = ("parallel", "sequential")
 MAX_DEPTHS = 8
@@ -562,8 +562,8 @@ class DraftHeads(nn.Module):
         nor do positions below a row's floor. Boolean, or with `additive` a 0 / -inf mask of that
         dtype (the log of the boolean one): SDPA turns a boolean mask into one on every call."""
         keys = torch.arange(kv_len, device=write_pos.device)
-        mask = keys <= write_pos[:, None, :, None]
-        mask = mask.logical_and_(keys >= (1 if floor is None else floor.clamp(min=1)[:, None, None, None]))
+        mask = causal_mask(write_pos, kv_len).logical_and_(
+            keys >= (1 if floor is None else floor.clamp(min=1)[:, None, None, None]))
         return mask if additive is None else mask.to(additive).log_()
 
     # ------------------------------------------------------------------ training

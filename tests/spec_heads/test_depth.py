@@ -954,7 +954,6 @@ def test_timings_minutes_apart_do_not_pair_and_a_stale_plain_timing_is_retaken()
         assert policy.plan_step(32)[1] > 0  # drafting again
 
 
-
 def test_heads_prefill_is_skipped_once_drafting_has_idled_where_it_is_off():
     """Where drafting is off by the cost model alone (no drafting step timed, so not
     measured_plain), admitted rows still get the heads' pass over their prompts until
