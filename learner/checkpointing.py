@@ -4,7 +4,7 @@ Layout of run_dir/checkpoints/:
   step_<k>/policy/        the policy as a Hugging Face folder (rollout.checkpoint.save_checkpoint)
   step_<k>/heads/         the draft heads (DraftHeads.save, with the policy version)
   step_<k>/value_head.safetensors   PPO only
-  step_<k>/trainer.pt     optimiser state and the torch RNG states
+  step_<k>/trainer.pt     optimiser state and the torch RNG states (read with weights_only=True)
   step_<k>/state.json     step, policy_version, refit baseline, python/numpy RNG states
   latest                  a text file naming the newest complete step_<k>, written last
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import shutil
 import sys
@@ -102,7 +103,7 @@ def load_run_checkpoint(folder: str | os.PathLike, learner: Learner) -> dict:
     if learner.value_head is not None:
         vh = ValueHead.load(str(folder / "value_head.safetensors"), learner.policy.config.hidden_size, device)
         learner.value_head.load_state_dict(vh.state_dict())
-    trainer = torch.load(folder / "trainer.pt", map_location="cpu", weights_only=False)
+    trainer = _load_trainer_state(folder / "trainer.pt")
     learner.load_state_dict(trainer["learner"])
     _move_optimizer_state(learner.optimizer, device)
     torch.set_rng_state(trainer["torch_rng"])
@@ -128,6 +129,23 @@ def write_text_atomic(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _load_trainer_state(file: Path) -> dict:
+    """trainer.pt as tensors and plain containers only. A run folder may come from someone else,
+    and a full unpickle runs whatever code the file names, so anything else is refused."""
+    try:
+        trainer = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{file}: holds objects other than tensors and plain containers, which specroll "
+                         f"never writes, so it was not loaded ({first}); resume only from checkpoints "
+                         "written by `specroll train`, or delete this step_<k> folder and point "
+                         "`latest` at an earlier one") from None
+    if not isinstance(trainer, dict) or not {"learner", "torch_rng", "cuda_rng"} <= trainer.keys():
+        raise ValueError(f"{file}: is not a specroll trainer state (keys learner, torch_rng, cuda_rng); "
+                         "resume only from checkpoints written by `specroll train`")
+    return trainer
 
 
 def _move_optimizer_state(optimizer: torch.optim.Optimizer, device) -> None:
