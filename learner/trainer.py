@@ -96,7 +96,9 @@ class Learner:
                 for k, v in part.items():  # losses are already full-batch shares; metrics are means
                     sums[k] = sums.get(k, 0.0) + (v if k in _LOSS_KEYS else v * weight)
             grad_norm = self._clip_and_check(epoch)
+            norm_before = _global_norm(self.params)
             self.optimizer.step()
+            self._check_weights(norm_before, epoch)
             if epoch == 0:  # the on-policy pass is the one to log
                 out = {**sums, "grad_norm": grad_norm}
         entropy = torch.tensor([e for s in sequences for e in s.entropies] or [0.0])
@@ -181,6 +183,21 @@ class Learner:
                                  "last checkpoint is intact (lower train.lr or set train.grad_clip)")
         return norm
 
+    def _check_weights(self, norm_before: float, epoch: int) -> None:
+        """After the optimiser step: the weights are finite and their norm moved by a sane amount,
+        or the run stops here, before they are published or checkpointed (so the last checkpoint
+        is good)."""
+        norm = _global_norm(self.params)
+        limit = self.train_cfg.max_norm_change
+        if not math.isfinite(norm):
+            raise NonFiniteError(f"weights: non-finite after the optimiser step of pass {epoch} (norm {norm}); "
+                                 "they were neither published nor checkpointed (lower train.lr)")
+        if abs(norm - norm_before) > limit * norm_before:
+            raise NonFiniteError(f"weights: the optimiser step of pass {epoch} took their norm from "
+                                 f"{norm_before:.4g} to {norm:.4g} (more than train.max_norm_change={limit} "
+                                 "of it): the run is diverging towards non-finite weights; they were neither published "
+                                 "nor checkpointed (lower train.lr)")
+
     # ------------------------------------------------------------------ re-fit
     def should_refit(self, step: int, accepted_len: float, speculating: bool) -> bool:
         """Per RefitConfig.schedule; the first step after a fit sets the on_drop baseline."""
@@ -217,7 +234,8 @@ class Learner:
         before, after = result["acceptance_before"], result["acceptance_after"]
         # A fit on one step's rollouts can overfit them; keep the old heads when the held-out
         # expected tokens per verify (1 + sum_j prod_{i<=j} alpha_i) got worse.
-        kept = expected_tokens(after, len(after)) >= expected_tokens(before, len(before))
+        kept = expected_tokens(after, len(after)) >= expected_tokens(before, len(before)) \
+            and all(torch.isfinite(v).all() for v in self.heads.state_dict().values())
         if not kept:
             self.heads.load_state_dict(old_state)
         # the heads carry their held-out acceptance to the rollout workers (DraftHeads.acceptance)
@@ -261,6 +279,11 @@ class Learner:
         self.optimizer.load_state_dict(state["optimizer"])
         self.policy_version = int(state["policy_version"])
         self.refit_baseline = state["refit_baseline"]
+
+
+def _global_norm(params: list[torch.Tensor]) -> float:
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.detach().float())
+                                                       for p in params])))
 
 
 def _pad_to(x: torch.Tensor, batch: PackedBatch) -> torch.Tensor:

@@ -328,3 +328,39 @@ def test_measure_acceptance_matches_the_fit_evaluation():
                   prompt_lens=lens, eval_sequences=seqs, eval_prompt_lens=lens)
     assert measure_acceptance(model, heads, seqs, prompt_lens=lens, batch_size=4) == pytest.approx(m["acceptance_after"])
     assert heads.measured_acceptance() == pytest.approx(m["acceptance_after"], abs=1e-6)
+
+
+def test_a_diverging_step_stops_the_run_before_it_is_published():
+    """lr 0.9 keeps every loss and gradient finite but multiplies the weights' norm many-fold: the
+    step raises before the publish, so the workers keep the last good version and the run's
+    checkpoint loop never saves these weights."""
+    model, heads = make_policy()
+    learner = make_learner(copy.deepcopy(model), copy.deepcopy(heads), lr=0.9)
+    loop = make_loop(learner)
+    with pytest.raises(NonFiniteError, match="diverging"):
+        loop.step(1)
+    assert learner.policy_version == 0 and loop.client.version == 0
+
+
+def test_non_finite_weights_after_the_step_stop_the_run(monkeypatch):
+    model, heads = make_policy()
+    learner = make_learner(copy.deepcopy(model), copy.deepcopy(heads))
+    step = learner.optimizer.step
+
+    def overflowing_step(*args, **kwargs):  # what an fp16/bf16 overflow in the update leaves behind
+        step(*args, **kwargs)
+        with torch.no_grad():
+            learner.policy.norm.weight[0] = math.inf
+
+    monkeypatch.setattr(learner.optimizer, "step", overflowing_step)
+    loop = make_loop(learner)
+    with pytest.raises(NonFiniteError, match="non-finite"):
+        loop.step(1)
+    assert learner.policy_version == 0 and loop.client.version == 0
+
+
+def test_a_healthy_step_passes_the_update_check():
+    model, heads = make_policy()
+    learner = make_learner(copy.deepcopy(model), copy.deepcopy(heads), lr=1e-2)
+    make_loop(learner).step(1)
+    assert learner.policy_version == 1
