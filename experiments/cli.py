@@ -129,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(rest)} (overrides look like key.sub=value)")
     from experiments.config import ConfigError
     from experiments.data import DataError
+    from rollout.types import LengthError
 
     try:
         if args.command == "config":
@@ -137,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
             from experiments.config import load_config
 
             cfg = load_config(args.config, args.overrides)  # fail on a bad config before importing torch
+            check_data(cfg)  # and on bad data before a model is loaded or converted
             entry = _entry(args.command)
             # train re-applies the command line's overrides on top of a resumed run's saved config
             result = entry(cfg, args.overrides) if args.command == "train" else entry(cfg)
@@ -144,8 +146,9 @@ def main(argv: list[str] | None = None) -> int:
             return _passthrough_help(parser, args.command)
         else:
             result = _entry(args.command)(rest)
-    except (ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ConfigError, DataError, LengthError) as e:
+        # from a Ray worker the error arrives wrapped (it is still a LengthError): show its cause
+        print(f"error: {getattr(e, 'cause', None) or e}", file=sys.stderr)
         return EXIT_USAGE
     except _Missing as e:
         print(f"error: {e}", file=sys.stderr)
@@ -162,8 +165,18 @@ def show_config(args: argparse.Namespace) -> int:
     if args.list_presets:
         print("\n".join(list_presets()))
         return 0
-    print(format_config(load_config(args.config, args.overrides)), end="")
+    cfg = load_config(args.config, args.overrides)
+    check_data(cfg)
+    print(format_config(cfg), end="")
     return 0
+
+
+def check_data(cfg) -> None:
+    """Read and check the task's data file (DataError on a missing, empty or malformed file)."""
+    if cfg.task.name == "gsm8k":
+        from experiments.tasks import load_task_records
+
+        load_task_records(cfg.task)
 
 
 class _Missing(Exception):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import re
 import tempfile
@@ -169,7 +170,12 @@ def load_config(preset: str | None = "default", overrides: list[str] | None = No
             layer = OmegaConf.create()
             OmegaConf.update(layer, key, value.strip("'\""), force_add=True)
         else:
-            layer = OmegaConf.from_dotlist([item])
+            try:
+                layer = OmegaConf.from_dotlist([item])
+            except Exception as e:  # the YAML parser's own errors, e.g. an unclosed list
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise ConfigError(f"{key}: cannot read {value!r} as a value ({first}); write a list as "
+                                  f"[1, 2] and a string with quotes if it holds [ ] , or :") from None
         merged = _merge(merged, layer, where="")
     try:
         tree = OmegaConf.to_container(merged, resolve=True)
@@ -231,6 +237,8 @@ def _build(cls, node: dict, path: str):
         value = node[f.name]
         if dataclasses.is_dataclass(hints[f.name]) and isinstance(value, dict):
             value = _build(hints[f.name], value, _join(path, f.name))
+        else:
+            _check_finite(_join(path, f.name), hints[f.name], value, f)
         kwargs[f.name] = value
     try:
         return cls(**kwargs)
@@ -238,6 +246,18 @@ def _build(cls, node: dict, path: str):
         if isinstance(e, ConfigError):
             raise
         raise ConfigError(f"{path}.{e}" if path else str(e)) from None
+
+
+def _check_finite(key: str, hint, value, f: dataclasses.Field) -> None:
+    """Every float setting (and each float of a list) must be finite: nan and inf pass most range
+    checks (`nan < 0` is False) and surface later as tracebacks deep in the engine or the optimiser."""
+    if float not in (hint, *typing.get_args(hint)):
+        return
+    for v in value if isinstance(value, (list, tuple)) else [value]:
+        if isinstance(v, float) and not math.isfinite(v):
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            raise ConfigError(f"{key}: must be a finite number, got {v}; set a finite value "
+                              f"(default: {'unset' if default is None else default})")
 
 
 def _join(path: str, key: str) -> str:

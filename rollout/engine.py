@@ -32,7 +32,7 @@ from collections import deque
 import torch
 from torch import nn
 
-from rollout.types import RolloutBatch, RolloutStats, Sequence, SamplingParams, SpecParams
+from rollout.types import LengthError, RolloutBatch, RolloutStats, Sequence, SamplingParams, SpecParams
 from spec_heads.depth import DepthPolicy
 from spec_heads.layers import (Attention, calibrate_cpu_attention, calibrate_cpu_row_padding, cpu_attention,
                                set_cpu_attention, set_cpu_row_padding)
@@ -176,9 +176,9 @@ class Engine:
                                             self.heads.config.num_depths)
         need = max(map(len, prompts)) + sampling.max_new_tokens + K + 2
         if need > self.max_len:
-            raise ValueError(f"prompt length + max_new_tokens + draft depth = {need} exceeds the "
-                             f"engine's max_len={self.max_len}; shorten prompts, lower "
-                             "sampling.max_new_tokens, or raise rollout.max_seq_len")
+            raise LengthError(f"sampling.max_new_tokens: prompt length + max_new_tokens + draft depth = "
+                              f"{need} exceeds the engine's max_len={self.max_len}; lower "
+                              "sampling.max_new_tokens, shorten prompts, or raise rollout.max_seq_len")
         with _attention_backends(self.device):
             run = _Run(self, prompts, ids, sampling, spec, K, seed, progress)
             return run.loop()

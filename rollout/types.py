@@ -1,7 +1,12 @@
 """Rollout data types and generation parameters. Plain data: no torch modules, no Ray."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+
+
+class LengthError(ValueError):
+    """A request that does not fit the engine's KV cache; the message names the setting to change."""
 
 
 @dataclass
@@ -15,8 +20,8 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)  # the tokenizer's EOS is added by callers
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError(f"temperature: must be >= 0 (0 is greedy), got {self.temperature}")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature: must be a finite number >= 0 (0 is greedy), got {self.temperature}")
         if self.top_k < 0:
             raise ValueError(f"top_k: must be >= 0 (0 turns it off), got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
