@@ -21,12 +21,39 @@ EPILOG = """examples:
 """
 
 
+def split_values(values: str) -> list[str] | None:
+    """"1,[0.9,0.99],'a,b'" -> ["1", "[0.9,0.99]", "'a,b'"]: commas inside brackets or quotes
+    belong to the value. None when a bracket or quote is left open."""
+    out, depth, quote, start = [], 0, "", 0
+    for i, ch in enumerate(values):
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "[{(":
+            depth += 1
+        elif ch in "]})":
+            depth -= 1
+            if depth < 0:
+                return None
+        elif ch == "," and depth == 0:
+            out.append(values[start:i])
+            start = i + 1
+    if depth or quote:
+        return None
+    return [v for v in out + [values[start:]] if v != ""]
+
+
 def parse_grid(items: list[str]) -> dict[str, list[str]]:
-    """["a.b=1,2", "c=x"] -> {"a.b": ["1", "2"], "c": ["x"]}; a bad item names itself."""
+    """["a.b=1,2", "c=x", "d=[1,2],[3]"] -> {"a.b": ["1", "2"], "c": ["x"], "d": ["[1,2]", "[3]"]};
+    a bad item names itself."""
     grid: dict[str, list[str]] = {}
     for item in items:
         key, sep, values = item.partition("=")
-        vals = [v for v in values.split(",") if v != ""]
+        vals = split_values(values)
+        if vals is None:
+            raise ConfigError(f"--grid {item!r}: a bracket or quote is not closed; e.g. "
+                              "--grid train.betas=[0.9,0.99],[0.9,0.999]")
         if not sep or not key or not vals:
             raise ConfigError(f"--grid {item!r}: expected key=v1,v2,..., e.g. --grid spec.mode=off,entropy")
         if key in grid:
@@ -45,17 +72,49 @@ def trial_name(point: dict[str, str]) -> str:
     return "_".join(f"{k.split('.')[-1]}={v}" for k, v in point.items()) or "base"
 
 
+class TrialFailed(RuntimeError):
+    """`specroll train` of one trial ended with an error (its run dir keeps what it wrote)."""
+
+
 def _trainable(params: dict) -> None:
-    """One Tune trial: build the config, run `train`, report each step's metrics."""
+    """One Tune trial: build the config, run `train`, report each step's metrics; a run that
+    ends with an error (e.g. non-finite weights) fails the trial, after reporting its steps."""
     from ray import tune
 
     from experiments import train
     from experiments.metrics import read_metrics
 
     cfg = load_config(params["preset"], params["overrides"])
-    train.run(cfg)
-    for rec in read_metrics(cfg.run_dir):
-        tune.report({k: v for k, v in rec.items() if isinstance(v, (int, float, bool))})
+    code = train.run(cfg)
+    if (Path(cfg.run_dir) / "metrics.jsonl").is_file():
+        for rec in read_metrics(cfg.run_dir):
+            tune.report({k: v for k, v in rec.items() if isinstance(v, (int, float, bool))})
+    if isinstance(code, int) and code != 0:
+        raise TrialFailed(f"specroll train exited with code {code} (its error is in the trial's log; "
+                          f"run dir {cfg.run_dir})")
+
+
+def trial_of(overrides: list[str]) -> str:
+    """The trial name a trial's overrides carry (the last name=... wins, as in load_config)."""
+    names = [o.split("=", 1)[1] for o in overrides if o.startswith("name=")]
+    return names[-1] if names else "?"
+
+
+def error_line(error: BaseException) -> str:
+    """One line for a failed trial: the exception that ended it, without Ray's traceback."""
+    cause = getattr(error, "cause", None)
+    if cause is not None:
+        return f"{type(cause).__name__}: {cause}".splitlines()[0]
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
+
+
+def existing_sweep(sweep_dir: Path) -> list[str]:
+    """What an earlier sweep of this name left in sweep_dir (trial run dirs, Tune's state)."""
+    if not sweep_dir.is_dir():
+        return []
+    return sorted(p.name for p in sweep_dir.iterdir()
+                  if p.name == "_tune" or (p / "config.yaml").is_file() or (p / "metrics.jsonl").is_file())
 
 
 def main(argv: list[str]) -> int:
@@ -77,15 +136,18 @@ def main(argv: list[str]) -> int:
         points = expand(grid)
         for point in points:  # and on a bad grid value, before any trial starts
             load_config(args.config, args.overrides + [f"{k}={v}" for k, v in point.items()])
+        sweep_dir = Path(base.out_dir) / args.name
+        earlier = existing_sweep(sweep_dir)
+        if earlier:  # its trials would each refuse their used run dir, or mix old and new results
+            raise ConfigError(f"--name {args.name}: {sweep_dir} already holds a sweep ({', '.join(earlier[:4])}"
+                              f"{' ...' if len(earlier) > 4 else ''}); choose another --name, or delete "
+                              f"{sweep_dir} to run it again")
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     import ray
     from ray import tune
 
-    from experiments.compare import compare_rows, print_table
-
-    sweep_dir = Path(base.out_dir) / args.name
     trials = []
     for point in points:
         name = trial_name(point)
@@ -108,10 +170,25 @@ def main(argv: list[str]) -> int:
         run_config=tune.RunConfig(name=args.name, storage_path=str((sweep_dir / "_tune").resolve()), verbose=1),
     )
     results = tuner.fit()
-    failed = [r for r in results if r.error]
-    done = [str(sweep_dir / t["trial"]) for t in trials if (sweep_dir / t["trial"] / "metrics.jsonl").exists()]
+    failed = {trial_of(r.config["overrides"]): error_line(r.error) for r in results if r.error}
+    return report(sweep_dir, [t["trial"] for t in trials], failed)
+
+
+def report(sweep_dir: Path, trials: list[str], failed: dict[str, str]) -> int:
+    """The compare table of the trials that logged steps, failed ones marked (FAILED), then one
+    error line per failed trial naming it; returns the exit code (1 if any trial failed)."""
+    from experiments.compare import compare_rows, print_table
+
+    done = [str(sweep_dir / t) for t in trials if (sweep_dir / t / "metrics.jsonl").exists()]
     if done:
-        print_table(compare_rows(done), last=5)
-    for r in failed:
-        print(f"trial failed: {r.error}", file=sys.stderr)
+        rows = compare_rows(done, last=5)
+        for row in rows:  # a failed trial's steps so far must not read as a finished result
+            if row["name"] in failed:
+                row["name"] += " (FAILED)"
+        print_table(rows, last=5)
+    for name in trials:
+        if name in failed and str(sweep_dir / name) not in done:
+            print(f"{name} (FAILED): no step finished", file=sys.stderr)
+    for name, line in failed.items():
+        print(f"error: trial {name}: {line}", file=sys.stderr)
     return 1 if failed else 0

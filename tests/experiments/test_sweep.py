@@ -28,3 +28,68 @@ def test_bad_value_fails_before_any_trial(capsys):
     assert main(["--grid", "spec.mode=off,sometimes", "train.steps=1"]) == 2
     err = capsys.readouterr().err
     assert "spec.mode" in err and "sometimes" in err
+
+
+def test_grid_values_may_hold_commas_inside_brackets_and_quotes():
+    grid = parse_grid(["train.betas=[0.9,0.99],[0.8,0.9]", "sampling.stop_token_ids=[1,2],[]", "name='a,b',c"])
+    assert grid == {"train.betas": ["[0.9,0.99]", "[0.8,0.9]"], "sampling.stop_token_ids": ["[1,2]", "[]"],
+                    "name": ["'a,b'", "c"]}
+    with pytest.raises(ConfigError, match="not closed"):
+        parse_grid(["train.betas=[0.9,0.99"])
+
+
+def test_bracketed_grid_values_reach_the_trial_configs(capsys, tmp_path):
+    """Every grid point is loaded before any trial starts: a bracketed list is one value."""
+    from experiments.config import load_config
+
+    points = expand(parse_grid(["train.betas=[0.9,0.99],[0.8,0.9]"]))
+    assert [load_config("default", [f"{k}={v}" for k, v in p.items()]).train.betas for p in points] == \
+        [[0.9, 0.99], [0.8, 0.9]]
+
+
+def test_a_rerun_under_an_existing_sweep_name_is_refused_before_any_trial(tmp_path, capsys, monkeypatch):
+    import experiments.sweep as sweep
+
+    (tmp_path / "s" / "mode=off").mkdir(parents=True)
+    (tmp_path / "s" / "mode=off" / "metrics.jsonl").write_text("{}\n")
+    monkeypatch.setattr(sweep, "_trainable", lambda params: pytest.fail("a trial started"))
+    assert main(["--name", "s", "--grid", "spec.mode=off,fixed", f"out_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --name s:") and "already holds a sweep (mode=off)" in err and "another --name" in err
+
+
+def _fake_run(run_dir, rewards):
+    import json
+
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text("spec:\n  mode: fixed\nrefit:\n  schedule: never\n")
+    with (run_dir / "metrics.jsonl").open("w") as f:
+        for step, reward in enumerate(rewards, start=1):
+            f.write(json.dumps({"step": step, "reward_mean": reward, "time_rollout_s": 1.0}) + "\n")
+
+
+def test_a_failed_trial_shows_as_failed_and_its_error_line_names_it(tmp_path, capsys):
+    from experiments.sweep import report
+
+    _fake_run(tmp_path / "lr=1e-4", [0.1, 0.2, 0.3])
+    _fake_run(tmp_path / "lr=0.5", [0.1, 0.0])  # stopped after two steps
+    code = report(tmp_path, ["lr=1e-4", "lr=0.5", "lr=0.9"],
+                  {"lr=0.5": "TrialFailed: specroll train exited with code 1", "lr=0.9": "ValueError: boom"})
+    out, err = capsys.readouterr()
+    assert code == 1
+    assert "lr=0.5 (FAILED)" in out and "lr=1e-4 (FAILED)" not in out and "lr=1e-4" in out
+    assert "error: trial lr=0.5: TrialFailed: specroll train exited with code 1" in err
+    assert "error: trial lr=0.9: ValueError: boom" in err and "lr=0.9 (FAILED): no step finished" in err
+    assert report(tmp_path, ["lr=1e-4"], {}) == 0
+
+
+def test_error_lines_and_trial_names():
+    from experiments.sweep import error_line, trial_of
+
+    class Wrapped(Exception):
+        cause = ValueError("sampling.top_p: must be in (0, 1]\nmore")
+
+    assert error_line(Wrapped("ray::ImplicitFunc ...\nTraceback ...")) == "ValueError: sampling.top_p: must be in (0, 1]"
+    assert error_line(RuntimeError("Traceback (most recent call last):\n  File x\nRuntimeError: last words\n")) == \
+        "RuntimeError: last words"
+    assert trial_of(["train.steps=2", "name=a", "out_dir=/x", "name=mode=off"]) == "mode=off"
