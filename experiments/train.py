@@ -184,6 +184,9 @@ def _train(cfg: Config, run_dir: Path) -> dict | int:
     if checkpoint is not None:
         start = int(load_run_checkpoint(checkpoint, learner)["step"])
         print(f"resuming {run_dir} from {checkpoint} (step {start}, policy version {learner.policy_version})")
+    elif cfg.resume:  # killed before its first checkpoint: nothing to load, its logged steps are redone
+        print(f"resuming {run_dir}: it stopped before its first checkpoint, so it restarts from step 0 "
+              "(the steps it logged are discarded)")
     heads = learner.heads
     client = RolloutClient(learner.policy.config, cpu_state(learner.policy), heads.config if heads else None,
                            cpu_state(heads), cfg.rollout, version=learner.policy_version,

@@ -107,3 +107,26 @@ def test_train_with_ray_workers_matches_in_process(policy_dir, tmp_path):
             else:
                 assert ra[k] == rb[k], k
     assert (Path(remote.run_dir) / "checkpoints" / "step_2" / "state.json").is_file()
+
+
+def test_a_run_killed_before_its_first_checkpoint_restarts_from_step_0(policy_dir, tmp_path, monkeypatch, capsys):
+    real_step = RLLoop.step
+
+    def crash_at_2(self, step):
+        if step == 2:
+            raise KeyboardInterrupt  # killed by the user between step 1 and the first checkpoint
+        return real_step(self, step)
+
+    cfg = small_config(policy_dir, tmp_path, "early", "train.checkpoint_every=2")
+    monkeypatch.setattr(RLLoop, "step", crash_at_2)
+    with pytest.raises(KeyboardInterrupt):
+        train.run(cfg)
+    monkeypatch.setattr(RLLoop, "step", real_step)
+    run_dir = Path(cfg.run_dir)
+    assert [r["step"] for r in read_metrics(run_dir)] == [1] and not (run_dir / "checkpoints" / "latest").exists()
+    capsys.readouterr()
+    train.run(load_config("default", [f"resume={run_dir}"]))
+    out = capsys.readouterr().out
+    assert f"resuming {run_dir}: it stopped before its first checkpoint, so it restarts from step 0" in out
+    assert [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3]
+    assert [r["policy_version"] for r in read_metrics(run_dir)] == [1, 2, 3]
