@@ -126,7 +126,13 @@ class Engine:
         p = next(model.parameters())
         self.device, self.dtype = (torch.device(device) if device else p.device), p.dtype
         self.max_batch = max_batch
-        self.max_len = max_len or model.config.max_position_embeddings
+        # a dynamic / longrope rope matches transformers only below model.max_positions
+        limit = getattr(model, "max_positions", None)
+        self.max_len = max_len or min(model.config.max_position_embeddings, limit or model.config.max_position_embeddings)
+        if limit is not None and self.max_len > limit:
+            raise LengthError(f"rollout.max_seq_len: {self.max_len} runs past position {limit}, where this model's "
+                              f"{model.config.rope_scaling.get('rope_type')} rope stops matching transformers (it "
+                              f"rescales with the sequence length); set rollout.max_seq_len <= {limit}")
         self.policy_version = 0
         self.cuda = self.device.type == "cuda"
         # On a GPU, reading state back each step costs a sync; on a CPU it is free.

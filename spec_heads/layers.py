@@ -1,5 +1,5 @@
 """Transformer building blocks shared by the policy (rollout/model.py) and the sequential draft
-head: RMSNorm, rotary embeddings (with the common scaling variants), grouped-query attention
+head: RMSNorm, rotary embeddings (their parameters: spec_heads/rope.py), grouped-query attention
 over a slot-indexed KV cache, SwiGLU, one decoder block.
 
 The KV cache knows nothing about sequences or sampling. It is a set of per-layer buffers
@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from spec_heads.rope import RopeSpec, rope_inv_freq  # noqa: F401  (RopeSpec: re-exported for heads.py)
 
 
 class RMSNorm(nn.Module):
@@ -161,61 +163,6 @@ def padding_from_times(times: dict[int, float], min_gain: float = 0.05, overhead
         if cost(pad) < (1.0 - min_gain) * times[rows]:
             table[rows] = pad
     return table
-
-
-@dataclass
-class RopeSpec:
-    """Rotary embedding parameters, as in a Hugging Face config (`rope_theta`, `rope_scaling`)."""
-
-    head_dim: int
-    theta: float = 10000.0
-    scaling: dict | None = None  # {"rope_type": "linear"|"llama3"|"yarn"|"dynamic"|"default", ...}
-    max_position_embeddings: int = 2048
-    partial_rotary_factor: float = 1.0
-
-
-def rope_inv_freq(spec: RopeSpec) -> tuple[torch.Tensor, float]:
-    """Inverse frequencies [rot_dim/2] and the attention scaling factor for `spec`."""
-    dim = int(spec.head_dim * spec.partial_rotary_factor)
-    inv = 1.0 / (spec.theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
-    sc = dict(spec.scaling or {})
-    kind = sc.get("rope_type", sc.get("type", "default"))
-    mscale = 1.0
-    if kind in ("default", None):
-        pass
-    elif kind == "linear":
-        inv = inv / float(sc["factor"])
-    elif kind == "dynamic":
-        # Dynamic NTK equals the default inside max_position_embeddings; the engine never
-        # runs past it (its max_len is checked against the model's), so no rescaling here.
-        pass
-    elif kind == "llama3":  # arXiv:2407.21783, frequency-dependent interpolation
-        factor = float(sc["factor"])
-        lo, hi = float(sc.get("low_freq_factor", 1.0)), float(sc.get("high_freq_factor", 4.0))
-        old = float(sc.get("original_max_position_embeddings", 8192))
-        wavelen = 2 * math.pi / inv
-        smooth = (old / wavelen - lo) / (hi - lo)
-        scaled = torch.where(wavelen > old / lo, inv / factor, inv)
-        mid = (wavelen <= old / lo) & (wavelen >= old / hi)
-        inv = torch.where(mid, (1 - smooth) * inv / factor + smooth * inv, scaled)
-    elif kind == "yarn":  # arXiv:2309.00071
-        factor = float(sc["factor"])
-        old = float(sc.get("original_max_position_embeddings", spec.max_position_embeddings))
-        beta_fast, beta_slow = float(sc.get("beta_fast", 32)), float(sc.get("beta_slow", 1))
-        mscale = float(sc.get("attention_factor") or (0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0))
-
-        def corr(rot):
-            return (dim * math.log(old / (rot * 2 * math.pi))) / (2 * math.log(spec.theta))
-
-        low = max(math.floor(corr(beta_fast)), 0)
-        high = min(math.ceil(corr(beta_slow)), dim - 1)
-        ramp = (torch.arange(dim // 2, dtype=torch.float64) - low) / max(high - low, 1e-3)
-        extrap = 1 - ramp.clamp(0, 1)
-        inv = (inv / factor) * (1 - extrap) + inv * extrap
-    else:
-        raise ValueError(f"rope_scaling.rope_type={kind!r} is not supported; use one of "
-                         "default, linear, dynamic, llama3, yarn")
-    return inv.float(), mscale
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
