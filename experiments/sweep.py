@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 
 from experiments.config import ConfigError, load_config
+from experiments.data import DataError
+from experiments.tasks import load_task_records
 
 EPILOG = """examples:
   specroll sweep --grid spec.mode=off,entropy --grid refit.schedule=never,on_drop train.steps=10
@@ -134,15 +136,17 @@ def main(argv: list[str]) -> int:
         grid = parse_grid(args.grid)
         base = load_config(args.config, args.overrides)  # fail early on a bad base config
         points = expand(grid)
-        for point in points:  # and on a bad grid value, before any trial starts
-            load_config(args.config, args.overrides + [f"{k}={v}" for k, v in point.items()])
+        for point in points:  # and on a bad grid value or data file, before any trial starts
+            cfg = load_config(args.config, args.overrides + [f"{k}={v}" for k, v in point.items()])
+            if cfg.task.name == "gsm8k":
+                load_task_records(cfg.task)
         sweep_dir = Path(base.out_dir) / args.name
         earlier = existing_sweep(sweep_dir)
         if earlier:  # its trials would each refuse their used run dir, or mix old and new results
             raise ConfigError(f"--name {args.name}: {sweep_dir} already holds a sweep ({', '.join(earlier[:4])}"
                               f"{' ...' if len(earlier) > 4 else ''}); choose another --name, or delete "
                               f"{sweep_dir} to run it again")
-    except ConfigError as e:
+    except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     import ray

@@ -93,3 +93,14 @@ def test_error_lines_and_trial_names():
     assert error_line(RuntimeError("Traceback (most recent call last):\n  File x\nRuntimeError: last words\n")) == \
         "RuntimeError: last words"
     assert trial_of(["train.steps=2", "name=a", "out_dir=/x", "name=mode=off"]) == "mode=off"
+
+
+def test_a_bad_data_file_fails_the_sweep_before_any_trial(tmp_path, capsys, monkeypatch):
+    import experiments.sweep as sweep
+
+    (tmp_path / "d.jsonl").write_text('{"question": "q", "answer": "#### 1 2"}\n')
+    monkeypatch.setattr(sweep, "_trainable", lambda params: pytest.fail("a trial started"))
+    assert main(["--grid", "algo.clip_high=0.2,0.28", "model.name=smollm2-135m", "task.name=gsm8k",
+                 f"task.path={tmp_path / 'd.jsonl'}", f"out_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "line 1" in err and "not one number" in err
