@@ -195,8 +195,8 @@ class Learner:
         if abs(norm - norm_before) > limit * norm_before:
             raise NonFiniteError(f"weights: the optimiser step of pass {epoch} took their norm from "
                                  f"{norm_before:.4g} to {norm:.4g} (more than train.max_norm_change={limit} "
-                                 "of it): the run is diverging towards non-finite weights; they were neither published "
-                                 "nor checkpointed (lower train.lr)")
+                                 "of it): the run is diverging towards non-finite weights; they were neither "
+                                 "published nor checkpointed (lower train.lr)")
 
     # ------------------------------------------------------------------ re-fit
     def should_refit(self, step: int, accepted_len: float, speculating: bool) -> bool:

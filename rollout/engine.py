@@ -128,7 +128,7 @@ class Engine:
         self.max_batch = max_batch
         # a dynamic / longrope rope matches transformers only below model.max_positions
         limit = getattr(model, "max_positions", None)
-        self.max_len = max_len or min(model.config.max_position_embeddings, limit or model.config.max_position_embeddings)
+        self.max_len = max_len or min(model.config.max_position_embeddings, limit or math.inf)
         if limit is not None and self.max_len > limit:
             raise LengthError(f"rollout.max_seq_len: {self.max_len} runs past position {limit}, where this model's "
                               f"{model.config.rope_scaling.get('rope_type')} rope stops matching transformers (it "
