@@ -31,6 +31,9 @@ class GraphConfig:
     """How the engine runs its plain decode step on CUDA."""
 
     enabled: bool = True  # replay captured graphs (False: launch the same bucketed step eagerly)
+    # fuse the decoder block's elementwise chains (spec_heads.fused: torch.compile, once per
+    # process), in graphs and eager steps alike: a small policy's step is mostly such kernels
+    fuse: bool = True
     # Rows a step runs over, padded up to the next of these: each bucket costs one capture per
     # attention span; finer buckets past 16 rows waste little work on a draining batch (a padded
     # row costs its share of a step that is memory-bound on the weights) and need fewer captures.

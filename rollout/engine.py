@@ -35,6 +35,7 @@ from torch import nn
 from rollout.cuda_graphs import DecodeGraphs, GraphConfig
 from rollout.types import RolloutBatch, RolloutStats, Sequence, SamplingParams, SpecParams
 from spec_heads.depth import DepthPolicy
+from spec_heads.fused import fused_elementwise
 from spec_heads.layers import (Attention, calibrate_cpu_attention, calibrate_cpu_row_padding, cpu_attention,
                                set_cpu_attention, set_cpu_row_padding)
 from spec_heads.rejection import rejection_sample
@@ -184,7 +185,8 @@ class Engine:
             raise ValueError(f"prompt length + max_new_tokens + draft depth = {need} exceeds the "
                              f"engine's max_len={self.max_len}; shorten prompts, lower "
                              "sampling.max_new_tokens, or raise rollout.max_seq_len")
-        with _attention_backends(self.device):
+        fuse = self.graphs is not None and self.graphs.config.fuse
+        with _attention_backends(self.device), fused_elementwise(fuse):
             run = _Run(self, prompts, ids, sampling, spec, K, seed, progress)
             return run.loop()
 

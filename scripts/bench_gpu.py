@@ -29,9 +29,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from rollout.cuda_graphs import GraphConfig  # noqa: E402
 from rollout.engine import Engine, _attention_backends  # noqa: E402
 from rollout.model import ModelConfig, Transformer  # noqa: E402
 from rollout.types import SamplingParams  # noqa: E402
+from spec_heads.fused import fused_elementwise  # noqa: E402
 
 # Hugging Face config fields of the published models (weights random here)
 SHAPES = {
@@ -101,8 +103,11 @@ def prompts_for(batch: int, length: int, vocab: int, seed: int = 0) -> list[list
     return torch.randint(3, vocab, (batch, length), generator=g).tolist()
 
 
-def time_engine(model, batch: int, prompt: int, new: int, repeats: int) -> tuple[float, dict]:
-    eng = Engine(model, max_batch=batch)
+VARIANTS = {"fused": GraphConfig(), "graphs": GraphConfig(fuse=False), "eager": GraphConfig(enabled=False, fuse=False)}
+
+
+def time_engine(model, batch: int, prompt: int, new: int, repeats: int, variant: str = "fused") -> tuple[float, dict]:
+    eng = Engine(model, max_batch=batch, graphs=VARIANTS[variant])
     prompts = prompts_for(batch, prompt, model.config.vocab_size)
     sp = SamplingParams(temperature=1.0, max_new_tokens=new, stop_token_ids=[])
     eng.generate(prompts, sp)  # warm-up: captures the graphs of every attention span
@@ -150,12 +155,12 @@ def time_hf(hf, batch: int, prompt: int, new: int, repeats: int, cache: str | No
 
 @torch.inference_mode()
 def verify_cost(model, batch: int, widths, ctx: int, replays: int = 30) -> dict[int, float]:
-    """Seconds of one forward + LM head of W tokens per row at positions ctx.., per width,
-    each captured as a CUDA graph and timed by replays (median of replays)."""
+    """Seconds of one forward + LM head of W tokens per row at positions ctx.., per width, with
+    the engine's kernels (fused elementwise chains, grouped-query attention), each captured as a CUDA graph and timed by replays (median of replays)."""
     kv = -(-(ctx + max(widths)) // 64) * 64
     cache = model.new_cache(batch, kv)
     out = {}
-    with _attention_backends(torch.device("cuda")):
+    with _attention_backends(torch.device("cuda")), fused_elementwise():  # the engine's kernels
         for w in widths:
             ids = torch.randint(3, model.config.vocab_size, (batch, w), device="cuda")
             pos = (ctx + torch.arange(w, device="cuda")).expand(batch, w)
@@ -191,6 +196,8 @@ def main(argv=None):
     ap.add_argument("--hf-static", nargs="*", default=[], metavar="SHAPE:BATCH",
                     help="static-cache generate at just these (shape, batch) pairs (one compile each)")
     ap.add_argument("--verify", nargs="*", type=int, default=[1, 2, 4, 8], help="verify widths (empty: skip)")
+    ap.add_argument("--variants", nargs="+", default=["fused"], choices=list(VARIANTS),
+                    help="engine variants: CUDA graphs with fused elementwise kernels, graphs alone, eager")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     dtype = getattr(torch, args.dtype)
@@ -203,11 +210,14 @@ def main(argv=None):
         model = build(shape, dtype)
         hf = hf_model(model) if args.hf or static_pairs else None
         for b in args.batch:
-            t, info = time_engine(model, b, args.prompt, args.new, args.repeats)
             bound = step_bytes(model, b, args.prompt + args.new / 2) / bw
             row = {"card": card, "shape": shape, "batch": b, "dtype": args.dtype, "prompt": args.prompt,
-                   "new": args.new, "engine_s": t, "engine_tok_s": b * args.new / t, "engine_ms_step": 1e3 * t / args.new,
-                   "bound_ms_step": 1e3 * bound, "bound_tok_s": b / bound, "copy_bw": bw, **info}
+                   "new": args.new, "bound_ms_step": 1e3 * bound, "bound_tok_s": b / bound, "copy_bw": bw}
+            for v in args.variants:
+                t, info = time_engine(model, b, args.prompt, args.new, args.repeats, v)
+                row[v] = {"s": t, "tok_s": b * args.new / t, "ms_step": 1e3 * t / args.new, **info}
+            t = row[args.variants[0]]["s"]
+            row.update(engine_s=t, engine_tok_s=b * args.new / t, engine_ms_step=1e3 * t / args.new)
             row["fraction_of_bound"] = row["bound_ms_step"] / row["engine_ms_step"]
             caches = [c for c in args.hf if b <= args.hf_max_batch and c == "default"]
             if "static" in args.hf and b <= args.hf_max_batch or (shape, str(b)) in static_pairs:
@@ -235,8 +245,9 @@ def main(argv=None):
 def print_row(r, widths):
     hf = " ".join(f"{k}={v:.1f}" for k, v in r.items() if k.startswith("hf_") and k.endswith("tok_s"))
     vr = " ".join(f"{w}:{x:.2f}" for w, x in r.get("verify_ratio", {}).items())
+    vs = " ".join(f"{v}={r[v]['tok_s']:.0f}" for v in VARIANTS if v in r)
     print(f"{r['shape']} b{r['batch']}: {r['engine_tok_s']:.0f} tok/s, {r['engine_ms_step']:.3f} ms/step, "
-          f"bound {r['bound_ms_step']:.3f} ms ({100 * r['fraction_of_bound']:.0f}%), {hf} verify {vr}", flush=True)
+          f"bound {r['bound_ms_step']:.3f} ms ({100 * r['fraction_of_bound']:.0f}%), {vs} {hf} verify {vr}", flush=True)
 
 
 def print_table(rows, widths):

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from spec_heads import fused as _fz
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
@@ -27,10 +29,9 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:  # one fused op
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        if _fz.active(x):
+            return _fz.fused(_fz.rms_norm)(x, self.weight, self.eps)
+        return _fz.rms_norm(x, self.weight, self.eps)
 
 
 class Linear(nn.Linear):
@@ -227,7 +228,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """
     rot = cos.shape[-1]
     if rot == x.shape[-1]:
-        return torch.addcmul(x * cos, x.roll(rot // 2, -1), sin)
+        return _fz.fused(_fz.rope)(x, cos, sin) if _fz.active(x) else _fz.rope(x, cos, sin)
     xr, xp = x[..., :rot], x[..., rot:]
     return torch.cat((torch.addcmul(xr * cos, xr.roll(rot // 2, -1), sin), xp), dim=-1)
 
@@ -448,7 +449,7 @@ def _grouped_query_sdpa(q, k, v, mask) -> torch.Tensor:
     qg = q.reshape(B, n_kv, g * T, D)  # head h = kv * g + j: query row j * T + t
     mg = mask if T == 1 else mask[:, :, None].expand(B, 1, g, T, S).reshape(B, 1, g * T, S)
     out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mg)  # [B, n_kv, g * T, D]
-    return out.view(B, n_heads, T, D).transpose(1, 2).reshape(B, T, -1)
+    return out.reshape(B, n_heads, T, D).transpose(1, 2).reshape(B, T, -1)
 
 
 class Attention(nn.Module):
@@ -508,7 +509,8 @@ class SwiGLU(nn.Module):
         self.down_proj = Linear(intermediate, hidden, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        g, u = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(_fz.fused(_fz.silu_mul)(g, u) if _fz.active(g) else _fz.silu_mul(g, u))
 
 
 class DecoderBlock(nn.Module):

@@ -18,7 +18,8 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 def _model(dtype, seed=0, device="cuda"):
     torch.manual_seed(seed)
     cfg = ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=False)  # tied, a random policy mostly repeats its input
     return Transformer(cfg).to(device, dtype).eval()
 
 
