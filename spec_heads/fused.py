@@ -5,8 +5,7 @@ from a CUDA graph: in bf16 an RMSNorm is eight of them, a rotary embedding three
 activation two. Inside `fused_elementwise()` (the engine's decoding, on CUDA) layers.py runs
 these chains through `torch.compile` (one Triton kernel each, compiled once per process for any
 shape), with the same formulas and the same intermediate roundings as the eager ones
-(`emulate_precision_casts`); a residual add and the RMSNorm after it are one kernel too.
-Outside it, and on a CPU, everything runs eagerly.
+(`emulate_precision_casts`). Outside it, and on a CPU, everything runs eagerly.
 """
 from __future__ import annotations
 
@@ -53,12 +52,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     x = x.float()
     x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
     return weight * x.to(dtype)
-
-
-def add_rms_norm(x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, eps: float):
-    """(x + r, rms_norm(x + r)), the sum rounded to x's dtype before the norm, as eagerly."""
-    s = x + r
-    return s, rms_norm(s, weight, eps)
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

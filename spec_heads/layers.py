@@ -33,14 +33,6 @@ class RMSNorm(nn.Module):
             return _fz.fused(_fz.rms_norm)(x, self.weight, self.eps)
         return _fz.rms_norm(x, self.weight, self.eps)
 
-    def add(self, x: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x + r, this norm of it): a residual add and the norm after it, one kernel on CUDA
-        inside spec_heads.fused.fused_elementwise."""
-        if _fz.active(x) and x.dtype != torch.float32:
-            return _fz.fused(_fz.add_rms_norm)(x, r, self.weight, self.eps)
-        x = x + r
-        return x, self(x)
-
 
 class Linear(nn.Linear):
     """nn.Linear that, on a CPU, multiplies a few rows as more where the BLAS is faster so
@@ -319,11 +311,6 @@ class CacheView:
     kv_len: int
     slots: torch.Tensor | None = None
 
-    def __post_init__(self):
-        # the cache rows written, once per forward rather than once per layer
-        self.rows = self.slots if self.slots is not None else torch.arange(
-            self.positions.shape[0], device=self.positions.device)
-
 
 def causal_mask(query_pos: torch.Tensor, kv_len: int) -> torch.Tensor:
     """[B, 1, T, kv_len] boolean, True where key position <= query position."""
@@ -502,7 +489,8 @@ class Attention(nn.Module):
         q, k, v = self.project(x, cos, sin)  # [B, H, T, D], [B, Hkv, T, D] x2
         if view is not None:
             ck, cv = view.cache.k[layer], view.cache.v[layer]
-            idx = (view.rows[:, None], view.positions)
+            rows = view.slots if view.slots is not None else torch.arange(B, device=x.device)
+            idx = (rows[:, None], view.positions)
             ck[idx] = k.transpose(1, 2).to(ck.dtype)  # [B, T, Hkv, D]
             cv[idx] = v.transpose(1, 2).to(cv.dtype)
             if view.slots is None:
@@ -536,5 +524,5 @@ class DecoderBlock(nn.Module):
         self.mlp = SwiGLU(hidden, intermediate)
 
     def forward(self, x, cos, sin, mask, layer: int = 0, view: CacheView | None = None):
-        x, h = self.post_attention_layernorm.add(x, self.self_attn(self.input_layernorm(x), cos, sin, mask, layer, view))
-        return x + self.mlp(h)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, layer, view)
+        return x + self.mlp(self.post_attention_layernorm(x))
