@@ -32,8 +32,10 @@ from collections import deque
 import torch
 from torch import nn
 
+from rollout.cuda_graphs import DecodeGraphs, GraphConfig
 from rollout.types import LengthError, RolloutBatch, RolloutStats, Sequence, SamplingParams, SpecParams
 from spec_heads.depth import DepthPolicy
+from spec_heads.fused import fused_elementwise
 from spec_heads.layers import (Attention, calibrate_cpu_attention, calibrate_cpu_row_padding, cpu_attention,
                                set_cpu_attention, set_cpu_row_padding)
 from spec_heads.rejection import rejection_sample
@@ -120,7 +122,8 @@ def _calibrate_attention(*modules) -> None:
 
 class Engine:
     def __init__(self, model, heads=None, *, max_batch: int = 64, max_len: int | None = None,
-                 device=None, sync_every: int | None = None, min_refill: int | None = None):
+                 device=None, sync_every: int | None = None, min_refill: int | None = None,
+                 graphs: GraphConfig | None = None):
         self.model = model.eval()
         self.heads = heads.eval() if heads is not None else None
         p = next(model.parameters())
@@ -154,6 +157,9 @@ class Engine:
         self._policies: dict[tuple[str, int], DepthPolicy] = {}
         self._cost = None  # spec_heads.depth.CostModel, shared by the policies
         self._cache = self._head_cache = None
+        # on CUDA, plain decode steps run over row buckets, replayed from graphs (rollout.cuda_graphs)
+        self.graphs = DecodeGraphs(graphs) if self.cuda else None
+        self._buffers: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ public
     def set_heads(self, heads):
@@ -185,7 +191,8 @@ class Engine:
             raise LengthError(f"sampling.max_new_tokens: prompt length + max_new_tokens + draft depth = "
                               f"{need} exceeds the engine's max_len={self.max_len}; lower "
                               "sampling.max_new_tokens, shorten prompts, or raise rollout.max_seq_len")
-        with _attention_backends(self.device):
+        fuse = self.graphs is not None and self.graphs.config.fuse
+        with _attention_backends(self.device), fused_elementwise(fuse):
             run = _Run(self, prompts, ids, sampling, spec, K, seed, progress)
             return run.loop()
 
@@ -197,6 +204,15 @@ class Engine:
         if self.heads is not None and self._head_cache is None:
             self._head_cache = self.heads.new_cache(self.max_batch, self._cache.max_len, self.device, self.dtype)
         return self._cache, self._head_cache
+
+    def buffer(self, name: str, shape: tuple, dtype=torch.int64, fill=0) -> torch.Tensor:
+        """A per-run buffer, filled with `fill`, in the same storage from run to run while its
+        leading dimensions hold (the last one only grows, a view gives the shape asked for):
+        captured decode graphs read and write it in place."""
+        t = self._buffers.get(name)
+        if t is None or t.shape[:-1] != shape[:-1] or t.shape[-1] < shape[-1] or t.dtype != dtype:
+            t = self._buffers[name] = torch.empty(shape, dtype=dtype, device=self.device)
+        return t[..., :shape[-1]].fill_(fill)
 
     def ensure_depth_policy(self, spec: SpecParams, K: int) -> DepthPolicy:
         """The depth policy for this mode. Policies live as long as the engine (calibration is
@@ -313,18 +329,21 @@ class _Run:
         self.draft_lm = eng.heads.draft_lm_head(eng.model.lm_head) if K else None
         cap = sampling.max_new_tokens + K + 1
         z = lambda *s, dt=torch.int64: torch.zeros(*s, dtype=dt, device=dev)
+        persistent = lambda name, *s, dt=torch.int64: eng.buffer(name, s, dt)
         # Per-row state lives in a few buffers, each field a view of one: compaction moves rows
         # with one copy per buffer (_compact), not one per field. On a 2-core CPU at 128 rows of
         # the tiny policy, one copy per field and per cache layer took 98 ms of a ~1.5 s call
         # (47 ms with these buffers and KVCache.move_rows).
-        self.row_int = z(B, 8)  # per row: length, last token, tokens out, key, steps, heads' window
+        self.row_int = persistent("row_int", B, 8)  # per row: length, last token, tokens out, key, steps, heads' window
         self.lengths, self.last_tok, self.n_out, self.keys, self.n_steps = self.row_int[:, :5].unbind(1)
-        self.done = torch.ones(B, dtype=torch.bool, device=dev)
-        self.out_int = z(B, 3, cap)  # per row: emitted tokens; draft length and accepted per step
+        self.done = eng.buffer("done", (B,), torch.bool, True)
+        self.out_int = persistent("out_int", B, 3, cap)  # per row: emitted tokens; draft length and accepted per step
         self.out_tok, self.out_dl, self.out_acc = self.out_int.unbind(1)
-        self.out_float = z(B, 2, cap, dt=torch.float32)  # per row: logprobs and entropies
+        self.out_float = persistent("out_float", B, 2, cap, dt=torch.float32)  # per row: logprobs and entropies
         self.out_lp, self.out_ent = self.out_float.unbind(1)
-        self.stop_ids = torch.tensor(sampling.stop_token_ids or [-1], device=dev)
+        stops = sampling.stop_token_ids or [-1]
+        self.stop_ids = eng.buffer("stop_ids", (len(stops),))
+        self.stop_ids.copy_(torch.tensor(stops))
         self.hid = None
         if eng.heads is not None and K:
             # The heads' window: per row, the trunk's hidden states at the positions fed since
@@ -348,7 +367,14 @@ class _Run:
         self.stats = RolloutStats(drafted_per_pos=[0] * K, accepted_per_pos=[0] * K, depth_hist=[0] * (K + 1))
         self.acc_wa = z(K + 1, K + 1)  # [drafts verified, drafts accepted] -> live row-steps
         self.acc_blind = z(K + 1)  # [drafts verified] -> live row-steps of blind exploring steps
-        self.acc_tokens, self.acc_rowsteps = z(()), z(())
+        self.acc_tokens, self.acc_rowsteps = persistent("acc", 2).unbind()
+        if eng.graphs is not None and not K:
+            # what a plain run's graphs read and write; any of it in new storage drops them
+            eng.graphs.bind([*eng.model.parameters(), *eng.model.buffers(), self.cache.buf, self.row_int, self.done,
+                             self.out_int, self.out_float, self.stop_ids, self.acc_tokens])
+            # what a graph bakes in besides the buffers: the sampling settings and stop tokens
+            self.graph_key = (sampling.temperature, sampling.top_k, sampling.top_p, sampling.max_new_tokens,
+                              tuple(stops))
 
     def _kv(self, n: int) -> int:
         """Attention span for a forward: a bucketed bound on the longest row (static shapes)."""
@@ -467,14 +493,18 @@ class _Run:
         self.stats.prefill_time_s += time.perf_counter() - t0
 
     # ---------------------------------------------------------------- steps
-    def _plain_step(self) -> torch.Tensor:
-        """One plain decode step over the rows in flight; returns the tokens emitted per row [n]."""
-        n, sp, m = self.n, self.sp, self.e.model
-        pos = self.lengths[:n, None]
-        h = m(self.last_tok[:n, None], pos, self.cache, self._kv(self.len_bound + 1))
-        lp = sampling_logprobs(m.logits(h[:, 0]), sp.temperature, sp.top_k, sp.top_p)  # [n, V]
-        probs = lp.exp()
-        tok = sample_with_uniforms(probs, row_uniforms(self.keys[:n], self.n_out[:n], _S_SAMPLE, 1)[:, 0])
+    def _plain_step(self) -> torch.Tensor | None:
+        """One plain decode step over the rows in flight; returns the tokens emitted per row [n]
+        (None for a plain run on CUDA, whose steps run as a rows bucket, replayed from a graph)."""
+        n, kv, graphs = self.n, self._kv(self.len_bound + 1), self.e.graphs
+        if graphs is not None and self.hid is None:
+            # Rows past n are finished (done) or empty slots: they emit nothing, and what they
+            # write lands past their lengths, where nothing reads before a row's next write.
+            rows = graphs.rows(n, self.e.max_batch)
+            graphs.run((rows, kv) + self.graph_key, lambda: self._plain_device(rows, kv))
+            self.len_bound += 1
+            return None
+        h, tok, emitted = self._plain_device(n, kv)
         if self.hid is not None:  # a speculative run not drafting this step: feed the window
             if self.hwidth >= self.window:
                 self._drop_window(n)
@@ -482,10 +512,22 @@ class _Run:
             self.hid[rows, idx], self.nxt[rows, idx] = h[:, 0], tok
             self.hlast[:n] = idx
             self.hwidth += 1
-        emitted = self._emit(slice(0, n), tok[:, None], lp.gather(1, tok[:, None]), _entropy(probs, lp)[:, None],
-                             torch.ones(n, dtype=torch.int64, device=self.e.device))
         self.len_bound += 1
         return emitted
+
+    def _plain_device(self, n: int, kv: int):
+        """A plain step's device work over slots [0, n) with attention span kv (no host reads,
+        no host state changed: rollout.cuda_graphs captures it). Returns the hidden states
+        [n, 1, H], the sampled tokens [n] and the tokens emitted per row [n]."""
+        sp, m = self.sp, self.e.model
+        pos = self.lengths[:n, None]
+        h = m(self.last_tok[:n, None], pos, self.cache, kv)
+        lp = sampling_logprobs(m.logits(h[:, 0]), sp.temperature, sp.top_k, sp.top_p)  # [n, V]
+        probs = lp.exp()
+        tok = sample_with_uniforms(probs, row_uniforms(self.keys[:n], self.n_out[:n], _S_SAMPLE, 1)[:, 0])
+        emitted = self._emit(slice(0, n), tok[:, None], lp.gather(1, tok[:, None]), _entropy(probs, lp)[:, None],
+                             torch.ones(n, dtype=torch.int64, device=self.e.device))
+        return h, tok, emitted
 
     def _begin_heads(self, n: int, K: int):
         """Run the heads over each row's window; returns depth-1 logits and the draft state.

@@ -148,6 +148,8 @@ class Transformer(nn.Module):
             mask = causal_mask(positions, kv_len)
         else:
             mask = causal_mask(positions, T)
+        if x.is_cuda:  # additive once here: SDPA would convert a boolean mask in every layer (3 kernels)
+            mask = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill_(~mask, float("-inf"))
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, mask, i, view)
         return self.norm(x)
