@@ -1,4 +1,4 @@
-"""One RL step end to end (DESIGN.md "Data flow of one RL step"):
+"""One RL step end to end (docs/design.md, "Data flow of one RL step"):
 
 rollouts (speculative, through the rollout client) -> rewards (a callable from experiments,
 checked row by row) -> advantages and the policy update (Learner.update) -> head re-fit per
