@@ -47,9 +47,9 @@ def task_prompts(cfg, tok, n: int, seed: int) -> list[list[int]]:
 
 
 def sampling(cfg, tok, **changes):
-    """cfg.sampling with the tokenizer's EOS as a stop token, and `changes` applied."""
-    stops = sorted(set(cfg.sampling.stop_token_ids) | {tok.eos_id})
-    return dataclasses.replace(cfg.sampling, stop_token_ids=stops, **changes)
+    """cfg.sampling with the tokenizer's EOS as a stop token, and `changes` applied (they win)."""
+    changes.setdefault("stop_token_ids", sorted(set(cfg.sampling.stop_token_ids) | {tok.eos_id}))
+    return dataclasses.replace(cfg.sampling, **changes)
 
 
 def new_figure(width: float = 6.4, height: float = 4.0):
