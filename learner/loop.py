@@ -1,4 +1,4 @@
-"""One RL step end to end (DESIGN.md "Data flow of one RL step"):
+"""One RL step end to end (docs/design.md, "Data flow of one RL step"):
 
 rollouts (speculative, through the rollout client) -> rewards (a callable from experiments,
 checked row by row) -> advantages and the policy update (Learner.update) -> head re-fit per
@@ -111,7 +111,7 @@ class RLLoop:
             "depth_hist": stats.depth_hist, "spec_mode": self.spec.mode,
             "rollout_tokens_per_s": info["tokens_per_s"], "speedup_vs_off_est": info["speedup_vs_off_est"],
             **upd, "refit": bool(refit), **refit_metrics,
-            "refit_baseline": self.learner.refit_baseline,
+            "refit_baseline": self.learner.refit_baseline, "refit_level": self.learner.refit_level,
             "policy_version": self.learner.policy_version,
             "time_rollout_s": t1 - t0, "time_train_s": t2 - t1, "time_refit_s": t3 - t2,
             "time_publish_s": t4 - t3, "time_step_s": t4 - t0,

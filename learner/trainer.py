@@ -68,8 +68,10 @@ class Learner:
         self.optimizer = torch.optim.AdamW(self.params, lr=train.lr, betas=tuple(train.betas),
                                            weight_decay=train.weight_decay)
         self.policy_version = 0
-        # on_drop re-fits compare against the accepted length of the first step after the last fit
+        # on_drop: the smoothed accepted length since the last fit (refit_level) against its best
+        # since then (refit_baseline); None until the first measured step after a fit
         self.refit_baseline: float | None = None
+        self.refit_level: float | None = None
 
     # ------------------------------------------------------------------ update
     def update(self, sequences: list[Sequence], rewards: torch.Tensor) -> dict:
@@ -200,7 +202,9 @@ class Learner:
 
     # ------------------------------------------------------------------ re-fit
     def should_refit(self, step: int, accepted_len: float, speculating: bool) -> bool:
-        """Per RefitConfig.schedule; the first step after a fit sets the on_drop baseline."""
+        """Per RefitConfig.schedule. on_drop: the moving average of the accepted length at full
+        depth (weight drop_smoothing on the newest step) fell below drop_fraction x its best
+        since the last fit; the first measured step after a fit starts both."""
         r = self.refit_cfg
         if self.heads is None or r.schedule == "never":
             return False
@@ -208,10 +212,14 @@ class Learner:
             return step % r.every == 0
         if not speculating or accepted_len <= 0:  # nothing measured: no drop to see
             return False
-        if self.refit_baseline is None:
-            self.refit_baseline = accepted_len
+        if self.refit_level is None or self.refit_baseline is None:
+            self.refit_level = self.refit_baseline = accepted_len
             return False
-        return accepted_len < r.drop_fraction * self.refit_baseline
+        self.refit_level += r.drop_smoothing * (accepted_len - self.refit_level)
+        if self.refit_level < r.drop_fraction * self.refit_baseline:
+            return True
+        self.refit_baseline = max(self.refit_baseline, self.refit_level)
+        return False
 
     def refit_heads(self, sequences: list[Sequence], seed: int) -> dict:
         """Fit the heads (trunk frozen) to the updated policy on the latest rollouts; the last
@@ -230,7 +238,7 @@ class Learner:
                            eval_sequences=[s.prompt + s.tokens for s in held],
                            eval_prompt_lens=[len(s.prompt) for s in held], generator=gen)
         self.policy.train()  # fit_heads puts the (frozen) trunk in eval mode
-        self.refit_baseline = None
+        self.refit_baseline = self.refit_level = None
         before, after = result["acceptance_before"], result["acceptance_after"]
         # A fit on one step's rollouts can overfit them; keep the old heads when the held-out
         # expected tokens per verify (1 + sum_j prod_{i<=j} alpha_i) got worse.
@@ -273,12 +281,13 @@ class Learner:
     def state_dict(self) -> dict:
         """What a checkpoint needs besides the policy, heads and value-head weights."""
         return {"optimizer": self.optimizer.state_dict(), "policy_version": self.policy_version,
-                "refit_baseline": self.refit_baseline}
+                "refit_baseline": self.refit_baseline, "refit_level": self.refit_level}
 
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.policy_version = int(state["policy_version"])
         self.refit_baseline = state["refit_baseline"]
+        self.refit_level = state.get("refit_level", self.refit_baseline)  # absent before the moving average
 
 
 def _global_norm(params: list[torch.Tensor]) -> float:
