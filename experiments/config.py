@@ -94,9 +94,9 @@ class Config:
         # Checks across sections; messages carry their own dotted paths.
         if not self.name or "/" in self.name:
             raise ValueError(f"name: must be a non-empty run name without '/', got {self.name!r}")
-        if self.model.name == "tiny" and self.task.name != "arith":
-            raise ValueError(f"task.name: the tiny policy is pretrained on task arith, got {self.task.name!r}; "
-                             f"set task.name=arith, or model.name to a real model (e.g. smollm2-135m)")
+        if self.model.name == "tiny" and self.task.name not in ("arith", "longtail"):
+            raise ValueError(f"task.name: the tiny policy is pretrained on task arith or longtail, got "
+                             f"{self.task.name!r}; set task.name=arith, or model.name to a real model (e.g. smollm2-135m)")
         if self.spec.mode == "fixed" and self.spec.k > self.heads.num_depths:
             raise ValueError(
                 f"spec.k: {self.spec.k} drafts per step need {self.spec.k} head depths but heads.num_depths="
