@@ -1,0 +1,239 @@
+"""The coordinator on the long-tail task: RL step time and rollout time per schedule, with
+speculation off and on, over two rollout workers of unequal speed; then reward curves.
+
+Modes (each with spec.mode off and entropy, the same seeds and prompts):
+  fixed        each worker gets one contiguous half of the step's GRPO groups (rollout.schedule=fixed)
+  pull         workers pull groups from one queue whenever they have free rows
+  pull+refit   pull, and idle workers re-fit the heads while the last rows finish
+  async-1      pull, rollouts of step t+1 run while the learner trains on step t (staleness <= 1)
+
+The workers' speeds differ for real: worker 0 runs with --threads A torch threads, worker 1 with B
+(default 1 and 2), set in each worker actor at start (`UnequalWorker`); the per-worker tokens/s
+the coordinator measures are printed, so the actual ratio on the machine is in the table.
+
+Timing: each round runs every configuration once, in turn, on that round's seed (fresh prompts),
+for --steps RL steps from the same pretrained policy and heads; a configuration's time is the
+mean over its steps after the first (the first pays the depth policy's cost probe and the
+workers' warm-up). Speedups are medians of per-round ratios against `fixed` with speculation
+off (the synchronous loop as it was), with the range over rounds. CPU timings are only ratios.
+
+Reward curves: --curve-seeds seeds x --curve-steps steps of the synchronous fixed split with
+speculation off against speculation + pull queue (+ idle re-fit) + async, reward per step.
+
+    PYTHONPATH=. python scripts/bench_coordinator.py --rounds 3 --steps 3 --json docs/bench/coordinator.json
+
+This is a script that prints a table, never a test.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import ray
+import torch
+
+from experiments.config import load_config
+from experiments.train import TaskReward, _setup
+from learner.loop import RLLoop, StepPrompts, step_seed
+from learner.trainer import cpu_state
+from rollout.coordinator import Coordinator
+from rollout.worker import RolloutWorker
+
+SPEC_MODES = ("off", "entropy")
+BASELINE = ("fixed", "off")
+
+
+@ray.remote
+class _Ticket:
+    """Hands out 0, 1, 2, ...: which worker an actor is, for its thread count."""
+
+    def __init__(self):
+        self.n = -1
+
+    def take(self) -> int:
+        self.n += 1
+        return self.n
+
+
+class UnequalWorker(RolloutWorker):
+    """A rollout worker whose torch thread count comes from `threads`, by start order."""
+
+    threads: tuple[int, ...] = (1, 2)
+    ticket_name: str = "bench-coordinator-ticket"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        index = ray.get(ray.get_actor(self.ticket_name).take.remote())
+        torch.set_num_threads(self.threads[index % len(self.threads)])
+
+
+# ------------------------------------------------------------------------------------- modes
+
+
+def mode_config(cfg, mode: str, spec_mode: str, seed: int):
+    """The run config of one mode: schedule, idle re-fit and staleness per the coordinator's keys."""
+    rollout = dataclasses.replace(cfg.rollout, schedule="fixed" if mode == "fixed" else "pull")
+    out = dataclasses.replace(cfg, seed=seed, rollout=rollout,
+                              spec=dataclasses.replace(cfg.spec, mode=spec_mode))
+    return out
+
+
+def measure(cfg, mode: str, spec_mode: str, seed: int, steps: int) -> list[dict]:
+    """Run `steps` RL steps of one mode from the pretrained policy; per-step metrics."""
+    run_cfg = mode_config(cfg, mode, spec_mode, seed)
+    model_dir, heads_dir, tok, task, sampling, learner = _setup(run_cfg)
+    heads = learner.heads
+    ticket = _Ticket.options(name=UnequalWorker.ticket_name).remote()
+    client = Coordinator(learner.policy.config, cpu_state(learner.policy), heads.config if heads else None,
+                         cpu_state(heads), run_cfg.rollout, version=learner.policy_version,
+                         worker_cls=UnequalWorker)
+
+    def prompts(step: int) -> StepPrompts:
+        examples = task.train_prompts(run_cfg.train.prompts_per_step, seed=step_seed(run_cfg.seed, step))
+        return StepPrompts([tok.encode(ex.prompt) for ex in examples], [ex.prompt for ex in examples], examples)
+
+    loop = RLLoop(learner, client, prompt_fn=prompts, reward_fn=TaskReward(task, tok), task_name=task.name,
+                  sampling=sampling, spec=run_cfg.spec, group_size=run_cfg.algo.group_size, seed=run_cfg.seed)
+    out = []
+    try:
+        for step in range(1, steps + 1):
+            m = loop.step(step)
+            out.append({k: m.get(k) for k in ("reward_mean", "accuracy", "response_len_mean", "mean_accepted_len",
+                                              "time_step_s", "time_rollout_s", "time_train_s", "time_refit_s",
+                                              "rollout_worker_tokens_per_s", "rollout_worker_idle_frac",
+                                              "rollout_tail_s")})
+    finally:
+        client.close()
+        ray.kill(ticket)
+    return out
+
+
+def summarise(steps: list[dict]) -> dict:
+    """Means over the steps after the first."""
+    timed = steps[1:] or steps
+    mean = lambda key: statistics.fmean(s[key] for s in timed)  # noqa: E731
+    tps = [s["rollout_worker_tokens_per_s"] for s in timed if s.get("rollout_worker_tokens_per_s")]
+    speeds = [statistics.fmean(w[i] for w in tps) for i in range(len(tps[0]))] if tps else []
+    return {"step_s": mean("time_step_s"), "rollout_s": mean("time_rollout_s"), "train_s": mean("time_train_s"),
+            "refit_s": mean("time_refit_s"), "worker_tokens_per_s": speeds,
+            "accepted_len": mean("mean_accepted_len"), "reward": mean("reward_mean")}
+
+
+# ------------------------------------------------------------------------------------- output
+
+
+def _median_range(values: list[float]) -> str:
+    return f"{statistics.median(values):.2f}x ({min(values):.2f}-{max(values):.2f})"
+
+
+def table(results: dict, modes: list[str]) -> str:
+    """Markdown table: per configuration, median step/rollout/train seconds, per-worker tokens/s,
+    and speedups (median of per-round ratios against fixed + spec off, with their range)."""
+    base = results[BASELINE]
+    lines = ["| mode | spec | step s | rollout s | train s | re-fit s | rollout share | worker tok/s (0 / 1) "
+             "| step speedup | rollout speedup |", "|---" * 10 + "|"]
+    for mode in modes:
+        for spec in SPEC_MODES:
+            rounds = results.get((mode, spec))
+            if not rounds:
+                continue
+            med = lambda key: statistics.median(r[key] for r in rounds)  # noqa: E731
+            speeds = [statistics.median(r["worker_tokens_per_s"][i] for r in rounds)
+                      for i in range(len(rounds[0]["worker_tokens_per_s"]))]
+            step_x = [b["step_s"] / r["step_s"] for b, r in zip(base, rounds)]
+            roll_x = [b["rollout_s"] / r["rollout_s"] for b, r in zip(base, rounds)]
+            lines.append(f"| {mode} | {spec} | {med('step_s'):.2f} | {med('rollout_s'):.2f} | {med('train_s'):.2f} "
+                         f"| {med('refit_s'):.2f} | {med('rollout_s') / med('step_s'):.0%} "
+                         f"| {' / '.join(f'{s:.0f}' for s in speeds)} | {_median_range(step_x)} "
+                         f"| {_median_range(roll_x)} |")
+    return "\n".join(lines)
+
+
+def curves_table(curves: dict) -> str:
+    lines = ["| run | seed | reward, first 3 steps | reward, last 3 steps | accuracy, last 3 steps |",
+             "|---|---|---|---|---|"]
+    for name, per_seed in curves.items():
+        for seed, steps in per_seed.items():
+            first = statistics.fmean(s["reward_mean"] for s in steps[:3])
+            last = statistics.fmean(s["reward_mean"] for s in steps[-3:])
+            acc = statistics.fmean(s["accuracy"] for s in steps[-3:])
+            lines.append(f"| {name} | {seed} | {first:.3f} | {last:.3f} | {acc:.2f} |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------- main
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default="longtail")
+    p.add_argument("--modes", default="fixed,pull,pull+refit,async-1")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=3, help="RL steps per measurement (the first is not timed)")
+    p.add_argument("--threads", default="1,2", help="torch threads of worker 0 and worker 1")
+    p.add_argument("--seed", type=int, default=100, help="round r uses seed + r")
+    p.add_argument("--curve-seeds", type=int, default=3)
+    p.add_argument("--curve-steps", type=int, default=10)
+    p.add_argument("--json", default=None, metavar="PATH")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    modes = [m for m in args.modes.split(",") if m]
+    UnequalWorker.threads = tuple(int(t) for t in args.threads.split(","))
+    cfg = load_config(args.config, ["rollout.num_workers=2", *args.overrides])
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    out = {"machine": f"{os.cpu_count()}-core CPU", "threads": UnequalWorker.threads, "args": vars(args),
+           "rounds": {}, "curves": {}}
+    results: dict = {}
+    t0 = time.perf_counter()
+    try:
+        for r in range(args.rounds):
+            for mode in modes:
+                for spec in SPEC_MODES:
+                    steps = measure(cfg, mode, spec, args.seed + r, args.steps)
+                    s = summarise(steps)
+                    results.setdefault((mode, spec), []).append(s)
+                    out["rounds"].setdefault(f"{mode}/{spec}", []).append({"summary": s, "steps": steps})
+                    print(f"round {r} {mode:>10} spec {spec:>7}: step {s['step_s']:.2f}s rollout {s['rollout_s']:.2f}s "
+                          f"train {s['train_s']:.2f}s workers tok/s {[round(v) for v in s['worker_tokens_per_s']]} "
+                          f"({time.perf_counter() - t0:.0f}s)", flush=True)
+                    _write(out, args.json)
+        print(table(results, modes))
+        out["table"] = table(results, modes)
+        _write(out, args.json)
+        end_to_end = [m for m in ("async-1", "pull+refit", "pull") if m in modes][0]
+        for name, mode, spec in (("sync fixed, spec off", "fixed", "off"),
+                                 (f"spec + {end_to_end}", end_to_end, "entropy")):
+            for seed in range(args.curve_seeds):
+                steps = measure(cfg, mode, spec, seed, args.curve_steps)
+                out["curves"].setdefault(name, {})[seed] = steps
+                print(f"curve {name} seed {seed}: reward {[round(s['reward_mean'], 3) for s in steps]}", flush=True)
+                _write(out, args.json)
+        out["curves_table"] = curves_table(out["curves"])
+        print(out["curves_table"])
+        _write(out, args.json)
+    finally:
+        ray.shutdown()
+    return 0
+
+
+def _write(out: dict, path: str | None) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(path).with_suffix(".tmp")
+        tmp.write_text(json.dumps(out, indent=1, default=str))
+        os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
