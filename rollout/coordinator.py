@@ -35,7 +35,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError
+from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -145,7 +145,9 @@ class Coordinator:
                     max_task_retries=0, max_concurrency=MAX_CONCURRENCY)
         refs = (ray.put(policy_state), ray.put(heads_state))
         self._weights = {self.version: refs}  # version -> (policy ref, heads ref), each put once
-        self._init_version = self.version  # what a restarted worker comes back with
+        # what a restarted worker comes back with: Ray re-runs the constructor on these refs, so
+        # they stay pinned for the coordinator's life
+        self._init_version, self._init_refs = self.version, refs
         # refs as top-level arguments: Ray resolves them in each actor (also on other nodes)
         self.workers = [actor.options(**opts, scheduling_strategy=PlacementGroupSchedulingStrategy(
             self.pg, placement_group_bundle_index=i)).remote(
@@ -276,7 +278,7 @@ class Coordinator:
         self._event(step, w, "failed", why)
         self._gen[w] += 1
         try:
-            got = ray.get(self.workers[w].versions.remote(), timeout=self.rollout.start_timeout_s)
+            got = self._await_restart(w)
         except (RayActorError, GetTimeoutError) as e:
             self.alive[w] = False
             ray.kill(self.workers[w], no_restart=True)
@@ -295,6 +297,17 @@ class Coordinator:
             except RayActorError as e:
                 return self._recover(w, step, f"died while taking weights: {e}", version)
         return True
+
+    def _await_restart(self, w: int) -> dict:
+        """Worker w's versions once Ray has restarted it; ActorDiedError when it will not come back."""
+        deadline = time.perf_counter() + self.rollout.start_timeout_s
+        while True:
+            try:
+                return ray.get(self.workers[w].versions.remote(), timeout=max(0.1, deadline - time.perf_counter()))
+            except ActorUnavailableError:  # restarting: ask again until the deadline
+                if time.perf_counter() > deadline:
+                    raise
+                time.sleep(0.2)
 
     def _event(self, step: int, w: int, event: str, detail: str) -> None:
         log.warning("rollout step %d: worker %d %s: %s", step, w, event, detail)
