@@ -176,6 +176,8 @@ def _train(cfg: Config, run_dir: Path) -> dict | int:
     from learner.loop import RLLoop
     from learner.trainer import NonFiniteError, cpu_state
     from rollout.worker import RolloutClient
+    if cfg.ray.enabled:
+        from rollout.coordinator import Coordinator, ResourceError
 
     t_start = time.perf_counter()
     model_dir, heads_dir, tok, task, sampling, learner = _setup(cfg)
@@ -185,9 +187,15 @@ def _train(cfg: Config, run_dir: Path) -> dict | int:
         start = int(load_run_checkpoint(checkpoint, learner)["step"])
         print(f"resuming {run_dir} from {checkpoint} (step {start}, policy version {learner.policy_version})")
     heads = learner.heads
-    client = RolloutClient(learner.policy.config, cpu_state(learner.policy), heads.config if heads else None,
-                           cpu_state(heads), cfg.rollout, version=learner.policy_version,
-                           use_ray=cfg.ray.enabled)
+    weights = (learner.policy.config, cpu_state(learner.policy), heads.config if heads else None, cpu_state(heads),
+               cfg.rollout)
+    if cfg.ray.enabled:
+        try:
+            client = Coordinator(*weights, version=learner.policy_version)
+        except ResourceError as e:
+            raise ConfigError(str(e)) from None
+    else:
+        client = RolloutClient(*weights, version=learner.policy_version)
 
     def prompts(step: int) -> StepPrompts:
         examples = task.train_prompts(cfg.train.prompts_per_step, seed=step_seed(cfg.seed, step))

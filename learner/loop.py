@@ -115,6 +115,7 @@ class RLLoop:
             "policy_version": self.learner.policy_version,
             "time_rollout_s": t1 - t0, "time_train_s": t2 - t1, "time_refit_s": t3 - t2,
             "time_publish_s": t4 - t3, "time_step_s": t4 - t0,
+            **self.client.report(),
         }
 
     def rewards(self, sequences: list[Sequence], sp: StepPrompts) -> torch.Tensor:

@@ -15,7 +15,7 @@ REQUIRED = ("step", "reward_mean", "reward_std", "accuracy", "response_len_mean"
             "accept_rate_per_pos", "rollout_tokens_per_s", "time_rollout_s", "time_train_s", "time_refit_s",
             "policy_version", "logprob_diff_max", "loss", "grad_norm", "kl", "clipfrac", "entropy_mean",
             "refit", "spec_mode", "depth_hist", "speedup_vs_off_est")
-TIMING = ("time_", "rollout_tokens_per_s", "speedup_vs_off_est")
+TIMING = ("time_", "rollout_", "speedup_vs_off_est")  # rollout_*: timings and per-worker lists
 
 
 def small_config(policy, out_dir, name, *overrides):
