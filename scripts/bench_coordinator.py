@@ -62,15 +62,20 @@ class _Ticket:
 
 
 class UnequalWorker(RolloutWorker):
-    """A rollout worker whose torch thread count comes from `threads`, by start order."""
+    """A rollout worker whose torch thread count (and, if given, row limit) comes from `threads`
+    (`max_batch`), by start order."""
 
     threads: tuple[int, ...] = (1, 2)
+    max_batch: tuple[int, ...] = ()
     ticket_name: str = "bench-coordinator-ticket"
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         index = ray.get(ray.get_actor(self.ticket_name).take.remote())
         torch.set_num_threads(self.threads[index % len(self.threads)])
+        if self.max_batch:
+            rows = self.max_batch[index % len(self.max_batch)]
+            self.engine.max_batch, self.engine.min_refill = rows, max(1, rows // 8)
 
 
 # ------------------------------------------------------------------------------------- modes
@@ -177,6 +182,8 @@ def parse_args(argv):
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=3, help="RL steps per measurement (the first is not timed)")
     p.add_argument("--threads", default="1,2", help="torch threads of worker 0 and worker 1")
+    p.add_argument("--max-batch", default="", help="rows in flight of worker 0 and worker 1 (default: "
+                   "rollout.max_batch for both)")
     p.add_argument("--seed", type=int, default=100, help="round r uses seed + r")
     p.add_argument("--curve-seeds", type=int, default=3)
     p.add_argument("--curve-steps", type=int, default=10)
@@ -189,10 +196,12 @@ def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     modes = [m for m in args.modes.split(",") if m]
     UnequalWorker.threads = tuple(int(t) for t in args.threads.split(","))
+    UnequalWorker.max_batch = tuple(int(t) for t in args.max_batch.split(",") if t)
     cfg = load_config(args.config, ["rollout.num_workers=2", *args.overrides])
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    out = {"machine": f"{os.cpu_count()}-core CPU", "threads": UnequalWorker.threads, "args": vars(args),
+    out = {"machine": f"{os.cpu_count()}-core CPU", "threads": UnequalWorker.threads,
+           "max_batch": UnequalWorker.max_batch, "args": vars(args),
            "rounds": {}, "curves": {}}
     results: dict = {}
     t0 = time.perf_counter()
