@@ -181,10 +181,11 @@ def _train(cfg: Config, run_dir: Path) -> dict | int:
 
     t_start = time.perf_counter()
     model_dir, heads_dir, tok, task, sampling, learner = _setup(cfg)
-    start = 0
+    start, ahead = 0, {}
     checkpoint = latest_checkpoint(run_dir) if cfg.resume else None
     if checkpoint is not None:
-        start = int(load_run_checkpoint(checkpoint, learner)["step"])
+        state = load_run_checkpoint(checkpoint, learner)
+        start, ahead = int(state["step"]), state["async_rollouts"]
         print(f"resuming {run_dir} from {checkpoint} (step {start}, policy version {learner.policy_version})")
     heads = learner.heads
     weights = (learner.policy.config, cpu_state(learner.policy), heads.config if heads else None, cpu_state(heads),
@@ -202,7 +203,9 @@ def _train(cfg: Config, run_dir: Path) -> dict | int:
         return StepPrompts([tok.encode(ex.prompt) for ex in examples], [ex.prompt for ex in examples], examples)
 
     loop = RLLoop(learner, client, prompt_fn=prompts, reward_fn=TaskReward(task, tok), task_name=task.name,
-                  sampling=sampling, spec=cfg.spec, group_size=cfg.algo.group_size, seed=cfg.seed)
+                  sampling=sampling, spec=cfg.spec, group_size=cfg.algo.group_size, seed=cfg.seed,
+                  max_staleness=cfg.train.max_staleness, last_step=cfg.train.steps)
+    loop.preload({t: b for t, b in ahead.items() if t <= cfg.train.steps})
     extra = {"model_dir": model_dir, "heads_dir": heads_dir}
     history: list[dict] = []
     step = start
@@ -221,7 +224,8 @@ def _train(cfg: Config, run_dir: Path) -> dict | int:
                     tqdm.write(line)
                 every = cfg.train.checkpoint_every
                 if (every and step % every == 0) or step == cfg.train.steps:
-                    save_run_checkpoint(run_dir, step, learner, tokenizer_dir=model_dir, extra=extra)
+                    save_run_checkpoint(run_dir, step, learner, tokenizer_dir=model_dir, extra=extra,
+                                        async_rollouts=loop.pending_rollouts())
         except (NonFiniteError, RewardError) as e:
             last = latest_checkpoint(run_dir)
             where = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"

@@ -30,6 +30,10 @@ class TrainConfig:
     epochs_per_step: int = 1  # passes over each rollout batch (> 1 makes the later passes off-policy)
     checkpoint_every: int = 10  # steps; 0 = only at the end
     log_every: int = 1
+    # async rollouts: the next N steps' rollouts are generated (on the Ray workers) while the
+    # learner trains, so a step may train on samples up to N versions old; 0 = synchronous.
+    # (`async` is a Python keyword, so the key lives here rather than as async.max_staleness)
+    max_staleness: int = 0
 
     def __post_init__(self):
         _require(self.steps >= 1, f"steps: must be >= 1, got {self.steps}")
@@ -45,6 +49,8 @@ class TrainConfig:
         _require(self.checkpoint_every >= 0,
                  f"checkpoint_every: must be >= 0 (0 saves only at the end), got {self.checkpoint_every}")
         _require(self.log_every >= 1, f"log_every: must be >= 1, got {self.log_every}")
+        _require(self.max_staleness >= 0,
+                 f"max_staleness: must be >= 0 (0 is the synchronous loop), got {self.max_staleness}")
 
 
 @dataclass

@@ -128,6 +128,8 @@ class Learner:
         recomputed = torch.cat(lps)  # [B, L]
         diff_max, diff_mean = logprob_mismatch(recomputed, batch.old_logprobs, batch.mask)
         pre = {"diff_max": diff_max, "diff_mean": diff_mean}
+        if self.algo.tis_cap > 0:  # the proximal policy of decoupled PPO: this one, before the update
+            pre["prox"] = recomputed
         if refs:
             pre["ref"] = torch.cat(refs)
         if values:
@@ -153,10 +155,11 @@ class Learner:
                                            with_entropy=a.entropy_coef > 0, hidden=hidden)
         adv = advantages if advantages.dim() == 1 else advantages[:, :L]
         ref = pre["ref"][:, :L] if "ref" in pre else None
+        prox = pre["prox"][:, :L] if "prox" in pre else None
         totals = dict(num_tokens_total=full_tokens, num_seqs_total=full_seqs)
         loss, m = policy_loss(logprobs, part.old_logprobs, adv, part.mask, a.clip_low, a.clip_high, a.loss_agg,
                               ref_logprobs=ref, kl_coef=a.kl_coef, entropy=entropy,
-                              entropy_coef=a.entropy_coef, **totals)
+                              entropy_coef=a.entropy_coef, prox_logprobs=prox, tis_cap=a.tis_cap, **totals)
         out = {"pg_loss": float(loss.detach())}
         if self.value_head is not None:
             values = self.value_head(hidden)  # [b, L]

@@ -253,7 +253,7 @@ class Coordinator:
         self._throughput = {"tokens": tokens, "tokens_per_s": tokens / stats.time_s if stats.time_s > 0 else 0.0,
                             "mean_accepted_len": stats.mean_accepted_len, "speedup_vs_off_est": speedup}
         self._report = run.report(t_end)
-        return RolloutBatch(sequences, stats)
+        return RolloutBatch(sequences, stats, {**self._throughput, **self._report})
 
     def _merged_stats(self, step: int, workers: set[int]) -> tuple[RolloutStats, float]:
         """The engine stats of the workers that served this step, merged, and their

@@ -193,3 +193,6 @@ class ItemResult:
 class RolloutBatch:
     sequences: list[Sequence]  # in prompt order
     stats: RolloutStats
+    # the client's numbers for this batch: tokens_per_s, speedup_vs_off_est and the
+    # coordinator's per-step report (rollout/coordinator.py)
+    report: dict = field(default_factory=dict)

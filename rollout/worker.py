@@ -299,6 +299,7 @@ class RolloutClient:
         self._report = {"rollout_worker_tokens_per_s": [batch.stats.tokens_per_s],
                         "rollout_worker_idle_frac": [0.0], "rollout_tail_s": 0.0, "rollout_queue_wait_s": 0.0,
                         "rollout_faults": 0, "rollout_workers_alive": 1}
+        batch.report = {**self.throughput(), **self._report}
         return batch
 
     def generate_async(self, prompts, ids, sampling, spec, seed) -> Future:
