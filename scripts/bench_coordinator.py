@@ -84,9 +84,9 @@ class UnequalWorker(RolloutWorker):
 def mode_config(cfg, mode: str, spec_mode: str, seed: int):
     """The run config of one mode: schedule, idle re-fit and staleness per the coordinator's keys."""
     rollout = dataclasses.replace(cfg.rollout, schedule="fixed" if mode == "fixed" else "pull")
-    out = dataclasses.replace(cfg, seed=seed, rollout=rollout,
-                              spec=dataclasses.replace(cfg.spec, mode=spec_mode))
-    return out
+    train = dataclasses.replace(cfg.train, max_staleness=1 if mode == "async-1" else 0)
+    return dataclasses.replace(cfg, seed=seed, rollout=rollout, train=train,
+                               spec=dataclasses.replace(cfg.spec, mode=spec_mode))
 
 
 def measure(cfg, mode: str, spec_mode: str, seed: int, steps: int) -> list[dict]:
@@ -104,13 +104,15 @@ def measure(cfg, mode: str, spec_mode: str, seed: int, steps: int) -> list[dict]
         return StepPrompts([tok.encode(ex.prompt) for ex in examples], [ex.prompt for ex in examples], examples)
 
     loop = RLLoop(learner, client, prompt_fn=prompts, reward_fn=TaskReward(task, tok), task_name=task.name,
-                  sampling=sampling, spec=run_cfg.spec, group_size=run_cfg.algo.group_size, seed=run_cfg.seed)
+                  sampling=sampling, spec=run_cfg.spec, group_size=run_cfg.algo.group_size, seed=run_cfg.seed,
+                  max_staleness=run_cfg.train.max_staleness, last_step=steps)
     out = []
     try:
         for step in range(1, steps + 1):
             m = loop.step(step)
             out.append({k: m.get(k) for k in ("reward_mean", "accuracy", "response_len_mean", "mean_accepted_len",
                                               "time_step_s", "time_rollout_s", "time_train_s", "time_refit_s",
+                                              "rollout_wall_s", "staleness_max",
                                               "rollout_worker_tokens_per_s", "rollout_worker_idle_frac",
                                               "rollout_tail_s")})
     finally:
@@ -125,7 +127,10 @@ def summarise(steps: list[dict]) -> dict:
     mean = lambda key: statistics.fmean(s[key] for s in timed)  # noqa: E731
     tps = [s["rollout_worker_tokens_per_s"] for s in timed if s.get("rollout_worker_tokens_per_s")]
     speeds = [statistics.fmean(w[i] for w in tps) for i in range(len(tps[0]))] if tps else []
-    return {"step_s": mean("time_step_s"), "rollout_s": mean("time_rollout_s"), "train_s": mean("time_train_s"),
+    # rollout_s: the rollout's own wall time (async: it overlaps the step before; the step
+    # waits only time_rollout_s for it)
+    return {"step_s": mean("time_step_s"), "rollout_s": mean("rollout_wall_s"),
+            "wait_s": mean("time_rollout_s"), "train_s": mean("time_train_s"),
             "refit_s": mean("time_refit_s"), "worker_tokens_per_s": speeds,
             "accepted_len": mean("mean_accepted_len"), "reward": mean("reward_mean")}
 
@@ -141,8 +146,8 @@ def table(results: dict, modes: list[str]) -> str:
     """Markdown table: per configuration, median step/rollout/train seconds, per-worker tokens/s,
     and speedups (median of per-round ratios against fixed + spec off, with their range)."""
     base = results[BASELINE]
-    lines = ["| mode | spec | step s | rollout s | train s | re-fit s | rollout share | worker tok/s (0 / 1) "
-             "| step speedup | rollout speedup |", "|---" * 10 + "|"]
+    lines = ["| mode | spec | step s | rollout s | train s | re-fit s | rollout share | step / max(rollout, train) "
+             "| worker tok/s (0 / 1) | step speedup | rollout speedup |", "|---" * 11 + "|"]
     for mode in modes:
         for spec in SPEC_MODES:
             rounds = results.get((mode, spec))
@@ -155,6 +160,7 @@ def table(results: dict, modes: list[str]) -> str:
             roll_x = [b["rollout_s"] / r["rollout_s"] for b, r in zip(base, rounds)]
             lines.append(f"| {mode} | {spec} | {med('step_s'):.2f} | {med('rollout_s'):.2f} | {med('train_s'):.2f} "
                          f"| {med('refit_s'):.2f} | {med('rollout_s') / med('step_s'):.0%} "
+                         f"| {statistics.median(r['step_s'] / max(r['rollout_s'], r['train_s'] + r['refit_s']) for r in rounds):.2f} "
                          f"| {' / '.join(f'{s:.0f}' for s in speeds)} | {_median_range(step_x)} "
                          f"| {_median_range(roll_x)} |")
     return "\n".join(lines)
@@ -199,7 +205,8 @@ def main(argv=None) -> int:
     UnequalWorker.max_batch = tuple(int(t) for t in args.max_batch.split(",") if t)
     cfg = load_config(args.config, ["rollout.num_workers=2", *args.overrides])
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    # "local": a private cluster, never one another process on this machine started
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     out = {"machine": f"{os.cpu_count()}-core CPU", "threads": UnequalWorker.threads,
            "max_batch": UnequalWorker.max_batch, "args": vars(args),
            "rounds": {}, "curves": {}}
