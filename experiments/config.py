@@ -110,6 +110,9 @@ class Config:
                 f"rollout.max_seq_len: {self.rollout.max_seq_len} cannot hold sampling.max_new_tokens="
                 f"{self.sampling.max_new_tokens} plus {depth} drafts plus the prompt; raise it or set 0 "
                 f"(sized from the prompts)")
+        if self.refit.schedule == "idle" and (not self.ray.enabled or self.rollout.num_workers < 2):
+            raise ValueError("refit.schedule: idle re-fits run on a rollout worker that ran out of work while "
+                             "others finish; set ray.enabled=true and rollout.num_workers>=2, or use on_drop")
         if self.rollout.num_workers > 1 and not self.ray.enabled:
             raise ValueError(f"rollout.num_workers: {self.rollout.num_workers} workers need Ray; "
                              f"set ray.enabled=true or rollout.num_workers=1")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-REFIT_SCHEDULES = ("never", "every", "on_drop")
+REFIT_SCHEDULES = ("never", "every", "on_drop", "idle")
 REFIT_LOSSES = ("tv", "e2e_tv", "kl", "ce")
 
 
@@ -57,7 +57,9 @@ class TrainConfig:
 class RefitConfig:
     """When and how the draft heads are re-fitted to the moving policy (trunk frozen)."""
 
-    schedule: str = "on_drop"  # never | every | on_drop
+    # never | every | on_drop | idle (every step, on a rollout worker that ran out of work while
+    # others finish the step's long tail; off the learner's critical path; needs Ray and >= 2 workers)
+    schedule: str = "on_drop"
     every: int = 10  # RL steps between re-fits, for schedule=every
     # on_drop: re-fit when the accepted length the heads give at full depth (from the step's
     # measured acceptance rate; metric accepted_len_full_depth) falls below drop_fraction * its

@@ -34,7 +34,7 @@ from typing import Any, Callable
 
 import torch
 
-from learner.trainer import Learner
+from learner.trainer import Learner, idle_refit
 from rollout.types import RolloutBatch, SamplingParams, Sequence, SpecParams
 from spec_heads.depth import expected_tokens
 
@@ -79,6 +79,13 @@ class RLLoop:
         self.sampling, self.spec, self.group_size, self.seed = sampling, spec, group_size, seed
         self.max_staleness, self.last_step = max_staleness, last_step  # last_step: submit nothing past it
         self._ahead: dict[int, Future] = {}  # step -> its submitted rollout
+        r = learner.refit_cfg
+        if r.schedule == "idle" and learner.heads is not None:
+            if not hasattr(client, "set_idle_work"):
+                raise ValueError("refit.schedule: idle re-fits run on idle Ray rollout workers; set "
+                                 "ray.enabled=true and rollout.num_workers >= 2, or another schedule")
+            temperature = sampling.temperature
+            client.set_idle_work(lambda sequences, seed: (idle_refit, (sequences, r, temperature, seed)))
 
     def _rows(self, sp: StepPrompts) -> list[list[int]]:
         return [p for p in sp.prompts for _ in range(self.group_size)]  # groups contiguous
@@ -115,6 +122,7 @@ class RLLoop:
         info = dict(batch.report)  # the client's numbers for this very batch (async: an earlier submission)
         for key in ("tokens", "mean_accepted_len"):
             info.pop(key, None)
+        idle = info.pop("idle_work", None)  # a head re-fit an idle worker ran in the rollout's tail
         tokens_per_s, speedup = info.pop("tokens_per_s"), info.pop("speedup_vs_off_est")
         staleness = self._staleness(batch)
         t1 = time.perf_counter()
@@ -139,6 +147,9 @@ class RLLoop:
                 full_len = expected_tokens(measured, len(measured))
         refit = self.learner.should_refit(step, full_len, speculating)
         refit_metrics = self.learner.refit_heads(batch.sequences, step_seed(self.seed, step) + 1) if refit else {}
+        done = self.client.idle_result(idle) if idle is not None else None
+        if done is not None and not done.get("refit_skipped"):
+            refit, refit_metrics = True, self.learner.take_heads(done)
         t3 = time.perf_counter()
         self.client.publish(*self.learner.next_version())
         t4 = time.perf_counter()

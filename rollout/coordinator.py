@@ -163,6 +163,7 @@ class Coordinator:
             raise ResourceError(f"rollout: the workers did not start within rollout.start_timeout_s="
                                 f"{rollout.start_timeout_s}; raise it (large models load slowly)") from None
         self.events: list[dict] = []  # faults: {"step", "worker", "event", "detail"}
+        self.idle_work = None  # see set_idle_work
         self._lock = threading.Lock()
         self._pending = 0  # steps submitted and not finished
         self._step = 0
@@ -253,7 +254,8 @@ class Coordinator:
         self._throughput = {"tokens": tokens, "tokens_per_s": tokens / stats.time_s if stats.time_s > 0 else 0.0,
                             "mean_accepted_len": stats.mean_accepted_len, "speedup_vs_off_est": speedup}
         self._report = run.report(t_end)
-        return RolloutBatch(sequences, stats, {**self._throughput, **self._report})
+        idle = {"idle_work": run.idle_ref} if run.idle_ref is not None else {}
+        return RolloutBatch(sequences, stats, {**self._throughput, **self._report, **idle})
 
     def _merged_stats(self, step: int, workers: set[int]) -> tuple[RolloutStats, float]:
         """The engine stats of the workers that served this step, merged, and their
@@ -314,6 +316,20 @@ class Coordinator:
         self.events.append({"step": step, "worker": w, "event": event, "detail": detail})
 
     # ---------------------------------------------------------------- reports
+    def set_idle_work(self, fn) -> None:
+        """fn(sequences, seed) -> (remote fn, args): work for the first worker that runs out of rows
+        while others still finish the step (e.g. a head re-fit on the rows finished so far). Its
+        ref comes back in the step's batch.report["idle_work"]; `idle_result` waits for it."""
+        self.idle_work = fn
+
+    def idle_result(self, ref):
+        """What the step's idle-time work returned (waits for it); None if its worker died."""
+        try:
+            return ray.get(ref)
+        except RayActorError as e:
+            log.warning("rollout: idle-time work lost with its worker: %s", e)
+            return None
+
     def report(self) -> dict:
         """The last step's numbers: per-worker tokens/s and idle fraction, tail and queue wait."""
         return dict(self._report)

@@ -49,6 +49,8 @@ class StepRun:
         self.waits: list[float] = []  # per dispatch: time since the step began
         self.took_part: set[int] = set()
         self.faults_before = len(co.events)
+        self.idle_ref = None  # the step's idle-time work (one per step), if any
+        self.idle_worker: int | None = None
 
     # ------------------------------------------------------------------ queues
     def queue(self, w: int) -> deque[WorkItem]:
@@ -121,6 +123,8 @@ class StepRun:
                 if not co._recover(w, self.step, f"{type(e).__name__} with group {item.key} in flight",
                                    item.version):
                     self.drop(w)
+                now = time.perf_counter()  # nobody watched the others while the restart was awaited
+                self.progress = {v: now for v in self.progress}
             elif not co.alive[w]:
                 self.drop(w)
             return
@@ -131,6 +135,20 @@ class StepRun:
         self.progress[w] = now
         if self.rows[w] == 0 and not (self.queue(w) if (not self.fixed or w in self.queues) else None):
             self.idle_at[w] = now
+            self.start_idle_work(w)
+
+    def start_idle_work(self, w: int) -> None:
+        """The first worker out of work while others still have rows in flight takes the idle work
+        (on the rows finished so far); it runs beside the worker's next engine run, if any."""
+        co = self.co
+        if co.idle_work is None or self.idle_ref is not None or not self.inflight:
+            return
+        sequences = [s for r in self.results.values() for s in r.sequences]
+        if len(sequences) < 2:
+            return
+        fn, args = co.idle_work(sequences, self.items[0].seed + 1)
+        self.idle_ref = co.workers[w].run_idle.remote(fn, *args)
+        self.idle_worker = w
 
     def check_hangs(self) -> None:
         co, timeout = self.co, self.co.rollout.worker_timeout_s

@@ -84,6 +84,7 @@ class RolloutWorker:
         self._draining = False
         self._run_step: int | None = None
         self._step_stats: dict[int, tuple[RolloutStats, SpecParams | None]] = {}
+        self._idle_lock = threading.Lock()
 
     # ----------------------------------------------------------------- weights
     @torch.no_grad()
@@ -99,6 +100,10 @@ class RolloutWorker:
         if self.engine.heads is None and heads_state is not None:
             raise ValueError("heads_state: this worker was built without draft heads (heads=None); "
                              "build it with a HeadConfig to receive heads")
+        with self._idle_lock:  # an idle-time fit reads these weights: swap after it
+            return self._set_weights(version, policy_state, heads_state)
+
+    def _set_weights(self, version: int, policy_state: dict, heads_state: dict | None) -> int:
         if self._draining:
             raise RuntimeError(f"set_weights: version {version} arrived while this worker is generating; "
                                "weights swap only between steps (a coordinator bug)")
@@ -217,8 +222,10 @@ class RolloutWorker:
         return {"stats": got[0], "speedup": self._speedup_estimate(*got)}
 
     def run_idle(self, fn, *args):
-        """Idle-time work the coordinator hands a worker whose queue ran dry: fn(self, *args)."""
-        return fn(self, *args)
+        """Idle-time work the coordinator hands a worker whose queue ran dry: fn(self, *args).
+        Weights stay as they are until it returns."""
+        with self._idle_lock:
+            return fn(self, *args)
 
     def throughput(self) -> dict:
         """Numbers of the last generate call: tokens, time_s, tokens_per_s, mean_accepted_len,

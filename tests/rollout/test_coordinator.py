@@ -30,7 +30,8 @@ ALL_KEYS = set(range(0, 12, 2))
 def faulty_worker(plan_dir: str):
     """A worker class that misbehaves once per plan: plan_dir/plan.json = {"key", "kind"}; the
     first call that serves group `key` writes plan_dir/fired (its actor id) and then exits the
-    process (kind exit) or sleeps (kind hang / wait, the test kills it). Defined in a function,
+    process (kind exit), sleeps 2 s and goes on (kind slow) or sleeps (kind hang / wait, until
+the coordinator or the test kills it). Defined in a function,
     so Ray ships the class by value."""
 
     class FaultyWorker(RolloutWorker):
@@ -42,7 +43,7 @@ def faulty_worker(plan_dir: str):
                     fired.write_text(ray.get_runtime_context().get_actor_id())
                     if plan["kind"] == "exit":
                         os._exit(1)
-                    time.sleep(600)
+                    time.sleep(2.0 if plan["kind"] == "slow" else 600)
             return super().serve(item)
 
     return FaultyWorker
@@ -155,6 +156,44 @@ def test_a_hung_worker_is_killed_after_the_timeout_and_its_groups_requeued(fault
     batch = co.generate(ROWS, IDS, SAMPLED, FIXED, seed=7)
     assert_complete(batch, reference, co.version)
     assert [e["event"] for e in co.events[before:before + 3]] == ["hung", "failed", "restarted"], co.events
+
+
+def test_an_idle_worker_refits_the_heads_in_the_tail_and_they_go_out_with_the_next_version(faulty, reference,
+                                                                                           weights):
+    """Group 10 is slow on its worker: the other one runs out of work first and fits a copy of
+    its heads on the rows finished so far; the learner side publishes them with the next version."""
+    from learner.config import RefitConfig
+    from learner.trainer import idle_refit
+
+    co, plan_dir = faulty
+    refit = RefitConfig(steps=3, micro_batch_size=4)
+    got = {}
+
+    def idle_work(sequences, seed):
+        got["rows"] = sorted(s.prompt_id for s in sequences)
+        return idle_refit, (sequences, refit, 1.0, seed)
+
+    co.set_idle_work(idle_work)
+    try:
+        arm(plan_dir, key=10, kind="slow")
+        batch = co.generate(ROWS, IDS, SAMPLED, FIXED, seed=7)
+        assert_complete(batch, reference, co.version)
+        assert 2 <= len(got["rows"]) < len(ROWS) and not {10, 11} & set(got["rows"])  # the tail was not done
+        result = co.idle_result(batch.report["idle_work"])
+    finally:
+        co.set_idle_work(None)
+    assert result["refit_where"] == "idle" and len(result["refit_accept_after"]) == HC.num_depths
+    fitted = result["state"]
+    _, heads = make_model(0)
+    assert fitted.keys() == heads.state_dict().keys()
+    assert any(not torch.equal(fitted[k], v) for k, v in heads.state_dict().items()) == result["refit_kept"]
+    policy = make_model(0)[0]
+    v = co.version + 1
+    co.publish(v, cpu_state(policy), fitted)
+    assert co.versions() == [{"policy": v, "heads": v}] * 2
+    after = co.generate(ROWS, IDS, SAMPLED, FIXED, seed=7)
+    assert {s.policy_version for s in after.sequences} == {v}
+    co.publish(v + 1, *weights)  # the reference's heads again: drafts decide which draws a row uses
 
 
 def test_a_worker_killed_for_good_is_dropped_and_the_step_completes(faulty, reference):
