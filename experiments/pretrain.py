@@ -92,6 +92,8 @@ def tiny_policy_dir(pcfg: PretrainConfig, task_cfg: TaskConfig, seed: int = 0,
     """$SPECROLL_CACHE (or ~/.cache/specroll)/models/tiny-<task>-<hash of what shapes the model>."""
     _check_task(task_cfg)
     shape = {k: v for k, v in dataclasses.asdict(pcfg).items() if k != "threads"}  # speed only
+    if not shape["micro_batch_size"]:  # (policies built before the field existed keep their folder)
+        del shape["micro_batch_size"]
     key = {"pretrain": shape, "seed": seed, "version": _FORMAT_VERSION,
            "task": {k: getattr(task_cfg, k) for k in _TASK_KEYS[task_cfg.name]}}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]

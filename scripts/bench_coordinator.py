@@ -4,8 +4,9 @@ speculation off and on, over two rollout workers of unequal speed; then reward c
 Modes (each with spec.mode off and entropy, the same seeds and prompts):
   fixed        each worker gets one contiguous half of the step's GRPO groups (rollout.schedule=fixed)
   pull         workers pull groups from one queue whenever they have free rows
-  pull+refit   pull, and idle workers re-fit the heads while the last rows finish
-  async-1      pull, rollouts of step t+1 run while the learner trains on step t (staleness <= 1)
+  pull+refit   pull, and an idle worker re-fits the heads while the last rows finish (refit.schedule=idle)
+  async-1      pull + idle re-fit, and rollouts of step t+1 run while the learner trains on step t
+               (train.max_staleness=1)
 
 The workers' speeds differ for real: worker 0 runs with --threads A torch threads, worker 1 with B
 (default 1 and 2), set in each worker actor at start (`UnequalWorker`); the per-worker tokens/s
@@ -81,17 +82,19 @@ class UnequalWorker(RolloutWorker):
 # ------------------------------------------------------------------------------------- modes
 
 
-def mode_config(cfg, mode: str, spec_mode: str, seed: int):
+def mode_config(cfg, mode: str, spec_mode: str):
     """The run config of one mode: schedule, idle re-fit and staleness per the coordinator's keys."""
     rollout = dataclasses.replace(cfg.rollout, schedule="fixed" if mode == "fixed" else "pull")
     train = dataclasses.replace(cfg.train, max_staleness=1 if mode == "async-1" else 0)
-    return dataclasses.replace(cfg, seed=seed, rollout=rollout, train=train,
+    refit = dataclasses.replace(cfg.refit, schedule="idle") if mode in ("pull+refit", "async-1") else cfg.refit
+    return dataclasses.replace(cfg, rollout=rollout, train=train, refit=refit,
                                spec=dataclasses.replace(cfg.spec, mode=spec_mode))
 
 
 def measure(cfg, mode: str, spec_mode: str, seed: int, steps: int) -> list[dict]:
-    """Run `steps` RL steps of one mode from the pretrained policy; per-step metrics."""
-    run_cfg = mode_config(cfg, mode, spec_mode, seed)
+    """Run `steps` RL steps of one mode from the pretrained policy; per-step metrics. `seed` picks
+    the prompts and sampling; the policy and heads are those of cfg.seed."""
+    run_cfg = mode_config(cfg, mode, spec_mode)
     model_dir, heads_dir, tok, task, sampling, learner = _setup(run_cfg)
     heads = learner.heads
     ticket = _Ticket.options(name=UnequalWorker.ticket_name).remote()
@@ -100,11 +103,11 @@ def measure(cfg, mode: str, spec_mode: str, seed: int, steps: int) -> list[dict]
                          worker_cls=UnequalWorker)
 
     def prompts(step: int) -> StepPrompts:
-        examples = task.train_prompts(run_cfg.train.prompts_per_step, seed=step_seed(run_cfg.seed, step))
+        examples = task.train_prompts(run_cfg.train.prompts_per_step, seed=step_seed(seed, step))
         return StepPrompts([tok.encode(ex.prompt) for ex in examples], [ex.prompt for ex in examples], examples)
 
     loop = RLLoop(learner, client, prompt_fn=prompts, reward_fn=TaskReward(task, tok), task_name=task.name,
-                  sampling=sampling, spec=run_cfg.spec, group_size=run_cfg.algo.group_size, seed=run_cfg.seed,
+                  sampling=sampling, spec=run_cfg.spec, group_size=run_cfg.algo.group_size, seed=seed,
                   max_staleness=run_cfg.train.max_staleness, last_step=steps)
     out = []
     try:
@@ -167,14 +170,16 @@ def table(results: dict, modes: list[str]) -> str:
 
 
 def curves_table(curves: dict) -> str:
-    lines = ["| run | seed | reward, first 3 steps | reward, last 3 steps | accuracy, last 3 steps |",
+    lines = ["| run | seed | reward per step | reward, first k -> last k steps | accuracy, last k |",
              "|---|---|---|---|---|"]
     for name, per_seed in curves.items():
         for seed, steps in per_seed.items():
-            first = statistics.fmean(s["reward_mean"] for s in steps[:3])
-            last = statistics.fmean(s["reward_mean"] for s in steps[-3:])
-            acc = statistics.fmean(s["accuracy"] for s in steps[-3:])
-            lines.append(f"| {name} | {seed} | {first:.3f} | {last:.3f} | {acc:.2f} |")
+            k = max(1, min(3, len(steps) // 2))
+            first = statistics.fmean(s["reward_mean"] for s in steps[:k])
+            last = statistics.fmean(s["reward_mean"] for s in steps[-k:])
+            acc = statistics.fmean(s["accuracy"] for s in steps[-k:])
+            curve = " ".join(f"{s['reward_mean']:.2f}" for s in steps)
+            lines.append(f"| {name} | {seed} | {curve} | {first:.3f} -> {last:.3f} (k={k}) | {acc:.2f} |")
     return "\n".join(lines)
 
 
@@ -191,6 +196,9 @@ def parse_args(argv):
     p.add_argument("--max-batch", default="", help="rows in flight of worker 0 and worker 1 (default: "
                    "rollout.max_batch for both)")
     p.add_argument("--seed", type=int, default=100, help="round r uses seed + r")
+    p.add_argument("--learner-threads", type=int, default=1,
+                   help="torch threads of the learner in this process (0: torch's default); on a shared "
+                        "CPU, spinning threads lose several-fold")
     p.add_argument("--curve-seeds", type=int, default=3)
     p.add_argument("--curve-steps", type=int, default=10)
     p.add_argument("--json", default=None, metavar="PATH")
@@ -203,6 +211,8 @@ def main(argv=None) -> int:
     modes = [m for m in args.modes.split(",") if m]
     UnequalWorker.threads = tuple(int(t) for t in args.threads.split(","))
     UnequalWorker.max_batch = tuple(int(t) for t in args.max_batch.split(",") if t)
+    if args.learner_threads:
+        torch.set_num_threads(args.learner_threads)
     cfg = load_config(args.config, ["rollout.num_workers=2", *args.overrides])
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     # "local": a private cluster, never one another process on this machine started

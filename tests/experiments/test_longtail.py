@@ -110,3 +110,18 @@ def test_longtail_preset_loads():
     longest = max(len(ex.prompt) + len(ex.target) + 1 for ex in make_task(cfg.task).train_prompts(4000, seed=0))
     assert cfg.pretrain.max_len >= longest
     assert cfg.sampling.max_new_tokens >= longest
+
+
+def test_the_arith_policy_keeps_its_cache_folder(tmp_path):
+    # micro_batch_size=0 (one pass per batch, as before the field existed) leaves the key alone,
+    # so an existing cache of the default tiny policy is not rebuilt
+    folder = tiny_policy_dir(PretrainConfig(), TaskConfig(), 0, cache_dir=str(tmp_path))
+    assert folder.endswith("tiny-arith-6053fb823ebd")
+    assert tiny_policy_dir(PretrainConfig(micro_batch_size=16), TaskConfig(), 0, cache_dir=str(tmp_path)) != folder
+
+
+def test_bench_setup_refuses_other_tasks():
+    from experiments.longtail import bench_setup
+
+    with pytest.raises(ValueError, match="^task.name:"):
+        bench_setup(load_config("default", []), 4)
