@@ -80,8 +80,8 @@ class RolloutConfig:
     def __post_init__(self):
         if self.schedule not in ("pull", "fixed"):
             raise ValueError(f"schedule: must be pull or fixed, got {self.schedule!r}")
-        if self.num_cpus < 0:
-            raise ValueError(f"num_cpus: must be >= 0, got {self.num_cpus}")
+        if self.num_cpus <= 0:
+            raise ValueError(f"num_cpus: must be > 0 (a Ray placement bundle cannot be empty), got {self.num_cpus}")
         if self.num_gpus < 0 and self.num_gpus != -1:
             raise ValueError(f"num_gpus: must be >= 0, or -1 for one per worker on CUDA, got {self.num_gpus}")
         if self.placement not in ("colocated", "separate"):
