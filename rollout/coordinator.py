@@ -156,7 +156,8 @@ class Coordinator:
         # refs as top-level arguments: Ray resolves them in each actor (also on other nodes)
         self.workers = [actor.options(**opts, scheduling_strategy=PlacementGroupSchedulingStrategy(
             self.pg, placement_group_bundle_index=first + i)).remote(
-                model_config, heads, rollout, policy_state=refs[0], heads_state=refs[1], version=version)
+                model_config, heads, rollout.for_worker(i), policy_state=refs[0], heads_state=refs[1],
+                version=version)
             for i in range(self.num_workers)]
         self.alive = [True] * self.num_workers
         self.worker_version = [self.version] * self.num_workers

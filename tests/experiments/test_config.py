@@ -79,6 +79,7 @@ def test_wrong_type_names_the_key_and_the_type(override, key, hint):
     (["train.max_staleness=-1"], "train.max_staleness:"),
     (["algo.tis_cap=-2"], "algo.tis_cap:"),
     (["refit.schedule=idle", "rollout.num_workers=1"], "refit.schedule:"),  # nobody idles alone
+    (["rollout.num_workers=2", "rollout.max_batch_per_worker=[8]"], "rollout.max_batch_per_worker:"),
 ])
 def test_impossible_values_name_the_dotted_path(overrides, prefix):
     assert _error(overrides).startswith(prefix)
