@@ -17,7 +17,10 @@ depth policy's measured relative step cost; an estimate, the measured ratio come
 entropy_mean, logprob_diff_max/_mean (learner recompute vs rollout), refit (+ refit_loss,
 refit_accept_before/_after on held-out rollouts, refit_kept: false when the fit lost acceptance
 and the old heads were kept), refit_baseline, policy_version, time_rollout_s / time_train_s /
-time_refit_s / time_publish_s / time_step_s.
+time_refit_s / time_publish_s / time_step_s, and the rollout's own numbers (docs/coordinator.md):
+rollout_wall_s, rollout_worker_tokens_per_s / rollout_worker_idle_frac (per worker),
+rollout_tail_s, rollout_queue_wait_s, rollout_faults, rollout_workers_alive, staleness_max /
+staleness_mean (train.max_staleness: async rollouts; time_rollout_s is then the wait for them).
 
 Reproducibility: resuming reproduces the uninterrupted run exactly with spec.mode=off or fixed;
 with spec.mode=entropy the draft depths follow live timings, so tokens differ run to run (each

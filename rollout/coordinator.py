@@ -36,7 +36,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import ray
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
-from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.placement_group import get_current_placement_group, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from rollout.coordinator_step import StepRun
@@ -70,8 +70,13 @@ def worker_bundle(rollout: RolloutConfig) -> dict[str, float]:
 
 
 def reserve(rollout: RolloutConfig):
-    """A ready placement group for the workers (bundle i = worker i), or ResourceError at once."""
+    """(a ready placement group, the bundle index of worker 0, whether it is ours to remove), or
+    ResourceError at once. Inside a placement group that already holds a bundle for the caller
+    plus one per worker (a `specroll sweep` trial's), the workers take bundles 1..N of it."""
     bundle = worker_bundle(rollout)
+    current = get_current_placement_group()
+    if current is not None and len(current.bundle_specs) >= rollout.num_workers + 1:
+        return current, 1, False
     bundles = [dict(bundle) for _ in range(rollout.num_workers)]
     if rollout.placement == "separate" and bundle.get("GPU") and rollout.learner_gpus:
         bundles.append({"GPU": float(rollout.learner_gpus)})  # held for the learner: no worker lands there
@@ -99,7 +104,7 @@ def reserve(rollout: RolloutConfig):
                             f"the nodes have {nodes} (available now: "
                             f"{ {k: ray.available_resources().get(k, 0.0) for k in need} }); use fewer workers, "
                             "smaller bundles or placement_strategy=PACK") from None
-    return pg
+    return pg, 0, True
 
 
 # ------------------------------------------------------------------------------ work items
@@ -138,7 +143,7 @@ class Coordinator:
             raise RuntimeError("ray: not initialised; call ray.init() first (specroll train does it "
                                "when ray.enabled=true)")
         self.rollout, self.version, self.num_workers = rollout, int(version), rollout.num_workers
-        self.pg = reserve(rollout)
+        self.pg, first, self._own_pg = reserve(rollout)
         bundle = worker_bundle(rollout)
         actor = ray.remote(worker_cls)
         opts = dict(num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0), max_restarts=rollout.max_restarts,
@@ -150,14 +155,15 @@ class Coordinator:
         self._init_version, self._init_refs = self.version, refs
         # refs as top-level arguments: Ray resolves them in each actor (also on other nodes)
         self.workers = [actor.options(**opts, scheduling_strategy=PlacementGroupSchedulingStrategy(
-            self.pg, placement_group_bundle_index=i)).remote(
-                model_config, heads, rollout, policy_state=refs[0], heads_state=refs[1], version=version)
+            self.pg, placement_group_bundle_index=first + i)).remote(
+                model_config, heads, rollout.for_worker(i), policy_state=refs[0], heads_state=refs[1],
+                version=version)
             for i in range(self.num_workers)]
         self.alive = [True] * self.num_workers
         self.worker_version = [self.version] * self.num_workers
         self._gen = [0] * self.num_workers  # incarnation: failures of an older one are not new faults
         try:
-            ray.get([w.versions.remote() for w in self.workers], timeout=rollout.start_timeout_s)
+            self.node_ids = ray.get([w.node_id.remote() for w in self.workers], timeout=rollout.start_timeout_s)
         except GetTimeoutError:
             self.close()
             raise ResourceError(f"rollout: the workers did not start within rollout.start_timeout_s="
@@ -344,7 +350,7 @@ class Coordinator:
         for w in self.workers:
             ray.kill(w, no_restart=True)
         self.workers = []
-        if self.pg is not None:
+        if self.pg is not None and self._own_pg:
             remove_placement_group(self.pg)
-            self.pg = None
+        self.pg = None
 

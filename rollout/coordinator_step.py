@@ -90,13 +90,13 @@ class StepRun:
 
     def dispatch(self) -> None:
         """Round robin, one item per worker per round, while workers have free rows."""
-        co, cap = self.co, self.co.rollout.max_batch
+        co = self.co
         gave = True
         while gave:
             gave = False
             for w in range(co.num_workers):
                 q = self.queue(w) if (co.alive[w] and (not self.fixed or w in self.queues)) else None
-                if not q or self.rows[w] >= cap:
+                if not q or self.rows[w] >= co.rollout.for_worker(w).max_batch:
                     continue
                 item = q.popleft()
                 now = time.perf_counter()

@@ -1,7 +1,7 @@
 """Rollout data types and generation parameters. Plain data: no torch modules, no Ray."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 
 @dataclass
@@ -76,12 +76,16 @@ class RolloutConfig:
     # or dropped) and its groups re-queued; 0 waits forever. Long answers on big models need more
     worker_timeout_s: float = 600.0
     max_restarts: int = 1  # Ray restarts of a dead or killed worker (its weights are re-published); then it is dropped
+    # per-worker overrides of max_batch and threads (empty: every worker the same), to run
+    # workers of unequal speed, e.g. to measure the pull queue against the fixed split
+    max_batch_per_worker: list[int] = field(default_factory=list)
+    threads_per_worker: list[int] = field(default_factory=list)
 
     def __post_init__(self):
         if self.schedule not in ("pull", "fixed"):
             raise ValueError(f"schedule: must be pull or fixed, got {self.schedule!r}")
-        if self.num_cpus < 0:
-            raise ValueError(f"num_cpus: must be >= 0, got {self.num_cpus}")
+        if self.num_cpus <= 0:
+            raise ValueError(f"num_cpus: must be > 0 (a Ray placement bundle cannot be empty), got {self.num_cpus}")
         if self.num_gpus < 0 and self.num_gpus != -1:
             raise ValueError(f"num_gpus: must be >= 0, or -1 for one per worker on CUDA, got {self.num_gpus}")
         if self.placement not in ("colocated", "separate"):
@@ -96,6 +100,17 @@ class RolloutConfig:
             raise ValueError(f"worker_timeout_s: must be >= 0 (0 waits forever), got {self.worker_timeout_s}")
         if self.max_restarts < 0:
             raise ValueError(f"max_restarts: must be >= 0, got {self.max_restarts}")
+        for key in ("max_batch_per_worker", "threads_per_worker"):
+            values = list(getattr(self, key))
+            setattr(self, key, values)
+            if values and (len(values) != self.num_workers or min(values) < 1):
+                raise ValueError(f"{key}: give one value >= 1 per worker ({self.num_workers}), or [] for "
+                                 f"all alike; got {values}")
+
+    def for_worker(self, w: int) -> "RolloutConfig":
+        """Worker w's settings, with its per-worker overrides applied."""
+        return replace(self, max_batch=self.max_batch_per_worker[w] if self.max_batch_per_worker else self.max_batch,
+                       threads=self.threads_per_worker[w] if self.threads_per_worker else self.threads)
         if self.num_workers < 1:
             raise ValueError(f"num_workers: must be >= 1, got {self.num_workers}")
         if self.max_batch < 1:

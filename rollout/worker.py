@@ -124,6 +124,10 @@ class RolloutWorker:
         self.engine.policy_version = self.version
         return self.version
 
+    def node_id(self) -> str | None:
+        """The Ray node this worker runs on (None outside Ray)."""
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+
     def versions(self) -> dict:
         """The version of the policy and of the heads this worker serves (always equal)."""
         return {"policy": self.engine.policy_version, "heads": self.version}
