@@ -9,8 +9,10 @@ Modes (each with spec.mode off and entropy, the same seeds and prompts):
                (train.max_staleness=1)
 
 The workers' speeds differ for real: worker 0 runs with --threads A torch threads, worker 1 with B
-(default 1 and 2), set in each worker actor at start (`UnequalWorker`); the per-worker tokens/s
-the coordinator measures are printed, so the actual ratio on the machine is in the table.
+(default 1 and 2; rollout.threads_per_worker), and optionally with different row limits
+(--max-batch; rollout.max_batch_per_worker); the per-worker tokens/s the coordinator measures
+are printed, so the actual ratio on the machine is in the table. Every mode loads the draft
+heads (publishes carry them), so spec off and on run the same workers and weights.
 
 Timing: each round runs every configuration once, in turn, on that round's seed (fresh prompts),
 for --steps RL steps from the same pretrained policy and heads; a configuration's time is the
@@ -44,39 +46,9 @@ from experiments.train import TaskReward, _setup
 from learner.loop import RLLoop, StepPrompts, step_seed
 from learner.trainer import cpu_state
 from rollout.coordinator import Coordinator
-from rollout.worker import RolloutWorker
 
 SPEC_MODES = ("off", "entropy")
 BASELINE = ("fixed", "off")
-
-
-@ray.remote
-class _Ticket:
-    """Hands out 0, 1, 2, ...: which worker an actor is, for its thread count."""
-
-    def __init__(self):
-        self.n = -1
-
-    def take(self) -> int:
-        self.n += 1
-        return self.n
-
-
-class UnequalWorker(RolloutWorker):
-    """A rollout worker whose torch thread count (and, if given, row limit) comes from `threads`
-    (`max_batch`), by start order."""
-
-    threads: tuple[int, ...] = (1, 2)
-    max_batch: tuple[int, ...] = ()
-    ticket_name: str = "bench-coordinator-ticket"
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        index = ray.get(ray.get_actor(self.ticket_name).take.remote())
-        torch.set_num_threads(self.threads[index % len(self.threads)])
-        if self.max_batch:
-            rows = self.max_batch[index % len(self.max_batch)]
-            self.engine.max_batch, self.engine.min_refill = rows, max(1, rows // 8)
 
 
 # ------------------------------------------------------------------------------------- modes
@@ -95,12 +67,10 @@ def measure(cfg, mode: str, spec_mode: str, seed: int, steps: int) -> list[dict]
     """Run `steps` RL steps of one mode from the pretrained policy; per-step metrics. `seed` picks
     the prompts and sampling; the policy and heads are those of cfg.seed."""
     run_cfg = mode_config(cfg, mode, spec_mode)
-    model_dir, heads_dir, tok, task, sampling, learner = _setup(run_cfg)
+    _, _, tok, task, sampling, learner = _setup(dataclasses.replace(run_cfg, spec=cfg.spec))
     heads = learner.heads
-    ticket = _Ticket.options(name=UnequalWorker.ticket_name).remote()
-    client = Coordinator(learner.policy.config, cpu_state(learner.policy), heads.config if heads else None,
-                         cpu_state(heads), run_cfg.rollout, version=learner.policy_version,
-                         worker_cls=UnequalWorker)
+    client = Coordinator(learner.policy.config, cpu_state(learner.policy), heads.config, cpu_state(heads),
+                         run_cfg.rollout, version=learner.policy_version)
 
     def prompts(step: int) -> StepPrompts:
         examples = task.train_prompts(run_cfg.train.prompts_per_step, seed=step_seed(seed, step))
@@ -120,7 +90,6 @@ def measure(cfg, mode: str, spec_mode: str, seed: int, steps: int) -> list[dict]
                                               "rollout_tail_s")})
     finally:
         client.close()
-        ray.kill(ticket)
     return out
 
 
@@ -209,16 +178,20 @@ def parse_args(argv):
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     modes = [m for m in args.modes.split(",") if m]
-    UnequalWorker.threads = tuple(int(t) for t in args.threads.split(","))
-    UnequalWorker.max_batch = tuple(int(t) for t in args.max_batch.split(",") if t)
     if args.learner_threads:
         torch.set_num_threads(args.learner_threads)
-    cfg = load_config(args.config, ["rollout.num_workers=2", *args.overrides])
+    unequal = [f"rollout.threads_per_worker=[{args.threads}]"]
+    if args.max_batch:
+        unequal.append(f"rollout.max_batch_per_worker=[{args.max_batch}]")
+    cfg = load_config(args.config, ["rollout.num_workers=2", *unequal, *args.overrides])
+    if cfg.spec.mode == "off":
+        raise SystemExit(f"--config {args.config}: spec.mode is off; the benchmark runs both off and entropy "
+                         "and needs the preset's heads settings with speculation on")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     # "local": a private cluster, never one another process on this machine started
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    out = {"machine": f"{os.cpu_count()}-core CPU", "threads": UnequalWorker.threads,
-           "max_batch": UnequalWorker.max_batch, "args": vars(args),
+    out = {"machine": f"{os.cpu_count()}-core CPU", "threads_per_worker": cfg.rollout.threads_per_worker,
+           "max_batch_per_worker": cfg.rollout.max_batch_per_worker, "args": vars(args),
            "rounds": {}, "curves": {}}
     results: dict = {}
     t0 = time.perf_counter()
