@@ -78,7 +78,7 @@ def measure(cfg, mode: str, spec_mode: str, seed: int, steps: int) -> list[dict]
 
     loop = RLLoop(learner, client, prompt_fn=prompts, reward_fn=TaskReward(task, tok), task_name=task.name,
                   sampling=sampling, spec=run_cfg.spec, group_size=run_cfg.algo.group_size, seed=seed,
-                  max_staleness=run_cfg.train.max_staleness, last_step=steps)
+                  max_staleness=run_cfg.train.max_staleness)  # async: step t+1 rolls out during every timed step
     out = []
     try:
         for step in range(1, steps + 1):
@@ -207,9 +207,10 @@ def main(argv=None) -> int:
                           f"train {s['train_s']:.2f}s workers tok/s {[round(v) for v in s['worker_tokens_per_s']]} "
                           f"({time.perf_counter() - t0:.0f}s)", flush=True)
                     _write(out, args.json)
-        print(table(results, modes))
-        out["table"] = table(results, modes)
-        _write(out, args.json)
+        if results:
+            out["table"] = table(results, modes)
+            print(out["table"])
+            _write(out, args.json)
         end_to_end = [m for m in ("async-1", "pull+refit", "pull") if m in modes][0]
         for name, mode, spec in (("sync fixed, spec off", "fixed", "off"),
                                  (f"spec + {end_to_end}", end_to_end, "entropy")):
@@ -218,9 +219,10 @@ def main(argv=None) -> int:
                 out["curves"].setdefault(name, {})[seed] = steps
                 print(f"curve {name} seed {seed}: reward {[round(s['reward_mean'], 3) for s in steps]}", flush=True)
                 _write(out, args.json)
-        out["curves_table"] = curves_table(out["curves"])
-        print(out["curves_table"])
-        _write(out, args.json)
+        if out["curves"]:
+            out["curves_table"] = curves_table(out["curves"])
+            print(out["curves_table"])
+            _write(out, args.json)
     finally:
         ray.shutdown()
     return 0
