@@ -5,8 +5,8 @@ Modes (each with spec.mode off and entropy, the same seeds and prompts):
   fixed        each worker gets one contiguous half of the step's GRPO groups (rollout.schedule=fixed)
   pull         workers pull groups from one queue whenever they have free rows
   pull+refit   pull, and an idle worker re-fits the heads while the last rows finish (refit.schedule=idle)
-  async-1      pull + idle re-fit, and rollouts of step t+1 run while the learner trains on step t
-               (train.max_staleness=1)
+  async-1      pull, and rollouts of step t+1 run while the learner trains on step t
+               (train.max_staleness=1; re-fits per the preset's refit.schedule)
 
 The workers' speeds differ for real: worker 0 runs with --threads A torch threads, worker 1 with B
 (default 1 and 2; rollout.threads_per_worker), and optionally with different row limits
@@ -58,7 +58,7 @@ def mode_config(cfg, mode: str, spec_mode: str):
     """The run config of one mode: schedule, idle re-fit and staleness per the coordinator's keys."""
     rollout = dataclasses.replace(cfg.rollout, schedule="fixed" if mode == "fixed" else "pull")
     train = dataclasses.replace(cfg.train, max_staleness=1 if mode == "async-1" else 0)
-    refit = dataclasses.replace(cfg.refit, schedule="idle") if mode in ("pull+refit", "async-1") else cfg.refit
+    refit = dataclasses.replace(cfg.refit, schedule="idle") if mode == "pull+refit" else cfg.refit
     return dataclasses.replace(cfg, rollout=rollout, train=train, refit=refit,
                                spec=dataclasses.replace(cfg.spec, mode=spec_mode))
 
@@ -170,6 +170,8 @@ def parse_args(argv):
                         "CPU, spinning threads lose several-fold")
     p.add_argument("--curve-seeds", type=int, default=3)
     p.add_argument("--curve-steps", type=int, default=10)
+    p.add_argument("--curve-runs", default="off,spec", help="which reward curves: off (synchronous fixed "
+                   "split, speculation off), spec (speculation + coordinator + async), or both")
     p.add_argument("--json", default=None, metavar="PATH")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value")
     return p.parse_args(argv)
@@ -211,9 +213,8 @@ def main(argv=None) -> int:
             out["table"] = table(results, modes)
             print(out["table"])
             _write(out, args.json)
-        end_to_end = [m for m in ("async-1", "pull+refit", "pull") if m in modes][0]
-        for name, mode, spec in (("sync fixed, spec off", "fixed", "off"),
-                                 (f"spec + {end_to_end}", end_to_end, "entropy")):
+        runs = {"off": ("sync fixed, spec off", "fixed", "off"), "spec": ("spec + pull + async-1", "async-1", "entropy")}
+        for name, mode, spec in (runs[r] for r in args.curve_runs.split(",") if r):
             for seed in range(args.curve_seeds):
                 steps = measure(cfg, mode, spec, seed, args.curve_steps)
                 out["curves"].setdefault(name, {})[seed] = steps
