@@ -229,7 +229,12 @@ class Coordinator:
             self._step += 1
             self._pending += 1
             step, version = self._step, self.version
-        items = make_items(step, prompts, ids, sampling, spec, seed, version)
+        try:
+            items = make_items(step, prompts, ids, sampling, spec, seed, version)
+        except ValueError:
+            with self._lock:
+                self._pending -= 1
+            raise
         return self._executor.submit(self._step_guarded, step, version, items)
 
     def _step_guarded(self, step: int, version: int, items: list[WorkItem]) -> RolloutBatch:
