@@ -46,11 +46,12 @@ COMMANDS: dict[str, Command] = {
     "pretrain": Command(
         "experiments.pretrain", "run", "supervised warm-up of the tiny policy on the task",
         "Pre-train (supervised fine-tune) the policy on worked task answers so RL starts from a model "
-        "that gets some rewards; the tiny policy learns the arithmetic task on a CPU in minutes. "
-        "It is saved in Hugging Face format under $SPECROLL_CACHE/models/tiny-arith-<hash> (default "
+        "that gets some rewards; the tiny policy learns a built-in task (arith, longtail) on a CPU in minutes. "
+        "It is saved in Hugging Face format under $SPECROLL_CACHE/models/tiny-<task>-<hash> (default "
         "~/.cache/specroll), where `specroll train` (model.name=tiny) finds it; train builds it when missing.",
         "specroll pretrain\n"
-        "specroll pretrain pretrain.steps=200 pretrain.target_accuracy=0.7"),
+        "specroll pretrain pretrain.steps=200 pretrain.target_accuracy=0.7\n"
+        "specroll pretrain --config longtail"),
     "fit-heads": Command(
         "experiments.fit_heads", "run", "fit draft heads to a frozen policy",
         "Fit the draft (MTP) heads to a frozen policy's own sampling distributions on its rollouts, "

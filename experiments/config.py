@@ -95,9 +95,9 @@ class Config:
         # Checks across sections; messages carry their own dotted paths.
         if not self.name or "/" in self.name:
             raise ValueError(f"name: must be a non-empty run name without '/', got {self.name!r}")
-        if self.model.name == "tiny" and self.task.name != "arith":
-            raise ValueError(f"task.name: the tiny policy is pretrained on task arith, got {self.task.name!r}; "
-                             f"set task.name=arith, or model.name to a real model (e.g. smollm2-135m)")
+        if self.model.name == "tiny" and self.task.name not in ("arith", "longtail"):
+            raise ValueError(f"task.name: the tiny policy is pretrained on task arith or longtail, got "
+                             f"{self.task.name!r}; set task.name=arith, or model.name to a real model (e.g. smollm2-135m)")
         if self.spec.mode == "fixed" and self.spec.k > self.heads.num_depths:
             raise ValueError(
                 f"spec.k: {self.spec.k} drafts per step need {self.spec.k} head depths but heads.num_depths="
@@ -111,6 +111,9 @@ class Config:
                 f"rollout.max_seq_len: {self.rollout.max_seq_len} cannot hold sampling.max_new_tokens="
                 f"{self.sampling.max_new_tokens} plus {depth} drafts plus the prompt; raise it or set 0 "
                 f"(sized from the prompts)")
+        if self.refit.schedule == "idle" and (not self.ray.enabled or self.rollout.num_workers < 2):
+            raise ValueError("refit.schedule: idle re-fits run on a rollout worker that ran out of work while "
+                             "others finish; set ray.enabled=true and rollout.num_workers>=2, or use on_drop")
         if self.rollout.num_workers > 1 and not self.ray.enabled:
             raise ValueError(f"rollout.num_workers: {self.rollout.num_workers} workers need Ray; "
                              f"set ray.enabled=true or rollout.num_workers=1")

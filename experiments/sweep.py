@@ -2,7 +2,8 @@
 
 Each trial is an ordinary `specroll train` run (its own run dir under out_dir/<sweep name>/),
 so `specroll plot` and `specroll compare` work on its results; the sweep ends with the compare
-table of all trials. Trials report every step's metrics to Tune after their run finishes
+table of all trials and one plot of their reward and acceptance curves (curves.png). A trial
+with ray.enabled=true reserves its rollout workers' resources from its own config. Trials report every step's metrics to Tune after their run finishes
 (no early-stopping scheduler: a trial always runs its full config).
 """
 from __future__ import annotations
@@ -76,6 +77,21 @@ def trial_name(point: dict[str, str]) -> str:
 
 class TrialFailed(RuntimeError):
     """`specroll train` of one trial ended with an error (its run dir keeps what it wrote)."""
+
+
+def trial_resources(params: dict, args):
+    """A trial's resources from its own config: with ray.enabled, one bundle for the trial's
+    driver (the learner) and one per rollout worker (rollout.num_cpus / num_gpus), which the
+    trial's coordinator takes over; else --cpus-per-trial / --gpus-per-trial."""
+    from ray import tune
+
+    from rollout.coordinator import worker_bundle
+
+    cfg = load_config(params["preset"], params["overrides"])
+    if not cfg.ray.enabled:
+        return {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial}
+    learner = {"CPU": max(args.cpus_per_trial, 1.0), **({"GPU": args.gpus_per_trial} if args.gpus_per_trial else {})}
+    return tune.PlacementGroupFactory([learner] + [worker_bundle(cfg.rollout)] * cfg.rollout.num_workers)
 
 
 def _trainable(params: dict) -> None:
@@ -166,7 +182,7 @@ def main(argv: list[str]) -> int:
     if not ray.is_initialized():
         ray.init(address=base.ray.address or None, num_cpus=base.ray.num_cpus or None,
                  include_dashboard=False, log_to_driver=True)
-    trainable = tune.with_resources(_trainable, {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial})
+    trainable = tune.with_resources(_trainable, lambda params: trial_resources(params, args))
     tuner = tune.Tuner(
         trainable,
         param_space={"preset": preset, "overrides": tune.grid_search([t["overrides"] for t in trials])},
@@ -190,6 +206,9 @@ def report(sweep_dir: Path, trials: list[str], failed: dict[str, str]) -> int:
             if row["name"] in failed:
                 row["name"] += " (FAILED)"
         print_table(rows, last=5)
+        from experiments.plots import plot_sweep
+
+        print(f"reward and acceptance curves of every trial: {plot_sweep(done, str(sweep_dir / 'curves.png'))}")
     for name in trials:
         if name in failed and str(sweep_dir / name) not in done:
             print(f"{name} (FAILED): no step finished", file=sys.stderr)

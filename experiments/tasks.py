@@ -37,17 +37,23 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 @dataclass
 class TaskConfig:
-    name: str = "arith"  # arith (built-in synthetic) | gsm8k (local GSM8K-style file)
+    name: str = "arith"  # arith | longtail (built-in synthetic) | gsm8k (local GSM8K-style file)
     path: str = ""  # gsm8k: a JSONL or Parquet file with question / answer ("... #### number")
     skip_malformed: bool = False  # gsm8k: skip records without a "#### number" instead of failing
     digits: int = 3  # arith: max digits per operand (each operand draws 1..digits digits)
-    ops: str = "+"  # arith: operators to draw from, any of "+-"
+    ops: str = "+"  # arith, longtail: operators to draw from, any of "+-"
+    chain_max: int = 30  # longtail: most steps in a chain (answers up to ~12 characters a step)
+    chain_skew: float = 1.4  # longtail: P(steps = n) ~ n^-skew; 1.4 puts the median answer near 27 characters
     eval_size: int = 128  # held-out prompts for evaluation
     format_reward: float = 0.1  # reward for a well-formed answer even if wrong
 
     def __post_init__(self):
-        if self.name not in ("arith", "gsm8k"):
-            raise ValueError(f"name: must be arith or gsm8k, got {self.name!r}")
+        if self.name not in ("arith", "longtail", "gsm8k"):
+            raise ValueError(f"name: must be arith, longtail or gsm8k, got {self.name!r}")
+        if self.chain_max < 1:
+            raise ValueError(f"chain_max: must be >= 1, got {self.chain_max}")
+        if self.chain_skew < 0:
+            raise ValueError(f"chain_skew: must be >= 0 (0 draws chain lengths uniformly), got {self.chain_skew}")
         if self.name == "gsm8k" and not self.path:
             raise ValueError("path: task gsm8k needs a JSONL or Parquet file with question/answer fields; "
                              "set task.path=/path/to/gsm8k_train.jsonl")
@@ -307,4 +313,8 @@ def make_task(cfg: TaskConfig, chat: Callable[[str], str] | None = None) -> Task
     """The task named by cfg.name. `chat` formats a gsm8k prompt (e.g. TextTokenizer.apply_chat)."""
     if cfg.name == "arith":
         return ArithmeticTask(cfg)
+    if cfg.name == "longtail":
+        from experiments.longtail import LongTailTask  # it imports this module
+
+        return LongTailTask(cfg)
     return Gsm8kTask(cfg, chat)

@@ -6,6 +6,8 @@ Layout of run_dir/checkpoints/:
   step_<k>/value_head.safetensors   PPO only
   step_<k>/trainer.pt     optimiser state and the torch RNG states (read with weights_only=True)
   step_<k>/state.json     step, policy_version, refit baseline, python/numpy RNG states
+  step_<k>/async_rollouts.pt   async runs (train.max_staleness >= 1): the rollouts already
+                          submitted for the next steps, so a resumed run trains on the same samples
   latest                  a text file naming the newest complete step_<k>, written last
 
 A checkpoint is written into a temporary folder next to its final place and renamed into place
@@ -31,6 +33,7 @@ from rollout.checkpoint import load_checkpoint, save_checkpoint
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
+ASYNC_ROLLOUTS = "async_rollouts.pt"
 
 
 def checkpoint_dir(run_dir: str | os.PathLike, step: int) -> Path:
@@ -38,8 +41,10 @@ def checkpoint_dir(run_dir: str | os.PathLike, step: int) -> Path:
 
 
 def save_run_checkpoint(run_dir: str | os.PathLike, step: int, learner: Learner,
-                        tokenizer_dir: str | None = None, extra: dict | None = None) -> Path:
-    """Write checkpoint `step` atomically and point `latest` at it; returns its folder."""
+                        tokenizer_dir: str | None = None, extra: dict | None = None,
+                        async_rollouts: dict | None = None) -> Path:
+    """Write checkpoint `step` atomically and point `latest` at it; returns its folder.
+    async_rollouts: {step: RolloutBatch} submitted ahead (RLLoop.pending_rollouts)."""
     final = checkpoint_dir(run_dir, step)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
@@ -55,6 +60,8 @@ def save_run_checkpoint(run_dir: str | os.PathLike, step: int, learner: Learner,
         state = {"step": int(step), "policy_version": learner.policy_version,
                  "refit_baseline": learner.refit_baseline, "python_rng": _python_rng(),
                  "numpy_rng": _numpy_rng(), "extra": extra or {}}
+        if async_rollouts:
+            torch.save(async_rollouts, tmp / ASYNC_ROLLOUTS)
         (tmp / "state.json").write_text(json.dumps(state))
         if final.exists():  # re-saving a step (e.g. the final one): replace it whole
             old = final.with_name(f".{final.name}.old-{os.getpid()}")
@@ -85,9 +92,11 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
 
 def load_run_checkpoint(folder: str | os.PathLike, learner: Learner) -> dict:
     """Load a checkpoint into `learner` (built for the same config) and restore the RNG states;
-    returns state.json's contents (step, policy_version, ...)."""
+    returns state.json's contents (step, policy_version, ...) and "async_rollouts" ({} if none)."""
     folder = Path(folder)
     state = json.loads((folder / "state.json").read_text())
+    ahead = folder / ASYNC_ROLLOUTS
+    state["async_rollouts"] = torch.load(ahead, map_location="cpu", weights_only=False) if ahead.is_file() else {}
     device = learner.device
     dtype = next(learner.policy.parameters()).dtype
     saved = load_checkpoint(str(folder / "policy"), device=device, dtype=dtype)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-REFIT_SCHEDULES = ("never", "every", "on_drop")
+REFIT_SCHEDULES = ("never", "every", "on_drop", "idle")
 REFIT_LOSSES = ("tv", "e2e_tv", "kl", "ce")
 
 
@@ -44,6 +44,10 @@ class TrainConfig:
     # bound on the update's size that needs no copy of the weights.
     max_norm_change: float = 0.1
     log_every: int = 1
+    # async rollouts: the next N steps' rollouts are generated (on the Ray workers) while the
+    # learner trains, so a step may train on samples up to N versions old; 0 = synchronous.
+    # (`async` is a Python keyword, so the key lives here rather than as async.max_staleness)
+    max_staleness: int = 0
 
     def __post_init__(self):
         _require_finite(self)
@@ -63,13 +67,17 @@ class TrainConfig:
         _require(self.log_every >= 1, f"log_every: must be >= 1, got {self.log_every}")
         _require(self.max_norm_change > 0,
                  f"max_norm_change: must be > 0 (e.g. 0.1), got {self.max_norm_change}")
+        _require(self.max_staleness >= 0,
+                 f"max_staleness: must be >= 0 (0 is the synchronous loop), got {self.max_staleness}")
 
 
 @dataclass
 class RefitConfig:
     """When and how the draft heads are re-fitted to the moving policy (trunk frozen)."""
 
-    schedule: str = "on_drop"  # never | every | on_drop
+    # never | every | on_drop | idle (every step, on a rollout worker that ran out of work while
+    # others finish the step's long tail; off the learner's critical path; needs Ray and >= 2 workers)
+    schedule: str = "on_drop"
     every: int = 10  # RL steps between re-fits, for schedule=every
     # on_drop: re-fit when the accepted length the heads give at full depth (from the step's
     # measured acceptance rate; metric accepted_len_full_depth), smoothed over steps, falls below

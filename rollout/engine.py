@@ -172,9 +172,14 @@ class Engine:
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], sampling: SamplingParams,
                  spec: SpecParams | None = None, seed: int = 0, ids: list[int] | None = None,
-                 progress=None) -> RolloutBatch:
+                 progress=None, feed=None, on_finish=None, max_prompt_len: int = 0) -> RolloutBatch:
         """Generate one completion per prompt. `ids` (default 0..n-1) key each row's random
-        stream; give equal prompts distinct ids to get distinct samples."""
+        stream; give equal prompts distinct ids to get distinct samples.
+
+        Continuous batching from outside (the rollout worker's pull queue): `feed(free_rows)`
+        returns more (prompt, id) pairs whenever rows are free (prompts of at most
+        `max_prompt_len` tokens, which sizes the cache), and `on_finish(sequence)` is called as
+        each row finishes. The call returns when no row is left and `feed` gives nothing."""
         spec = spec or SpecParams(mode="off")
         if spec.mode != "off" and self.heads is None:
             raise ValueError(f"spec.mode={spec.mode!r} needs draft heads: fit them with "
@@ -186,14 +191,16 @@ class Engine:
         ids = list(range(len(prompts))) if ids is None else list(ids)
         K = 0 if spec.mode == "off" else min(spec.k if spec.mode == "fixed" else spec.max_k,
                                             self.heads.config.num_depths)
-        need = max(map(len, prompts)) + sampling.max_new_tokens + K + 2
+        max_prompt_len = max(max_prompt_len, max(map(len, prompts)))
+        need = max_prompt_len + sampling.max_new_tokens + K + 2
         if need > self.max_len:
             raise LengthError(f"sampling.max_new_tokens: prompt length + max_new_tokens + draft depth = "
                               f"{need} exceeds the engine's max_len={self.max_len}; lower "
                               "sampling.max_new_tokens, shorten prompts, or raise rollout.max_seq_len")
         fuse = self.graphs is not None and self.graphs.config.fuse
         with _attention_backends(self.device), fused_elementwise(fuse):
-            run = _Run(self, prompts, ids, sampling, spec, K, seed, progress)
+            run = _Run(self, prompts, ids, sampling, spec, K, seed, progress, max_prompt_len)
+            run.feed, run.on_finish = feed, on_finish
             return run.loop()
 
     # ------------------------------------------------------------ internals
@@ -318,11 +325,13 @@ class _Run:
     """State of one generate() call: per-row device tensors indexed by slot."""
 
     def __init__(self, eng: Engine, prompts, ids, sampling: SamplingParams, spec: SpecParams, K,
-                 seed, progress):
-        self.e, self.prompts, self.ids, self.sp, self.spec, self.K = eng, prompts, ids, sampling, spec, K
+                 seed, progress, max_prompt_len: int):
+        self.e, self.prompts, self.ids, self.sp, self.spec, self.K = eng, list(prompts), ids, sampling, spec, K
         self.seed, self.progress = seed, progress
+        self.feed = self.on_finish = None
+        self.max_prompt_len = max_prompt_len
         B, dev = eng.max_batch, eng.device
-        self.max_len = max(map(len, prompts)) + sampling.max_new_tokens + K + 2
+        self.max_len = max_prompt_len + sampling.max_new_tokens + K + 2
         self.cache, self.hcache = eng.caches(_bucket(self.max_len, 64))
         self.policy = eng.ensure_depth_policy(spec, K) if K else None
         # the heads' LM head: the policy's, or its rows of the heads' draft vocabulary
@@ -425,6 +434,8 @@ class _Run:
         at least Engine.min_refill slots are free (or the rest of the queue fits, or no row is
         in flight)."""
         free = self.e.max_batch - self.n
+        if self.feed is not None and len(self.queue) < free and (not self.n or free >= self.e.min_refill):
+            self._pull(free - len(self.queue))
         if self.n and free < min(self.e.min_refill, len(self.queue)):
             return
         take = [self.queue.popleft() for _ in range(min(free, len(self.queue)))]
@@ -493,6 +504,16 @@ class _Run:
         self.stats.prefill_time_s += time.perf_counter() - t0
 
     # ---------------------------------------------------------------- steps
+    def _pull(self, rows: int):
+        """Append what `feed` hands out for up to `rows` free rows to the queue."""
+        for prompt, pid in self.feed(rows):
+            if not 0 < len(prompt) <= self.max_prompt_len:
+                raise ValueError(f"feed: a prompt of {len(prompt)} tokens; this run holds 1..{self.max_prompt_len}")
+            self.queue.append(len(self.prompts))
+            self.prompts.append(prompt)
+            self.ids.append(pid)
+            self.results.append(None)
+
     def _plain_step(self) -> torch.Tensor | None:
         """One plain decode step over the rows in flight; returns the tokens emitted per row [n]
         (None for a plain run on CUDA, whose steps run as a rows bucket, replayed from a graph)."""
@@ -781,6 +802,8 @@ class _Run:
             self.slot_prompt[b] = -1
             if self.progress is not None:
                 self.progress.update(1)
+            if self.on_finish is not None:
+                self.on_finish(self.results[i])
         keep = [b for b in range(n) if not done[b]]
         self._compact(keep)
 

@@ -73,6 +73,13 @@ def test_wrong_type_names_the_key_and_the_type(override, key, hint):
     (["sampling=3"], "sampling:"),
     (["rollout.max_seq_len=16"], "rollout.max_seq_len:"),  # cannot hold max_new_tokens=64
     (["rollout.num_workers=2", "ray.enabled=false"], "rollout.num_workers:"),
+    (["rollout.schedule=round_robin"], "rollout.schedule:"),
+    (["rollout.placement_strategy=spread"], "rollout.placement_strategy:"),
+    (["rollout.worker_timeout_s=-1"], "rollout.worker_timeout_s:"),
+    (["train.max_staleness=-1"], "train.max_staleness:"),
+    (["algo.tis_cap=-2"], "algo.tis_cap:"),
+    (["refit.schedule=idle", "rollout.num_workers=1"], "refit.schedule:"),  # nobody idles alone
+    (["rollout.num_workers=2", "rollout.max_batch_per_worker=[8]"], "rollout.max_batch_per_worker:"),
 ])
 def test_impossible_values_name_the_dotted_path(overrides, prefix):
     assert _error(overrides).startswith(prefix)

@@ -104,3 +104,33 @@ def test_a_bad_data_file_fails_the_sweep_before_any_trial(tmp_path, capsys, monk
                  f"task.path={tmp_path / 'd.jsonl'}", f"out_dir={tmp_path}"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "line 1" in err and "not one number" in err
+
+
+def test_trial_resources_follow_each_trials_config():
+    import argparse
+
+    from experiments.sweep import trial_resources
+
+    args = argparse.Namespace(cpus_per_trial=1.0, gpus_per_trial=0.0)
+    assert trial_resources({"preset": "default", "overrides": ["ray.enabled=false"]}, args) == {"cpu": 1.0, "gpu": 0.0}
+    pgf = trial_resources({"preset": "default", "overrides": ["rollout.num_workers=3", "rollout.num_cpus=2",
+                                                              "rollout.device=cpu"]}, args)
+    assert pgf.bundles == [{"CPU": 1.0}, {"CPU": 2.0}, {"CPU": 2.0}, {"CPU": 2.0}]  # the learner, then each worker
+    gpu = trial_resources({"preset": "default", "overrides": ["rollout.num_workers=2", "rollout.num_gpus=0.5"]}, args)
+    assert gpu.bundles[1:] == [{"CPU": 1.0, "GPU": 0.5}] * 2
+
+
+def test_sweep_plot_draws_every_trial_on_one_figure(tmp_path):
+    import json
+
+    from experiments.plots import plot_sweep
+
+    dirs = []
+    for name, slope in (("a", 0.1), ("b", 0.2)):
+        run = tmp_path / name
+        run.mkdir()
+        lines = [{"step": s, "reward_mean": slope * s, "mean_accepted_len": 1.0 + slope * s} for s in (1, 2, 3)]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+        dirs.append(str(run))
+    path = plot_sweep(dirs, str(tmp_path / "curves.png"))
+    assert path.endswith("curves.png") and (tmp_path / "curves.png").stat().st_size > 10_000
