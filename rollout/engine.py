@@ -33,8 +33,9 @@ import torch
 from torch import nn
 
 from rollout.types import RolloutBatch, RolloutStats, Sequence, SamplingParams, SpecParams
+from spec_heads.budget import choose_depths, prefix_values
 from spec_heads.depth import DepthPolicy
-from spec_heads.layers import (Attention, calibrate_cpu_attention, calibrate_cpu_row_padding, cpu_attention,
+from spec_heads.layers import (Attention, Ragged, calibrate_cpu_attention, calibrate_cpu_row_padding, cpu_attention,
                                set_cpu_attention, set_cpu_row_padding)
 from spec_heads.rejection import rejection_sample
 from spec_heads.sampling import (entropy_from_logprobs, row_keys, row_uniforms, sample_with_uniforms,
@@ -343,6 +344,7 @@ class _Run:
         self.acc_wa = z(K + 1, K + 1)  # [drafts verified, drafts accepted] -> live row-steps
         self.acc_blind = z(K + 1)  # [drafts verified] -> live row-steps of blind exploring steps
         self.acc_tokens, self.acc_rowsteps = z(()), z(())
+        self._curve = self._curve_key = None  # _cost_curve's cache
 
     def _kv(self, n: int) -> int:
         """Attention span for a forward: a bucketed bound on the longest row (static shapes)."""
@@ -377,7 +379,7 @@ class _Run:
             # a draft at depth i counts as tested only if every earlier draft was accepted, so
             # accepted/drafted is the conditional acceptance per position
             # plain steps' live row-steps: all of them but the drafting and blind ones
-            self.acc_wa[0, 0] = self.acc_rowsteps - self.acc_wa.sum() - self.acc_blind.sum()
+            self.acc_wa[0, 0] += self.acc_rowsteps - self.acc_wa.sum() - self.acc_blind.sum()
             wa = self.acc_wa.tolist()
             s.depth_hist = [sum(r) + b for r, b in zip(wa, self.acc_blind.tolist())]
             for d, row in enumerate(wa):
@@ -513,75 +515,90 @@ class _Run:
         self.hlast[:n] = -1
         self.hwidth = 0
 
-    def _draft(self, n: int, K: int, u: torch.Tensor, early_stop: bool = True):
+    def _draft(self, n: int, K: int, u: torch.Tensor, choose: bool):
         """Draft up to K tokens per row with uniforms u [n, >=K]. Returns draft_probs [n, k, V]
-        fp32, tokens [n, k] and the drafts' entropy bins in the acceptance table [n, k] (None
-        outside entropy mode), k <= K: in entropy mode on a CPU, drafting stops early once one
-        more depth is not worth its cost for the batch (depth_policy.keep_drafting).
-        """
-        e, sp = self.e, self.sp
-        # on a CPU in entropy mode the chain always stops where no row can use another draft;
-        # an exploring step (early_stop=False) skips only the policy's cost rule
-        host = self.spec.mode == "entropy" and not e.cuda
-        early_stop = early_stop and host and self.policy.stops_early(n)
-        logits, st = self._begin_heads(n, K)
-        if e.heads.kind == "parallel":
-            return self._draft_parallel(n, K, u, st, early_stop)
-        table, calibrate = self.policy.table, self.spec.mode == "entropy"
-        probs, toks, bins = [], [], []
-        all_accepted = expected = None
-        if host:
-            # A draft past a row's drafted stop token, or past what its max_new_tokens leaves
-            # room for, can never be emitted: such rows add nothing to one more depth. (Depth 0
-            # of this step emits up to 1 + drafts tokens; the row has room for `room` more.)
-            room = (self.sp.max_new_tokens - self.n_out[:n]).tolist()
-            useful = [1.0] * n
-            stop_ids = set(self.sp.stop_token_ids or ())
-        for i in range(K):
-            dp = sampling_probs(logits, sp.temperature, sp.top_k, sp.top_p)  # [n, V] fp32
-            if calibrate:  # the draft distribution's entropy, binned for the acceptance table
-                bins.append(table.bins(_entropy(dp)))
-            if self.spec.draft == "greedy":  # baseline: argmax drafts, still exact (one-hot draft)
-                dp = torch.zeros_like(dp).scatter_(1, dp.argmax(1, keepdim=True), 1.0)
-            tok = sample_with_uniforms(dp, u[:, i])
-            probs.append(dp), toks.append(tok)
-            if i + 1 == K:
-                break
-            if host:  # host floats: on a CPU reading the n predictions back is free
-                if stop_ids:
-                    useful = [0.0 if t in stop_ids else u for t, u in zip(tok.tolist(), useful)]
-                useful = [u if r >= i + 3 else 0.0 for r, u in zip(room, useful)]
-                if not any(useful):
-                    break
-            if early_stop:
-                a = table.predict_bins(bins[-1]).tolist()
-                all_accepted = a if all_accepted is None else [p * x for p, x in zip(all_accepted, a)]
-                expected = [1.0 + p for p in a] if expected is None else [e + p for e, p in zip(expected, all_accepted)]
-                gain = sum(p * u for p, u in zip(all_accepted, useful))
-                if not self.policy.keep_drafting(gain, sum(expected), n, i + 1):
-                    break
-            logits, st = e.heads.step(st, tok, e.model.embed_tokens, self.draft_lm)
-        return torch.stack(probs, 1), torch.stack(toks, 1), torch.stack(bins, 1) if calibrate else None
+        fp32, tokens [n, k], the drafts' entropy bins in the acceptance table [n, k] (None
+        outside entropy mode), the drafts each row verifies [n] (k = their maximum) and the
+        step's expected tokens per row (None without `choose`).
 
-    def _draft_parallel(self, n: int, K: int, u: torch.Tensor, st, choose: bool):
-        """Parallel heads draft every depth at once; with `choose` (entropy mode on a CPU) the
-        drafts are then cut at the depth the batch gains most from (depth_policy.best_depth)."""
+        With `choose` each row's depth comes from spec_heads.budget.choose_depths: the drafts'
+        values (prefix products of their predicted acceptance) against the step's cost curve.
+        A sequential chain re-decides after each depth, and rows whose drafts are not all worth
+        verifying drop out of the later head steps. Without it every row verifies K drafts."""
         e, sp = self.e, self.sp
-        dp = sampling_probs(e.heads.all_logits(st, self.draft_lm, K), sp.temperature, sp.top_k,
-                            sp.top_p)  # [n, K, V]
-        bins = self.policy.table.bins(_entropy(dp)) if self.spec.mode == "entropy" else None  # [n, K]
-        if self.spec.draft == "greedy":
-            dp = torch.zeros_like(dp).scatter_(-1, dp.argmax(-1, keepdim=True), 1.0)
-        toks = sample_with_uniforms(dp, u[:, :K])  # [n, K]
-        if choose and K > 1:
-            k = self.policy.best_depth(self.policy.table.predict_bins(bins), n)
-            dp, toks, bins = dp[:, :k], toks[:, :k], bins[:, :k]
-        return dp, toks, bins
+        logits, st = self._begin_heads(n, K)
+        table, calibrate = self.policy.table, self.spec.mode == "entropy"
+        dev = logits.device
+
+        def sample(logits, u_cols):  # -> draft probs (fp32), tokens, entropy bins
+            dp = sampling_probs(logits, sp.temperature, sp.top_k, sp.top_p)
+            bins = table.bins(_entropy(dp)) if calibrate else None
+            if self.spec.draft == "greedy":  # baseline: argmax drafts, still exact (one-hot draft)
+                dp = torch.zeros_like(dp).scatter_(-1, dp.argmax(-1, keepdim=True), 1.0)
+            return dp, sample_with_uniforms(dp, u_cols), bins
+
+        if choose:
+            curve = self._cost_curve(n, K)
+            room = self.sp.max_new_tokens - self.n_out[:n]  # a draft at depth j needs room >= j + 2
+        if e.heads.kind == "parallel":  # every depth at once
+            probs, toks, bins = sample(e.heads.all_logits(st, self.draft_lm, K), u[:, :K])  # [n, K, V], [n, K]
+            dlen = torch.full((n,), K, dtype=torch.int64, device=dev)
+            if choose:
+                j = torch.arange(K, device=dev)
+                # no draft after a drafted stop token, none past max_new_tokens, can be emitted
+                clear = torch.cat([torch.ones_like(toks[:, :1], dtype=torch.bool),
+                                   ~torch.isin(toks[:, :-1], self.stop_ids)], 1).cumprod(1).bool()
+                worth = table.predict_bins(bins).double() * (clear & (room[:, None] >= j + 2))
+                values = prefix_values(worth)
+                dlen = choose_depths(values, curve)
+        else:
+            probs = toks = bins = values = None
+            act, clear = torch.arange(n, device=dev), torch.ones(n, dtype=torch.bool, device=dev)
+            dlen = torch.full((n,), K, dtype=torch.int64, device=dev)
+            for i in range(K):
+                dp, tok, b = sample(logits, u[act, i])
+                if probs is None:
+                    probs = dp.new_zeros(n, K, dp.shape[-1])
+                    toks = torch.zeros(n, K, dtype=torch.int64, device=dev)
+                    bins = torch.zeros(n, K, dtype=torch.int64, device=dev) if calibrate else None
+                    values = torch.zeros(n, K, dtype=torch.float64, device=dev)
+                probs[act, i], toks[act, i] = dp, tok
+                if calibrate:
+                    bins[act, i] = b
+                if choose:
+                    worth = table.predict_bins(b).double() * (clear[act] & (room[act] >= i + 2))
+                    values[act, i] = worth * (values[act, i - 1] if i else 1.0)
+                    clear[act] &= ~torch.isin(tok, self.stop_ids)
+                    dlen = choose_depths(values[:, :i + 1], curve)
+                    more = dlen[act] == i + 1  # rows whose every draft so far is worth verifying
+                    if i + 1 == K or not bool(more.any()):
+                        break
+                    if not bool(more.all()):  # the others drop out of the later head steps
+                        keep = more.nonzero()[:, 0]
+                        act, tok, st = act[keep], tok[keep], st.take(keep)
+                elif i + 1 == K:
+                    break
+                logits, st = e.heads.step(st, tok, e.model.embed_tokens, self.draft_lm)
+        expected = None
+        if choose:
+            k = int(dlen.max())
+            probs, toks, bins, values = probs[:, :k], toks[:, :k], None if bins is None else bins[:, :k], values[:, :k]
+            expected = 1.0 + float((values * (torch.arange(k, device=dev) < dlen[:, None])).sum()) / n
+        return probs, toks, bins, dlen, expected
+
+    def _cost_curve(self, n: int, K: int) -> torch.Tensor:
+        """The depth policy's step time at n rows for n + t verified tokens, t = 0..n K (cached
+        until the cost model has taken 16 more timings)."""
+        key = (n, K, self.policy.cost.version // 16)
+        if self._curve_key != key:
+            self._curve, self._curve_key = self.policy.cost.curve(n, K).to(self.e.device), key
+        return self._curve
 
     def _spec_step(self):
-        e, sp, n, dev = self.e, self.sp, self.n, self.e.device
+        """One speculative step: plan -> draft -> verify (ragged) -> accept -> emit."""
+        e, n = self.e, self.n
         t0 = time.perf_counter()
-        # how deep this step drafts (0: a plain step), and whether it explores beyond the
+        # how deep this step may draft (0: a plain step), and whether it explores beyond the
         # policy's budget (spec_heads.depth.DepthPolicy.plan_step)
         budget, Kd, explore = self.policy.plan_step(n)
         budget, Kd = min(budget, self.K), min(Kd, self.K)
@@ -600,66 +617,88 @@ class _Run:
             self.policy.record_step(n, 1, time.perf_counter() - t0, emitted=float(emitted.sum()) / n)
             return
         u = row_uniforms(self.keys[:n], self.n_out[:n], _S_SPEC, 2 * self.K + 1)  # [n, 2K+1]
-        draft_probs, draft_tok, draft_bins = self._draft(n, Kd, u, early_stop=not explore)
-        # Verify width W = 1 + drafts made. The forward is padded to the deepest row anyway,
-        # so every row verifies all the drafts made: a per-row choice could only waste them.
-        # (Exactness does not depend on how deep a row drafts.)
-        W = 1 + draft_tok.shape[1]
-        dlen = torch.full((n,), W - 1, dtype=torch.int64, device=dev)
-        self.policy.depth_hist[W - 1] += n
+        # per-row depths in entropy mode on a CPU (reading them back is free there; on a GPU
+        # the verify is padded anyway, and every row verifies every draft made)
+        choose = self.spec.mode == "entropy" and not explore and not e.cuda
+        draft_probs, draft_tok, draft_bins, dlen, expected = self._draft(n, Kd, u, choose)
         t1 = time.perf_counter()
-        inp = torch.cat([self.last_tok[:n, None], draft_tok], 1)  # [n, W]
-        pos = self.lengths[:n, None] + torch.arange(W, device=dev)
-        h = e.model(inp, pos, self.cache, self._kv(self.len_bound + W))  # [n, W, H]
-        tlp = sampling_logprobs(e.model.logits(h), sp.temperature, sp.top_k, sp.top_p)  # [n, W, V]
-        acc_u, fin_u = u[:, self.K: self.K + W - 1], u[:, 2 * self.K]
-        tp = tlp.exp()
-        toks, num = rejection_sample(tp, draft_probs, draft_tok, dlen,
-                                     uniforms=(acc_u, fin_u))  # [n, W], [n]
-        safe = toks.clamp(min=0)
-        lps = tlp.gather(2, safe[..., None])[..., 0]  # [n, W]
-        ents = _entropy(tp, tlp)  # [n, W]
+        h, W, toks, num, lps, ents = self._verify(n, draft_probs, draft_tok, dlen, u)
         live = ~self.done[:n]
         emitted = self._emit(slice(0, n), toks, lps, ents, num, dlen=dlen)
-        # the heads start next step from the fed positions that were accepted
-        self.hid[:n, :W], self.nxt[:n, :W] = h, safe
-        self.hstart[:n] = torch.where(live, pos[:, 0], self.hstart[:n])
-        # rows already done restart from index 0, so a narrower next step never indexes past W
-        self.hlast[:n] = torch.where(live, num - 1, torch.zeros_like(num))
-        self.hwidth = W
+        self._after_verify(n, h, toks, num, live, W)
         if self.spec.mode == "entropy" and not blind:
             # The depth policy learns the heads' acceptance with their context: rows already done
             # count for nothing, and neither do rows whose heads miss part of it (hfloor > 0:
-            # admitted without the heads' prefill where drafting was measured off, or a window
-            # dropped or trimmed in a plain stretch). Counted, such rows rated the heads low
-            # after every plain stretch (the tiny policy at 128 rows on the CPU: 0.89 / 0.88 at
-            # depths 1-2 against 0.96 / 0.92 with context), and drafting stayed off where fixed
-            # depths gained 1.18x; rows admitted while drafting is on get the pass again. The
+            # admitted without the heads' prefill, or a window dropped or trimmed in a plain
+            # stretch); such rows would rate the heads low after every plain stretch. The
             # rollout's own statistics (acc_wa) count every live row.
             seen = live & (self.hfloor[:n] == 0)
             self.policy.observe_bins(draft_bins, dlen * seen, (num - 1) * seen)
-        # The attention span of later steps follows this bound. A row advances by the tokens
-        # it accepted, not by W: on a GPU the bound grows by W (reading lengths back costs a
-        # sync; compaction tightens it), on a CPU reading them is free and the bound is exact.
-        self.len_bound = self.len_bound + W if e.cuda else int(self.lengths[:n].max())
         # stats: live row-steps by (drafts verified, drafts accepted), a device accumulator
         # read once at the end (loop() derives per-position acceptance and the depth histogram)
         if blind:  # drafts without the heads' context: their acceptance is no measure of the heads
-            self.acc_blind[W - 1] += live.sum()
+            self.acc_blind.index_add_(0, dlen, live.long())
         else:
-            self.acc_wa[W - 1].index_add_(0, num - 1, live.long())
+            self.acc_wa.index_put_((dlen, num - 1), live.long(), accumulate=True)
         if e.cuda:
             torch.cuda.synchronize()
         t2 = time.perf_counter()
         self.stats.draft_time_s += t1 - t0
         self.stats.verify_time_s += t2 - t1
-        # What the step really emitted per row, and what rejection sampling proposed per live
-        # row: the policy's yield is their ratio, what stops, max_new_tokens and done rows cost
-        # apart from this step's luck (record_step). A blind exploring step's drafts lack the
-        # heads' context: it is credited with the yield of drafting with context.
-        got, proposed, n_live = torch.stack((emitted.sum(), (num * live).sum(), live.sum())).tolist()
-        self.policy.record_step(n, W, t2 - t0, planned=Kd, emitted=got / n,
-                                proposed=proposed / n_live if n_live and not blind else None, blind=blind)
+        self._record(n, W, dlen, t2 - t0, Kd, emitted, num, live, blind, expected)
+
+    def _verify(self, n: int, draft_probs, draft_tok, dlen, u):
+        """One policy forward over every row's last token and its dlen[b] drafts (ragged on a
+        CPU: spec_heads.layers.Ragged), then exact accept/reject. Returns hidden states
+        [n, W, H], W, emitted tokens [n, W] (-1 past each row's end), their count [n], their
+        log-probabilities and the policy's entropies [n, W]."""
+        e, sp, dev = self.e, self.sp, self.e.device
+        W = 1 + draft_tok.shape[1]
+        inp = torch.cat([self.last_tok[:n, None], draft_tok], 1)  # [n, W]
+        pos = self.lengths[:n, None] + torch.arange(W, device=dev)
+        ragged = None if e.cuda or not bool((dlen < W - 1).any()) else Ragged.from_counts(1 + dlen, W)
+        h = e.model(inp, pos, self.cache, self._kv(self.len_bound + W),
+                    n_tokens=None if ragged is None else 1 + dlen)  # [n, W, H]
+        if ragged is None:  # every row verifies W - 1 drafts
+            fed, slot = h.reshape(n * W, -1), torch.arange(n * W, device=dev).view(n, W)
+        else:
+            fed, slot = ragged.pack(h), ragged.slot  # [T, H], [n, W]
+        tlp = sampling_logprobs(e.model.logits(fed), sp.temperature, sp.top_k, sp.top_p)  # [T, V]
+        tp = tlp.exp()
+        toks, num = rejection_sample(tp[slot], draft_probs, draft_tok, dlen,
+                                     uniforms=(u[:, self.K: self.K + W - 1], u[:, 2 * self.K]))  # [n, W], [n]
+        lps = tlp[slot, toks.clamp(min=0)]  # [n, W]
+        ents = _entropy(tp, tlp)[slot]  # [n, W]
+        return h, W, toks, num, lps, ents
+
+    def _after_verify(self, n: int, h, toks, num, live, W: int):
+        """The heads' window restarts from the fed positions that were accepted; the attention
+        span of later steps follows the rows' new lengths."""
+        self.hid[:n, :W], self.nxt[:n, :W] = h, toks.clamp(min=0)
+        self.hstart[:n] = torch.where(live, self.lengths[:n] - num * live, self.hstart[:n])
+        # rows already done restart from index 0, so a narrower next step never indexes past W
+        self.hlast[:n] = torch.where(live, num - 1, torch.zeros_like(num))
+        self.hwidth = W
+        # A row advances by the tokens it accepted, not by W: on a GPU the bound grows by W
+        # (reading lengths back costs a sync; compaction tightens it), on a CPU it is exact.
+        self.len_bound = self.len_bound + W if self.e.cuda else int(self.lengths[:n].max())
+
+    def _record(self, n, W, dlen, seconds, planned, emitted, num, live, blind, expected):
+        """Tell the depth policy what the step cost and yielded: what it really emitted per row,
+        and what rejection sampling proposed per live row (their ratio is what stops,
+        max_new_tokens and done rows cost apart from this step's luck). A blind exploring
+        step's drafts lack the heads' context: it is credited with the yield of drafting."""
+        if self.e.cuda:
+            self.policy.depth_hist[W - 1] += n
+        else:
+            for d, c in enumerate(torch.bincount(dlen, minlength=self.K + 1).tolist()):
+                self.policy.depth_hist[d] += c
+        got, proposed, n_live, fed = torch.stack((emitted.sum(), (num * live).sum(), live.sum(),
+                                                  dlen.sum())).tolist()
+        tokens_per_row = max(2, round(1 + fed / n))  # the cost model's cell: a drafting step
+        self.policy.record_step(n, tokens_per_row, seconds, planned=planned, emitted=got / n,
+                                proposed=proposed / n_live if n_live and not blind else None, blind=blind,
+                                expected=expected)
         if self.spec.log_every and self.stats.steps % self.spec.log_every == 0:
             log.info("depth policy at step %d (rows=%d, width=%d): %s", self.stats.steps, n, W,
                      self.policy.summary())

@@ -297,6 +297,16 @@ class CostModel:
         scale = self.bucket_rows(b) / self.bucket_rows(near)
         return scale * self._bucket_time(near, self._measured(near), tokens_per_row)
 
+    def curve(self, rows: int, drafts: int) -> torch.Tensor:
+        """Step time [rows * drafts + 1] (float64, host) of a step verifying rows + t tokens in
+        all, t = 0..rows * drafts: linear in t between whole tokens per row (a ragged step costs
+        what a uniform one of the same total does)."""
+        whole = torch.tensor([self.step_time(rows, 1 + d) for d in range(drafts + 1)], dtype=torch.float64)
+        x = torch.arange(rows * drafts + 1, dtype=torch.float64) / rows  # drafts per row
+        lo = x.floor().long().clamp(max=max(drafts - 1, 0))
+        hi = (lo + 1).clamp(max=drafts)
+        return whole[lo] + (x - lo) * (whole[hi] - whole[lo])
+
     def marginal_ratio(self, rows: int, tokens_per_row: int) -> float:
         """(time(tokens + 1) - time(tokens)) / time(tokens): relative cost of one more token per row."""
         now = self.step_time(rows, tokens_per_row)
@@ -413,7 +423,7 @@ class DepthPolicy:
         # on the CPU: early stop drafted 1-2 deep at times, where 1-deep steps deliver less than
         # plain ones and fixed depths 3-6 gained 1.2-1.4x; docs/bench.md session 12).
         self.early_stop = self.device.type != "cuda"
-        self.early_stop_rows = 8  # early stop up to this many rows in flight (stops_early)
+        self.early_stop_rows = max_batch  # per-row depths up to this many rows in flight (stops_early)
         self.draft_margin = 0.05  # drafting must deliver 5% more tokens per second than plain steps
         # Drafting that delivers at least this many times plain steps' tokens per second is
         # "clear" (_clear): no plain timing a noisy machine gives could move it below the bar, so
@@ -894,7 +904,8 @@ class DepthPolicy:
         self.pos_accepts[:K] += (accepted & valid).sum(0)  # windowed in position_acceptance
 
     def record_step(self, rows: int, tokens_per_row: int, seconds: float, planned: int | None = None,
-                    emitted: float | None = None, proposed: float | None = None, blind: bool = False) -> None:
+                    emitted: float | None = None, proposed: float | None = None, blind: bool = False,
+                    expected: float | None = None) -> None:
         """Time of a real step (draft + verify) with tokens_per_row = 1 + deepest draft in it
         (1: a plain step); `planned`: the depth plan_step gave it (default: tokens_per_row - 1);
         `emitted`: the tokens the step really emitted per row in flight, where known;
@@ -963,7 +974,8 @@ class DepthPolicy:
             if key in self._plain_warm and self._pairs_with(key, last, rows):
                 self._pair(key, last[0] * estimate, ("draft", last[1]), rows)
         elif self.mode == "entropy":
-            expected = self.expected_tokens(tokens_per_row - 1)
+            if expected is None:  # a ragged step passes its own (per-row depths, chosen by entropy)
+                expected = self.expected_tokens(tokens_per_row - 1)
             if emitted is not None and not blind:  # realised over expected, smoothed: one row's yield swings 1..5
                 ratio = emitted / proposed if proposed else emitted / expected
                 old_yield = self._yield.get(key, 1.0)

@@ -96,6 +96,16 @@ class DraftState:
     packed: "_Packed | None" = None  # sequential: the decode weights the chain runs on (None: the modules)
     cache_rows: torch.Tensor | None = None  # sequential, packed: the head-cache rows as a column [B, 1]
 
+    def take(self, index: torch.Tensor) -> "DraftState":
+        """The chain of rows `index` [m] only (rows that stop drafting drop out of later depths);
+        they keep writing their own head-cache rows."""
+        slots = index if self.slots is None else self.slots[index]
+        chain = None if self.chain is None else tuple(t[index] for t in self.chain)
+        return replace(self, hidden=self.hidden[index],
+                       positions=None if self.positions is None else self.positions[index],
+                       slots=slots if self.positions is not None else self.slots, chain=chain,
+                       cache_rows=None if self.cache_rows is None else self.cache_rows[index])
+
 
 class ResBlock(nn.Module):
     """h + W2(SiLU(W1 h)), W2 zero-initialised so a fresh block is the identity."""

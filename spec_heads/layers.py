@@ -311,6 +311,41 @@ class CacheView:
     slots: torch.Tensor | None = None
 
 
+@dataclass
+class Ragged:
+    """Which tokens of a padded [B, W] step are real: row b feeds its first counts[b] (1..W).
+
+    Linear layers and MLPs run on the T real tokens packed row-major ([T, ...]), so their cost
+    follows T, not B * W; attention runs padded (each token sees its own row's cache and its
+    row's earlier new tokens, as in the padded step). Padding tokens are zeros; their K/V land
+    at cache positions past the row's real tokens, which are rewritten before any query reads
+    them (the same reason rejected drafts need no rollback)."""
+
+    index: torch.Tensor  # [T] flat indices into B * W of the real tokens
+    slot: torch.Tensor  # [B, W] the packed index of each padded slot (padding: its row's last real token)
+    B: int
+    W: int
+
+    @classmethod
+    def from_counts(cls, counts: torch.Tensor, width: int) -> "Ragged":
+        """counts [B] int64 in 1..width. Reads T back to the host (free on a CPU)."""
+        B = counts.shape[0]
+        real = torch.arange(width, device=counts.device)[None, :] < counts[:, None]  # [B, W]
+        index = real.flatten().nonzero()[:, 0]
+        start = counts.cumsum(0) - counts  # [B] packed index of each row's first token
+        j = torch.minimum(torch.arange(width, device=counts.device)[None, :], counts[:, None] - 1)
+        return cls(index, start[:, None] + j, B, width)
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, W, ...] -> [T, ...]."""
+        return x.reshape(self.B * self.W, *x.shape[2:])[self.index]
+
+    def unpack(self, y: torch.Tensor) -> torch.Tensor:
+        """[T, ...] -> [B, W, ...], zeros in padding."""
+        out = y.new_zeros(self.B * self.W, *y.shape[1:])
+        return out.index_copy_(0, self.index, y).view(self.B, self.W, *y.shape[1:])
+
+
 def causal_mask(query_pos: torch.Tensor, kv_len: int) -> torch.Tensor:
     """[B, 1, T, kv_len] boolean, True where key position <= query position."""
     keys = torch.arange(kv_len, device=query_pos.device)
@@ -446,12 +481,18 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(head_dim, eps) if qk_norm else None
         self.k_norm = RMSNorm(head_dim, eps) if qk_norm else None
 
-    def project(self, x, cos, sin):
-        """x [B, T, H] -> q [B, heads, T, D], k and v [B, kv_heads, T, D], rotary applied."""
-        B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim)
+    def project(self, x, cos, sin, ragged: Ragged | None = None):
+        """x [B, T, H] (or packed [T_real, H] with `ragged`) -> q [B, heads, T, D], k and v
+        [B, kv_heads, T, D], rotary applied (padded, zeros in padding)."""
+        if ragged is None:
+            B, T, _ = x.shape
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        else:
+            B, T = ragged.B, ragged.W
+            q, k, v = (ragged.unpack(proj(x)) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        q = q.view(B, T, self.n_heads, self.head_dim)
+        k = k.view(B, T, self.n_kv, self.head_dim)
+        v = v.view(B, T, self.n_kv, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         return apply_rope(q.transpose(1, 2), cos, sin), apply_rope(k.transpose(1, 2), cos, sin), v.transpose(1, 2)
@@ -466,9 +507,11 @@ class Attention(nn.Module):
         """q [B, heads, T, D], k/v [B, kv_heads, S, D], boolean mask -> o_proj output [B, T, H]."""
         return self.o_proj(attention(q, k, v, mask, self.expand_masked_gqa_on_cuda))
 
-    def forward(self, x, cos, sin, mask, layer: int = 0, view: CacheView | None = None):
-        B = x.shape[0]
-        q, k, v = self.project(x, cos, sin)  # [B, H, T, D], [B, Hkv, T, D] x2
+    def forward(self, x, cos, sin, mask, layer: int = 0, view: CacheView | None = None,
+                ragged: Ragged | None = None):
+        """x [B, T, H], or packed [T_real, H] with `ragged` (then the output is packed too)."""
+        B = x.shape[0] if ragged is None else ragged.B
+        q, k, v = self.project(x, cos, sin, ragged)  # [B, H, T, D], [B, Hkv, T, D] x2
         if view is not None:
             ck, cv = view.cache.k[layer], view.cache.v[layer]
             rows = view.slots if view.slots is not None else torch.arange(B, device=x.device)
@@ -480,6 +523,8 @@ class Attention(nn.Module):
             else:
                 k, v = ck[view.slots, :view.kv_len], cv[view.slots, :view.kv_len]
             k, v = k.transpose(1, 2), v.transpose(1, 2)  # [B, Hkv, S, D]
+        if ragged is not None:
+            return self.o_proj(ragged.pack(attention(q, k, v, mask, self.expand_masked_gqa_on_cuda)))
         return self.attend(q, k, v, mask)
 
 
@@ -504,6 +549,8 @@ class DecoderBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(hidden, eps)
         self.mlp = SwiGLU(hidden, intermediate)
 
-    def forward(self, x, cos, sin, mask, layer: int = 0, view: CacheView | None = None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, layer, view)
+    def forward(self, x, cos, sin, mask, layer: int = 0, view: CacheView | None = None,
+                ragged: Ragged | None = None):
+        """x [B, T, H], or packed [T_real, H] with `ragged` (Ragged: norms and MLP on packed tokens)."""
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, layer, view, ragged)
         return x + self.mlp(self.post_attention_layernorm(x))
