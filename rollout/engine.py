@@ -28,6 +28,7 @@ import logging
 import math
 import time
 from collections import deque
+from dataclasses import astuple
 
 import torch
 from torch import nn
@@ -146,7 +147,7 @@ class Engine:
             _calibrate_row_padding(model)
             _calibrate_attention(model, heads)
         self.depth_policy: DepthPolicy | None = None  # the one the last generate() used
-        self._policies: dict[tuple[str, int], DepthPolicy] = {}
+        self._policies: dict[tuple, DepthPolicy] = {}  # (mode, K, control) -> policy
         self._cost = None  # spec_heads.depth.CostModel, shared by the policies
         self._cache = self._head_cache = None
 
@@ -197,11 +198,11 @@ class Engine:
         """The depth policy for this mode. Policies live as long as the engine (calibration is
         learned across generate calls); all modes share one cost model, probed once, because
         what a verified token costs is a property of the model and machine, not of the mode."""
-        key = (spec.mode, K)
+        key = (spec.mode, K, astuple(spec.control))
         dp = self._policies.get(key)
         if dp is None:
             dp = DepthPolicy(spec.mode, min(spec.k, K), K, spec.calibration_bins, self.model.config.vocab_size,
-                             self.max_batch, device=self.device)
+                             self.max_batch, device=self.device, control=spec.control)
             if self._cost is not None and self._cost.max_tokens >= K + 1:
                 dp.cost = self._cost
             elif spec.mode == "entropy":

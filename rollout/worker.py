@@ -28,7 +28,7 @@ from rollout.device import resolve_device, resolve_dtype
 from rollout.engine import Engine
 from rollout.model import ModelConfig, Transformer
 from rollout.types import RolloutBatch, RolloutConfig, RolloutStats, SamplingParams, SpecParams
-from spec_heads.depth import CostModel
+from spec_heads.estimators import CostModel
 from spec_heads.heads import DraftHeads, HeadConfig
 
 def cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:

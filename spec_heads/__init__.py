@@ -17,8 +17,8 @@ The stable public surface (others build on it):
 from spec_heads.depth import DepthPolicy
 from spec_heads.heads import DraftHeads, HeadConfig
 from spec_heads.losses import ce_loss, e2e_tv_loss, head_loss, kl_loss, tv_loss
-from spec_heads.rejection import (acceptance_rate, expected_tokens_per_step, rejection_sample,
-                                  rejection_sample_reference)
+from spec_heads.acceptance import acceptance_rate, expected_tokens_per_step
+from spec_heads.rejection import rejection_sample, rejection_sample_reference
 
 __all__ = [
     "DepthPolicy", "DraftHeads", "HeadConfig",

@@ -16,6 +16,7 @@ from scipy.stats import chi2_contingency
 from rollout.engine import Engine
 from rollout.model import ModelConfig, Transformer
 from rollout.types import SamplingParams, SpecParams
+from spec_heads.depth_config import DepthControl
 from spec_heads.heads import DraftHeads, HeadConfig
 from spec_heads.sampling import entropy_from_logprobs, sampling_logprobs
 
@@ -377,8 +378,8 @@ def test_rows_skip_the_heads_prefill_once_drafting_has_idled(pair, monkeypatch):
         return 0, 2, True
     monkeypatch.setattr(DepthPolicy, "_plan", every_fifth_explores)
     eng = Engine(model, heads, max_batch=3)
+    spec = SpecParams(mode="entropy", max_k=4, control=DepthControl(idle_prefill_steps=10))
     policy = eng.ensure_depth_policy(spec, 4)
-    policy.idle_prefill_steps = 10
     out = eng.generate(prompts, sp, spec)
     assert out.stats.depth_hist[2] > 20, out.stats.depth_hist  # it explored throughout
     assert prefills == [3]  # the first refill, at step 0; every later one came after 10 idle steps

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from spec_heads.budget import choose_depths, prefix_values
+from spec_heads.estimators import CostModel
 
 
 def _rate(values, cost, depths):
@@ -63,3 +64,18 @@ def test_ties_across_and_within_rows_still_reach_the_best_rate():
 def test_a_short_cost_curve_is_refused():
     with pytest.raises(ValueError, match="step_cost"):
         choose_depths(torch.ones(2, 3), torch.ones(6))
+
+
+def test_rows_draft_deeper_as_the_batch_drains_on_a_measured_cost_curve():
+    """With the cost model's curve (verifying dearer per token at more rows), identical rows
+    take more drafts each as rows drop: the long tail drafts deep, a full batch shallow."""
+    cost = CostModel(max_batch=64, max_tokens=7)
+    for rows, tokens in CostModel.probe_plan(64, 7):
+        cost.record(rows, tokens, 1.0 + 0.004 * rows * (tokens - 1))  # marginal cost grows with rows
+    values = prefix_values(torch.full((1, 6), 0.8, dtype=torch.float64))
+    per_row = []
+    for rows in (64, 16, 4, 1):
+        d = choose_depths(values.expand(rows, 6), cost.curve(rows, 6))
+        per_row.append(float(d.double().mean()))
+    assert per_row == sorted(per_row) and per_row[0] < per_row[-1]
+    assert cost.curve(4, 6)[4 * 2] == pytest.approx(cost.step_time(4, 3))  # whole tokens per row: the cells
