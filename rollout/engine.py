@@ -36,8 +36,8 @@ from torch import nn
 from rollout.types import RolloutBatch, RolloutStats, Sequence, SamplingParams, SpecParams
 from spec_heads.budget import choose_depths, prefix_values
 from spec_heads.depth import DepthPolicy
-from spec_heads.layers import (Attention, Ragged, calibrate_cpu_attention, calibrate_cpu_row_padding, cpu_attention,
-                               set_cpu_attention, set_cpu_row_padding)
+from spec_heads.layers import (Attention, CpuKernels, Ragged, attention_table, calibrate_cpu_attention,
+                               calibrate_cpu_row_padding, row_padding_table, use_cpu_kernels)
 from spec_heads.rejection import rejection_sample
 from spec_heads.sampling import (entropy_from_logprobs, row_keys, row_uniforms, sample_with_uniforms,
                                  sampling_logprobs, sampling_probs)
@@ -82,31 +82,30 @@ def _bucket(n: int, quantum: int) -> int:
     return -(-n // quantum) * quantum
 
 
-_ROW_PADDING: dict[tuple, dict[int, int]] = {}  # (weight shapes, dtype, threads) -> table
+_ROW_PADDING: dict[tuple, dict] = {}  # (weight shapes, dtype, threads) -> measured table
 
 
-def _calibrate_row_padding(model) -> None:
-    """On a CPU, time the policy's linear weights at 1..12 rows, shape by shape, once per shape
-    set, dtype and thread count in this process, and pad row counts where the BLAS multiplies
-    more rows faster (spec_heads.layers.calibrate_cpu_row_padding): verifying 1-8 drafts at
-    batch 1 and a batch draining to its last rows multiply just such row counts."""
+def _row_padding(model) -> dict:
+    """On a CPU, the policy's linear weights timed at 1..12 rows, shape by shape (measured once
+    per shape set, dtype and thread count in this process): row counts are padded where the
+    BLAS multiplies more rows faster (spec_heads.layers.calibrate_cpu_row_padding). Verifying a
+    few drafts at batch 1, and a batch draining to its last rows, multiply just such counts."""
     weights = [m.weight for m in model.modules() if isinstance(m, nn.Linear)]
     key = (tuple(tuple(w.shape) for w in weights), weights[0].dtype if weights else None,
            torch.get_num_threads())
     if key not in _ROW_PADDING:
-        _ROW_PADDING[key] = calibrate_cpu_row_padding(weights)
+        _ROW_PADDING[key] = row_padding_table(calibrate_cpu_row_padding(weights))
         log.info("CPU row padding for this policy's matrix products (weight shape: rows -> rows): %s", _ROW_PADDING[key])
-    set_cpu_row_padding(_ROW_PADDING[key])
+    return _ROW_PADDING[key]
 
 
-_ATTENTION: dict[tuple, set] = {}  # (heads, kv heads, head dim, dtype, threads) -> grouped classes
+_ATTENTION: dict[tuple, set] = {}  # (heads, kv heads, head dim, dtype, threads) -> measured grouped classes
 
 
-def _calibrate_attention(*modules) -> None:
-    """On a CPU, time the two attention kernels at each attention shape of these modules (the
-    policy's and its heads'), once per shape, dtype and thread count in this process, and run
-    grouped_attention where it is faster (spec_heads.layers.calibrate_cpu_attention: in
-    bfloat16 SDPA took 4x its time for one query per row at 128 rows)."""
+def _attention_kernels(*modules) -> dict:
+    """On a CPU, the two attention kernels timed at each attention shape of these modules (the
+    policy's and its heads'; once per shape, dtype and thread count in this process): where
+    grouped_attention is faster it runs instead of SDPA (spec_heads.layers.calibrate_cpu_attention)."""
     threads, table = torch.get_num_threads(), {}
     for module in modules:
         for m in module.modules() if module is not None else ():
@@ -117,7 +116,7 @@ def _calibrate_attention(*modules) -> None:
                     log.info("CPU attention for %s (heads, kv heads, head dim, dtype): grouped kernel at "
                              "(rows, width) %s, SDPA elsewhere", key, sorted(_ATTENTION[key + (threads,)]))
                 table[key] = _ATTENTION[key + (threads,)]
-    set_cpu_attention({**cpu_attention(), **table})  # other engines' shapes stay
+    return attention_table(table)
 
 
 class Engine:
@@ -143,9 +142,8 @@ class Engine:
         if min_refill is not None and not 1 <= min_refill <= max_batch:
             raise ValueError(f"min_refill: must be in 1..max_batch ({max_batch}), got {min_refill}")
         self.min_refill = min_refill or max(1, max_batch // 8)
-        if not self.cuda:
-            _calibrate_row_padding(model)
-            _calibrate_attention(model, heads)
+        # this engine's CPU kernel choices, in force only inside its generate() (and probes)
+        self.cpu_kernels = None if self.cuda else CpuKernels(_row_padding(model), _attention_kernels(model, heads))
         self.depth_policy: DepthPolicy | None = None  # the one the last generate() used
         self._policies: dict[tuple, DepthPolicy] = {}  # (mode, K, control) -> policy
         self._cost = None  # spec_heads.depth.CostModel, shared by the policies
@@ -155,7 +153,7 @@ class Engine:
     def set_heads(self, heads):
         self.heads = heads.eval() if heads is not None else None
         if not self.cuda:
-            _calibrate_attention(self.model, self.heads)
+            self.cpu_kernels.grouped = _attention_kernels(self.model, self.heads)
         self._head_cache = None
         self.reset_calibration()
 
@@ -181,7 +179,7 @@ class Engine:
             raise ValueError(f"prompt length + max_new_tokens + draft depth = {need} exceeds the "
                              f"engine's max_len={self.max_len}; shorten prompts, lower "
                              "sampling.max_new_tokens, or raise rollout.max_seq_len")
-        with _attention_backends(self.device):
+        with _attention_backends(self.device), use_cpu_kernels(self.cpu_kernels):
             run = _Run(self, prompts, ids, sampling, spec, K, seed, progress)
             return run.loop()
 
@@ -206,7 +204,8 @@ class Engine:
             if self._cost is not None and self._cost.max_tokens >= K + 1:
                 dp.cost = self._cost
             elif spec.mode == "entropy":
-                self._probe_costs(dp, K)
+                with use_cpu_kernels(self.cpu_kernels):
+                    self._probe_costs(dp, K)
                 self._cost = dp.cost
             dp.set_measured_prior(self.heads.measured_acceptance())
             self._policies[key] = dp

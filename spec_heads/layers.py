@@ -9,9 +9,11 @@ before that, because attention is causal on absolute positions.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from dataclasses import dataclass
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -35,22 +37,45 @@ class RMSNorm(nn.Module):
 
 class Linear(nn.Linear):
     """nn.Linear that, on a CPU, multiplies a few rows as more where the BLAS is faster so
-    (zero padding, dropped after): see `calibrate_cpu_row_padding`."""
+    (zero padding, dropped after) while an engine's CpuKernels are in force."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
 
 
-# rows -> rows to multiply them as, on a CPU (calibrate_cpu_row_padding; empty: as they are):
-# under a weight shape (out, in) for that shape, under None for every other shape
-_CPU_ROW_PAD: dict[tuple[int, int] | None, dict[int, int]] = {}
+@dataclass
+class CpuKernels:
+    """One engine's CPU kernel choices, measured when it starts (calibrate_cpu_row_padding,
+    calibrate_cpu_attention) and in force only inside its `use_cpu_kernels` block: other code
+    (the learner's forward, other engines) runs the plain kernels.
+
+    row_pad: rows -> rows to multiply them as, under a weight shape (out, in) for that shape or
+    under None for every shape (row_padding_table). grouped: (heads, kv heads, head dim, dtype)
+    -> the (rows class, width class) pairs that run grouped_attention (attention_table)."""
+
+    row_pad: dict = field(default_factory=dict)
+    grouped: dict = field(default_factory=dict)
+
+
+_KERNELS: ContextVar[CpuKernels | None] = ContextVar("specroll_cpu_kernels", default=None)
+
+
+@contextlib.contextmanager
+def use_cpu_kernels(kernels: CpuKernels | None):
+    """Run the block with `kernels` in force (None: the plain kernels)."""
+    token = _KERNELS.set(kernels)
+    try:
+        yield
+    finally:
+        _KERNELS.reset(token)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, multiplying `rows` rows as the padding table says for this weight's shape on a
-    CPU (see Linear)."""
-    if _CPU_ROW_PAD and x.is_cpu and x.dim() >= 2 and x.shape[-1]:
-        table = _CPU_ROW_PAD.get(weight.shape) or _CPU_ROW_PAD.get(None)
+    """F.linear, multiplying `rows` rows as the padding table in force says for this weight's
+    shape on a CPU (see Linear)."""
+    kernels = _KERNELS.get()
+    if kernels is not None and kernels.row_pad and x.is_cpu and x.dim() >= 2 and x.shape[-1]:
+        table = kernels.row_pad.get(weight.shape) or kernels.row_pad.get(None)
         rows = x.numel() // x.shape[-1]
         pad = table.get(rows, rows) if table else rows
         if pad > rows:
@@ -75,17 +100,9 @@ def _unpad_rows(out: torch.Tensor, x: torch.Tensor, rows: int) -> torch.Tensor:
     return out[:rows].reshape(*x.shape[:-1], out.shape[-1])
 
 
-def cpu_row_padding() -> dict:
-    """The padding in force (a copy): rows -> rows where one table serves every weight shape,
-    else weight shape (out, in) -> {rows -> rows}."""
-    if set(_CPU_ROW_PAD) <= {None}:
-        return dict(_CPU_ROW_PAD.get(None, {}))
-    return {k: dict(v) for k, v in _CPU_ROW_PAD.items()}
-
-
-def set_cpu_row_padding(table: dict) -> None:
-    """Use `table` from now on, in every Linear of this process: rows -> rows >= them for every
-    weight shape, or weight shape (out, in) -> such a table (a shape not in it is not padded)."""
+def row_padding_table(table: dict) -> dict:
+    """`table` checked and cleaned for CpuKernels.row_pad: rows -> rows >= them for every weight
+    shape, or weight shape (out, in) -> such a table; entries that pad nothing are dropped."""
     by_shape = table if table and all(isinstance(k, tuple) for k in table) else {None: table}
     clean = {}
     for shape, rows_to in by_shape.items():
@@ -96,8 +113,7 @@ def set_cpu_row_padding(table: dict) -> None:
             raise ValueError(f"table: each entry must map rows >= 1 to at least as many rows, got {bad}")
         if any(p > r for r, p in rows_to.items()):
             clean[None if shape is None else tuple(shape)] = {r: p for r, p in rows_to.items() if p > r}
-    _CPU_ROW_PAD.clear()
-    _CPU_ROW_PAD.update(clean)
+    return clean
 
 
 @torch.inference_mode()
@@ -106,30 +122,24 @@ def calibrate_cpu_row_padding(weights: list[torch.Tensor], max_rows: int = 12, r
     """Time x @ W.T for 1..max_rows rows over each weight shape's matrices (a model's linear
     weights, read from memory as a decode step reads them), and map each row count to the row
     count >= it that was fastest for that shape, by at least min_gain (only padding up is
-    possible: the rows are real). Returns the table for set_cpu_row_padding: weight shape ->
+    possible: the rows are real). Returns the table for CpuKernels.row_pad: weight shape ->
     {rows -> rows}, shapes that pad nothing left out.
 
-    The BLAS's speed by row count differs from machine to machine and from shape to shape. On a
-    2-core AMD EPYC (session 4) MKL ran 2 or 3 rows as that many matrix-vector products, each
-    reading the whole matrix (SmolLM2-135M's 49k-token LM head 9.4 ms at 1 row, 32 ms at 3, 16 ms
-    at 4); on a 2-core Intel Xeon (AVX-512, session 7) 1-3 rows cost about the same and 4 rows
-    1.8x. On a 2-core AMD EPYC with AVX-512 (session 8) SmolLM2's 60 MLP up/gate matrices took
-    19, 29, 36, 24, 21, 19 ms at 1-6 rows, its LM head 9.7, 23, 33, 17, 17, 27, 39, 16 ms at 1-8
-    rows: one table for all shapes (session 7's) swung between padding 2-4 rows to 5 and to 8
-    from run to run, and a 1-draft verify cost 1.6x a plain step. Rows are interleaved within
-    each repeat, so drift in the machine's speed affects every row count alike."""
+    The BLAS's speed by row count differs from machine to machine and from shape to shape (some
+    run 2-3 rows as that many matrix-vector products, each reading the whole matrix), so it is
+    measured per shape. Rows are interleaved within each repeat, so drift in the machine's speed
+    affects every row count alike (docs/bench.md has the tables measured here)."""
     groups: dict[tuple[int, int], list[torch.Tensor]] = {}
     for w in weights:
         if w.dim() == 2 and w.is_cpu:
             groups.setdefault(tuple(w.shape), []).append(w.detach())
     table = {}
     for shape, ws in groups.items():
-        xs = {rows: torch.randn(rows, shape[1], dtype=ws[0].dtype) for rows in range(1, max_rows + 1)}
+        gen = torch.Generator().manual_seed(0)  # the same inputs in every process
+        xs = {rows: torch.randn(rows, shape[1], generator=gen).to(ws[0].dtype) for rows in range(1, max_rows + 1)}
         times = dict.fromkeys(xs, math.inf)
-        # What padding itself costs (the zero rows, the cat, the slice back), per matrix: for the
-        # tiny policy's 128-wide matrices on the 2-core EPYC (session 20) it was ~5 us against
-        # 2-3 us saved by multiplying 7 rows as 8, and padding made a 7-token verify forward 10%
-        # slower. Timed as _padded_linear's ops around the product, from 1 row to max_rows.
+        # What padding itself costs (the zero rows, the cat, the slice back), per matrix: for
+        # small matrices it can exceed what padding saves. Timed as _padded_linear's ops.
         extra = math.inf
         for rep in range(repeats + 1):
             for rows, x in xs.items():
@@ -378,9 +388,6 @@ def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
     return torch.matmul(probs, v).view(B, H, T, D)
 
 
-# (heads, kv heads, head dim, dtype) -> the (rows class, width class) pairs whose masked
-# attention runs grouped_attention on a CPU (calibrate_cpu_attention; absent: SDPA throughout)
-_CPU_GROUPED: dict[tuple, frozenset] = {}
 _ATTN_ROWS, _ATTN_WIDTHS = (1, 4, 16, 64), (1, 4)  # the classes' calibration points
 _ATTN_MAX_WIDTH = 16  # wider queries (prefills of longer prompts, training) always run SDPA
 
@@ -392,9 +399,9 @@ def attention_class(rows: int, width: int) -> tuple[int, int]:
     return r, 1 if width == 1 else 4
 
 
-def set_cpu_attention(table: dict) -> None:
-    """Use `table` from now on, in every Attention of this process: (heads, kv heads, head dim,
-    dtype) -> the (rows class, width class) pairs (attention_class) to run grouped_attention."""
+def attention_table(table: dict) -> dict:
+    """`table` checked and cleaned for CpuKernels.grouped: (heads, kv heads, head dim, dtype) ->
+    the (rows class, width class) pairs (attention_class) that run grouped_attention."""
     clean = {}
     for key, classes in table.items():
         if not (isinstance(key, tuple) and len(key) == 4 and isinstance(key[3], torch.dtype)):
@@ -405,13 +412,7 @@ def set_cpu_attention(table: dict) -> None:
                              f"width in {_ATTN_WIDTHS}, got {bad}")
         if classes:
             clean[key] = frozenset(classes)
-    _CPU_GROUPED.clear()
-    _CPU_GROUPED.update(clean)
-
-
-def cpu_attention() -> dict:
-    """The attention kernel table in force (a copy; see set_cpu_attention)."""
-    return {k: set(v) for k, v in _CPU_GROUPED.items()}
+    return clean
 
 
 @torch.inference_mode()
@@ -419,23 +420,21 @@ def calibrate_cpu_attention(n_heads: int, n_kv: int, head_dim: int, dtype: torch
                             kv_len: int = 128, repeats: int = 5, min_gain: float = 0.10) -> set:
     """Time SDPA and grouped_attention on a CPU at each (rows, width) calibration point, with
     a causal boolean mask and K/V laid out as a KV cache holds them; returns the points where
-    grouped_attention was faster by at least min_gain (the set for set_cpu_attention).
+    grouped_attention was faster by at least min_gain (a value of CpuKernels.grouped).
 
-    CPU SDPA with a mask is fast in fp32 but slow in bfloat16, worst for one query per row: on a
-    2-core AMD EPYC with AVX512-BF16 (torch 2.13, session 13), SmolLM2-135M's attention shape
-    (9 heads, 3 KV heads, 64 dims) at 128 rows over 256 positions took 24.4 ms per layer for
-    one query and 11.2 ms for two; grouped_attention took 5.9 ms and 5.3 ms. That made a plain
-    decode step of SmolLM2 at 32 rows 1.4x slower than it had to be, and speculative steps
-    (several queries per row) look faster against it than they are. In fp32 SDPA won at every
-    point. The kernels interleave within each repeat, so drift hits both alike."""
+    CPU SDPA with a mask is fast in fp32 but can be several times slower in bfloat16, worst for
+    one query per row (docs/bench.md), which would also flatter speculative steps against plain
+    ones. The kernels interleave within each repeat, so drift hits both alike."""
     times: dict[tuple[int, int, str], float] = {}
     inputs = {}
+    gen = torch.Generator().manual_seed(0)  # the same inputs in every process
+    randn = lambda *shape: torch.randn(*shape, generator=gen).to(dtype)
     for rows in _ATTN_ROWS:
         for width in _ATTN_WIDTHS:
-            q = torch.randn(rows, n_heads, width, head_dim, dtype=dtype)
-            k = torch.randn(rows, kv_len, n_kv, head_dim, dtype=dtype).transpose(1, 2)
-            v = torch.randn(rows, kv_len, n_kv, head_dim, dtype=dtype).transpose(1, 2)
-            pos = torch.randint(width, kv_len, (rows, 1)) - width + 1 + torch.arange(width)
+            q = randn(rows, n_heads, width, head_dim)
+            k = randn(rows, kv_len, n_kv, head_dim).transpose(1, 2)
+            v = randn(rows, kv_len, n_kv, head_dim).transpose(1, 2)
+            pos = torch.randint(width, kv_len, (rows, 1), generator=gen) - width + 1 + torch.arange(width)
             inputs[rows, width] = (q, k, v, causal_mask(pos, kv_len))
     gqa = n_kv != n_heads
     kernels = {"sdpa": lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=gqa),
@@ -457,8 +456,9 @@ def attention(q, k, v, mask, expand_masked_gqa_on_cuda: bool = True) -> torch.Te
     where the CPU calibration chose it for this shape, else SDPA (see Attention)."""
     B, n_heads, T, head_dim = q.shape
     n_kv = k.shape[1]
-    if _CPU_GROUPED and mask is not None and T <= _ATTN_MAX_WIDTH and not q.is_cuda:
-        classes = _CPU_GROUPED.get((n_heads, n_kv, head_dim, q.dtype))
+    kernels = _KERNELS.get()
+    if kernels is not None and kernels.grouped and mask is not None and T <= _ATTN_MAX_WIDTH and not q.is_cuda:
+        classes = kernels.grouped.get((n_heads, n_kv, head_dim, q.dtype))
         if classes and attention_class(B, T) in classes:
             out = grouped_attention(q, k.to(q.dtype), v.to(q.dtype), mask)
             return out.transpose(1, 2).reshape(B, T, -1)

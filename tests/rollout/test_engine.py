@@ -191,12 +191,11 @@ def test_grouped_attention_runs_where_the_engine_calibrated_it_faster_and_keeps_
     chosen = {(1, 1), (4, 1), (4, 4)}
     timed = []
     monkeypatch.setattr(engine_mod, "_ATTENTION", {})
-    monkeypatch.setattr(layers, "_CPU_GROUPED", {})
     monkeypatch.setattr(engine_mod, "calibrate_cpu_attention", lambda *key: timed.append(key) or chosen)
     eng = Engine(model, heads, max_batch=4)
-    # one calibration per attention shape (the trunk's and the head's are the same one), installed
+    # one calibration per attention shape (the trunk's and the head's are the same one), the engine's own
     assert timed == [(4, 2, 16, DTYPE)]
-    assert layers.cpu_attention() == {(4, 2, 16, DTYPE): chosen}
+    assert eng.cpu_kernels.grouped == {(4, 2, 16, DTYPE): chosen}
     Engine(model, heads, max_batch=4).set_heads(heads)
     assert len(timed) == 1  # and not again in this process
     widths = []
@@ -208,9 +207,9 @@ def test_grouped_attention_runs_where_the_engine_calibrated_it_faster_and_keeps_
         got = eng.generate(prompts, sp, spec, seed=5)
         # plain steps and the head's drafting steps (1 query per row), verify steps (4 per row)
         assert 1 in widths and (spec.mode == "off" or 4 in widths)
-        layers.set_cpu_attention({})
+        eng.cpu_kernels.grouped = {}
         ref = eng.generate(prompts, sp, spec, seed=5)
-        layers.set_cpu_attention({(4, 2, 16, DTYPE): chosen})
+        eng.cpu_kernels.grouped = {(4, 2, 16, DTYPE): chosen}
         assert [s.tokens for s in got.sequences] == [s.tokens for s in ref.sequences]
         for s in got.sequences:
             lp, ent = _recompute(model, s, sp)
