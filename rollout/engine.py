@@ -33,6 +33,7 @@ from dataclasses import astuple
 import torch
 from torch import nn
 
+from rollout.head_window import HeadWindow
 from rollout.types import RolloutBatch, RolloutStats, Sequence, SamplingParams, SpecParams
 from spec_heads.budget import choose_depths, prefix_values
 from spec_heads.depth import DepthPolicy
@@ -58,8 +59,7 @@ def _entropy(probs: torch.Tensor, logprobs: torch.Tensor | None = None) -> torch
 
     With their log-probabilities (probs = logprobs.exp()), -sum p * log p is one dot product per
     row: cut tokens (log p = -inf, p = 0) are floored to the most negative float, so they add
-    -0.0, not NaN. entr() takes a log per element: 8.5 ms of a ~140 ms plain step of SmolLM2's
-    49k vocabulary at 128 rows on the 2-core CPU, where the dot product took 3.4 ms."""
+    -0.0, not NaN. entr() takes a log per element, a real share of a step over a large vocabulary."""
     if logprobs is None:
         return torch.special.entr(probs).sum(-1)
     return -torch.linalg.vecdot(probs, logprobs.clamp_min(_LOG_FLOOR))
@@ -67,10 +67,8 @@ def _entropy(probs: torch.Tensor, logprobs: torch.Tensor | None = None) -> torch
 
 def _attention_backends(device: torch.device):
     """Decoding's attention kernels: on CUDA every SDPA backend but cuDNN's, which builds an
-    execution plan per new shape (~0.65 ms of host time per call on average, profiled on an
-    H200); a decode loop meets new (rows, tokens, kv length) shapes all the time as rows finish
-    and draft widths change, and those builds made speculative steps several times slower than
-    plain ones."""
+    execution plan per new shape; a decode loop meets new (rows, tokens, kv length) shapes all
+    the time as rows finish and draft widths change (docs/gpu.md)."""
     if device.type != "cuda":
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -133,12 +131,8 @@ class Engine:
         # On a GPU, reading state back each step costs a sync; on a CPU it is free.
         self.sync_every = sync_every or (4 if self.cuda else 1)
         # Queued prompts are admitted in groups of at least min_refill (or all that are left):
-        # a prefill of one prompt costs most of what one of several costs (a 135M model on the
-        # CPU: ~500 prompt tokens/s alone, ~735 in a group of 32; on a GPU both are one
-        # launch-bound forward), and speculative rows that hit max_new_tokens finish over
-        # several steps instead of all at one, so refilling every freed slot at once made a
-        # speculative run's prefill several percent dearer than the same prompts without
-        # speculation. A slot waits a few steps at most.
+        # a prefill of one prompt costs most of what one of several costs, and speculative rows
+        # finish over several steps, not all at one. A slot waits a few steps at most.
         if min_refill is not None and not 1 <= min_refill <= max_batch:
             raise ValueError(f"min_refill: must be in 1..max_batch ({max_batch}), got {min_refill}")
         self.min_refill = min_refill or max(1, max_batch // 8)
@@ -234,11 +228,8 @@ class Engine:
                self.heads.draft_lm_head(m.lm_head))
         # Per rows bucket: one warm-up call per token count, then `passes` passes over every
         # token count in turn, keeping each cell's fastest (other load only ever adds time).
-        # Timing each cell's calls back to back let a slow moment of a shared machine (tens of
-        # percent, for seconds) land on one cell and decide the cost model's best depth: from
-        # process to process it put the tiny policy's at 128 rows at 1, 2 or 7, and a climb that
-        # starts where drafting loses goes plain (spec_heads.depth). In turn, a slow moment
-        # shorter than a pass reaches at most one of a cell's timings.
+        # In turn, not back to back: a slow moment of a shared machine shorter than a pass
+        # reaches at most one of a cell's timings, and cannot decide the best depth alone.
         passes = 3
         for rows in sorted({r for r, _ in plan}):
             counts = [t for r, t in plan if r == rows]
@@ -254,11 +245,9 @@ class Engine:
     def _probe_step(self, ctx, rows: int, tokens: int) -> float:
         """Seconds of one dummy step (_probe_costs) of `tokens` per row over `rows` rows, doing
         the work of a real one: each draft's entropy (the acceptance table's bin), and the
-        verify's rejection sampling and per-position entropies (over [rows, tokens, vocab]: for
-        SmolLM2's 49k vocabulary a real share of a step, and one that grows with depth). The
-        heads start from a one-position window: probes that gave them a full window of `tokens`
-        positions (what a fully accepted step leaves) cost each depth 6.3 ms at 128 rows of the
-        tiny policy on the CPU, where real steps cost ~4.5 ms, and put the best depth at 1."""
+        verify's rejection sampling and per-position entropies (over [rows, tokens, vocab], a
+        share of a step that grows with depth). The heads start from a one-position window, as
+        most real steps do (a full window of `tokens` positions overstates drafting's cost)."""
         m, heads = self.model, self.heads
         cache, hcache, g, u, draft_lm = ctx
         ids = torch.randint(0, m.config.vocab_size, (rows, tokens), generator=g).to(self.device)
@@ -309,9 +298,7 @@ class _Run:
         cap = sampling.max_new_tokens + K + 1
         z = lambda *s, dt=torch.int64: torch.zeros(*s, dtype=dt, device=dev)
         # Per-row state lives in a few buffers, each field a view of one: compaction moves rows
-        # with one copy per buffer (_compact), not one per field. On a 2-core CPU at 128 rows of
-        # the tiny policy, one copy per field and per cache layer took 98 ms of a ~1.5 s call
-        # (47 ms with these buffers and KVCache.move_rows).
+        # with one copy per buffer (_compact), not one per field.
         self.row_int = z(B, 8)  # per row: length, last token, tokens out, key, steps, heads' window
         self.lengths, self.last_tok, self.n_out, self.keys, self.n_steps = self.row_int[:, :5].unbind(1)
         self.done = torch.ones(B, dtype=torch.bool, device=dev)
@@ -320,21 +307,10 @@ class _Run:
         self.out_float = z(B, 2, cap, dt=torch.float32)  # per row: logprobs and entropies
         self.out_lp, self.out_ent = self.out_float.unbind(1)
         self.stop_ids = torch.tensor(sampling.stop_token_ids or [-1], device=dev)
-        self.hid = None
+        self.win = None  # the heads' window (rollout.head_window)
         if eng.heads is not None and K:
-            # The heads' window: per row, the trunk's hidden states at the positions fed since
-            # the heads last ran (index t is position hstart + t, valid up to hlast) and the
-            # token that followed each. A drafting step consumes it; plain steps (no drafting
-            # this step) append to it. A window that fills during a plain stretch is dropped,
-            # not run through the heads: catching a sequential head up costs one head layer per
-            # position, a real cost at large batches, for drafts that did not pay anyway. The
-            # head then attends only from hfloor (its first valid cache position) onwards.
-            H = eng.model.config.hidden_size
-            self.window = max(K + 1, _WINDOW)
-            self.hid = torch.zeros(B, self.window, H, dtype=eng.dtype, device=dev)
-            self.nxt = z(B, self.window)
-            self.hstart, self.hlast, self.hfloor = self.row_int[:, 5:].unbind(1)
-            self.hwidth = 1  # host: upper bound of hlast + 1 over active rows
+            self.win = HeadWindow(self.row_int[:, 5:], max(K + 1, _WINDOW), eng.model.config.hidden_size,
+                                  eng.dtype, dev)
         self.slot_prompt = [-1] * B  # host: prompt index in each slot
         self.n = 0  # active rows occupy slots [0, n)
         self.len_bound = 0  # host upper bound of lengths[:n]
@@ -356,10 +332,8 @@ class _Run:
         self._refill()
         step = 0
         # A speculative step reads its outcome back anyway (the depth policy's timings), so its
-        # finished rows go at once: on a GPU, collected every sync_every steps, a row done at
-        # one step was drafted and verified for up to 3 more (the tiny policy at batch 1 on an
-        # H200: ~21-token answers, 8-deep steps costing ~3.4 plain ones; their zero yield also
-        # made entropy mode rate drafting below plain steps and turn it off).
+        # finished rows go at once: collected every sync_every steps, a finished row would be
+        # drafted and verified for nothing, and its zero yield would rate drafting low.
         collect_every = 1 if self.K else e.sync_every
         while self.n:
             if self.K:
@@ -423,25 +397,19 @@ class _Run:
         if self.K:
             # a plain step leaves its step's column (0 drafted, 0 accepted) as zeroed here
             self.out_dl[sl], self.out_acc[sl] = 0, 0
-            # each row's heads start from its last prompt position
-            self.hid[sl, 0], self.nxt[sl, 0] = last, tok
-            self.hstart[sl], self.hlast[sl] = lens_t - 1, 0
-        if self.K and self.policy.skips_heads_prefill(self.n + m):
-            # Where real timings at these rows have switched drafting off, or it is off there
-            # and nothing has drafted for a while (DepthPolicy.skips_heads_prefill), the heads
-            # skip the prompts: the pass costs one head block per prompt token (for the tiny
-            # policy's four layers, a fifth of its prefill; the entropy run at 128 rows stayed
-            # plain and still measured 0.94x of off). Such rows draft from their last prompt
-            # position on if drafting comes back; the exploring steps that bring it back are
-            # blind anyway.
-            self.hfloor[sl] = lens_t  # no head-cache entry before the row's window
+        skip = self.K and self.policy.skips_heads_prefill(self.n + m)
+        if self.K:  # each row's heads start from its last prompt position
+            self.win.admit(sl, last, tok, lens_t, heads_saw_prompt=not skip)
+        if skip:
+            # Where drafting is measured off at these rows, or off and idle for a while
+            # (DepthPolicy.skips_heads_prefill), the heads skip the prompts: the pass costs one
+            # head block per prompt token. Such rows draft from their last prompt position on if
+            # drafting comes back; the exploring steps that bring it back are blind anyway.
             self.stats.heads_prefill_skipped += m
         elif self.K:
             # The heads catch up over the prompt (sequential heads fill their own KV cache), also
-            # while drafting is off by the start-up cost model alone: a row admitted without it drafts without
-            # its prompt for its whole life, its drafts' real yield is low, and drafting stays
-            # off (session 5: SmolLM2 at batch 1 went plain, 0.95x, where fixed 4 gave 1.49x;
-            # the pass costs ~4% of a 135M model's prefill on a CPU, ~6% on an H200).
+            # while drafting is off by the start-up cost model alone: a row admitted without it
+            # drafts without its prompt for its whole life, and its low yield keeps drafting off.
             nxt = torch.cat([ids[:, 1:], ids[:, :1]], 1).scatter(1, (lens_t - 1)[:, None], tok[:, None])
             timed = self.spec.mode == "entropy"  # the depth policy weighs drafting net of this pass
             if timed and self.e.cuda:
@@ -453,7 +421,6 @@ class _Run:
                 if self.e.cuda:
                     torch.cuda.synchronize()
                 self.policy.record_heads_prefill(m, time.perf_counter() - th)
-            self.hfloor[sl] = 0
         for r, i in enumerate(take):
             self.slot_prompt[self.n + r] = i
         self._emit(sl, tok[:, None], lp.gather(1, tok[:, None]), entropy_from_logprobs(lp)[:, None],
@@ -471,49 +438,19 @@ class _Run:
         lp = sampling_logprobs(m.logits(h[:, 0]), sp.temperature, sp.top_k, sp.top_p)  # [n, V]
         probs = lp.exp()
         tok = sample_with_uniforms(probs, row_uniforms(self.keys[:n], self.n_out[:n], _S_SAMPLE, 1)[:, 0])
-        if self.hid is not None:  # a speculative run not drafting this step: feed the window
-            if self.hwidth >= self.window:
-                self._drop_window(n)
-            idx, rows = self.hlast[:n] + 1, torch.arange(n, device=h.device)
-            self.hid[rows, idx], self.nxt[rows, idx] = h[:, 0], tok
-            self.hlast[:n] = idx
-            self.hwidth += 1
+        if self.win is not None:  # a speculative run not drafting this step: feed the window
+            self.win.append(n, h[:, 0], tok)
         emitted = self._emit(slice(0, n), tok[:, None], lp.gather(1, tok[:, None]), _entropy(probs, lp)[:, None],
                              torch.ones(n, dtype=torch.int64, device=self.e.device))
         self.len_bound += 1
         return emitted
 
     def _begin_heads(self, n: int, K: int):
-        """Run the heads over each row's window; returns depth-1 logits and the draft state.
-
-        On a GPU the window's width is padded to 16 or to the whole window: a launch-bound
-        device runs 16 positions as fast as 2, and every new shape costs first-call work (seen
-        as 10x slower head calls on an H200 while widths varied step to step). Padding entries
-        are invalid (past hlast) and go to the head cache's scratch slot."""
-        e, w = self.e, self.hwidth
-        if e.cuda:
-            w = min(16, self.window) if w <= 16 else self.window
-        pos = self.hstart[:n, None] + torch.arange(w, device=e.device)
-        return e.heads.begin(self.hid[:n, :w], self.nxt[:n, :w], pos, self.hlast[:n],
-                             e.model.embed_tokens, self.draft_lm, self.hcache,
-                             self._kv(self.len_bound + K + 2), floor=self.hfloor[:n])
-
-    def _keep_last_window_entry(self, n: int):
-        """Shrink each row's window to its last entry (the heads then attend from there on)."""
-        rows, last = torch.arange(n, device=self.e.device), self.hlast[:n].clamp(min=0)
-        self.hid[:n, 0], self.nxt[:n, 0] = self.hid[rows, last], self.nxt[rows, last]
-        self.hstart[:n] += last
-        self.hfloor[:n] = self.hstart[:n] + 1
-        self.hlast[:n] = 0
-        self.hwidth = 1
-
-    def _drop_window(self, n: int):
-        """Forget a full window: the heads restart at the next position, attending only to
-        head-cache entries from there on (hfloor; the depth-1 entry of position p sits at p + 1)."""
-        self.hstart[:n] += self.hlast[:n] + 1
-        self.hfloor[:n] = self.hstart[:n] + 1
-        self.hlast[:n] = -1
-        self.hwidth = 0
+        """Run the heads over each row's window; returns depth-1 logits and the draft state."""
+        e = self.e
+        hid, nxt, pos, last, floor = self.win.inputs(n, pad_to_16=e.cuda)
+        return e.heads.begin(hid, nxt, pos, last, e.model.embed_tokens, self.draft_lm, self.hcache,
+                             self._kv(self.len_bound + K + 2), floor=floor)
 
     def _draft(self, n: int, K: int, u: torch.Tensor, choose: bool):
         """Draft up to K tokens per row with uniforms u [n, >=K]. Returns draft_probs [n, k, V]
@@ -607,8 +544,8 @@ class _Run:
         # step must cost what an ordinary drafting step costs. Its drafts then lack the heads'
         # context, so it times a drafting step but its acceptance is not counted.
         blind = explore and not budget
-        if blind and self.hwidth > 1:
-            self._keep_last_window_entry(n)
+        if blind and self.win.width > 1:
+            self.win.keep_last(n)
         if Kd == 0:  # a plain step is faster than any draft: skip the heads (they catch up later)
             self.policy.depth_hist[0] += n  # acc_wa[0, 0]: loop() counts the plain row-steps
             emitted = self._plain_step()
@@ -625,21 +562,11 @@ class _Run:
         h, W, toks, num, lps, ents = self._verify(n, draft_probs, draft_tok, dlen, u)
         live = ~self.done[:n]
         emitted = self._emit(slice(0, n), toks, lps, ents, num, dlen=dlen)
-        self._after_verify(n, h, toks, num, live, W)
-        if self.spec.mode == "entropy" and not blind:
-            # The depth policy learns the heads' acceptance with their context: rows already done
-            # count for nothing, and neither do rows whose heads miss part of it (hfloor > 0:
-            # admitted without the heads' prefill, or a window dropped or trimmed in a plain
-            # stretch); such rows would rate the heads low after every plain stretch. The
-            # rollout's own statistics (acc_wa) count every live row.
-            seen = live & (self.hfloor[:n] == 0)
-            self.policy.observe_bins(draft_bins, dlen * seen, (num - 1) * seen)
-        # stats: live row-steps by (drafts verified, drafts accepted), a device accumulator
-        # read once at the end (loop() derives per-position acceptance and the depth histogram)
-        if blind:  # drafts without the heads' context: their acceptance is no measure of the heads
-            self.acc_blind.index_add_(0, dlen, live.long())
-        else:
-            self.acc_wa.index_put_((dlen, num - 1), live.long(), accumulate=True)
+        self.win.restart(n, h, toks, num, live, first_pos=self.lengths[:n] - num * live)
+        # A row advances by the tokens it accepted, not by W: on a GPU the bound grows by W
+        # (reading lengths back costs a sync; compaction tightens it), on a CPU it is exact.
+        self.len_bound = self.len_bound + W if e.cuda else int(self.lengths[:n].max())
+        self._count(n, draft_bins, dlen, num, live, blind)
         if e.cuda:
             torch.cuda.synchronize()
         t2 = time.perf_counter()
@@ -671,17 +598,18 @@ class _Run:
         ents = _entropy(tp, tlp)[slot]  # [n, W]
         return h, W, toks, num, lps, ents
 
-    def _after_verify(self, n: int, h, toks, num, live, W: int):
-        """The heads' window restarts from the fed positions that were accepted; the attention
-        span of later steps follows the rows' new lengths."""
-        self.hid[:n, :W], self.nxt[:n, :W] = h, toks.clamp(min=0)
-        self.hstart[:n] = torch.where(live, self.lengths[:n] - num * live, self.hstart[:n])
-        # rows already done restart from index 0, so a narrower next step never indexes past W
-        self.hlast[:n] = torch.where(live, num - 1, torch.zeros_like(num))
-        self.hwidth = W
-        # A row advances by the tokens it accepted, not by W: on a GPU the bound grows by W
-        # (reading lengths back costs a sync; compaction tightens it), on a CPU it is exact.
-        self.len_bound = self.len_bound + W if self.e.cuda else int(self.lengths[:n].max())
+    def _count(self, n: int, draft_bins, dlen, num, live, blind: bool):
+        """The depth policy learns the heads' acceptance with their context: rows already done
+        count for nothing, nor do rows whose heads miss part of it (they would rate the heads
+        low after every plain stretch). The rollout's statistics count every live row: row-steps
+        by (drafts verified, drafts accepted), a device accumulator read once at the end."""
+        if self.spec.mode == "entropy" and not blind:
+            seen = live & self.win.has_context(n)
+            self.policy.observe_bins(draft_bins, dlen * seen, (num - 1) * seen)
+        if blind:  # drafts without the heads' context: their acceptance is no measure of the heads
+            self.acc_blind.index_add_(0, dlen, live.long())
+        else:
+            self.acc_wa.index_put_((dlen, num - 1), live.long(), accumulate=True)
 
     def _record(self, n, W, dlen, seconds, planned, emitted, num, live, blind, expected):
         """Tell the depth policy what the step cost and yielded: what it really emitted per row,
@@ -788,8 +716,8 @@ class _Run:
             src = torch.tensor([s for s, _ in moves], device=dev)
             dst = torch.tensor([d for _, d in moves], device=dev)
             tensors = [self.row_int, self.done, self.out_int, self.out_float]
-            if self.hid is not None:
-                tensors += [self.hid, self.nxt]
+            if self.win is not None:
+                tensors += self.win.tensors()
             for t in tensors:
                 t[dst] = t[src]
             # cache entries at or past a row's length are rewritten before they are read; the

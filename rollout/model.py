@@ -112,7 +112,7 @@ class Transformer(nn.Module):
         [B, T] (each row its own start), K/V are written there, and queries attend over cache
         positions [0, kv_len). `slots` [B] picks cache rows (default 0..B-1).
 
-        `n_tokens` [B] (1..T, a ragged step): row b's real tokens are its first n_tokens[b].
+        `n_tokens` [B] (1..T, a ragged step with a cache): row b's real tokens are its first n_tokens[b].
         On a CPU the projections and MLPs then run on the real tokens only (spec_heads.layers.
         Ragged); hidden states in padding are zeros. On CUDA the step runs padded (same values
         at real tokens, no host sync).
@@ -121,11 +121,11 @@ class Transformer(nn.Module):
         if positions is None:
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
         ragged = None
-        if n_tokens is not None and not input_ids.is_cuda:
+        if n_tokens is not None and cache is not None and not input_ids.is_cuda:
             ragged = Ragged.from_counts(n_tokens, T)
             input_ids = ragged.pack(input_ids)
         x = self.embed_tokens(input_ids)
-        cos, sin = self.rotary(positions, x.dtype)
+        cos, sin = self.rotary(positions if ragged is None else ragged.pack(positions)[None], x.dtype)
         view = None
         if cache is not None:
             kv_len = kv_len or cache.max_len

@@ -174,8 +174,7 @@ class DepthPolicy:
             else:
                 # the cost model's best depth to start from, then the depth the climb moved to
                 # on real steps (record_step: the cost model's step times come largely from
-                # start-up probes, which miss the bookkeeping and catch-up of real steps: on an
-                # H200 they chose 4-deep drafts for SmolLM2 at 128 rows, 0.92x, where 2 gave 1.20x)
+                # start-up probes, which miss the bookkeeping and catch-up of real steps)
                 self._budgets[key] = self._climbed.setdefault(key, best)
         return self._budgets[key]
 
@@ -200,9 +199,8 @@ class DepthPolicy:
         (heads' prefill seconds per row) / (tokens per row). 0 until all three were measured.
 
         Each admitted row costs the heads one block over its prompt; a run without drafting
-        skips it. Short completions at many rows make it dear: the tiny policy's ~21-token
-        answers at 128 rows on the CPU spent 0.06-0.10 s of a 1.6-2.2 s run there, 6-8% of its
-        drafting steps' time, more than the 5% drafting had to win by (draft_margin)."""
+        skips it. Short completions at many rows make it dear: it can exceed the margin drafting
+        has to win by (control.draft_margin)."""
         rate = self._draft_rate.get(self.cost.bucket(rows_in_flight))
         if rate is None or self.heads_prefill_row_s is None or not self.tokens_per_row:
             return 0.0
@@ -223,10 +221,8 @@ class DepthPolicy:
         pass over their prompts (entropy mode): where real paired timings put drafting off at
         these rows (measured_plain), or where it is off there by the cost model and no step has
         drafted to a budget in the last idle_prefill_steps decode steps. The pass costs one head
-        block per prompt token and pays only for rows that go on to draft. SmolLM2 at 128 rows
-        on the CPU stayed plain by the cost model from the start, never timed a drafting step
-        there (so never measured_plain), and paid the pass on every prompt: 14% more prefill,
-        0.93x of off where its decode steps ran even with off's (docs/bench.md, session 22).
+        block per prompt token and pays only for rows that go on to draft; a policy plain by the
+        cost model from the start never times a drafting step (so is never measured_plain).
         Exploring steps (which bring drafting back) do not need the pass: they draft blind."""
         if self.mode != "entropy":
             return False
@@ -312,13 +308,11 @@ class DepthPolicy:
 
     def _burst_neighbour(self, key: int, depth: int, rows_in_flight: int) -> int:
         """The depth of the rest of a burst from a plain stretch that began at `depth`. Where the
-        budget is one depth per step (no early stop), one depth either side of the climb's, in
+        budget is one depth per step (no per-row depths), one depth either side of the climb's, in
         turn (or on the way the climb last moved), each weighed against the burst's first step
-        (_climb): the climb goes on from a plain stretch. Exploring only at the depth the climb
-        stood on, a climb that started at a depth where drafting loses never left it (the tiny
-        policy at 128 rows on the CPU: probes put the best depth at 1, real 1-deep steps
-        delivered 0.9x of plain ones and depths 3-6 1.2x; entropy mode stayed plain, 0.94x).
-        Else (early stop decides each step's depth) the same depth."""
+        (_climb): the climb goes on from a plain stretch (exploring only at the depth the climb
+        stood on, a climb that started where drafting loses would never leave it). Else
+        (per-row depths: each step chooses its own) the same depth."""
         neighbour = self._neighbour(key, depth, rows_in_flight)
         if neighbour != depth:
             self._climbed.setdefault(key, depth)
@@ -336,10 +330,9 @@ class DepthPolicy:
         """While drafting, every n-th step is a plain one: every 64th, or every 8th where drafting's
         advantage is within near_band (5%) above the bar or fewer than min_plain_samples plain
         steps were timed at these rows (unless drafting is `clear` there: _clear, which plan_step
-        has computed). Every drafting step is weighed against the
-        latest plain timings, so near the bar the advantage rests on few plain steps and one
-        slow one kept drafting on at a loss (SmolLM2 at 32 rows on the CPU: rated above the bar,
-        0.92x of off). A plain step costs what drafting would have gained, there a few percent."""
+        has computed). Every drafting step is weighed against the latest plain timings, so near
+        the bar the advantage rests on few plain steps, and one slow one could keep drafting on
+        at a loss. A plain step costs what drafting would have gained, there a few percent."""
         advantage = self._advantage.get(key)
         near = (advantage is not None
                 and self._net(advantage, rows_in_flight) < 1.0 + self.control.draft_margin + self.control.near_band)
@@ -367,7 +360,7 @@ class DepthPolicy:
 
     def _explores_down(self, budget: int, rows_in_flight: int) -> bool:
         """Whether exploring may try one depth shallower: where the budget is one depth for the
-        whole step (no early stop: the GPU, or many rows) and there is a shallower drafting depth."""
+        whole step (no per-row depths: by default the GPU) and there is a shallower drafting depth."""
         return budget > 1 and not self.stops_early(rows_in_flight)
 
     def _explore_plan(self, rows_in_flight: int, budget: int, backoff: int) -> tuple[int, int]:
@@ -396,9 +389,8 @@ class DepthPolicy:
         over what plain steps take for the tokens it emitted per row; after the last one (the
         plain step after the burst, which runs cold), the burst's cost in plain steps sets how
         long the bucket waits before exploring again (_explore_plan). The cost model's step times
-        come from start-up probes: on the tiny policy at 128 rows on the CPU they put a 2-step
-        burst at ~1.3 plain steps where the real burst, with the cold plain step after it, cost
-        several."""
+        come from start-up probes, which can put a burst far below what it really costs with the
+        cold plain step after it."""
         ledger, plain = self._burst_ledger.get(key), self._plain_recent.get(key)
         if ledger is None or plain is None:
             return
@@ -422,10 +414,8 @@ class DepthPolicy:
     def explore_depth(self, rows_in_flight: int) -> int:
         """How deep an exploring step drafts when the budget is 0: the depth drafting would use
         there, so it measures the rate that could switch drafting back on. Where the budget is
-        one depth per step (no early stop), the depth the climb stands on: the cost model's best
-        can be far from it (the tiny policy at 128 rows on the CPU: 7-8 by the cost model, which
-        misses the drafts cut by the ~21-token answers' ends; real steps delivered most at 3-5).
-        Else, and before any climb, the depth with the best tokens per second by the cost model
+        one depth per step, the depth the climb stands on: the cost model's best can be far from
+        it (it misses, e.g., the drafts cut by short answers' ends). Else, and before any climb, the depth with the best tokens per second by the cost model
         (where verifying is dear, a max-depth step would cost many plain steps)."""
         climbed = None if self.stops_early(rows_in_flight) else self._climbed.get(self.cost.bucket(rows_in_flight))
         return climbed if climbed is not None else self._best_by_cost(rows_in_flight)[0]
@@ -469,24 +459,18 @@ class DepthPolicy:
         mid-step, a last step cut at max_new_tokens or a stop token, rows done but not yet
         collected all lower it; smoothed, since at one row a single step emits anywhere from 1
         to depth + 1 tokens and one unlucky step must not switch drafting off), and a plain
-        step's time is per token it emitted. On SmolLM2 at 32 rows on the CPU the expected yield
-        of a 1-deep draft was 1.64 tokens per row-step and the realised one ~1.4: the difference
-        between drafting at a measured +15% and a real -11% (docs/bench.md).
+        step's time is per token it emitted (expected and realised yields can differ by enough
+        to turn a measured gain into a real loss: docs/bench.md).
 
         Where the engine says what each step `proposed`, the ratio is emitted / proposed: what
         the batch loses to rows done, stops and max_new_tokens, not how lucky this step's drafts
-        were. Acceptance has its own long-memory estimate (expected_tokens). At one row the
-        realised acceptance is that of the text being written (SmolLM2's depth-1 acceptance
-        ran 0.15 to 0.75 from prompt to prompt): a hard stretch dragged the ratio to 0.83, rated
-        drafting 0.83x of plain steps and switched it off, and since the exploring steps of a
-        plain stretch are blind (they leave the ratio alone) it stayed off for the rest of the
-        run, 1.00x where fixed 4 gave 1.42x."""
-        # A plain step that followed a plain step is "warm". After a drafting step one runs
-        # 1.2-1.4x slower (the tiny policy at 128 rows on a CPU), and drafting competes with
-        # plain steps as a run without drafting takes them. The cost model's plain cell takes
-        # warm plain steps only (and a cell's first timing): in training, where each rollout
-        # starts plain at every rows bucket, cold timings were most of that cell and the
-        # worker's speedup estimate climbed to 14x.
+        were. Acceptance has its own long-memory estimate (expected_tokens): at one row the
+        realised acceptance is that of the text being written, and a hard stretch must not
+        switch drafting off for good (blind exploring steps leave the ratio alone)."""
+        # A plain step that followed a plain step is "warm"; one right after a drafting step
+        # runs slower, and drafting competes with plain steps as a run without drafting takes
+        # them. The cost model's plain cell takes warm plain steps only (and a cell's first
+        # timing): cold timings would otherwise dominate it where each rollout starts plain.
         key = self.cost.bucket(rows)
         if self._burst_ledger:
             self._time_burst(key, seconds, emitted)
@@ -500,10 +484,9 @@ class DepthPolicy:
             # The plain timing is the faster of the last 2 plain steps at near rows, warm ones
             # once there is one, not an average: other load only ever adds time (a machine that
             # speeds up is followed at once, one that slows down at the second timing), and
-            # plain steps are rare while drafting: one slow one (the first decode step after a
-            # prefill, 6.9 ms where the tiny policy's plain steps at 128 rows take 4.9 ms) made
-            # drafting look 1.44x as fast as plain steps where it delivered 1.00x, for the whole
-            # run. A plain step at other rows (a draining batch) starts afresh.
+            # plain steps are rare while drafting: one slow one (e.g. the first decode step after
+            # a prefill) would rate drafting for the whole run. A plain step at other rows (a
+            # draining batch) starts afresh.
             if self._pairs_with(key, self._plain_recent.get(key), rows):
                 samples = self._plain_samples.get(key, [])
             else:
@@ -519,8 +502,7 @@ class DepthPolicy:
             self._plain_recent[key] = self._stamp(estimate, rows)
             self._plain_count[key] = self._plain_count.get(key, 0) + 1
             last = self._draft_recent.get(key)  # the latest drafting rates, not an average of old ones
-            # only a warm plain timing pairs: a cold one (right after drafting) ran 1.2-1.4x slow in
-            # session 10's traces (session 11's at 128 rows found it as fast as a warm one)
+            # only a warm plain timing pairs: a cold one (right after drafting) can run slow
             if key in self._plain_warm and self._pairs_with(key, last, rows):
                 self._pair(key, last[0] * estimate, ("draft", last[1]), rows)
         elif self.mode == "entropy":
@@ -534,9 +516,8 @@ class DepthPolicy:
             self._draft_rate[key] = _ema(self._draft_rate.get(key), rate, 0.1)
             # The drafting rate that pairs is the faster of the last 2 drafting steps at near rows,
             # as the plain timing is the faster of the last 2 plain steps: the same estimator on
-            # both sides of the ratio. With the latest rate alone against the best of 2 plain
-            # steps, noise that hits both alike (the tiny policy's plain steps at 128 rows on
-            # the CPU ranged 5.6-12 ms within a run) rated drafting below what it delivered.
+            # both sides of the ratio (the latest rate alone against the best of 2 plain steps
+            # would rate drafting below what it delivers on a noisy machine).
             prev = self._draft_recent.get(key)
             samples = self._draft_samples.get(key, []) if self._pairs_with(key, prev, rows) else []
             samples = self._draft_samples[key] = (samples + [rate])[-2:]
@@ -553,9 +534,8 @@ class DepthPolicy:
         the budget's latest step if that pairs (fresh, near rows). Once climb_samples samples put
         a neighbour climb_edge above (or one sample climb_edge_at_once above), the budget moves
         there, and the next exploring step goes on in the same direction: from a start one or
-        two depths off (the tiny policy at 128 rows on the CPU: the cost model's best was 1
-        draft, real steps delivered most at 3-5) the climb gets there within a few dozen steps,
-        before the drafting gate has judged drafting by its worst depths."""
+        two depths off the climb gets there within a few dozen steps, before the drafting gate
+        has judged drafting by its worst depths."""
         held = self._climbed.get(key)
         if held is None:
             return
@@ -622,11 +602,9 @@ class DepthPolicy:
         1 - 0.9^pair_anchor_cap of the way. The rare side of a regime (a plain timing while
         drafting, an exploring burst while plain) pairs with every step that follows it; as
         separate samples of an EMA, one both-slow pair of plain steps, or one slow burst, set
-        the advantage for the whole stretch (a third of steps 1.6x slow at random switched
-        drafting that delivers 1.15x off for most of a run). The first samples of a bucket move
-        from the advantage its start-up probes predict (the tiny policy at 128 rows: the first
-        drafting step after the prefill took 17.5 ms where the next ones took 12, and as the
-        only drafting sample it rated drafting 0.87x and kept it off for the whole run)."""
+        the advantage for the whole stretch. The first samples of a bucket move from the
+        advantage its start-up probes predict, so one slow first drafting step cannot keep
+        drafting off for a whole run."""
         old = self._advantage.get(key)
         held = self._anchor.get(key)
         if held is None or held[0] != anchor:

@@ -292,9 +292,8 @@ class KVCache:
         moves' (src, dst) as tensors on the buffer's device, where the caller has them. A row's entries
         at or past its length are never read before a forward writes them, so callers pass a
         bound on the rows' lengths. On a CPU, one plain slice copy per row over the shared
-        buffer: 6 rows of the tiny policy's 8 buffers took 55 us this way, 94 us as one indexed
-        copy and 276 us as one indexed copy per buffer. On a GPU (launch-bound), and for more than
-        32 rows (where the per-row Python calls add up), one indexed copy."""
+        buffer (cheaper than an indexed copy for a few rows); on a GPU (launch-bound), and for
+        more than 32 rows (where the per-row Python calls add up), one indexed copy."""
         upto = self.max_len if upto is None else min(upto, self.max_len)
         if self.buf.is_cuda or len(moves) > 32:
             if index is None:
@@ -325,16 +324,20 @@ class CacheView:
 class Ragged:
     """Which tokens of a padded [B, W] step are real: row b feeds its first counts[b] (1..W).
 
-    Linear layers and MLPs run on the T real tokens packed row-major ([T, ...]), so their cost
-    follows T, not B * W; attention runs padded (each token sees its own row's cache and its
-    row's earlier new tokens, as in the padded step). Padding tokens are zeros; their K/V land
-    at cache positions past the row's real tokens, which are rewritten before any query reads
-    them (the same reason rejected drafts need no rollback)."""
+    Linear layers, norms, rotary and MLPs run on the T real tokens packed row-major ([T, ...]),
+    so their cost follows T, not B * W; only the attention scores run padded (each query sees
+    its own row's cache, where its row's earlier new tokens were just written). Padding
+    queries are zeros and write nothing to the cache."""
 
     index: torch.Tensor  # [T] flat indices into B * W of the real tokens
     slot: torch.Tensor  # [B, W] the packed index of each padded slot (padding: its row's last real token)
     B: int
     W: int
+
+    @property
+    def row(self) -> torch.Tensor:
+        """[T] the row of each real token."""
+        return self.index // self.W
 
     @classmethod
     def from_counts(cls, counts: torch.Tensor, width: int) -> "Ragged":
@@ -481,26 +484,20 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(head_dim, eps) if qk_norm else None
         self.k_norm = RMSNorm(head_dim, eps) if qk_norm else None
 
-    def project(self, x, cos, sin, ragged: Ragged | None = None):
-        """x [B, T, H] (or packed [T_real, H] with `ragged`) -> q [B, heads, T, D], k and v
-        [B, kv_heads, T, D], rotary applied (padded, zeros in padding)."""
-        if ragged is None:
-            B, T, _ = x.shape
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        else:
-            B, T = ragged.B, ragged.W
-            q, k, v = (ragged.unpack(proj(x)) for proj in (self.q_proj, self.k_proj, self.v_proj))
-        q = q.view(B, T, self.n_heads, self.head_dim)
-        k = k.view(B, T, self.n_kv, self.head_dim)
-        v = v.view(B, T, self.n_kv, self.head_dim)
+    def project(self, x, cos, sin):
+        """x [B, T, H] -> q [B, heads, T, D], k and v [B, kv_heads, T, D], rotary applied."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         return apply_rope(q.transpose(1, 2), cos, sin), apply_rope(k.transpose(1, 2), cos, sin), v.transpose(1, 2)
 
-    # On CUDA, SDPA's fused kernels take a mask or enable_gqa but not both: masked GQA ran the
-    # math path (several kernels and a repeat_interleave of its own: 0.94 s of 3.7 s of GPU time
-    # in a SmolLM2-shaped profile on an H200). Expanding the KV heads here lets the
-    # memory-efficient kernel run. (A class flag, so a benchmark can time both ways.)
+    # On CUDA, SDPA's fused kernels take a mask or enable_gqa but not both: masked GQA runs the
+    # math path (several kernels and a repeat_interleave of its own; docs/gpu.md). Expanding the
+    # KV heads here lets the memory-efficient kernel run. (A class flag, so a benchmark can time
+    # both ways.)
     expand_masked_gqa_on_cuda = True
 
     def attend(self, q, k, v, mask):
@@ -509,9 +506,12 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, layer: int = 0, view: CacheView | None = None,
                 ragged: Ragged | None = None):
-        """x [B, T, H], or packed [T_real, H] with `ragged` (then the output is packed too)."""
-        B = x.shape[0] if ragged is None else ragged.B
-        q, k, v = self.project(x, cos, sin, ragged)  # [B, H, T, D], [B, Hkv, T, D] x2
+        """x [B, T, H], or packed [T_real, H] with `ragged` and a cache (then cos/sin
+        [1, 1, T_real, rot] are the packed tokens', and the output is packed too)."""
+        if ragged is not None:
+            return self._forward_ragged(x, cos, sin, mask, layer, view, ragged)
+        B = x.shape[0]
+        q, k, v = self.project(x, cos, sin)  # [B, H, T, D], [B, Hkv, T, D] x2
         if view is not None:
             ck, cv = view.cache.k[layer], view.cache.v[layer]
             rows = view.slots if view.slots is not None else torch.arange(B, device=x.device)
@@ -523,9 +523,31 @@ class Attention(nn.Module):
             else:
                 k, v = ck[view.slots, :view.kv_len], cv[view.slots, :view.kv_len]
             k, v = k.transpose(1, 2), v.transpose(1, 2)  # [B, Hkv, S, D]
-        if ragged is not None:
-            return self.o_proj(ragged.pack(attention(q, k, v, mask, self.expand_masked_gqa_on_cuda)))
         return self.attend(q, k, v, mask)
+
+    def _forward_ragged(self, x, cos, sin, mask, layer: int, view: CacheView, ragged: Ragged):
+        """forward() over packed tokens x [T, H]: projections, rotary and the cache write per
+        real token; the queries padded to [B, heads, W, D] for the attention scores."""
+        T, D = x.shape[0], self.head_dim
+        q = self.q_proj(x).view(T, self.n_heads, D)
+        k = self.k_proj(x).view(T, self.n_kv, D)
+        v = self.v_proj(x).view(T, self.n_kv, D)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(q.transpose(0, 1)[None], cos, sin)[0].transpose(0, 1)  # [T, heads, D]
+        k = apply_rope(k.transpose(0, 1)[None], cos, sin)[0].transpose(0, 1)
+        ck, cv = view.cache.k[layer], view.cache.v[layer]
+        rows = ragged.row if view.slots is None else view.slots[ragged.row]
+        at = (rows, ragged.pack(view.positions))
+        ck[at], cv[at] = k.to(ck.dtype), v.to(cv.dtype)
+        B = ragged.B
+        if view.slots is None:
+            k, v = ck[:B, :view.kv_len], cv[:B, :view.kv_len]
+        else:
+            k, v = ck[view.slots, :view.kv_len], cv[view.slots, :view.kv_len]
+        out = attention(ragged.unpack(q).transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask,
+                        self.expand_masked_gqa_on_cuda)  # [B, W, heads * D]
+        return self.o_proj(ragged.pack(out))
 
 
 class SwiGLU(nn.Module):
