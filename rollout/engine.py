@@ -586,14 +586,14 @@ class _Run:
         ragged = None if e.cuda or not bool((dlen < W - 1).any()) else Ragged.from_counts(1 + dlen, W)
         h = e.model(inp, pos, self.cache, self._kv(self.len_bound + W),
                     n_tokens=None if ragged is None else 1 + dlen)  # [n, W, H]
-        if ragged is None:  # every row verifies W - 1 drafts
-            fed, slot = h.reshape(n * W, -1), torch.arange(n * W, device=dev).view(n, W)
-        else:
-            fed, slot = ragged.pack(h), ragged.slot  # [T, H], [n, W]
+        fed = h.reshape(n * W, -1) if ragged is None else ragged.pack(h)  # [T, H]
         tlp = sampling_logprobs(e.model.logits(fed), sp.temperature, sp.top_k, sp.top_p)  # [T, V]
         tp = tlp.exp()
-        toks, num = rejection_sample(tp[slot], draft_probs, draft_tok, dlen,
-                                     uniforms=(u[:, self.K: self.K + W - 1], u[:, 2 * self.K]))  # [n, W], [n]
+        # [n, W, V] for the sampler: a view where every row verifies W - 1 drafts, else a gather
+        # (padding repeats the row's last real token; the sampler never reads it)
+        slot = torch.arange(n * W, device=dev).view(n, W) if ragged is None else ragged.slot  # [n, W] -> T
+        toks, num = rejection_sample(tp.view(n, W, -1) if ragged is None else tp[slot], draft_probs, draft_tok,
+                                     dlen, uniforms=(u[:, self.K: self.K + W - 1], u[:, 2 * self.K]))  # [n, W], [n]
         lps = tlp[slot, toks.clamp(min=0)]  # [n, W]
         ents = _entropy(tp, tlp)[slot]  # [n, W]
         return h, W, toks, num, lps, ents
