@@ -426,11 +426,16 @@ def test_entropy_mode_does_not_draft_past_a_drafted_stop_token_or_max_new_tokens
     """A draft after a row's drafted stop token, or beyond the tokens max_new_tokens leaves it,
     can never be emitted: entropy mode stops the chain there (any depth is exact, so this is
     only time). Heads biased to draft the stop token first make that visible. The policy's
-    timing-based choices are pinned (always draft, never stop for cost), so only this rule acts."""
+    timing-based choices are pinned (always draft, every draft predicted accepted, verifying
+    free), so only this rule acts."""
+    from rollout import engine as engine_mod
+    from spec_heads.budget import choose_depths
     from spec_heads.depth import DepthPolicy
+    from spec_heads.estimators import AcceptanceTable
 
     monkeypatch.setattr(DepthPolicy, "plan_step", lambda self, rows: (self.max_k, self.max_k, False))
-    monkeypatch.setattr(DepthPolicy, "keep_drafting", lambda self, *a: True)
+    monkeypatch.setattr(AcceptanceTable, "predict_bins", lambda self, bins: torch.ones(bins.shape, device=bins.device))
+    monkeypatch.setattr(engine_mod, "choose_depths", lambda values, cost: choose_depths(values, torch.ones_like(cost)))
     _, model = pair
     heads = _heads(model, "sequential", noise=0.05)
     eos = 7
@@ -606,9 +611,10 @@ def test_depth_policy_is_told_what_each_step_really_emitted(pair, monkeypatch):
     seen = []
     real = DepthPolicy.record_step
 
-    def spy(self, rows, tokens_per_row, seconds, planned=None, emitted=None, proposed=None, blind=False):
+    def spy(self, rows, tokens_per_row, seconds, planned=None, emitted=None, proposed=None, blind=False,
+            expected=None):
         seen.append((rows, tokens_per_row, emitted, proposed))
-        return real(self, rows, tokens_per_row, seconds, planned, emitted, proposed, blind)
+        return real(self, rows, tokens_per_row, seconds, planned, emitted, proposed, blind, expected)
 
     monkeypatch.setattr(DepthPolicy, "record_step", spy)
     prompts, sp = _prompts(7, seed=3), SamplingParams(temperature=1.0, max_new_tokens=30)
