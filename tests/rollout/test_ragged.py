@@ -10,7 +10,8 @@ from rollout import engine as engine_mod
 from rollout.engine import Engine
 from rollout.model import ModelConfig, Transformer
 from rollout.types import SamplingParams, SpecParams
-from spec_heads.depth import AcceptanceTable, DepthPolicy
+from spec_heads.depth import DepthPolicy
+from spec_heads.estimators import AcceptanceTable
 from spec_heads.heads import DraftHeads, HeadConfig
 
 
