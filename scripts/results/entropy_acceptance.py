@@ -8,6 +8,13 @@ right after a re-fit are marked; a least-squares line is fitted to each run's st
 
     python scripts/results/entropy_acceptance.py runs/refit-never [runs/other ...]
         # writes docs/results/entropy_acceptance.png and prints slope, intercept and r per run
+
+`--tokens N` instead measures it token by token, without training: the policy samples N task
+completions, and at every completion position the depth-1 draft's acceptance sum_v min(p, q) is
+set against the entropy of the policy's distribution p there (`--heads`: the heads to draft
+with; default the default config's). Writes docs/results/entropy_acceptance_tokens.png.
+
+    python scripts/results/entropy_acceptance.py --tokens 128 --heads HEADS
 """
 from __future__ import annotations
 
@@ -60,11 +67,72 @@ def points(records: list[dict]) -> dict:
             "depth1": [r["accept_rate_per_pos"][0] for r in steps], "K": K}
 
 
+def token_points(heads_dir: str, n: int, seed: int = 3) -> tuple[list[float], list[float]]:
+    """(policy entropy, depth-1 acceptance) at every completion position of n fresh samples."""
+    import torch
+
+    from _common import load_default, sampling, task_prompts
+    from learner.refit import _Data, _frozen_fns, _target_probs, collect_sequences
+    from rollout.engine import Engine
+    from spec_heads.sampling import sampling_probs
+
+    cfg, model, heads, tok = load_default(heads_dir)
+    sp = sampling(cfg, tok)
+    seqs, plens = collect_sequences(Engine(model, None, max_batch=64), task_prompts(cfg, tok, n, seed), sp, n,
+                                    seed=seed)
+    data = _Data(model, seqs, plens, 16)
+    embed, lm_head = _frozen_fns(model)
+    ents, accs = [], []
+    with torch.no_grad():
+        for i in range(0, len(data), 16):
+            hidden, tokens, mask = data.batch(torch.arange(i, min(i + 16, len(data))), 1)
+            T = hidden.shape[1]
+            target = _target_probs(hidden, lm_head, 1, 0, T, sp.temperature)[:, 0]  # [B, T, V]
+            draft = sampling_probs(lm_head(heads.train_features(hidden, tokens, embed, depths=1)[:, 0]),
+                                   sp.temperature)  # [B, T, V]
+            alpha = torch.minimum(target, draft).sum(-1)
+            ent = -(target * target.clamp_min(1e-30).log()).sum(-1)
+            keep = mask[:, 0]
+            ents += ent[keep].tolist()
+            accs += alpha[keep].tolist()
+    return ents, accs
+
+
+def tokens_main(args) -> None:
+    ents, accs = token_points(args.heads, args.tokens)
+    slope, icpt, r = fit_line(ents, accs)
+    edges = [0.0, 0.05, 0.1, 0.2, 0.4, 0.7, 1.0, 1.5, 3.0]
+    print(f"{len(ents)} positions; linear fit: acceptance = {icpt:.3f} {slope:+.3f} x entropy (nats), r = {r:.2f}")
+    print("| policy entropy (nats) | positions | mean depth-1 acceptance |\n|---|---|---|")
+    centers, means = [], []
+    for lo, hi in zip(edges, edges[1:]):
+        sel = [a for e, a in zip(ents, accs) if lo <= e < hi]
+        if sel:
+            print(f"| {lo:.2f}-{hi:.2f} | {len(sel)} | {sum(sel) / len(sel):.3f} |")
+            centers.append(sum(e for e in ents if lo <= e < hi) / len(sel))
+            means.append(sum(sel) / len(sel))
+    fig = new_figure(6.0, 3.8)
+    ax = fig.subplots()
+    ax.scatter(ents, accs, s=3, alpha=0.25, color="C0", label="one completion position")
+    ax.plot(centers, means, marker="o", color="C1", label="mean per entropy bin")
+    lo, hi = min(ents), max(ents)
+    ax.plot([lo, hi], [icpt + slope * lo, icpt + slope * hi], color="C2", ls="--",
+            label=f"linear fit: slope {slope:.2f}, r {r:.2f}")
+    ax.set_xlabel("policy entropy at the drafted position (nats)")
+    ax.set_ylabel("depth-1 acceptance sum min(p, q)")
+    ax.legend(fontsize=8)
+    save_figure(fig, "entropy_acceptance_tokens.png", Path(args.out).parent)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("runs", nargs="+")
+    ap.add_argument("runs", nargs="*")
+    ap.add_argument("--tokens", type=int, default=0, help="measure per token on this many fresh samples instead")
+    ap.add_argument("--heads", default="", help="with --tokens: the heads folder (default: the default config's)")
     ap.add_argument("--out", default=str(OUT_DIR / "entropy_acceptance.png"))
     args = ap.parse_args()
+    if args.tokens:
+        return tokens_main(args)
     fig = new_figure(9.0, 3.6)
     ax1, ax2 = fig.subplots(1, 2)
     print("| run | steps | entropy range (nats) | alpha range | slope d alpha / d entropy | r "
