@@ -40,8 +40,9 @@ def tiny_model(kind: str, tok):
     config = transformers.LlamaConfig(**common) if kind == "llama" else transformers.Qwen2Config(**common)
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():  # sharper than HF's init, so log-probs differ visibly between tokens
-        model.get_input_embeddings().weight.normal_(0, 0.5)
+    with torch.no_grad():  # sharper than HF's init, so log-probs differ visibly between tokens (a tied
+        # head at 0.5 would make every next token a near-certain repeat of the last one)
+        model.get_input_embeddings().weight.normal_(0, 0.05 if config.tie_word_embeddings else 0.5)
     model.generation_config.eos_token_id = tok.eos_token_id
     return model
 
@@ -66,12 +67,12 @@ def _train(kind: str, tmp_path) -> tuple:
     run.initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
     prompts = ["12+34=", "7-5=", "100+1=", "9+99="]
     args = trl.GRPOConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, num_generations=4,
-                          max_completion_length=10, max_steps=STEPS, learning_rate=3e-2, logging_steps=1,
+                          max_completion_length=8, max_steps=STEPS, learning_rate=3e-2, logging_steps=1,
                           report_to="tensorboard", bf16=False, use_cpu=True,
                           save_strategy="no", seed=0, temperature=1.0, dataloader_num_workers=0)
     bridge = SpecrollRollout(HeadConfig(kind="sequential", num_depths=2), TRLRolloutConfig(
         spec=SpecParams(mode="fixed", k=2), rollout=RolloutConfig(max_batch=8),
-        refit=RefitConfig(schedule="every", every=1, steps=20, lr=3e-3, loss="kl", micro_batch_size=4)))
+        refit=RefitConfig(schedule="every", every=1, steps=8, lr=3e-3, loss="kl", micro_batch_size=4)))
     trainer = trl.GRPOTrainer(model=model, reward_funcs=ones, args=args, processing_class=tok,
                               train_dataset=Dataset.from_dict({"prompt": prompts * 4}), rollout_func=bridge)
     generate = trainer._generate_and_score_completions
