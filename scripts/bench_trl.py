@@ -21,8 +21,10 @@ and a reward-curve plot.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
+import signal
 import statistics
 import threading
 import time
@@ -107,7 +109,8 @@ def build_arm(name: str, a, folder: str, data: Dataset, reward) -> tuple:
     args = trl.GRPOConfig(output_dir=f"{a.tmp}/{name}", per_device_train_batch_size=a.prompts * a.generations,
                           num_generations=a.generations, max_completion_length=a.max_completion,
                           max_steps=a.warmup + a.steps, learning_rate=a.lr, logging_steps=1, report_to="none",
-                          bf16=False, use_cpu=True, save_strategy="no", seed=a.seed, temperature=1.0)
+                          bf16=False, use_cpu=True, save_strategy="no", seed=a.seed, temperature=1.0,
+                          gradient_checkpointing=False)  # TRL turns it on; a 135M model needs no memory saving
     rollout = None
     if name != "trl":
         spec = SpecParams(mode="entropy" if name == "specroll-spec" else "off")
@@ -174,7 +177,8 @@ def plot(records: dict, path: Path) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m", help="a named model or an HF folder")
-    p.add_argument("--heads", required=True, help="heads folder for SmolLM2 (specroll fit-heads)")
+    p.add_argument("--heads", default=None, help="heads folder for the policy (specroll fit-heads); "
+                   "needed by the specroll-spec arm")
     p.add_argument("--data", default="data/arith_gsm8k.jsonl")
     p.add_argument("--arms", default=",".join(ARMS))
     p.add_argument("--steps", type=int, default=5, help="measured steps per arm")
@@ -188,7 +192,13 @@ def main(argv=None) -> int:
     p.add_argument("--tmp", default="/tmp/bench_trl")
     p.add_argument("--out", default=None, help="folder for bench_trl.json and reward.png")
     a = p.parse_args(argv)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID` prints every thread's stack
     arms = a.arms.split(",")
+    unknown = sorted(set(arms) - set(ARMS))
+    if unknown:
+        p.error(f"--arms: unknown {unknown}; choose from {', '.join(ARMS)}")
+    if "specroll-spec" in arms and not a.heads:
+        p.error("--heads: the specroll-spec arm drafts with fitted heads; pass their folder (specroll fit-heads)")
     folder = resolve_model(a.model)
     data, reward = dataset(a)
     turns = Turns(len(arms))

@@ -69,7 +69,7 @@ def _train(kind: str, tmp_path) -> tuple:
     args = trl.GRPOConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, num_generations=4,
                           max_completion_length=8, max_steps=STEPS, learning_rate=3e-2, logging_steps=1,
                           report_to="tensorboard", bf16=False, use_cpu=True,
-                          save_strategy="no", seed=0, temperature=1.0, dataloader_num_workers=0)
+                          save_strategy="no", seed=0, temperature=1.0, gradient_checkpointing=False)
     bridge = SpecrollRollout(HeadConfig(kind="sequential", num_depths=2), TRLRolloutConfig(
         spec=SpecParams(mode="fixed", k=2), rollout=RolloutConfig(max_batch=8),
         refit=RefitConfig(schedule="every", every=1, steps=8, lr=3e-3, loss="kl", micro_batch_size=4)))
