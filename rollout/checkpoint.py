@@ -149,7 +149,10 @@ def from_hf_model(hf_model, device="cpu", dtype: torch.dtype = torch.float32) ->
     raw = hf_model.config.to_dict()  # the whole config: a diff would drop fields left at HF's defaults
     raw.pop("quantization_config", None)  # GGUF loads are dequantised by now
     config = _config_from_hf(raw, where=where)
-    return _build(config, hf_model.state_dict().items(), device, dtype, where=where)
+    # cloned: `.to` hands back the same tensor when nothing changes, and the copy must not move
+    # when the caller trains `hf_model`
+    tensors = ((k, v.detach().to(device=device, dtype=dtype, copy=True)) for k, v in hf_model.state_dict().items())
+    return _build(config, tensors, device, dtype, where=where)
 
 
 def _map_hf_tensors(config: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]], device, dtype,
