@@ -71,8 +71,8 @@ class Turns:
 class StepClock(TrainerCallback):
     """Wall time of each step (turn taken at on_step_begin, released once the step's logs are out)."""
 
-    def __init__(self, arm: int, turns: Turns, records: list):
-        self.arm, self.turns, self.records, self.t0 = arm, turns, records, None
+    def __init__(self, arm: int, name: str, turns: Turns, records: list):
+        self.arm, self.name, self.turns, self.records, self.t0 = arm, name, turns, records, None
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.turns.wait(self.arm)
@@ -83,6 +83,7 @@ class StepClock(TrainerCallback):
             return
         self.records.append({"step": state.global_step, "step_s": time.perf_counter() - self.t0,
                              "reward": logs.get("reward"), **{k: v for k, v in logs.items() if "specroll/" in k}})
+        print(f"step record: {self.name} {json.dumps(self.records[-1])}", flush=True)  # survives a cut-short run
         self.t0 = None
         self.turns.release(self.arm)
 
@@ -208,7 +209,7 @@ def main(argv=None) -> int:
     for i, n in enumerate(arms):
         trainer, _ = build_arm(n, a, folder, data, reward)
         timed_generate(trainer, gen_times[n])
-        trainer.add_callback(StepClock(i, turns, records[n]))
+        trainer.add_callback(StepClock(i, n, turns, records[n]))
         trainers.append(trainer)
     errors = []
 
