@@ -91,6 +91,14 @@ class StepClock(TrainerCallback):
         self.turns.release(self.arm, finished=True)
 
 
+def wait_for_heads(folder: str, seconds: float) -> None:
+    """Let a heads fit still running finish (the arms before this one take their first turns meanwhile)."""
+    deadline = time.monotonic() + seconds
+    files = [Path(folder).expanduser() / name for name in ("heads_config.json", "heads.safetensors")]
+    while not all(f.is_file() for f in files) and time.monotonic() < deadline:
+        time.sleep(5)
+
+
 def timed_generate(trainer, times: list) -> None:
     """Record the wall time of every `_generate` call (TRL's path and the bridge's alike)."""
     inner = trainer._generate
@@ -180,6 +188,8 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="smollm2-135m", help="a named model or an HF folder")
     p.add_argument("--heads", default=None, help="heads folder for the policy (specroll fit-heads); "
                    "needed by the specroll-spec arm")
+    p.add_argument("--wait-heads", type=float, default=0.0,
+                   help="seconds the spec arm waits for --heads to appear (a fit still running)")
     p.add_argument("--data", default="data/arith_gsm8k.jsonl")
     p.add_argument("--arms", default=",".join(ARMS))
     p.add_argument("--steps", type=int, default=5, help="measured steps per arm")
@@ -195,6 +205,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID` prints every thread's stack
     arms = a.arms.split(",")
+    a.heads = os.path.expanduser(a.heads) if a.heads else None
     unknown = sorted(set(arms) - set(ARMS))
     if unknown:
         p.error(f"--arms: unknown {unknown}; choose from {', '.join(ARMS)}")
@@ -215,6 +226,8 @@ def main(argv=None) -> int:
 
     def run(i: int) -> None:
         try:
+            if arms[i] == "specroll-spec":
+                wait_for_heads(a.heads, a.wait_heads)
             trainers[i].train()
         except BaseException as e:  # an arm that fails must not leave the others waiting for its turn
             errors.append((arms[i], e))
