@@ -4,7 +4,8 @@ Three arms, one GRPO config (SmolLM2-135M-Instruct on the GSM8K-style file, fp32
 
   trl            GRPOTrainer generating with transformers' `generate` (TRL's default path)
   specroll-off   rollout_func=SpecrollRollout(...) with speculation off
-  specroll-spec  rollout_func=SpecrollRollout(heads) with entropy-aware speculation and re-fits
+  specroll-spec  rollout_func=SpecrollRollout(heads) with speculation (entropy-aware or fixed
+                 depth) and on-drop re-fits
 
 The arms run in one process, one thread each, taking turns step by step (arm 1's step r, arm 2's
 step r, ...), so a shared machine's slow moments spread over all arms; each arm has its own
@@ -122,7 +123,7 @@ def build_arm(name: str, a, folder: str, data: Dataset, reward) -> tuple:
                           gradient_checkpointing=False)  # TRL turns it on; a 135M model needs no memory saving
     rollout = None
     if name != "trl":
-        spec = SpecParams(mode="entropy" if name == "specroll-spec" else "off")
+        spec = SpecParams(mode=a.spec_mode, k=a.k) if name == "specroll-spec" else SpecParams(mode="off")
         cfg = TRLRolloutConfig(spec=spec, rollout=RolloutConfig(max_batch=a.prompts * a.generations),
                                refit=RefitConfig(schedule="on_drop", steps=a.refit_steps, micro_batch_size=8),
                                seed=a.seed)
@@ -199,6 +200,9 @@ def main(argv=None) -> int:
     p.add_argument("--max-completion", type=int, default=96)
     p.add_argument("--lr", type=float, default=1e-6)
     p.add_argument("--refit-steps", type=int, default=20)
+    p.add_argument("--spec-mode", default="entropy", choices=["entropy", "fixed"],
+                   help="the spec arm's drafting (fixed skips entropy mode's one-time cost probe)")
+    p.add_argument("--k", type=int, default=2, help="draft depth for --spec-mode fixed")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tmp", default="/tmp/bench_trl")
     p.add_argument("--out", default=None, help="folder for bench_trl.json and reward.png")
