@@ -124,7 +124,8 @@ def build_arm(name: str, a, folder: str, data: Dataset, reward) -> tuple:
     rollout = None
     if name != "trl":
         spec = SpecParams(mode=a.spec_mode, k=a.k) if name == "specroll-spec" else SpecParams(mode="off")
-        cfg = TRLRolloutConfig(spec=spec, rollout=RolloutConfig(max_batch=a.prompts * a.generations),
+        cfg = TRLRolloutConfig(spec=spec, rollout=RolloutConfig(max_batch=a.prompts * a.generations,
+                                                                threads=a.threads),
                                refit=RefitConfig(schedule="on_drop", steps=a.refit_steps, micro_batch_size=8),
                                seed=a.seed)
         rollout = SpecrollRollout(a.heads if name == "specroll-spec" else None, cfg)
@@ -204,6 +205,9 @@ def main(argv=None) -> int:
                    help="the spec arm's drafting (fixed skips entropy mode's one-time cost probe)")
     p.add_argument("--k", type=int, default=2, help="draft depth for --spec-mode fixed")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads for every arm (0: the machine's cores); 1 on a crowded machine, where "
+                        "threads waiting on each other waste their share")
     p.add_argument("--tmp", default="/tmp/bench_trl")
     p.add_argument("--out", default=None, help="folder for bench_trl.json and reward.png")
     a = p.parse_args(argv)
@@ -215,6 +219,8 @@ def main(argv=None) -> int:
         p.error(f"--arms: unknown {unknown}; choose from {', '.join(ARMS)}")
     if "specroll-spec" in arms and not a.heads:
         p.error("--heads: the specroll-spec arm drafts with fitted heads; pass their folder (specroll fit-heads)")
+    if a.threads:
+        torch.set_num_threads(a.threads)
     folder = resolve_model(a.model)
     data, reward = dataset(a)
     turns = Turns(len(arms))
