@@ -306,11 +306,10 @@ def time_interleaved(runners: dict, repeats, device, seed: int = 0) -> dict:
 
     Each runner is called with a sampling seed: `seed` for the warm-up, seed + 1 + r in round r,
     the same for every configuration of a round. With one seed for every round, each
-    configuration drew the same sample every time, and its luck was a fixed bias of every
-    per-round ratio: two exploring steps change the random stream of every row they touch, and
-    SmolLM2's entropy run at 32 rows on the CPU emitted 3% fewer tokens than off in as many
-    decode steps, in every round (0.92x in a tight 0.91-0.96 range where the engine's own cost
-    was ~1.5%). Fresh seeds turn that luck into noise that the median over rounds averages."""
+    configuration would draw the same sample every time, and its luck (exploring steps change
+    the random stream of every row they touch, so a mode can emit fewer tokens in as many steps)
+    would be a fixed bias of every per-round ratio. Fresh seeds turn that luck into noise that
+    the median over rounds averages."""
     timed = {key: Timed([], []) for key in runners}
     t0 = time.perf_counter()
     for run in runners.values():
@@ -320,8 +319,7 @@ def time_interleaved(runners: dict, repeats, device, seed: int = 0) -> dict:
     for r in range(repeats):
         # every other round runs the configurations in reverse order: a machine that speeds up
         # or slows down over minutes would otherwise always favour the configurations late in
-        # a round (seen on the 2-core VM: the off engine at 77, 103, 126 tok/s in three runs
-        # a minute apart); in a reversed pair of rounds a steady drift cancels
+        # a round; in a reversed pair of rounds a steady drift cancels
         items = list(runners.items())
         for key, run in (items if r % 2 == 0 else items[::-1]):
             _reset_peak(device)

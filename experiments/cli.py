@@ -46,11 +46,12 @@ COMMANDS: dict[str, Command] = {
     "pretrain": Command(
         "experiments.pretrain", "run", "supervised warm-up of the tiny policy on the task",
         "Pre-train (supervised fine-tune) the policy on worked task answers so RL starts from a model "
-        "that gets some rewards; the tiny policy learns the arithmetic task on a CPU in minutes. "
-        "It is saved in Hugging Face format under $SPECROLL_CACHE/models/tiny-arith-<hash> (default "
+        "that gets some rewards; the tiny policy learns a built-in task (arith, longtail) on a CPU in minutes. "
+        "It is saved in Hugging Face format under $SPECROLL_CACHE/models/tiny-<task>-<hash> (default "
         "~/.cache/specroll), where `specroll train` (model.name=tiny) finds it; train builds it when missing.",
         "specroll pretrain\n"
-        "specroll pretrain pretrain.steps=200 pretrain.target_accuracy=0.7"),
+        "specroll pretrain pretrain.steps=200 pretrain.target_accuracy=0.7\n"
+        "specroll pretrain --config longtail"),
     "fit-heads": Command(
         "experiments.fit_heads", "run", "fit draft heads to a frozen policy",
         "Fit the draft (MTP) heads to a frozen policy's own sampling distributions on its rollouts, "
@@ -129,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(rest)} (overrides look like key.sub=value)")
     from experiments.config import ConfigError
     from experiments.data import DataError
+    from rollout.types import LengthError
 
     try:
         if args.command == "config":
@@ -137,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
             from experiments.config import load_config
 
             cfg = load_config(args.config, args.overrides)  # fail on a bad config before importing torch
+            check_data(cfg)  # and on bad data before a model is loaded or converted
             entry = _entry(args.command)
             # train re-applies the command line's overrides on top of a resumed run's saved config
             result = entry(cfg, args.overrides) if args.command == "train" else entry(cfg)
@@ -144,8 +147,9 @@ def main(argv: list[str] | None = None) -> int:
             return _passthrough_help(parser, args.command)
         else:
             result = _entry(args.command)(rest)
-    except (ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ConfigError, DataError, LengthError) as e:
+        # from a Ray worker the error arrives wrapped (it is still a LengthError): show its cause
+        print(f"error: {getattr(e, 'cause', None) or e}", file=sys.stderr)
         return EXIT_USAGE
     except _Missing as e:
         print(f"error: {e}", file=sys.stderr)
@@ -162,8 +166,18 @@ def show_config(args: argparse.Namespace) -> int:
     if args.list_presets:
         print("\n".join(list_presets()))
         return 0
-    print(format_config(load_config(args.config, args.overrides)), end="")
+    cfg = load_config(args.config, args.overrides)
+    check_data(cfg)
+    print(format_config(cfg), end="")
     return 0
+
+
+def check_data(cfg) -> None:
+    """Read and check the task's data file (DataError on a missing, empty or malformed file)."""
+    if cfg.task.name == "gsm8k":
+        from experiments.tasks import load_task_records
+
+        load_task_records(cfg.task)
 
 
 class _Missing(Exception):

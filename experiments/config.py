@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import re
 import tempfile
@@ -94,9 +95,9 @@ class Config:
         # Checks across sections; messages carry their own dotted paths.
         if not self.name or "/" in self.name:
             raise ValueError(f"name: must be a non-empty run name without '/', got {self.name!r}")
-        if self.model.name == "tiny" and self.task.name != "arith":
-            raise ValueError(f"task.name: the tiny policy is pretrained on task arith, got {self.task.name!r}; "
-                             f"set task.name=arith, or model.name to a real model (e.g. smollm2-135m)")
+        if self.model.name == "tiny" and self.task.name not in ("arith", "longtail"):
+            raise ValueError(f"task.name: the tiny policy is pretrained on task arith or longtail, got "
+                             f"{self.task.name!r}; set task.name=arith, or model.name to a real model (e.g. smollm2-135m)")
         if self.spec.mode == "fixed" and self.spec.k > self.heads.num_depths:
             raise ValueError(
                 f"spec.k: {self.spec.k} drafts per step need {self.spec.k} head depths but heads.num_depths="
@@ -110,6 +111,9 @@ class Config:
                 f"rollout.max_seq_len: {self.rollout.max_seq_len} cannot hold sampling.max_new_tokens="
                 f"{self.sampling.max_new_tokens} plus {depth} drafts plus the prompt; raise it or set 0 "
                 f"(sized from the prompts)")
+        if self.refit.schedule == "idle" and (not self.ray.enabled or self.rollout.num_workers < 2):
+            raise ValueError("refit.schedule: idle re-fits run on a rollout worker that ran out of work while "
+                             "others finish; set ray.enabled=true and rollout.num_workers>=2, or use on_drop")
         if self.rollout.num_workers > 1 and not self.ray.enabled:
             raise ValueError(f"rollout.num_workers: {self.rollout.num_workers} workers need Ray; "
                              f"set ray.enabled=true or rollout.num_workers=1")
@@ -169,7 +173,12 @@ def load_config(preset: str | None = "default", overrides: list[str] | None = No
             layer = OmegaConf.create()
             OmegaConf.update(layer, key, value.strip("'\""), force_add=True)
         else:
-            layer = OmegaConf.from_dotlist([item])
+            try:
+                layer = OmegaConf.from_dotlist([item])
+            except Exception as e:  # the YAML parser's own errors, e.g. an unclosed list
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise ConfigError(f"{key}: cannot read {value!r} as a value ({first}); write a list as "
+                                  f"[1, 2] and a string with quotes if it holds [ ] , or :") from None
         merged = _merge(merged, layer, where="")
     try:
         tree = OmegaConf.to_container(merged, resolve=True)
@@ -231,6 +240,8 @@ def _build(cls, node: dict, path: str):
         value = node[f.name]
         if dataclasses.is_dataclass(hints[f.name]) and isinstance(value, dict):
             value = _build(hints[f.name], value, _join(path, f.name))
+        else:
+            _check_finite(_join(path, f.name), hints[f.name], value, f)
         kwargs[f.name] = value
     try:
         return cls(**kwargs)
@@ -238,6 +249,18 @@ def _build(cls, node: dict, path: str):
         if isinstance(e, ConfigError):
             raise
         raise ConfigError(f"{path}.{e}" if path else str(e)) from None
+
+
+def _check_finite(key: str, hint, value, f: dataclasses.Field) -> None:
+    """Every float setting (and each float of a list) must be finite: nan and inf pass most range
+    checks (`nan < 0` is False) and surface later as tracebacks deep in the engine or the optimiser."""
+    if float not in (hint, *typing.get_args(hint)):
+        return
+    for v in value if isinstance(value, (list, tuple)) else [value]:
+        if isinstance(v, float) and not math.isfinite(v):
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            raise ConfigError(f"{key}: must be a finite number, got {v}; set a finite value "
+                              f"(default: {'unset' if default is None else default})")
 
 
 def _join(path: str, key: str) -> str:

@@ -56,6 +56,24 @@ def plot_runs(run_dirs: list[str], out_dir: str | None = None) -> list[str]:
     return written
 
 
+def plot_sweep(run_dirs: list[str], path: str) -> str:
+    """One figure for a sweep: every trial's reward (left) and mean accepted length (right) by step."""
+    runs = load_runs(run_dirs)
+    fig = Figure(figsize=(12, 4.5), layout="constrained")
+    left, right = fig.subplots(1, 2)
+    for ax, key, title in ((left, "reward_mean", "Reward (mean per response)"),
+                           (right, "mean_accepted_len", "Acceptance (tokens per row per verify step)")):
+        for i, run in enumerate(runs):
+            steps, values = run.series(key)
+            ax.plot(steps, values, color=_color(i), label=run.name, **_markers(steps))
+        ax.set_title(title)
+        ax.set_xlabel("RL step")
+        ax.grid(alpha=0.3)
+        _integer_steps(ax)
+    right.legend(fontsize="small")
+    return _save(fig, path)
+
+
 def _line_figure(runs: list[Run], key: str, title: str, ylabel: str, logy: bool = False) -> Figure | None:
     """One line per run of a scalar metric; None when no run logged it."""
     runs = [r for r in runs if r.series(key)[0]]

@@ -1,11 +1,11 @@
-"""`specroll pretrain`: the tiny default policy, a character-level transformer taught the
-arithmetic task's worked format by supervised fine-tuning, on a CPU, in minutes.
+"""`specroll pretrain`: the tiny default policy, a character-level transformer taught a built-in
+task's worked format (arith or longtail) by supervised fine-tuning, on a CPU, in minutes.
 
 It is meant to be *partly* right: training stops once teacher-forced exact match on a probe
 set of training problems reaches `target_accuracy` (or after `steps`), so greedy accuracy
 on the held-out eval prompts lands in the middle and RL has room to raise it.
 The result is an ordinary Hugging Face folder (rollout.checkpoint.save_checkpoint) cached
-under $SPECROLL_CACHE/models/tiny-arith-<hash of the configs>, so it is built once per config.
+under $SPECROLL_CACHE/models/tiny-<task>-<hash of the configs>, so it is built once per config.
 """
 from __future__ import annotations
 
@@ -44,6 +44,9 @@ class PretrainConfig:
     kv_heads: int = 2
     intermediate: int = 352
     max_len: int = 64  # longest training sequence (prompt + worked answer + EOS)
+    # examples per forward/backward, grouped by length so a few long answers pad only each other
+    # (long-tailed tasks); 0: the whole batch in one pass
+    micro_batch_size: int = 0
     target_accuracy: float = 0.5  # stop once probe exact match reaches this (1.0: run all steps)
     eval_every: int = 20  # steps between probe checks (0: never stop early)
     probe_size: int = 256  # training-distribution problems for the stopping check
@@ -57,7 +60,7 @@ class PretrainConfig:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ValueError(f"lr: must be > 0, got {self.lr}")
-        for name in ("warmup", "eval_every", "weight_decay", "threads"):
+        for name in ("warmup", "eval_every", "weight_decay", "threads", "micro_batch_size"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
         if self.hidden_size % self.heads:
@@ -72,21 +75,30 @@ class PretrainConfig:
 # Where the policy lives
 
 
+# The built-in tasks a tiny policy is pretrained on, and each one's character alphabet.
+TINY_TASKS = {"arith": ARITH_ALPHABET, "longtail": "0123456789+-*=:,>"}
+# What of the task config shapes the tiny policy (its cache key).
+_TASK_KEYS = {"arith": ("name", "digits", "ops"), "longtail": ("name", "ops", "chain_max", "chain_skew")}
+
+
 def _check_task(task_cfg: TaskConfig) -> None:
-    if task_cfg.name != "arith":
-        raise ValueError(f"task.name: the tiny policy is pretrained on task arith, got {task_cfg.name!r}; "
-                         f"set task.name=arith, or model.name to a real model for {task_cfg.name}")
+    if task_cfg.name not in TINY_TASKS:
+        raise ValueError(f"task.name: the tiny policy is pretrained on task arith or longtail, got "
+                         f"{task_cfg.name!r}; set task.name=arith, or model.name to a real model for {task_cfg.name}")
 
 
 def tiny_policy_dir(pcfg: PretrainConfig, task_cfg: TaskConfig, seed: int = 0,
                     cache_dir: str | None = None) -> str:
-    """$SPECROLL_CACHE (or ~/.cache/specroll)/models/tiny-arith-<hash of what shapes the model>."""
+    """$SPECROLL_CACHE (or ~/.cache/specroll)/models/tiny-<task>-<hash of what shapes the model>."""
+    _check_task(task_cfg)
     shape = {k: v for k, v in dataclasses.asdict(pcfg).items() if k != "threads"}  # speed only
+    if not shape["micro_batch_size"]:  # (policies built before the field existed keep their folder)
+        del shape["micro_batch_size"]
     key = {"pretrain": shape, "seed": seed, "version": _FORMAT_VERSION,
-           "task": {k: getattr(task_cfg, k) for k in ("name", "digits", "ops")}}
+           "task": {k: getattr(task_cfg, k) for k in _TASK_KEYS[task_cfg.name]}}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     root = Path(cache_dir or os.environ.get("SPECROLL_CACHE") or Path.home() / ".cache" / "specroll")
-    return str(root / "models" / f"tiny-arith-{digest}")
+    return str(root / "models" / f"tiny-{task_cfg.name}-{digest}")
 
 
 def _is_built(folder: str) -> bool:
@@ -142,7 +154,7 @@ def sft_batch(examples: list[Example], tok: TextTokenizer, max_len: int) -> tupl
         ids = prompt + completion
         if len(ids) > max_len:
             raise ValueError(f"max_len: {max_len} is shorter than a training sequence ({len(ids)} tokens: "
-                             f"{ex.prompt}{ex.target}); raise pretrain.max_len or lower task.digits")
+                             f"{ex.prompt}{ex.target}); raise pretrain.max_len or lower task.digits (the longtail task: --config longtail)")
         rows.append(ids)
         masks.append([0] * (len(prompt) - 1) + [1] * len(completion))  # predicts ids[1:]
     T = max(map(len, rows))
@@ -173,6 +185,35 @@ def teacher_forced_match(model: Transformer, input_ids: torch.Tensor, loss_mask:
     return ok.all(dim=1).float().mean().item()
 
 
+def sft_chunks(examples: list[Example], tok: TextTokenizer, max_len: int,
+               micro_batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`sft_batch`es of at most `micro_batch_size` examples, grouped by length (0: one batch in
+    the given order)."""
+    if not micro_batch_size or micro_batch_size >= len(examples):
+        return [sft_batch(examples, tok, max_len)]
+    ordered = sorted(examples, key=lambda ex: len(ex.prompt) + len(ex.target))
+    return [sft_batch(ordered[i:i + micro_batch_size], tok, max_len)
+            for i in range(0, len(ordered), micro_batch_size)]
+
+
+def sft_step(model: Transformer, chunks: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Backward of the batch's mean completion-token loss, accumulated over its chunks; returns
+    that loss (detached)."""
+    total = sum(mask[:, :-1].sum() for _, mask in chunks)
+    loss_sum = torch.zeros(())
+    for ids, mask in chunks:
+        part = sft_loss(model, ids, mask) * (mask[:, :-1].sum() / total)
+        part.backward()
+        loss_sum += part.detach()
+    return loss_sum
+
+
+def chunked_match(model: Transformer, chunks: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """`teacher_forced_match` over all chunks' rows."""
+    rows = sum(ids.shape[0] for ids, _ in chunks)
+    return sum(teacher_forced_match(model, ids, mask) * ids.shape[0] for ids, mask in chunks) / rows
+
+
 def _lr_at(step: int, pcfg: PretrainConfig) -> float:
     if step < pcfg.warmup:
         return pcfg.lr * (step + 1) / pcfg.warmup
@@ -182,7 +223,7 @@ def _lr_at(step: int, pcfg: PretrainConfig) -> float:
 
 def build_tiny_policy(pcfg: PretrainConfig, task_cfg: TaskConfig, out_dir: str, seed: int = 0,
                       progress: bool = True) -> dict:
-    """SFT a tiny policy on the arithmetic task's worked targets and save it to `out_dir`
+    """SFT a tiny policy on the task's worked targets and save it to `out_dir`
     (an HF folder plus pretrain_metrics.json). Returns the metrics."""
     model, tok, metrics = train_tiny_policy(pcfg, task_cfg, seed, progress)
     save_tiny_policy(model, tok, out_dir, metrics, pcfg, task_cfg, seed)
@@ -208,7 +249,7 @@ def _train(pcfg: PretrainConfig, task_cfg: TaskConfig, seed: int, progress: bool
 
     t0 = time.perf_counter()
     task = make_task(task_cfg)
-    tok = TextTokenizer(build_char_tokenizer(ARITH_ALPHABET))
+    tok = TextTokenizer(build_char_tokenizer(TINY_TASKS[task_cfg.name]))
     gen = torch.Generator().manual_seed(seed)
     model = Transformer(tiny_model_config(pcfg, tok))
     _init_weights(model, gen)
@@ -217,23 +258,24 @@ def _train(pcfg: PretrainConfig, task_cfg: TaskConfig, seed: int, progress: bool
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": pcfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=pcfg.lr, betas=(0.9, 0.98))
     # Probe problems from the training distribution (a seed no training batch uses).
-    probe = sft_batch(task.train_prompts(pcfg.probe_size, seed=-1 - seed), tok, pcfg.max_len)
+    probe = sft_chunks(task.train_prompts(pcfg.probe_size, seed=-1 - seed), tok, pcfg.max_len,
+                       pcfg.micro_batch_size)
     losses, probe_match, step = [], 0.0, 0
     bar = tqdm(range(pcfg.steps), desc="pretrain tiny policy", disable=not progress, leave=False)
     for step in bar:
-        batch = sft_batch(task.train_prompts(pcfg.batch_size, seed=seed * 1_000_003 + step), tok, pcfg.max_len)
+        chunks = sft_chunks(task.train_prompts(pcfg.batch_size, seed=seed * 1_000_003 + step), tok,
+                            pcfg.max_len, pcfg.micro_batch_size)
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, pcfg)
         model.train()
-        loss = sft_loss(model, *batch)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = sft_step(model, chunks)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         losses.append(loss.item())
         if pcfg.eval_every and (step + 1) % pcfg.eval_every == 0:
             model.eval()
-            probe_match = teacher_forced_match(model, *probe)
+            probe_match = chunked_match(model, probe)
             bar.set_postfix(loss=f"{loss.item():.3f}", probe=f"{probe_match:.2f}")
             if probe_match >= pcfg.target_accuracy:
                 break
@@ -241,7 +283,7 @@ def _train(pcfg: PretrainConfig, task_cfg: TaskConfig, seed: int, progress: bool
     model.eval()
     train_s = time.perf_counter() - t0
     metrics = {"steps_run": step + 1, "initial_loss": losses[0], "final_loss": sum(losses[-10:]) / len(losses[-10:]),
-               "probe_match": teacher_forced_match(model, *probe), "num_params": model.num_params(),
+               "probe_match": chunked_match(model, probe), "num_params": model.num_params(),
                "train_s": train_s}
     metrics.update(greedy_eval(model, tok, task))
     metrics["wall_s"] = time.perf_counter() - t0

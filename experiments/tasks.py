@@ -8,22 +8,26 @@ Two tasks:
   in "#### <number>" (read by experiments.data.load_qa_file).
 
 Rewards never raise, whatever the model wrote (garbage, empty, numbers of a million digits):
-answers are compared as strings or Decimals, never through int().
+answers are compared as strings or exact Fractions (experiments.data.parse_number), never
+through int().
 
 This module knows nothing about models or tokenizers; a chat template reaches it as a plain
 `str -> str` function.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
+import logging
 import random
 import re
+import sys
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Callable
 
-from experiments.data import load_qa_file
+from experiments.data import (NUMBER, NUMBER_RE, DataError, QARecord, describe_skipped, load_qa_file,
+                              parse_number)
 
 # Data files shipped with the project (data/arith_gsm8k.jsonl) sit next to the packages, like
 # configs/ (see experiments.config.PRESET_DIR), so a preset's relative task.path also works
@@ -33,17 +37,23 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 @dataclass
 class TaskConfig:
-    name: str = "arith"  # arith (built-in synthetic) | gsm8k (local GSM8K-style file)
+    name: str = "arith"  # arith | longtail (built-in synthetic) | gsm8k (local GSM8K-style file)
     path: str = ""  # gsm8k: a JSONL or Parquet file with question / answer ("... #### number")
     skip_malformed: bool = False  # gsm8k: skip records without a "#### number" instead of failing
     digits: int = 3  # arith: max digits per operand (each operand draws 1..digits digits)
-    ops: str = "+"  # arith: operators to draw from, any of "+-"
+    ops: str = "+"  # arith, longtail: operators to draw from, any of "+-"
+    chain_max: int = 30  # longtail: most steps in a chain (answers up to ~12 characters a step)
+    chain_skew: float = 1.4  # longtail: P(steps = n) ~ n^-skew; 1.4 puts the median answer near 27 characters
     eval_size: int = 128  # held-out prompts for evaluation
     format_reward: float = 0.1  # reward for a well-formed answer even if wrong
 
     def __post_init__(self):
-        if self.name not in ("arith", "gsm8k"):
-            raise ValueError(f"name: must be arith or gsm8k, got {self.name!r}")
+        if self.name not in ("arith", "longtail", "gsm8k"):
+            raise ValueError(f"name: must be arith, longtail or gsm8k, got {self.name!r}")
+        if self.chain_max < 1:
+            raise ValueError(f"chain_max: must be >= 1, got {self.chain_max}")
+        if self.chain_skew < 0:
+            raise ValueError(f"chain_skew: must be >= 0 (0 draws chain lengths uniformly), got {self.chain_skew}")
         if self.name == "gsm8k" and not self.path:
             raise ValueError("path: task gsm8k needs a JSONL or Parquet file with question/answer fields; "
                              "set task.path=/path/to/gsm8k_train.jsonl")
@@ -207,22 +217,24 @@ class ArithmeticTask(Task):
 # ---------------------------------------------------------------------------------------
 # GSM8K
 # ---------------------------------------------------------------------------------------
-_NUMBER = r"-?\$?\d[\d,]*(?:\.\d+)?"
-_HASH_ANSWER = re.compile(rf"####\s*({_NUMBER})")
-_ANY_NUMBER = re.compile(_NUMBER)
+# One grammar of numbers for the reference answers (experiments.data) and the model's answers.
+_HASH_ANSWER = re.compile(rf"####\s*({NUMBER})")
 GSM8K_INSTRUCTION = 'Solve the problem step by step, then give the final answer on its own line as "#### <number>".'
+log = logging.getLogger(__name__)
 
 
-def parse_number(s: str) -> Decimal | None:
-    """'1,234.50' / '$12' / '-7' -> Decimal; None for anything else (never raises)."""
-    s = s.strip().replace(",", "").replace("$", "").rstrip(".")
-    if not s or len(s) > 64:  # longer is never a GSM8K answer; also bounds Decimal's work
-        return None
-    try:
-        v = Decimal(s)
-    except (InvalidOperation, ValueError):
-        return None
-    return v if v.is_finite() else None
+def load_task_records(cfg: TaskConfig) -> list[QARecord]:
+    """The gsm8k task's records, checked: a missing, empty or malformed file, or one with too few
+    rows for task.eval_size, is a DataError naming the file and the fix. Rows dropped by
+    task.skip_malformed are printed and logged (how many, and the first few lines)."""
+    path = resolve_data_path(cfg.path)
+    stat = path.stat() if path.is_file() else None
+    records = _read_records(path, stat and (stat.st_size, stat.st_mtime_ns), cfg.skip_malformed)
+    if len(records) <= cfg.eval_size:
+        raise DataError(f"task.eval_size: {cfg.eval_size} held-out prompts leave none for training in {path} "
+                        f"({len(records)} usable rows); lower task.eval_size below {len(records)} or use a "
+                        "larger file")
+    return records
 
 
 def resolve_data_path(path: str) -> Path:
@@ -234,6 +246,18 @@ def resolve_data_path(path: str) -> Path:
         return given
     shipped = PROJECT_ROOT / given
     return shipped if shipped.is_file() else given
+
+
+@functools.lru_cache(maxsize=4)
+def _read_records(path: Path, version, skip_malformed: bool) -> tuple[QARecord, ...]:
+    """One read per file version per process: the CLI checks the data before loading the model,
+    and the run reads it again; the skipped rows are reported once."""
+    records, skipped = load_qa_file(path, skip_malformed=skip_malformed)
+    if skipped:
+        message = describe_skipped(path, len(records), skipped)
+        print(f"warning: {message}", file=sys.stderr)
+        log.info(message)  # into the run's log where one is configured; the print is for the user
+    return tuple(records)
 
 
 class Gsm8kTask(Task):
@@ -250,10 +274,7 @@ class Gsm8kTask(Task):
     name = "gsm8k"
 
     def __init__(self, cfg: TaskConfig, chat: Callable[[str], str] | None = None):
-        records, _skipped = load_qa_file(resolve_data_path(cfg.path), skip_malformed=cfg.skip_malformed)
-        if len(records) <= cfg.eval_size:
-            raise ValueError(f"eval_size: {cfg.eval_size} held-out prompts leave none for training in "
-                             f"{cfg.path} ({len(records)} records); lower task.eval_size")
+        records = load_task_records(cfg)
         chat = chat or (lambda s: s)
         examples = [Example(prompt=chat(f"{r.question.strip()}\n{GSM8K_INSTRUCTION}"),
                             answer=str(r.final).strip(), target=str(r.answer)) for r in records]
@@ -281,7 +302,7 @@ class Gsm8kTask(Task):
         if not isinstance(completion, str):
             return {"correct": 0.0, "format": 0.0}
         tagged = _HASH_ANSWER.findall(completion)
-        candidates = tagged or _ANY_NUMBER.findall(completion)
+        candidates = tagged or NUMBER_RE.findall(completion)
         got = parse_number(candidates[-1]) if candidates else None
         ref = parse_number(ex.answer)
         correct = got is not None and ref is not None and got == ref
@@ -292,4 +313,8 @@ def make_task(cfg: TaskConfig, chat: Callable[[str], str] | None = None) -> Task
     """The task named by cfg.name. `chat` formats a gsm8k prompt (e.g. TextTokenizer.apply_chat)."""
     if cfg.name == "arith":
         return ArithmeticTask(cfg)
+    if cfg.name == "longtail":
+        from experiments.longtail import LongTailTask  # it imports this module
+
+        return LongTailTask(cfg)
     return Gsm8kTask(cfg, chat)

@@ -17,7 +17,10 @@ depth policy's measured relative step cost; an estimate, the measured ratio come
 entropy_mean, logprob_diff_max/_mean (learner recompute vs rollout), refit (+ refit_loss,
 refit_accept_before/_after on held-out rollouts, refit_kept: false when the fit lost acceptance
 and the old heads were kept), refit_baseline, policy_version, time_rollout_s / time_train_s /
-time_refit_s / time_publish_s / time_step_s.
+time_refit_s / time_publish_s / time_step_s, and the rollout's own numbers (docs/coordinator.md):
+rollout_wall_s, rollout_worker_tokens_per_s / rollout_worker_idle_frac (per worker),
+rollout_tail_s, rollout_queue_wait_s, rollout_faults, rollout_workers_alive, staleness_max /
+staleness_mean (train.max_staleness: async rollouts; time_rollout_s is then the wait for them).
 
 Reproducibility: resuming reproduces the uninterrupted run exactly with spec.mode=off or fixed;
 with spec.mode=entropy the draft depths follow live timings, so tokens differ run to run (each
@@ -176,25 +179,39 @@ def _train(cfg: Config, run_dir: Path) -> dict | int:
     from learner.loop import RLLoop
     from learner.trainer import NonFiniteError, cpu_state
     from rollout.worker import RolloutClient
+    if cfg.ray.enabled:
+        from rollout.coordinator import Coordinator, ResourceError
 
     t_start = time.perf_counter()
     model_dir, heads_dir, tok, task, sampling, learner = _setup(cfg)
-    start = 0
+    start, ahead = 0, {}
     checkpoint = latest_checkpoint(run_dir) if cfg.resume else None
     if checkpoint is not None:
-        start = int(load_run_checkpoint(checkpoint, learner)["step"])
+        state = load_run_checkpoint(checkpoint, learner)
+        start, ahead = int(state["step"]), state["async_rollouts"]
         print(f"resuming {run_dir} from {checkpoint} (step {start}, policy version {learner.policy_version})")
+    elif cfg.resume:  # killed before its first checkpoint: nothing to load, its logged steps are redone
+        print(f"resuming {run_dir}: it stopped before its first checkpoint, so it restarts from step 0 "
+              "(the steps it logged are discarded)")
     heads = learner.heads
-    client = RolloutClient(learner.policy.config, cpu_state(learner.policy), heads.config if heads else None,
-                           cpu_state(heads), cfg.rollout, version=learner.policy_version,
-                           use_ray=cfg.ray.enabled)
+    weights = (learner.policy.config, cpu_state(learner.policy), heads.config if heads else None, cpu_state(heads),
+               cfg.rollout)
+    if cfg.ray.enabled:
+        try:
+            client = Coordinator(*weights, version=learner.policy_version)
+        except ResourceError as e:
+            raise ConfigError(str(e)) from None
+    else:
+        client = RolloutClient(*weights, version=learner.policy_version)
 
     def prompts(step: int) -> StepPrompts:
         examples = task.train_prompts(cfg.train.prompts_per_step, seed=step_seed(cfg.seed, step))
         return StepPrompts([tok.encode(ex.prompt) for ex in examples], [ex.prompt for ex in examples], examples)
 
     loop = RLLoop(learner, client, prompt_fn=prompts, reward_fn=TaskReward(task, tok), task_name=task.name,
-                  sampling=sampling, spec=cfg.spec, group_size=cfg.algo.group_size, seed=cfg.seed)
+                  sampling=sampling, spec=cfg.spec, group_size=cfg.algo.group_size, seed=cfg.seed,
+                  max_staleness=cfg.train.max_staleness, last_step=cfg.train.steps)
+    loop.preload({t: b for t, b in ahead.items() if t <= cfg.train.steps})
     extra = {"model_dir": model_dir, "heads_dir": heads_dir}
     history: list[dict] = []
     step = start
@@ -213,7 +230,8 @@ def _train(cfg: Config, run_dir: Path) -> dict | int:
                     tqdm.write(line)
                 every = cfg.train.checkpoint_every
                 if (every and step % every == 0) or step == cfg.train.steps:
-                    save_run_checkpoint(run_dir, step, learner, tokenizer_dir=model_dir, extra=extra)
+                    save_run_checkpoint(run_dir, step, learner, tokenizer_dir=model_dir, extra=extra,
+                                        async_rollouts=loop.pending_rollouts())
         except (NonFiniteError, RewardError) as e:
             last = latest_checkpoint(run_dir)
             where = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"

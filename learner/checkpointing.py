@@ -4,8 +4,10 @@ Layout of run_dir/checkpoints/:
   step_<k>/policy/        the policy as a Hugging Face folder (rollout.checkpoint.save_checkpoint)
   step_<k>/heads/         the draft heads (DraftHeads.save, with the policy version)
   step_<k>/value_head.safetensors   PPO only
-  step_<k>/trainer.pt     optimiser state and the torch RNG states
+  step_<k>/trainer.pt     optimiser state and the torch RNG states (read with weights_only=True)
   step_<k>/state.json     step, policy_version, refit baseline, python/numpy RNG states
+  step_<k>/async_rollouts.pt   async runs (train.max_staleness >= 1): the rollouts already
+                          submitted for the next steps, so a resumed run trains on the same samples
   latest                  a text file naming the newest complete step_<k>, written last
 
 A checkpoint is written into a temporary folder next to its final place and renamed into place
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import shutil
 import sys
@@ -30,6 +33,7 @@ from rollout.checkpoint import load_checkpoint, save_checkpoint
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
+ASYNC_ROLLOUTS = "async_rollouts.pt"
 
 
 def checkpoint_dir(run_dir: str | os.PathLike, step: int) -> Path:
@@ -37,8 +41,10 @@ def checkpoint_dir(run_dir: str | os.PathLike, step: int) -> Path:
 
 
 def save_run_checkpoint(run_dir: str | os.PathLike, step: int, learner: Learner,
-                        tokenizer_dir: str | None = None, extra: dict | None = None) -> Path:
-    """Write checkpoint `step` atomically and point `latest` at it; returns its folder."""
+                        tokenizer_dir: str | None = None, extra: dict | None = None,
+                        async_rollouts: dict | None = None) -> Path:
+    """Write checkpoint `step` atomically and point `latest` at it; returns its folder.
+    async_rollouts: {step: RolloutBatch} submitted ahead (RLLoop.pending_rollouts)."""
     final = checkpoint_dir(run_dir, step)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
@@ -54,6 +60,8 @@ def save_run_checkpoint(run_dir: str | os.PathLike, step: int, learner: Learner,
         state = {"step": int(step), "policy_version": learner.policy_version,
                  "refit_baseline": learner.refit_baseline, "python_rng": _python_rng(),
                  "numpy_rng": _numpy_rng(), "extra": extra or {}}
+        if async_rollouts:
+            torch.save(async_rollouts, tmp / ASYNC_ROLLOUTS)
         (tmp / "state.json").write_text(json.dumps(state))
         if final.exists():  # re-saving a step (e.g. the final one): replace it whole
             old = final.with_name(f".{final.name}.old-{os.getpid()}")
@@ -84,9 +92,11 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
 
 def load_run_checkpoint(folder: str | os.PathLike, learner: Learner) -> dict:
     """Load a checkpoint into `learner` (built for the same config) and restore the RNG states;
-    returns state.json's contents (step, policy_version, ...)."""
+    returns state.json's contents (step, policy_version, ...) and "async_rollouts" ({} if none)."""
     folder = Path(folder)
     state = json.loads((folder / "state.json").read_text())
+    ahead = folder / ASYNC_ROLLOUTS
+    state["async_rollouts"] = torch.load(ahead, map_location="cpu", weights_only=False) if ahead.is_file() else {}
     device = learner.device
     dtype = next(learner.policy.parameters()).dtype
     saved = load_checkpoint(str(folder / "policy"), device=device, dtype=dtype)
@@ -102,7 +112,7 @@ def load_run_checkpoint(folder: str | os.PathLike, learner: Learner) -> dict:
     if learner.value_head is not None:
         vh = ValueHead.load(str(folder / "value_head.safetensors"), learner.policy.config.hidden_size, device)
         learner.value_head.load_state_dict(vh.state_dict())
-    trainer = torch.load(folder / "trainer.pt", map_location="cpu", weights_only=False)
+    trainer = _load_trainer_state(folder / "trainer.pt")
     learner.load_state_dict(trainer["learner"])
     _move_optimizer_state(learner.optimizer, device)
     torch.set_rng_state(trainer["torch_rng"])
@@ -128,6 +138,23 @@ def write_text_atomic(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _load_trainer_state(file: Path) -> dict:
+    """trainer.pt as tensors and plain containers only. A run folder may come from someone else,
+    and a full unpickle runs whatever code the file names, so anything else is refused."""
+    try:
+        trainer = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{file}: holds objects other than tensors and plain containers, which specroll "
+                         f"never writes, so it was not loaded ({first}); resume only from checkpoints "
+                         "written by `specroll train`, or delete this step_<k> folder and point "
+                         "`latest` at an earlier one") from None
+    if not isinstance(trainer, dict) or not {"learner", "torch_rng", "cuda_rng"} <= trainer.keys():
+        raise ValueError(f"{file}: is not a specroll trainer state (keys learner, torch_rng, cuda_rng); "
+                         "resume only from checkpoints written by `specroll train`")
+    return trainer
 
 
 def _move_optimizer_state(optimizer: torch.optim.Optimizer, device) -> None:

@@ -1,4 +1,4 @@
-"""One RL step end to end (DESIGN.md "Data flow of one RL step"):
+"""One RL step end to end (docs/design.md, "Data flow of one RL step"):
 
 rollouts (speculative, through the rollout client) -> rewards (a callable from experiments,
 checked row by row) -> advantages and the policy update (Learner.update) -> head re-fit per
@@ -11,19 +11,30 @@ token, with spec.mode=off or fixed. With spec.mode=entropy the draft depth of ea
 measured timings, and the emitted tokens depend on the depth (different random draws are
 consumed), so an entropy-mode run is exact in distribution but not bit-reproducible.
 
+Bounded staleness (`max_staleness` N >= 1): the rollouts of steps s+1..s+N are submitted
+(client.generate_async) before step s trains, each with the version published at that moment,
+so the coordinator generates them on the Ray workers while the learner updates; step s trains
+on sequences sampled by a policy at most N versions old (checked: an older one fails the step)
+against their exact behaviour log-probs (learner/losses.py: the PPO ratio is taken against the
+behaviour policy; algo.tis_cap adds truncated importance weights). N = 0 is the synchronous loop.
+Versions only depend on the step, never on timing, so an async run is as reproducible as a
+synchronous one; `pending_rollouts` / `preload` carry the submitted rollouts across a checkpoint.
+
 `RLLoop` knows nothing about tokenizers or tasks: experiments give it a prompt source and a
-reward function. The client is anything with RolloutClient's generate/publish/throughput.
+reward function. The client is anything with RolloutClient's generate / generate_async /
+publish / throughput / report.
 """
 from __future__ import annotations
 
 import math
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 
-from learner.trainer import Learner
+from learner.trainer import Learner, idle_refit
 from rollout.types import RolloutBatch, SamplingParams, Sequence, SpecParams
 from spec_heads.depth import expected_tokens
 
@@ -89,26 +100,70 @@ def heads_after_update(learner: Learner, batch: RolloutBatch, spec: SpecParams, 
 class RLLoop:
     def __init__(self, learner: Learner, client, *, prompt_fn: Callable[[int], StepPrompts],
                  reward_fn: RewardFn, task_name: str, sampling: SamplingParams, spec: SpecParams,
-                 group_size: int, seed: int):
+                 group_size: int, seed: int, max_staleness: int = 0, last_step: int | None = None):
         self.learner, self.client = learner, client
         self.prompt_fn, self.reward_fn, self.task_name = prompt_fn, reward_fn, task_name
         self.sampling, self.spec, self.group_size, self.seed = sampling, spec, group_size, seed
+        self.max_staleness, self.last_step = max_staleness, last_step  # last_step: submit nothing past it
+        self._ahead: dict[int, Future] = {}  # step -> its submitted rollout
+        r = learner.refit_cfg
+        if r.schedule == "idle" and learner.heads is not None:
+            if not hasattr(client, "set_idle_work"):
+                raise ValueError("refit.schedule: idle re-fits run on idle Ray rollout workers; set "
+                                 "ray.enabled=true and rollout.num_workers >= 2, or another schedule")
+            temperature = sampling.temperature
+            client.set_idle_work(lambda sequences, seed: (idle_refit, (sequences, r, temperature, seed)))
+
+    def _rows(self, sp: StepPrompts) -> list[list[int]]:
+        return [p for p in sp.prompts for _ in range(self.group_size)]  # groups contiguous
+
+    def _rollout(self, step: int, sp: StepPrompts) -> RolloutBatch:
+        rows = self._rows(sp)
+        if not self.max_staleness:
+            return self.client.generate(rows, list(range(len(rows))), self.sampling, self.spec,
+                                        step_seed(self.seed, step))
+        last = step + self.max_staleness if self.last_step is None else min(self.last_step, step + self.max_staleness)
+        for t in range(step, last + 1):
+            if t not in self._ahead:
+                rows_t = rows if t == step else self._rows(self.prompt_fn(t))
+                self._ahead[t] = self.client.generate_async(rows_t, list(range(len(rows_t))), self.sampling,
+                                                            self.spec, step_seed(self.seed, t))
+        return self._ahead.pop(step).result()
+
+    def pending_rollouts(self) -> dict[int, RolloutBatch]:
+        """The submitted rollouts of later steps (waits for them): a checkpoint's async state."""
+        return {t: fut.result() for t, fut in sorted(self._ahead.items())}
+
+    def preload(self, batches: dict[int, RolloutBatch]) -> None:
+        """Take back `pending_rollouts` of a checkpoint (on resume): those steps are not re-generated."""
+        for t, batch in batches.items():
+            fut: Future = Future()
+            fut.set_result(batch)
+            self._ahead[int(t)] = fut
 
     def step(self, step: int) -> dict:
         """Run RL step `step` (1-based); returns its metrics (see experiments/train.py)."""
         t0 = time.perf_counter()
         sp = self.prompt_fn(step)
-        G = self.group_size
-        prompts = [p for p in sp.prompts for _ in range(G)]  # groups contiguous
-        batch: RolloutBatch = self.client.generate(prompts, list(range(len(prompts))), self.sampling,
-                                                   self.spec, step_seed(self.seed, step))
-        info = self.client.throughput()
+        batch = self._rollout(step, sp)
+        info = dict(batch.report)  # the client's numbers for this very batch (async: an earlier submission)
+        for key in ("tokens", "mean_accepted_len"):
+            info.pop(key, None)
+        idle = info.pop("idle_work", None)  # a head re-fit an idle worker ran in the rollout's tail
+        tokens_per_s, speedup = info.pop("tokens_per_s"), info.pop("speedup_vs_off_est")
+        staleness = self._staleness(batch)
         t1 = time.perf_counter()
         rewards = self.rewards(batch.sequences, sp)
         upd = self.learner.update(batch.sequences, rewards)
         t2 = time.perf_counter()
         stats = batch.stats
         heads = heads_after_update(self.learner, batch, self.spec, step, step_seed(self.seed, step) + 1)
+        done = self.client.idle_result(idle) if idle is not None else None
+        if done is not None and not done.get("refit_skipped"):
+            # the idle workers' fit (from the step's tail) replaces the scheduled one's report
+            heads = {"accepted_len_full_depth": heads["accepted_len_full_depth"],
+                     "heads_acceptance_measured": heads["heads_acceptance_measured"],
+                     "refit": True, **self.learner.take_heads(done)}
         t3 = time.perf_counter()
         self.client.publish(*self.learner.next_version())
         t4 = time.perf_counter()
@@ -119,13 +174,22 @@ class RLLoop:
             "response_len_mean": float(lengths.mean()),
             "mean_accepted_len": stats.mean_accepted_len, "accept_rate_per_pos": stats.accept_rate_per_pos,
             "depth_hist": stats.depth_hist, "spec_mode": self.spec.mode,
-            "rollout_tokens_per_s": info["tokens_per_s"], "speedup_vs_off_est": info["speedup_vs_off_est"],
+            "rollout_tokens_per_s": tokens_per_s, "speedup_vs_off_est": speedup,
             **upd, **heads,
-            "refit_baseline": self.learner.refit_baseline,
+            "refit_baseline": self.learner.refit_baseline, "refit_level": self.learner.refit_level,
             "policy_version": self.learner.policy_version,
             "time_rollout_s": t1 - t0, "time_train_s": t2 - t1, "time_refit_s": t3 - t2,
             "time_publish_s": t4 - t3, "time_step_s": t4 - t0,
+            "rollout_wall_s": stats.time_s, **staleness, **info,
         }
+
+    def _staleness(self, batch: RolloutBatch) -> dict:
+        """Versions behind the learner of the policies that sampled the batch; fails past the bound."""
+        behind = [self.learner.policy_version - s.policy_version for s in batch.sequences] or [0]
+        if max(behind) > self.max_staleness:
+            raise RuntimeError(f"rollout: sequences {max(behind)} versions behind the learner (train.max_staleness="
+                               f"{self.max_staleness}); stale samples are never trained on")
+        return {"staleness_max": max(behind), "staleness_mean": sum(behind) / len(behind)}
 
     def rewards(self, sequences: list[Sequence], sp: StepPrompts) -> torch.Tensor:
         """[B] checked rewards: an exception, a wrong count or a non-finite value fails the step

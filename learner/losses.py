@@ -46,6 +46,10 @@ class AlgoConfig:
     vf_coef: float = 0.5  # weight of the value loss (PPO)
     vf_clip: float = 0.2  # value clip around the rollout-time values (PPO)
     entropy_coef: float = 0.0  # entropy bonus; 0 turns it off
+    # > 0: decoupled PPO for stale (async) samples (AReaL, arXiv:2505.24298): clip the ratio to
+    # the learner's pre-update policy and weight each token by min(pi_prox / pi_behaviour,
+    # tis_cap), a truncated importance weight; 0: clip against the behaviour policy itself
+    tis_cap: float = 0.0
 
     def __post_init__(self):
         if self.name not in ("grpo", "ppo"):
@@ -70,6 +74,8 @@ class AlgoConfig:
         _check_range("vf_coef", self.vf_coef, 0.0, math.inf, ">= 0; typical 0.5")
         _check_range("vf_clip", self.vf_clip, 0.0, math.inf, "> 0; typical 0.2", lo_open=True)
         _check_range("entropy_coef", self.entropy_coef, 0.0, math.inf, ">= 0 (0 turns the entropy bonus off)")
+        _check_range("tis_cap", self.tis_cap, 0.0, math.inf, ">= 0 (0 turns truncated importance weights off; "
+                     "typical 2)")
 
 
 def _check_range(name: str, value, lo: float, hi: float, want: str, lo_open: bool = False,
@@ -220,6 +226,7 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
                 entropy: torch.Tensor | None = None, entropy_coef: float = 0.0,
                 num_tokens_total: torch.Tensor | float | None = None,
                 num_seqs_total: torch.Tensor | float | None = None,
+                prox_logprobs: torch.Tensor | None = None, tis_cap: float = 0.0,
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO clipped surrogate with asymmetric clip, plus optional k3 KL and entropy bonus.
 
@@ -230,6 +237,9 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
     entropy [B, T]: per-token policy entropy, needed only when entropy_coef > 0.
     loss = agg(-min(ratio A, clip(ratio, 1-clip_low, 1+clip_high) A)) + kl_coef agg(k3)
            - entropy_coef agg(entropy), every term aggregated the same way (see `aggregate`).
+    prox_logprobs [B, T] with tis_cap > 0 (decoupled PPO, arXiv:2505.24298): the ratio is taken
+    against this proximal policy (the learner's before the update) and each token's term is
+    weighted by min(exp(prox - old), tis_cap), detached: stale samples stay unbiased up to the cap.
     Metrics (detached 0-d tensors, token-means over this batch): clipfrac (share of tokens where
     the clipped term is the active one), approx_kl (mean old_lp - lp), ratio_mean, kl (k3 to the
     reference; 0 without one).
@@ -240,11 +250,19 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
     if advantages.dim() == 1:
         advantages = advantages[:, None]  # [B, 1] broadcasts over tokens
     advantages = advantages.to(logprobs.dtype).detach()
-    log_ratio = (logprobs - old_logprobs.detach()).clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)  # [B, T]
+    anchor = old_logprobs if tis_cap <= 0 else prox_logprobs
+    if anchor is None:
+        raise ValueError("prox_logprobs: required when tis_cap > 0 (the learner's pre-update log-probs)")
+    log_ratio = (logprobs - anchor.detach()).clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)  # [B, T]
     ratio = torch.exp(log_ratio)  # [B, T]
     unclipped = -advantages * ratio  # [B, T]
     clipped = -advantages * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)  # [B, T]
     pg_mat = torch.maximum(unclipped, clipped)  # [B, T]  the pessimistic (max loss) of the two
+    is_weight = torch.ones_like(ratio)
+    if tis_cap > 0:
+        behaviour_gap = (prox_logprobs - old_logprobs).detach().clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
+        is_weight = torch.exp(behaviour_gap).clamp(max=tis_cap)  # [B, T]
+        pg_mat = pg_mat * is_weight
     totals = dict(num_tokens_total=num_tokens_total, num_seqs_total=num_seqs_total)
     loss = aggregate(pg_mat, mask, loss_agg, **totals)
 
@@ -267,6 +285,7 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
             "clipfrac": masked_mean((clipped > unclipped).to(logprobs.dtype), mask),
             "approx_kl": masked_mean(-log_ratio, mask),
             "ratio_mean": masked_mean(ratio, mask),
+            "is_weight_mean": masked_mean(is_weight, mask),
             "kl": kl_mean,
         }
     return loss, metrics

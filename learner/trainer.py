@@ -68,8 +68,10 @@ class Learner:
         self.optimizer = torch.optim.AdamW(self.params, lr=train.lr, betas=tuple(train.betas),
                                            weight_decay=train.weight_decay)
         self.policy_version = 0
-        # on_drop re-fits compare against the accepted length of the first step after the last fit
+        # on_drop: the smoothed accepted length since the last fit (refit_level) against its best
+        # since then (refit_baseline); None until the first measured step after a fit
         self.refit_baseline: float | None = None
+        self.refit_level: float | None = None
 
     # ------------------------------------------------------------------ update
     def update(self, sequences: list[Sequence], rewards: torch.Tensor) -> dict:
@@ -96,7 +98,9 @@ class Learner:
                 for k, v in part.items():  # losses are already full-batch shares; metrics are means
                     sums[k] = sums.get(k, 0.0) + (v if k in _LOSS_KEYS else v * weight)
             grad_norm = self._clip_and_check(epoch)
+            norm_before = _global_norm(self.params)
             self.optimizer.step()
+            self._check_weights(norm_before, epoch)
             if epoch == 0:  # the on-policy pass is the one to log
                 out = {**sums, "grad_norm": grad_norm}
         entropy = torch.tensor([e for s in sequences for e in s.entropies] or [0.0])
@@ -128,6 +132,8 @@ class Learner:
         recomputed = torch.cat(lps)  # [B, L]
         diff_max, diff_mean = logprob_mismatch(recomputed, batch.old_logprobs, batch.mask)
         pre = {"diff_max": diff_max, "diff_mean": diff_mean}
+        if self.algo.tis_cap > 0:  # the proximal policy of decoupled PPO: this one, before the update
+            pre["prox"] = recomputed
         if refs:
             pre["ref"] = torch.cat(refs)
         if values:
@@ -153,10 +159,11 @@ class Learner:
                                            with_entropy=a.entropy_coef > 0, hidden=hidden)
         adv = advantages if advantages.dim() == 1 else advantages[:, :L]
         ref = pre["ref"][:, :L] if "ref" in pre else None
+        prox = pre["prox"][:, :L] if "prox" in pre else None
         totals = dict(num_tokens_total=full_tokens, num_seqs_total=full_seqs)
         loss, m = policy_loss(logprobs, part.old_logprobs, adv, part.mask, a.clip_low, a.clip_high, a.loss_agg,
                               ref_logprobs=ref, kl_coef=a.kl_coef, entropy=entropy,
-                              entropy_coef=a.entropy_coef, **totals)
+                              entropy_coef=a.entropy_coef, prox_logprobs=prox, tis_cap=a.tis_cap, **totals)
         out = {"pg_loss": float(loss.detach())}
         if self.value_head is not None:
             values = self.value_head(hidden)  # [b, L]
@@ -181,49 +188,59 @@ class Learner:
                                  "last checkpoint is intact (lower train.lr or set train.grad_clip)")
         return norm
 
+    def _check_weights(self, norm_before: float, epoch: int) -> None:
+        """After the optimiser step: the weights are finite and their norm moved by a sane amount,
+        or the run stops here, before they are published or checkpointed (so the last checkpoint
+        is good)."""
+        norm = _global_norm(self.params)
+        limit = self.train_cfg.max_norm_change
+        if not math.isfinite(norm):
+            raise NonFiniteError(f"weights: non-finite after the optimiser step of pass {epoch} (norm {norm}); "
+                                 "they were neither published nor checkpointed (lower train.lr)")
+        if abs(norm - norm_before) > limit * norm_before:
+            raise NonFiniteError(f"weights: the optimiser step of pass {epoch} took their norm from "
+                                 f"{norm_before:.4g} to {norm:.4g} (more than train.max_norm_change={limit} "
+                                 "of it): the run is diverging towards non-finite weights; they were neither "
+                                 "published nor checkpointed (lower train.lr)")
+
     # ------------------------------------------------------------------ re-fit
     def should_refit(self, step: int, accepted_len: float, speculating: bool) -> bool:
-        """Per RefitConfig.schedule; the first step after a fit sets the on_drop baseline."""
+        """Per RefitConfig.schedule. on_drop: the moving average of the accepted length at full
+        depth (weight drop_smoothing on the newest step) fell below drop_fraction x its best
+        since the last fit; the first measured step after a fit starts both."""
         r = self.refit_cfg
-        if self.heads is None or r.schedule == "never":
+        if self.heads is None or r.schedule in ("never", "idle"):  # idle: the rollout workers fit
             return False
         if r.schedule == "every":
             return step % r.every == 0
         if not speculating or accepted_len <= 0:  # nothing measured: no drop to see
             return False
-        if self.refit_baseline is None:
-            self.refit_baseline = accepted_len
+        if self.refit_level is None or self.refit_baseline is None:
+            self.refit_level = self.refit_baseline = accepted_len
             return False
-        return accepted_len < r.drop_fraction * self.refit_baseline
+        self.refit_level += r.drop_smoothing * (accepted_len - self.refit_level)
+        if self.refit_level < r.drop_fraction * self.refit_baseline:
+            return True
+        self.refit_baseline = max(self.refit_baseline, self.refit_level)
+        return False
 
     def refit_heads(self, sequences: list[Sequence], seed: int) -> dict:
         """Fit the heads (trunk frozen) to the updated policy on the latest rollouts; the last
         1/8 of them (at least one sequence) is held out to measure acceptance before and after,
         and the old heads are kept (refit_kept=False) when the fit made it worse."""
-        r = self.refit_cfg
-        fit, held = _held_out(sequences)
-        if not fit:
-            return {"refit_skipped": True}
-        gen = torch.Generator().manual_seed(seed)
-        old_state = {k: v.detach().clone() for k, v in self.heads.state_dict().items()}
-        result = fit_heads(self.policy, self.heads, [s.prompt + s.tokens for s in fit],
-                           prompt_lens=[len(s.prompt) for s in fit], steps=r.steps, lr=r.lr, loss=r.loss,
-                           kl_warmup_steps=r.kl_warmup_steps, micro_batch_size=r.micro_batch_size,
-                           temperature=self.sampling.temperature,
-                           eval_sequences=[s.prompt + s.tokens for s in held],
-                           eval_prompt_lens=[len(s.prompt) for s in held], generator=gen)
+        out = fit_with_holdout(self.policy, self.heads, sequences, self.refit_cfg, self.sampling.temperature, seed)
         self.policy.train()  # fit_heads puts the (frozen) trunk in eval mode
-        self.refit_baseline = None
-        before, after = result["acceptance_before"], result["acceptance_after"]
-        # A fit on one step's rollouts can overfit them; keep the old heads when the held-out
-        # expected tokens per verify (1 + sum_j prod_{i<=j} alpha_i) got worse.
-        kept = expected_tokens(after, len(after)) >= expected_tokens(before, len(before))
-        if not kept:
-            self.heads.load_state_dict(old_state)
-        # the heads carry their held-out acceptance to the rollout workers (DraftHeads.acceptance)
-        self.heads.set_measured_acceptance(after if kept else before)
-        return {"refit_loss": result["losses"][-1] if result["losses"] else float("nan"),
-                "refit_accept_before": before, "refit_accept_after": after, "refit_kept": kept}
+        self.refit_baseline = self.refit_level = None
+        return out
+
+    def take_heads(self, result: dict) -> dict:
+        """Adopt heads fitted elsewhere (an idle rollout worker's `idle_refit`); they go out with the
+        next version. Returns the re-fit's metrics."""
+        if result.get("refit_kept"):
+            self.heads.load_state_dict(result["state"])
+            self.heads.set_measured_acceptance(result["refit_accept_after"])
+        self.refit_baseline = self.refit_level = None
+        return {k: v for k, v in result.items() if k != "state"}
 
     def measure_heads(self, sequences: list[Sequence]) -> list[float] | None:
         """Per-depth acceptance of the heads against the policy as it is now (after this step's
@@ -255,12 +272,58 @@ class Learner:
     def state_dict(self) -> dict:
         """What a checkpoint needs besides the policy, heads and value-head weights."""
         return {"optimizer": self.optimizer.state_dict(), "policy_version": self.policy_version,
-                "refit_baseline": self.refit_baseline}
+                "refit_baseline": self.refit_baseline, "refit_level": self.refit_level}
 
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.policy_version = int(state["policy_version"])
         self.refit_baseline = state["refit_baseline"]
+        self.refit_level = state.get("refit_level", self.refit_baseline)  # absent before the moving average
+
+
+def _global_norm(params: list[torch.Tensor]) -> float:
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.detach().float())
+                                                       for p in params])))
+
+
+def fit_with_holdout(policy, heads, sequences: list[Sequence], r: RefitConfig, temperature: float, seed: int) -> dict:
+    """Re-fit `heads` in place on `sequences` minus the last 1/8 (held out); keep the old heads
+    when the held-out expected tokens per verify got worse. Returns the re-fit metrics."""
+    fit, held = _held_out(sequences)
+    if not fit:
+        return {"refit_skipped": True}
+    gen = torch.Generator().manual_seed(seed)
+    old_state = {k: v.detach().clone() for k, v in heads.state_dict().items()}
+    result = fit_heads(policy, heads, [s.prompt + s.tokens for s in fit],
+                       prompt_lens=[len(s.prompt) for s in fit], steps=r.steps, lr=r.lr, loss=r.loss,
+                       kl_warmup_steps=r.kl_warmup_steps, micro_batch_size=r.micro_batch_size,
+                       temperature=temperature, eval_sequences=[s.prompt + s.tokens for s in held],
+                       eval_prompt_lens=[len(s.prompt) for s in held], generator=gen)
+    before, after = result["acceptance_before"], result["acceptance_after"]
+    # A fit on one step's rollouts can overfit them; keep the old heads when the held-out
+    # expected tokens per verify (1 + sum_j prod_{i<=j} alpha_i) got worse.
+    kept = expected_tokens(after, len(after)) >= expected_tokens(before, len(before)) \
+        and all(torch.isfinite(v).all() for v in heads.state_dict().values())
+    if not kept:
+        heads.load_state_dict(old_state)
+    # the heads carry their held-out acceptance to the rollout workers (DraftHeads.acceptance)
+    heads.set_measured_acceptance(after if kept else before)
+    return {"refit_loss": result["losses"][-1] if result["losses"] else float("nan"),
+            "refit_accept_before": before, "refit_accept_after": after, "refit_kept": kept}
+
+
+def idle_refit(worker, sequences: list[Sequence], r: RefitConfig, temperature: float, seed: int) -> dict:
+    """Run on an idle rollout worker (refit.schedule=idle): fit a copy of its heads to its policy
+    (the version that sampled `sequences`) and return the re-fit metrics plus "state", the fitted
+    heads' CPU state. Off the learner's critical path; the heads trail the learner's update by one
+    step, as the next rollout's heads always do."""
+    model, heads = worker.engine.model, copy.deepcopy(worker.engine.heads).float()
+    try:
+        with torch.enable_grad():
+            out = fit_with_holdout(model, heads, sequences, r, temperature, seed)
+    finally:
+        model.eval()
+    return {**out, "state": cpu_state(heads), "refit_where": "idle"}
 
 
 def _pad_to(x: torch.Tensor, batch: PackedBatch) -> torch.Tensor:

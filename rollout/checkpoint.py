@@ -171,6 +171,10 @@ def _map_hf_tensors(config: ModelConfig, tensors: Iterable[tuple[str, torch.Tens
             unexpected.append(key)
             continue
         state[key] = tensor.to(device=device, dtype=dtype)
+        if not torch.isfinite(state[key]).all():  # diverged or overflowed weights never reach a run
+            raise ValueError(f"{where}: weight {key} holds NaN or inf values (in {dtype}); the checkpoint "
+                             "is from a run that diverged, or overflows this dtype: use an earlier "
+                             "checkpoint or load it in float32")
     if config.tie_word_embeddings:
         expected.discard("lm_head.weight")
     missing = sorted(expected - set(state))

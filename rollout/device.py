@@ -27,8 +27,6 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 def cpu_native_bf16() -> bool:
     """Whether this CPU has bf16 dot-product instructions (AVX512-BF16 or AMX-BF16). There a
     bf16 policy decodes faster than fp32, and a verify forward over several tokens costs about
-    what one token costs (a 2-core AMD EPYC with AVX512-BF16, session 9: SmolLM2-135M 19.5 tok/s
-    plain in bf16, and speculation 1.78x over that, against ~15 tok/s and 0.99-1.31x in fp32).
-    Without them bf16 matrix products are emulated and slow."""
+    what one token costs. Without them bf16 matrix products are emulated and slow."""
     caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
     return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))

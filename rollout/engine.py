@@ -32,8 +32,10 @@ from collections import deque
 import torch
 from torch import nn
 
-from rollout.types import RolloutBatch, RolloutStats, Sequence, SamplingParams, SpecParams
+from rollout.cuda_graphs import DecodeGraphs, GraphConfig
+from rollout.types import LengthError, RolloutBatch, RolloutStats, Sequence, SamplingParams, SpecParams
 from spec_heads.depth import DepthPolicy
+from spec_heads.fused import fused_elementwise
 from spec_heads.layers import (Attention, calibrate_cpu_attention, calibrate_cpu_row_padding, cpu_attention,
                                set_cpu_attention, set_cpu_row_padding)
 from spec_heads.rejection import rejection_sample
@@ -120,13 +122,20 @@ def _calibrate_attention(*modules) -> None:
 
 class Engine:
     def __init__(self, model, heads=None, *, max_batch: int = 64, max_len: int | None = None,
-                 device=None, sync_every: int | None = None, min_refill: int | None = None):
+                 device=None, sync_every: int | None = None, min_refill: int | None = None,
+                 graphs: GraphConfig | None = None):
         self.model = model.eval()
         self.heads = heads.eval() if heads is not None else None
         p = next(model.parameters())
         self.device, self.dtype = (torch.device(device) if device else p.device), p.dtype
         self.max_batch = max_batch
-        self.max_len = max_len or model.config.max_position_embeddings
+        # a dynamic / longrope rope matches transformers only below model.max_positions
+        limit = getattr(model, "max_positions", None)
+        self.max_len = max_len or min(model.config.max_position_embeddings, limit or math.inf)
+        if limit is not None and self.max_len > limit:
+            raise LengthError(f"rollout.max_seq_len: {self.max_len} runs past position {limit}, where this model's "
+                              f"{model.config.rope_scaling.get('rope_type')} rope stops matching transformers (it "
+                              f"rescales with the sequence length); set rollout.max_seq_len <= {limit}")
         self.policy_version = 0
         self.cuda = self.device.type == "cuda"
         # On a GPU, reading state back each step costs a sync; on a CPU it is free.
@@ -148,6 +157,9 @@ class Engine:
         self._policies: dict[tuple[str, int], DepthPolicy] = {}
         self._cost = None  # spec_heads.depth.CostModel, shared by the policies
         self._cache = self._head_cache = None
+        # on CUDA, plain decode steps run over row buckets, replayed from graphs (rollout.cuda_graphs)
+        self.graphs = DecodeGraphs(graphs) if self.cuda else None
+        self._buffers: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ public
     def set_heads(self, heads):
@@ -160,9 +172,14 @@ class Engine:
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], sampling: SamplingParams,
                  spec: SpecParams | None = None, seed: int = 0, ids: list[int] | None = None,
-                 progress=None) -> RolloutBatch:
+                 progress=None, feed=None, on_finish=None, max_prompt_len: int = 0) -> RolloutBatch:
         """Generate one completion per prompt. `ids` (default 0..n-1) key each row's random
-        stream; give equal prompts distinct ids to get distinct samples."""
+        stream; give equal prompts distinct ids to get distinct samples.
+
+        Continuous batching from outside (the rollout worker's pull queue): `feed(free_rows)`
+        returns more (prompt, id) pairs whenever rows are free (prompts of at most
+        `max_prompt_len` tokens, which sizes the cache), and `on_finish(sequence)` is called as
+        each row finishes. The call returns when no row is left and `feed` gives nothing."""
         spec = spec or SpecParams(mode="off")
         if spec.mode != "off" and self.heads is None:
             raise ValueError(f"spec.mode={spec.mode!r} needs draft heads: fit them with "
@@ -174,13 +191,16 @@ class Engine:
         ids = list(range(len(prompts))) if ids is None else list(ids)
         K = 0 if spec.mode == "off" else min(spec.k if spec.mode == "fixed" else spec.max_k,
                                             self.heads.config.num_depths)
-        need = max(map(len, prompts)) + sampling.max_new_tokens + K + 2
+        max_prompt_len = max(max_prompt_len, max(map(len, prompts)))
+        need = max_prompt_len + sampling.max_new_tokens + K + 2
         if need > self.max_len:
-            raise ValueError(f"prompt length + max_new_tokens + draft depth = {need} exceeds the "
-                             f"engine's max_len={self.max_len}; shorten prompts, lower "
-                             "sampling.max_new_tokens, or raise rollout.max_seq_len")
-        with _attention_backends(self.device):
-            run = _Run(self, prompts, ids, sampling, spec, K, seed, progress)
+            raise LengthError(f"sampling.max_new_tokens: prompt length + max_new_tokens + draft depth = "
+                              f"{need} exceeds the engine's max_len={self.max_len}; lower "
+                              "sampling.max_new_tokens, shorten prompts, or raise rollout.max_seq_len")
+        fuse = self.graphs is not None and self.graphs.config.fuse
+        with _attention_backends(self.device), fused_elementwise(fuse):
+            run = _Run(self, prompts, ids, sampling, spec, K, seed, progress, max_prompt_len)
+            run.feed, run.on_finish = feed, on_finish
             return run.loop()
 
     # ------------------------------------------------------------ internals
@@ -191,6 +211,15 @@ class Engine:
         if self.heads is not None and self._head_cache is None:
             self._head_cache = self.heads.new_cache(self.max_batch, self._cache.max_len, self.device, self.dtype)
         return self._cache, self._head_cache
+
+    def buffer(self, name: str, shape: tuple, dtype=torch.int64, fill=0) -> torch.Tensor:
+        """A per-run buffer, filled with `fill`, in the same storage from run to run while its
+        leading dimensions hold (the last one only grows, a view gives the shape asked for):
+        captured decode graphs read and write it in place."""
+        t = self._buffers.get(name)
+        if t is None or t.shape[:-1] != shape[:-1] or t.shape[-1] < shape[-1] or t.dtype != dtype:
+            t = self._buffers[name] = torch.empty(shape, dtype=dtype, device=self.device)
+        return t[..., :shape[-1]].fill_(fill)
 
     def ensure_depth_policy(self, spec: SpecParams, K: int) -> DepthPolicy:
         """The depth policy for this mode. Policies live as long as the engine (calibration is
@@ -296,29 +325,34 @@ class _Run:
     """State of one generate() call: per-row device tensors indexed by slot."""
 
     def __init__(self, eng: Engine, prompts, ids, sampling: SamplingParams, spec: SpecParams, K,
-                 seed, progress):
-        self.e, self.prompts, self.ids, self.sp, self.spec, self.K = eng, prompts, ids, sampling, spec, K
+                 seed, progress, max_prompt_len: int):
+        self.e, self.prompts, self.ids, self.sp, self.spec, self.K = eng, list(prompts), ids, sampling, spec, K
         self.seed, self.progress = seed, progress
+        self.feed = self.on_finish = None
+        self.max_prompt_len = max_prompt_len
         B, dev = eng.max_batch, eng.device
-        self.max_len = max(map(len, prompts)) + sampling.max_new_tokens + K + 2
+        self.max_len = max_prompt_len + sampling.max_new_tokens + K + 2
         self.cache, self.hcache = eng.caches(_bucket(self.max_len, 64))
         self.policy = eng.ensure_depth_policy(spec, K) if K else None
         # the heads' LM head: the policy's, or its rows of the heads' draft vocabulary
         self.draft_lm = eng.heads.draft_lm_head(eng.model.lm_head) if K else None
         cap = sampling.max_new_tokens + K + 1
         z = lambda *s, dt=torch.int64: torch.zeros(*s, dtype=dt, device=dev)
+        persistent = lambda name, *s, dt=torch.int64: eng.buffer(name, s, dt)
         # Per-row state lives in a few buffers, each field a view of one: compaction moves rows
         # with one copy per buffer (_compact), not one per field. On a 2-core CPU at 128 rows of
         # the tiny policy, one copy per field and per cache layer took 98 ms of a ~1.5 s call
         # (47 ms with these buffers and KVCache.move_rows).
-        self.row_int = z(B, 8)  # per row: length, last token, tokens out, key, steps, heads' window
+        self.row_int = persistent("row_int", B, 8)  # per row: length, last token, tokens out, key, steps, heads' window
         self.lengths, self.last_tok, self.n_out, self.keys, self.n_steps = self.row_int[:, :5].unbind(1)
-        self.done = torch.ones(B, dtype=torch.bool, device=dev)
-        self.out_int = z(B, 3, cap)  # per row: emitted tokens; draft length and accepted per step
+        self.done = eng.buffer("done", (B,), torch.bool, True)
+        self.out_int = persistent("out_int", B, 3, cap)  # per row: emitted tokens; draft length and accepted per step
         self.out_tok, self.out_dl, self.out_acc = self.out_int.unbind(1)
-        self.out_float = z(B, 2, cap, dt=torch.float32)  # per row: logprobs and entropies
+        self.out_float = persistent("out_float", B, 2, cap, dt=torch.float32)  # per row: logprobs and entropies
         self.out_lp, self.out_ent = self.out_float.unbind(1)
-        self.stop_ids = torch.tensor(sampling.stop_token_ids or [-1], device=dev)
+        stops = sampling.stop_token_ids or [-1]
+        self.stop_ids = eng.buffer("stop_ids", (len(stops),))
+        self.stop_ids.copy_(torch.tensor(stops))
         self.hid = None
         if eng.heads is not None and K:
             # The heads' window: per row, the trunk's hidden states at the positions fed since
@@ -342,7 +376,14 @@ class _Run:
         self.stats = RolloutStats(drafted_per_pos=[0] * K, accepted_per_pos=[0] * K, depth_hist=[0] * (K + 1))
         self.acc_wa = z(K + 1, K + 1)  # [drafts verified, drafts accepted] -> live row-steps
         self.acc_blind = z(K + 1)  # [drafts verified] -> live row-steps of blind exploring steps
-        self.acc_tokens, self.acc_rowsteps = z(()), z(())
+        self.acc_tokens, self.acc_rowsteps = persistent("acc", 2).unbind()
+        if eng.graphs is not None and not K:
+            # what a plain run's graphs read and write; any of it in new storage drops them
+            eng.graphs.bind([*eng.model.parameters(), *eng.model.buffers(), self.cache.buf, self.row_int, self.done,
+                             self.out_int, self.out_float, self.stop_ids, self.acc_tokens])
+            # what a graph bakes in besides the buffers: the sampling settings and stop tokens
+            self.graph_key = (sampling.temperature, sampling.top_k, sampling.top_p, sampling.max_new_tokens,
+                              tuple(stops))
 
     def _kv(self, n: int) -> int:
         """Attention span for a forward: a bucketed bound on the longest row (static shapes)."""
@@ -393,6 +434,8 @@ class _Run:
         at least Engine.min_refill slots are free (or the rest of the queue fits, or no row is
         in flight)."""
         free = self.e.max_batch - self.n
+        if self.feed is not None and len(self.queue) < free and (not self.n or free >= self.e.min_refill):
+            self._pull(free - len(self.queue))
         if self.n and free < min(self.e.min_refill, len(self.queue)):
             return
         take = [self.queue.popleft() for _ in range(min(free, len(self.queue)))]
@@ -461,14 +504,28 @@ class _Run:
         self.stats.prefill_time_s += time.perf_counter() - t0
 
     # ---------------------------------------------------------------- steps
-    def _plain_step(self) -> torch.Tensor:
-        """One plain decode step over the rows in flight; returns the tokens emitted per row [n]."""
-        n, sp, m = self.n, self.sp, self.e.model
-        pos = self.lengths[:n, None]
-        h = m(self.last_tok[:n, None], pos, self.cache, self._kv(self.len_bound + 1))
-        lp = sampling_logprobs(m.logits(h[:, 0]), sp.temperature, sp.top_k, sp.top_p)  # [n, V]
-        probs = lp.exp()
-        tok = sample_with_uniforms(probs, row_uniforms(self.keys[:n], self.n_out[:n], _S_SAMPLE, 1)[:, 0])
+    def _pull(self, rows: int):
+        """Append what `feed` hands out for up to `rows` free rows to the queue."""
+        for prompt, pid in self.feed(rows):
+            if not 0 < len(prompt) <= self.max_prompt_len:
+                raise ValueError(f"feed: a prompt of {len(prompt)} tokens; this run holds 1..{self.max_prompt_len}")
+            self.queue.append(len(self.prompts))
+            self.prompts.append(prompt)
+            self.ids.append(pid)
+            self.results.append(None)
+
+    def _plain_step(self) -> torch.Tensor | None:
+        """One plain decode step over the rows in flight; returns the tokens emitted per row [n]
+        (None for a plain run on CUDA, whose steps run as a rows bucket, replayed from a graph)."""
+        n, kv, graphs = self.n, self._kv(self.len_bound + 1), self.e.graphs
+        if graphs is not None and self.hid is None:
+            # Rows past n are finished (done) or empty slots: they emit nothing, and what they
+            # write lands past their lengths, where nothing reads before a row's next write.
+            rows = graphs.rows(n, self.e.max_batch)
+            graphs.run((rows, kv) + self.graph_key, lambda: self._plain_device(rows, kv))
+            self.len_bound += 1
+            return None
+        h, tok, emitted = self._plain_device(n, kv)
         if self.hid is not None:  # a speculative run not drafting this step: feed the window
             if self.hwidth >= self.window:
                 self._drop_window(n)
@@ -476,10 +533,22 @@ class _Run:
             self.hid[rows, idx], self.nxt[rows, idx] = h[:, 0], tok
             self.hlast[:n] = idx
             self.hwidth += 1
-        emitted = self._emit(slice(0, n), tok[:, None], lp.gather(1, tok[:, None]), _entropy(probs, lp)[:, None],
-                             torch.ones(n, dtype=torch.int64, device=self.e.device))
         self.len_bound += 1
         return emitted
+
+    def _plain_device(self, n: int, kv: int):
+        """A plain step's device work over slots [0, n) with attention span kv (no host reads,
+        no host state changed: rollout.cuda_graphs captures it). Returns the hidden states
+        [n, 1, H], the sampled tokens [n] and the tokens emitted per row [n]."""
+        sp, m = self.sp, self.e.model
+        pos = self.lengths[:n, None]
+        h = m(self.last_tok[:n, None], pos, self.cache, kv)
+        lp = sampling_logprobs(m.logits(h[:, 0]), sp.temperature, sp.top_k, sp.top_p)  # [n, V]
+        probs = lp.exp()
+        tok = sample_with_uniforms(probs, row_uniforms(self.keys[:n], self.n_out[:n], _S_SAMPLE, 1)[:, 0])
+        emitted = self._emit(slice(0, n), tok[:, None], lp.gather(1, tok[:, None]), _entropy(probs, lp)[:, None],
+                             torch.ones(n, dtype=torch.int64, device=self.e.device))
+        return h, tok, emitted
 
     def _begin_heads(self, n: int, K: int):
         """Run the heads over each row's window; returns depth-1 logits and the draft state.
@@ -733,6 +802,8 @@ class _Run:
             self.slot_prompt[b] = -1
             if self.progress is not None:
                 self.progress.update(1)
+            if self.on_finish is not None:
+                self.on_finish(self.results[i])
         keep = [b for b in range(n) if not done[b]]
         self._compact(keep)
 

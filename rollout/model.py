@@ -14,7 +14,8 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 from torch import nn
 
-from spec_heads.layers import CacheView, DecoderBlock, KVCache, Linear, RMSNorm, RopeSpec, Rotary, causal_mask
+from spec_heads.layers import CacheView, DecoderBlock, KVCache, Linear, RMSNorm, Rotary, causal_mask
+from spec_heads.rope import RopeSpec, rope_inv_freq, rope_position_limit
 
 
 @dataclass
@@ -49,6 +50,11 @@ class ModelConfig:
                              f"num_key_value_heads={self.num_key_value_heads}")
         if self.model_type == "qwen3":
             self.qk_norm = True
+        rope_inv_freq(self.rope_spec())  # an unsupported rope fails here, at load, with the reason
+
+    def rope_spec(self) -> RopeSpec:
+        return RopeSpec(self.head_dim, self.rope_theta, self.rope_scaling, self.max_position_embeddings,
+                        self.extra.get("partial_rotary_factor", 1.0))
 
     @classmethod
     def from_hf(cls, d: dict) -> "ModelConfig":
@@ -62,7 +68,8 @@ class ModelConfig:
         if d.get("rope_parameters") and not d.get("rope_scaling"):  # transformers >= 5 layout
             rp = dict(d["rope_parameters"])
             kw["rope_theta"] = rp.pop("rope_theta", kw.get("rope_theta", 10000.0))
-            kw["rope_scaling"] = rp if rp.get("rope_type", "default") != "default" else None
+            kw["rope_scaling"] = rp
+        kw["rope_scaling"] = _rope_scaling(kw.get("rope_scaling"), d)
         kw["model_type"] = "llama" if mt == "mistral" else mt
         kw["extra"] = {k: v for k, v in d.items() if k not in known and k not in ("architectures",)}
         return cls(**kw)
@@ -78,6 +85,22 @@ class ModelConfig:
         return d
 
 
+def _rope_scaling(scaling: dict | None, d: dict) -> dict | None:
+    """rope_scaling as transformers reads it: "type" is the old name of "rope_type", default is
+    no scaling, and a top-level original_max_position_embeddings overrides the one inside."""
+    if not scaling:
+        return None
+    scaling = dict(scaling)
+    kind = scaling.setdefault("rope_type", scaling.pop("type", "default"))
+    if kind == "default" and not set(scaling) - {"rope_type", "type", "rope_theta"}:
+        return None
+    if kind in ("llama3", "yarn", "longrope"):
+        top = d.get("original_max_position_embeddings")
+        scaling["original_max_position_embeddings"] = top or scaling.get(
+            "original_max_position_embeddings", d.get("max_position_embeddings", 512))
+    return scaling
+
+
 class Transformer(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -90,8 +113,9 @@ class Transformer(nn.Module):
                          o_bias=c.attention_bias and c.model_type != "qwen2")
             for _ in range(c.num_hidden_layers))
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.rotary = Rotary(RopeSpec(c.head_dim, c.rope_theta, c.rope_scaling, c.max_position_embeddings,
-                                      c.extra.get("partial_rotary_factor", 1.0)))
+        self.rotary = Rotary(c.rope_spec())
+        # the engine never runs past this position (dynamic / longrope rope; None: no limit)
+        self.max_positions = rope_position_limit(c.rope_spec())
         self.lm_head = Linear(c.hidden_size, c.vocab_size, bias=False)
         if c.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
@@ -124,6 +148,8 @@ class Transformer(nn.Module):
             mask = causal_mask(positions, kv_len)
         else:
             mask = causal_mask(positions, T)
+        if x.is_cuda:  # additive once here: SDPA would convert a boolean mask in every layer (3 kernels)
+            mask = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill_(~mask, float("-inf"))
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, mask, i, view)
         return self.norm(x)

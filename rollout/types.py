@@ -1,7 +1,12 @@
 """Rollout data types and generation parameters. Plain data: no torch modules, no Ray."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, replace
+
+
+class LengthError(ValueError):
+    """A request that does not fit the engine's KV cache; the message names the setting to change."""
 
 
 @dataclass
@@ -15,8 +20,8 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)  # the tokenizer's EOS is added by callers
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError(f"temperature: must be >= 0 (0 is greedy), got {self.temperature}")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature: must be a finite number >= 0 (0 is greedy), got {self.temperature}")
         if self.top_k < 0:
             raise ValueError(f"top_k: must be >= 0 (0 turns it off), got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
@@ -59,8 +64,58 @@ class RolloutConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
     threads: int = 0  # CPU threads per worker; 0: this machine's cores / num_workers (Ray would give 1)
+    # pull: workers take GRPO groups from one queue whenever they have free rows (fast workers
+    # take more); fixed: one contiguous share per worker, kept only as a baseline to measure against
+    schedule: str = "pull"
+    num_cpus: float = 1.0  # Ray CPUs reserved per worker (its placement-group bundle)
+    # GPUs per worker; -1: one when rollout.device resolves to CUDA, else none. A fraction
+    # (e.g. 0.5) shares a card, with the learner too under placement=colocated
+    num_gpus: float = -1.0
+    # colocated: workers may share the learner's devices; separate: the placement group also
+    # reserves learner_gpus GPUs (and a CPU) that no worker may take
+    placement: str = "colocated"
+    learner_gpus: float = 1.0  # reserved for the learner under placement=separate, when workers use GPUs
+    placement_strategy: str = "PACK"  # Ray placement strategy: PACK | SPREAD | STRICT_SPREAD (one node each)
+    start_timeout_s: float = 60.0  # fail at start, naming what is missing, if resources are not there by then
+    # a worker with rows in flight that returns nothing for this long is killed (and restarted
+    # or dropped) and its groups re-queued; 0 waits forever. Long answers on big models need more
+    worker_timeout_s: float = 600.0
+    max_restarts: int = 1  # Ray restarts of a dead or killed worker (its weights are re-published); then it is dropped
+    # per-worker overrides of max_batch and threads (empty: every worker the same), to run
+    # workers of unequal speed, e.g. to measure the pull queue against the fixed split
+    max_batch_per_worker: list[int] = field(default_factory=list)
+    threads_per_worker: list[int] = field(default_factory=list)
 
     def __post_init__(self):
+        if self.schedule not in ("pull", "fixed"):
+            raise ValueError(f"schedule: must be pull or fixed, got {self.schedule!r}")
+        if self.num_cpus <= 0:
+            raise ValueError(f"num_cpus: must be > 0 (a Ray placement bundle cannot be empty), got {self.num_cpus}")
+        if self.num_gpus < 0 and self.num_gpus != -1:
+            raise ValueError(f"num_gpus: must be >= 0, or -1 for one per worker on CUDA, got {self.num_gpus}")
+        if self.placement not in ("colocated", "separate"):
+            raise ValueError(f"placement: must be colocated or separate, got {self.placement!r}")
+        if self.learner_gpus < 0:
+            raise ValueError(f"learner_gpus: must be >= 0, got {self.learner_gpus}")
+        if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_SPREAD"):
+            raise ValueError(f"placement_strategy: must be PACK, SPREAD or STRICT_SPREAD, got {self.placement_strategy!r}")
+        if self.start_timeout_s <= 0:
+            raise ValueError(f"start_timeout_s: must be > 0, got {self.start_timeout_s}")
+        if self.worker_timeout_s < 0:
+            raise ValueError(f"worker_timeout_s: must be >= 0 (0 waits forever), got {self.worker_timeout_s}")
+        if self.max_restarts < 0:
+            raise ValueError(f"max_restarts: must be >= 0, got {self.max_restarts}")
+        for key in ("max_batch_per_worker", "threads_per_worker"):
+            values = list(getattr(self, key))
+            setattr(self, key, values)
+            if values and (len(values) != self.num_workers or min(values) < 1):
+                raise ValueError(f"{key}: give one value >= 1 per worker ({self.num_workers}), or [] for "
+                                 f"all alike; got {values}")
+
+    def for_worker(self, w: int) -> "RolloutConfig":
+        """Worker w's settings, with its per-worker overrides applied."""
+        return replace(self, max_batch=self.max_batch_per_worker[w] if self.max_batch_per_worker else self.max_batch,
+                       threads=self.threads_per_worker[w] if self.threads_per_worker else self.threads)
         if self.num_workers < 1:
             raise ValueError(f"num_workers: must be >= 1, got {self.num_workers}")
         if self.max_batch < 1:
@@ -133,6 +188,31 @@ class RolloutStats:
 
 
 @dataclass
+class WorkItem:
+    """One unit of pull work: a GRPO group (all samples of one prompt), kept on one worker.
+    `key` is the group's stable id (its first row id): results are keyed and de-duplicated by it."""
+
+    key: int
+    step: int  # the coordinator's step counter: one engine run never mixes steps
+    prompts: list[list[int]]
+    ids: list[int]  # row ids: each row's random stream
+    sampling: SamplingParams
+    spec: SpecParams | None
+    seed: int
+    version: int  # the policy/heads version that must sample it
+    max_prompt_len: int  # longest prompt of its step (sizes the engine's cache)
+
+
+@dataclass
+class ItemResult:
+    key: int
+    sequences: list[Sequence]  # in the item's row order
+
+
+@dataclass
 class RolloutBatch:
     sequences: list[Sequence]  # in prompt order
     stats: RolloutStats
+    # the client's numbers for this batch: tokens_per_s, speedup_vs_off_est and the
+    # coordinator's per-step report (rollout/coordinator.py)
+    report: dict = field(default_factory=dict)

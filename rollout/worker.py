@@ -5,20 +5,22 @@ heads under ONE version number, swaps both together (`set_weights` refuses an up
 without the other, so a worker never drafts with heads of another version than its policy),
 and stamps that version on every sequence it generates.
 
-`RolloutWorkerActor = ray.remote(RolloutWorker)` is the thin actor (OpenRLHF's
-`RolloutRayActor` pattern). `RolloutClient` hides whether there are N actors (`ray.enabled=
-true`) or one in-process worker (`ray.enabled=false`): the same worker code runs either way, so
-both give identical sequences for the same seed. Client methods that return object refs end in
-`_async`. Prompts are split into contiguous chunks, one per worker; a later pull-based
-coordinator replaces the split behind the same `generate` signature.
+`serve(item)` is the pull path (rollout/coordinator.py): it generates one work item (a GRPO
+group) and is thread-safe, so a threaded Ray actor takes several items at once and they share
+one engine run: a freed row takes the next waiting item's rows (continuous batching across
+items). The thin actor is `ray.remote(RolloutWorker)` (OpenRLHF's `RolloutRayActor` pattern);
+`RolloutClient` is the in-process path (`ray.enabled=false`, one worker), which gives the same
+sequences as the coordinator's actors for the same seed.
 
 This module knows nothing about tokenizers, tasks, rewards or optimisers.
 """
 from __future__ import annotations
 
-import os
-
 import math
+import os
+import threading
+from collections import deque
+from concurrent.futures import Future
 
 import ray
 import torch
@@ -27,7 +29,8 @@ from rollout.checkpoint import load_checkpoint
 from rollout.device import resolve_device, resolve_dtype
 from rollout.engine import Engine
 from rollout.model import ModelConfig, Transformer
-from rollout.types import RolloutBatch, RolloutConfig, RolloutStats, SamplingParams, SpecParams
+from rollout.types import (ItemResult, RolloutBatch, RolloutConfig, RolloutStats, SamplingParams, SpecParams,
+                           WorkItem)
 from spec_heads.depth import CostModel
 from spec_heads.heads import DraftHeads, HeadConfig
 
@@ -74,6 +77,14 @@ class RolloutWorker:
         self.engine.policy_version = self.version
         self._last = RolloutStats()
         self._last_speedup = 1.0
+        # the pull path: items waiting for rows, whether the engine thread runs, which step it
+        # serves, and each step's merged engine stats until the coordinator takes them
+        self._cond = threading.Condition()
+        self._inbox: deque[tuple[WorkItem, Future]] = deque()
+        self._draining = False
+        self._run_step: int | None = None
+        self._step_stats: dict[int, tuple[RolloutStats, SpecParams | None]] = {}
+        self._idle_lock = threading.Lock()
 
     # ----------------------------------------------------------------- weights
     @torch.no_grad()
@@ -89,6 +100,13 @@ class RolloutWorker:
         if self.engine.heads is None and heads_state is not None:
             raise ValueError("heads_state: this worker was built without draft heads (heads=None); "
                              "build it with a HeadConfig to receive heads")
+        with self._idle_lock:  # an idle-time fit reads these weights: swap after it
+            return self._set_weights(version, policy_state, heads_state)
+
+    def _set_weights(self, version: int, policy_state: dict, heads_state: dict | None) -> int:
+        if self._draining:
+            raise RuntimeError(f"set_weights: version {version} arrived while this worker is generating; "
+                               "weights swap only between steps (a coordinator bug)")
         if int(version) <= self.version:
             raise ValueError(f"version: {version} is not newer than the worker's {self.version}; "
                              "versions must increase with every publish")
@@ -106,18 +124,112 @@ class RolloutWorker:
         self.engine.policy_version = self.version
         return self.version
 
+    def node_id(self) -> str | None:
+        """The Ray node this worker runs on (None outside Ray)."""
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+
     def versions(self) -> dict:
         """The version of the policy and of the heads this worker serves (always equal)."""
         return {"policy": self.engine.policy_version, "heads": self.version}
 
     # -------------------------------------------------------------- generation
     def generate(self, prompts: list[list[int]], sampling: SamplingParams, spec: SpecParams | None,
-                 seed: int, ids: list[int] | None = None) -> RolloutBatch:
+                 seed: int, ids: list[int] | None = None, **pull) -> RolloutBatch:
+        """`pull`: the engine's feed / on_finish / max_prompt_len (see Engine.generate)."""
         self.engine.policy_version = self.version  # every sequence carries the weights' version
-        batch = self.engine.generate(prompts, sampling, spec, seed=seed, ids=ids)
+        batch = self.engine.generate(prompts, sampling, spec, seed=seed, ids=ids, **pull)
         self._last = batch.stats
         self._last_speedup = self._speedup_estimate(batch.stats, spec)
         return batch
+
+    # ------------------------------------------------------------ pull work
+    def serve(self, item: WorkItem) -> ItemResult:
+        """Generate one work item; blocks until its rows are done. Concurrent calls share one
+        engine run (the engine thread's): items join it while they fit its run (same step,
+        sampling and version) as rows free up."""
+        fut: Future = Future()
+        with self._cond:
+            self._inbox.append((item, fut))
+            if not self._draining:
+                self._draining = True
+                threading.Thread(target=self._drain, daemon=True, name="rollout-engine").start()
+        return fut.result()
+
+    def _drain(self) -> None:
+        """The engine thread: one engine run per batch of compatible waiting items, until none wait."""
+        while True:
+            with self._cond:
+                if not self._inbox:
+                    self._draining = False
+                    self._cond.notify_all()
+                    return
+                first, fut = self._inbox.popleft()
+                self._run_step = first.step
+            try:
+                self._run(first, fut)
+            finally:
+                with self._cond:
+                    self._run_step = None
+                    self._cond.notify_all()
+
+    def _run(self, first: WorkItem, first_fut: Future) -> None:
+        pending: dict[int, tuple[WorkItem, Future, dict]] = {}  # item key -> (item, future, rows done)
+        owner: dict[int, int] = {}  # row id -> item key
+
+        def admit(item: WorkItem, fut: Future) -> None:
+            pending[item.key] = (item, fut, {})
+            owner.update((i, item.key) for i in item.ids)
+
+        def feed(rows: int) -> list[tuple[list[int], int]]:
+            out = []
+            with self._cond:
+                while rows > 0 and self._inbox and _same_run(self._inbox[0][0], first):
+                    item, fut = self._inbox.popleft()
+                    admit(item, fut)
+                    rows -= len(item.ids)
+                    out += list(zip(item.prompts, item.ids))
+            return out
+
+        def on_finish(seq) -> None:
+            key = owner[seq.prompt_id]
+            item, fut, done = pending[key]
+            done[seq.prompt_id] = seq
+            if len(done) == len(item.ids):
+                del pending[key]
+                fut.set_result(ItemResult(key, [done[i] for i in item.ids]))
+
+        admit(first, first_fut)
+        try:
+            if first.version != self.version:
+                raise RuntimeError(f"rollout: item {first.key} needs version {first.version}, this worker "
+                                   f"serves {self.version}; the coordinator publishes before a step")
+            batch = self.generate(first.prompts, first.sampling, first.spec, first.seed, first.ids, feed=feed,
+                                  on_finish=on_finish, max_prompt_len=first.max_prompt_len)
+            with self._cond:
+                old = self._step_stats.get(first.step)
+                self._step_stats[first.step] = (batch.stats if old is None else old[0].merge(batch.stats), first.spec)
+        except BaseException as e:  # every waiting caller learns why
+            for _, fut, _ in pending.values():
+                if not fut.done():
+                    fut.set_exception(e)
+            if not isinstance(e, Exception):
+                raise
+
+    def step_stats(self, step: int) -> dict | None:
+        """{"stats": the merged engine stats of `step`'s runs on this worker, "speedup": their
+        estimated speedup over speculation off}, once the runs have ended; then forgotten."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._run_step != step)
+            got = self._step_stats.pop(step, None)
+        if got is None:
+            return None
+        return {"stats": got[0], "speedup": self._speedup_estimate(*got)}
+
+    def run_idle(self, fn, *args):
+        """Idle-time work the coordinator hands a worker whose queue ran dry: fn(self, *args).
+        Weights stay as they are until it returns."""
+        with self._idle_lock:
+            return fn(self, *args)
 
     def throughput(self) -> dict:
         """Numbers of the last generate call: tokens, time_s, tokens_per_s, mean_accepted_len,
@@ -154,112 +266,66 @@ class RolloutWorker:
 RolloutWorkerActor = ray.remote(RolloutWorker)
 
 
+def _same_run(item: WorkItem, first: WorkItem) -> bool:
+    """Whether `item` may join `first`'s engine run: one seed, sampling, spec and version per run."""
+    return (item.step == first.step and item.seed == first.seed and item.version == first.version
+            and item.sampling == first.sampling and item.spec == first.spec
+            and item.max_prompt_len <= first.max_prompt_len)
+
+
 class RolloutClient:
-    """N Ray actors (use_ray=True) or one in-process worker, behind one interface.
+    """One in-process worker (ray.enabled=false): the coordinator's interface without Ray.
 
     Built from the learner's weights: model_config + policy_state (CPU tensors), the heads'
-    config + state, and the version they carry. Each publish puts the state into the object
-    store ONCE and hands the same ref to every actor.
+    config + state, and the version they carry.
     """
 
     def __init__(self, model_config: ModelConfig, policy_state: dict, heads: HeadConfig | None,
-                 heads_state: dict | None, rollout: RolloutConfig, *, version: int = 0,
-                 use_ray: bool = False, num_cpus_per_worker: float = 1.0):
-        self.use_ray, self.version = use_ray, int(version)
-        self.num_workers = rollout.num_workers
-        if not use_ray:
-            if rollout.num_workers != 1:
-                raise ValueError(f"rollout.num_workers: {rollout.num_workers} workers need Ray; "
-                                 "set ray.enabled=true or rollout.num_workers=1")
-            self.workers = [RolloutWorker(model_config, heads, rollout, policy_state=policy_state,
-                                          heads_state=heads_state, version=version)]
-            return
-        if not ray.is_initialized():
-            raise RuntimeError("ray: not initialised; call ray.init() first (specroll train does it "
-                               "when ray.enabled=true)")
-        gpus = 1 if resolve_device(rollout.device).type == "cuda" else 0
-        policy_ref, heads_ref = ray.put(policy_state), ray.put(heads_state)
-        actor = RolloutWorkerActor.options(num_cpus=num_cpus_per_worker, num_gpus=gpus)
-        # refs as top-level arguments: Ray resolves them in each actor, one copy in the store
-        self.workers = [actor.remote(model_config, heads, rollout, policy_state=policy_ref,
-                                     heads_state=heads_ref, version=version)
-                        for _ in range(rollout.num_workers)]
-        ray.get([w.versions.remote() for w in self.workers])  # surface start-up errors here
-
-    # ----------------------------------------------------------------- publish
-    def publish_async(self, version: int, policy_state: dict, heads_state: dict | None) -> list:
-        """Start swapping every worker to `version`; returns the refs (or the new versions)."""
-        if not self.use_ray:
-            return [w.set_weights(version, policy_state, heads_state) for w in self.workers]
-        policy_ref, heads_ref = ray.put(policy_state), ray.put(heads_state)
-        return [w.set_weights.remote(version, policy_ref, heads_ref) for w in self.workers]
+                 heads_state: dict | None, rollout: RolloutConfig, *, version: int = 0):
+        if rollout.num_workers != 1:
+            raise ValueError(f"rollout.num_workers: {rollout.num_workers} workers need Ray; "
+                             "set ray.enabled=true or rollout.num_workers=1")
+        self.version = int(version)
+        self.worker = RolloutWorker(model_config, heads, rollout, policy_state=policy_state,
+                                    heads_state=heads_state, version=version)
+        self.workers = [self.worker]
+        self._report: dict = {}
 
     def publish(self, version: int, policy_state: dict, heads_state: dict | None) -> None:
-        """Swap policy and heads on every worker to `version` and wait for all of them."""
-        refs = self.publish_async(version, policy_state, heads_state)
-        if self.use_ray:
-            ray.get(refs)
+        """Swap policy and heads to `version` together."""
+        self.worker.set_weights(version, policy_state, heads_state)
         self.version = int(version)
 
     def versions(self) -> list[dict]:
-        if not self.use_ray:
-            return [w.versions() for w in self.workers]
-        return ray.get([w.versions.remote() for w in self.workers])
-
-    # -------------------------------------------------------------- generation
-    def generate_async(self, prompts: list[list[int]], ids: list[int], sampling: SamplingParams,
-                       spec: SpecParams | None, seed: int) -> list:
-        """One ref per non-empty chunk (Ray), or the finished batches (in-process)."""
-        if len(ids) != len(prompts):
-            raise ValueError(f"ids: {len(ids)} ids for {len(prompts)} prompts; give one id per prompt")
-        chunks = _split(len(prompts), len(self.workers))
-        calls = [(w, prompts[a:b], ids[a:b]) for w, (a, b) in zip(self.workers, chunks) if b > a]
-        if not self.use_ray:
-            return [w.generate(p, sampling, spec, seed, i) for w, p, i in calls]
-        return [w.generate.remote(p, sampling, spec, seed, i) for w, p, i in calls]
+        return [self.worker.versions()]
 
     def generate(self, prompts: list[list[int]], ids: list[int], sampling: SamplingParams,
                  spec: SpecParams | None, seed: int) -> RolloutBatch:
-        """Sequences in prompt order; stats merged (time_s is the slowest worker's, since
-        workers run side by side)."""
-        parts = self.generate_async(prompts, ids, sampling, spec, seed)
-        batches: list[RolloutBatch] = ray.get(parts) if self.use_ray else parts
-        if not batches:
+        """Sequences in prompt order, sampled by the current version."""
+        if len(ids) != len(prompts):
+            raise ValueError(f"ids: {len(ids)} ids for {len(prompts)} prompts; give one id per prompt")
+        if not prompts:
             return RolloutBatch([], RolloutStats())
-        stats = batches[0].stats
-        for b in batches[1:]:
-            stats = stats.merge(b.stats)
-        stats.time_s = max(b.stats.time_s for b in batches)
-        sequences = [s for b in batches for s in b.sequences]
-        stale = {s.policy_version for s in sequences} - {self.version}
-        if stale:
-            raise RuntimeError(f"rollout: sequences carry policy versions {sorted(stale)}, expected "
-                               f"{self.version}; a worker missed a publish")
-        return RolloutBatch(sequences, stats)
+        batch = self.worker.generate(prompts, sampling, spec, seed, ids)
+        self._report = {"rollout_worker_tokens_per_s": [batch.stats.tokens_per_s],
+                        "rollout_worker_idle_frac": [0.0], "rollout_tail_s": 0.0, "rollout_queue_wait_s": 0.0,
+                        "rollout_faults": 0, "rollout_workers_alive": 1}
+        batch.report = {**self.throughput(), **self._report}
+        return batch
+
+    def generate_async(self, prompts, ids, sampling, spec, seed) -> Future:
+        """In process there is nothing to overlap with: generates now, returns a done future."""
+        fut: Future = Future()
+        fut.set_result(self.generate(prompts, ids, sampling, spec, seed))
+        return fut
+
+    def report(self) -> dict:
+        """The last step's per-worker numbers (see rollout/coordinator.py)."""
+        return dict(self._report)
 
     def throughput(self) -> dict:
-        """The workers' last-call numbers, tokens-weighted (tokens_per_s: summed)."""
-        infos = ([w.throughput() for w in self.workers] if not self.use_ray
-                 else ray.get([w.throughput.remote() for w in self.workers]))
-        tokens = sum(i["tokens"] for i in infos)
-        weight = lambda key: (sum(i[key] * i["tokens"] for i in infos) / tokens) if tokens else 1.0
-        return {"tokens": tokens, "tokens_per_s": sum(i["tokens_per_s"] for i in infos),
-                "mean_accepted_len": weight("mean_accepted_len"),
-                "speedup_vs_off_est": weight("speedup_vs_off_est")}
+        info = self.worker.throughput()
+        return {k: info[k] for k in ("tokens", "tokens_per_s", "mean_accepted_len", "speedup_vs_off_est")}
 
     def close(self) -> None:
-        if self.use_ray:
-            for w in self.workers:
-                ray.kill(w)
         self.workers = []
-
-
-def _split(n: int, parts: int) -> list[tuple[int, int]]:
-    """Contiguous [a, b) chunks of range(n), sizes differing by at most one."""
-    base, extra = divmod(n, parts)
-    out, a = [], 0
-    for i in range(parts):
-        b = a + base + (1 if i < extra else 0)
-        out.append((a, b))
-        a = b
-    return out

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""H200: where does the speculative engine's extra prefill time go? SmolLM2-135M-shaped random
+"""On a CUDA GPU: where does the speculative engine's extra prefill time go? SmolLM2-135M-shaped random
 weights (bf16), heads (sequential, 4 depths, 4096 draft vocab); times trunk prefill vs heads
 prefill over (rows, prompt length), then a full generate of 256 prompts at batch 128 in off and
 fixed:2 with the engine's prefill timer, and a torch.profiler table of one fixed:2 generate."""

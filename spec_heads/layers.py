@@ -1,5 +1,5 @@
 """Transformer building blocks shared by the policy (rollout/model.py) and the sequential draft
-head: RMSNorm, rotary embeddings (with the common scaling variants), grouped-query attention
+head: RMSNorm, rotary embeddings (their parameters: spec_heads/rope.py), grouped-query attention
 over a slot-indexed KV cache, SwiGLU, one decoder block.
 
 The KV cache knows nothing about sequences or sampling. It is a set of per-layer buffers
@@ -17,6 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from spec_heads import fused as _fz
+from spec_heads.rope import RopeSpec, rope_inv_freq  # noqa: F401  (RopeSpec: re-exported for heads.py)
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
@@ -27,10 +30,9 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:  # one fused op
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        if _fz.active(x):
+            return _fz.fused(_fz.rms_norm)(x, self.weight, self.eps)
+        return _fz.rms_norm(x, self.weight, self.eps)
 
 
 class Linear(nn.Linear):
@@ -163,61 +165,6 @@ def padding_from_times(times: dict[int, float], min_gain: float = 0.05, overhead
     return table
 
 
-@dataclass
-class RopeSpec:
-    """Rotary embedding parameters, as in a Hugging Face config (`rope_theta`, `rope_scaling`)."""
-
-    head_dim: int
-    theta: float = 10000.0
-    scaling: dict | None = None  # {"rope_type": "linear"|"llama3"|"yarn"|"dynamic"|"default", ...}
-    max_position_embeddings: int = 2048
-    partial_rotary_factor: float = 1.0
-
-
-def rope_inv_freq(spec: RopeSpec) -> tuple[torch.Tensor, float]:
-    """Inverse frequencies [rot_dim/2] and the attention scaling factor for `spec`."""
-    dim = int(spec.head_dim * spec.partial_rotary_factor)
-    inv = 1.0 / (spec.theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
-    sc = dict(spec.scaling or {})
-    kind = sc.get("rope_type", sc.get("type", "default"))
-    mscale = 1.0
-    if kind in ("default", None):
-        pass
-    elif kind == "linear":
-        inv = inv / float(sc["factor"])
-    elif kind == "dynamic":
-        # Dynamic NTK equals the default inside max_position_embeddings; the engine never
-        # runs past it (its max_len is checked against the model's), so no rescaling here.
-        pass
-    elif kind == "llama3":  # arXiv:2407.21783, frequency-dependent interpolation
-        factor = float(sc["factor"])
-        lo, hi = float(sc.get("low_freq_factor", 1.0)), float(sc.get("high_freq_factor", 4.0))
-        old = float(sc.get("original_max_position_embeddings", 8192))
-        wavelen = 2 * math.pi / inv
-        smooth = (old / wavelen - lo) / (hi - lo)
-        scaled = torch.where(wavelen > old / lo, inv / factor, inv)
-        mid = (wavelen <= old / lo) & (wavelen >= old / hi)
-        inv = torch.where(mid, (1 - smooth) * inv / factor + smooth * inv, scaled)
-    elif kind == "yarn":  # arXiv:2309.00071
-        factor = float(sc["factor"])
-        old = float(sc.get("original_max_position_embeddings", spec.max_position_embeddings))
-        beta_fast, beta_slow = float(sc.get("beta_fast", 32)), float(sc.get("beta_slow", 1))
-        mscale = float(sc.get("attention_factor") or (0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0))
-
-        def corr(rot):
-            return (dim * math.log(old / (rot * 2 * math.pi))) / (2 * math.log(spec.theta))
-
-        low = max(math.floor(corr(beta_fast)), 0)
-        high = min(math.ceil(corr(beta_slow)), dim - 1)
-        ramp = (torch.arange(dim // 2, dtype=torch.float64) - low) / max(high - low, 1e-3)
-        extrap = 1 - ramp.clamp(0, 1)
-        inv = (inv / factor) * (1 - extrap) + inv * extrap
-    else:
-        raise ValueError(f"rope_scaling.rope_type={kind!r} is not supported; use one of "
-                         "default, linear, dynamic, llama3, yarn")
-    return inv.float(), mscale
-
-
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [B, heads, T, D]; cos/sin [B, 1, T, rot] from `Rotary` (rot <= D, in x's dtype).
 
@@ -227,7 +174,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """
     rot = cos.shape[-1]
     if rot == x.shape[-1]:
-        return torch.addcmul(x * cos, x.roll(rot // 2, -1), sin)
+        return _fz.fused(_fz.rope)(x, cos, sin) if _fz.active(x) else _fz.rope(x, cos, sin)
     xr, xp = x[..., :rot], x[..., rot:]
     return torch.cat((torch.addcmul(xr * cos, xr.roll(rot // 2, -1), sin), xp), dim=-1)
 
@@ -429,9 +376,26 @@ def attention(q, k, v, mask, expand_masked_gqa_on_cuda: bool = True) -> torch.Te
             return out.transpose(1, 2).reshape(B, T, -1)
     gqa = n_kv != n_heads
     if gqa and mask is not None and q.is_cuda and expand_masked_gqa_on_cuda:
+        if T <= _ATTN_MAX_WIDTH:
+            return _grouped_query_sdpa(q, k.to(q.dtype), v.to(q.dtype), mask)
         k, v, gqa = expand_kv(k, n_heads), expand_kv(v, n_heads), False
     out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, enable_gqa=gqa)
     return out.transpose(1, 2).reshape(B, T, -1)
+
+
+def _grouped_query_sdpa(q, k, v, mask) -> torch.Tensor:
+    """Masked grouped-query SDPA for a few queries per row (decode and verify steps), as one
+    fused kernel that reads each KV head once: the g query heads of a KV head's group, times
+    the T queries, become g * T queries of that head, the mask repeated over the group.
+    Expanding the KV heads instead copies the whole attended cache every layer (a decode step
+    of a 0.5B shape at 256 rows: ~0.2 GB per layer)."""
+    B, n_heads, T, D = q.shape
+    n_kv, S = k.shape[1], k.shape[2]
+    g = n_heads // n_kv
+    qg = q.reshape(B, n_kv, g * T, D)  # head h = kv * g + j: query row j * T + t
+    mg = mask if T == 1 else mask[:, :, None].expand(B, 1, g, T, S).reshape(B, 1, g * T, S)
+    out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mg)  # [B, n_kv, g * T, D]
+    return out.reshape(B, n_heads, T, D).transpose(1, 2).reshape(B, T, -1)
 
 
 class Attention(nn.Module):
@@ -491,7 +455,8 @@ class SwiGLU(nn.Module):
         self.down_proj = Linear(intermediate, hidden, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        g, u = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(_fz.fused(_fz.silu_mul)(g, u) if _fz.active(g) else _fz.silu_mul(g, u))
 
 
 class DecoderBlock(nn.Module):

@@ -113,11 +113,10 @@ def sample_with_uniforms(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
     Over a large vocabulary the CDF has two levels: the target picks a block of _CDF_BLOCK
     tokens by the blocks' masses, then a token within that block by the block's own float64
-    CDF, the target rescaled to that CDF's total. A float64 cumulative sum over every token of
-    every row was the dearest op of a plain decode step of SmolLM2's 49k vocabulary on a CPU
-    (21.6 ms of ~140 ms at 128 rows; two levels: ~1 ms). The block masses are float32 sums (a
-    float64 sum converts every element, 11 ms there): a block's weight is off by at most ~1e-7
-    of itself, the rounding of the float32 probabilities themselves, and within a block the
+    CDF, the target rescaled to that CDF's total: a float64 cumulative sum over every token of
+    every row is otherwise the dearest op of a plain decode step over a 49k vocabulary on a CPU.
+    The block masses are float32 sums (a float64 sum would convert every element): a block's
+    weight is off by at most ~1e-7 of itself, the rounding of the float32 probabilities themselves, and within a block the
     draw is exactly proportional to the float64 CDF.
     """
     V = probs.shape[-1]

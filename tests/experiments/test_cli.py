@@ -68,3 +68,56 @@ def test_missing_module_is_a_clear_message(monkeypatch, capsys):
     code, out, err = _run(["plot", "runs/x"], capsys)
     assert code == cli.EXIT_MISSING
     assert "experiments.no_such_module" in err and "Traceback" not in err + out
+
+
+@pytest.mark.parametrize("override, key", [
+    ("sampling.stop_token_ids=[1,", "sampling.stop_token_ids"),
+    ("sampling.temperature=nan", "sampling.temperature"),
+    ("train.lr=inf", "train.lr"),
+])
+def test_malformed_and_non_finite_overrides_exit_2_naming_the_key(override, key, capsys):
+    for command in ("config", "train"):
+        code, out, err = _run([command, override], capsys)
+        assert code == 2 and err.startswith(f"error: {key}: ") and "Traceback" not in err + out
+
+
+def _fail_if_run(monkeypatch, module, func):
+    fake = types.ModuleType(module)
+    setattr(fake, func, lambda *a: pytest.fail("the command ran despite bad data"))
+    monkeypatch.setitem(sys.modules, module, fake)
+
+
+@pytest.mark.parametrize("content, problem", [
+    ("", "no usable question/answer rows"),
+    ('{"question": "q", "answer": "#### 1/2 cup"}\n', "line 1: 'answer': the final answer"),
+    ('{"question": "q", "answer": "#### 7"}\n', "task.eval_size: 128 held-out prompts"),
+])
+def test_bad_data_exits_2_before_any_model_is_loaded(tmp_path, monkeypatch, capsys, content, problem):
+    path = tmp_path / "d.jsonl"
+    path.write_text(content)
+    _fail_if_run(monkeypatch, "experiments.train", "run")
+    for command in ("config", "train"):
+        code, out, err = _run([command, "model.name=smollm2-135m", "task.name=gsm8k", f"task.path={path}"], capsys)
+        assert code == 2 and err.startswith("error: ") and problem in err and "Traceback" not in err + out
+
+
+def test_missing_data_file_exits_2_before_any_model_is_loaded(tmp_path, monkeypatch, capsys):
+    _fail_if_run(monkeypatch, "experiments.train", "run")
+    code, _, err = _run(["train", "model.name=smollm2-135m", "task.name=gsm8k",
+                         f"task.path={tmp_path / 'nope.jsonl'}"], capsys)
+    assert code == 2 and "nope.jsonl: no such file" in err
+
+
+def test_a_request_longer_than_the_engine_allows_exits_2(monkeypatch, capsys):
+    from rollout.types import LengthError
+
+    fake = types.ModuleType("experiments.train")
+
+    def train(cfg, overrides):
+        raise LengthError("sampling.max_new_tokens: prompt length + max_new_tokens + draft depth = 5009 "
+                          "exceeds the engine's max_len=512; lower sampling.max_new_tokens")
+
+    fake.run = train
+    monkeypatch.setitem(sys.modules, "experiments.train", fake)
+    code, out, err = _run(["train", "sampling.max_new_tokens=5000"], capsys)
+    assert code == 2 and err.startswith("error: sampling.max_new_tokens: ") and "Traceback" not in err + out

@@ -73,6 +73,13 @@ def test_wrong_type_names_the_key_and_the_type(override, key, hint):
     (["sampling=3"], "sampling:"),
     (["rollout.max_seq_len=16"], "rollout.max_seq_len:"),  # cannot hold max_new_tokens=64
     (["rollout.num_workers=2", "ray.enabled=false"], "rollout.num_workers:"),
+    (["rollout.schedule=round_robin"], "rollout.schedule:"),
+    (["rollout.placement_strategy=spread"], "rollout.placement_strategy:"),
+    (["rollout.worker_timeout_s=-1"], "rollout.worker_timeout_s:"),
+    (["train.max_staleness=-1"], "train.max_staleness:"),
+    (["algo.tis_cap=-2"], "algo.tis_cap:"),
+    (["refit.schedule=idle", "rollout.num_workers=1"], "refit.schedule:"),  # nobody idles alone
+    (["rollout.num_workers=2", "rollout.max_batch_per_worker=[8]"], "rollout.max_batch_per_worker:"),
 ])
 def test_impossible_values_name_the_dotted_path(overrides, prefix):
     assert _error(overrides).startswith(prefix)
@@ -121,3 +128,57 @@ def test_string_fields_take_yaml_keywords_as_text():
     from experiments.config import load_config
     cfg = load_config("default", ["spec.mode=off", "name=on", "refit.schedule=never"])
     assert cfg.spec.mode == "off" and cfg.name == "on" and cfg.refit.schedule == "never"
+
+
+def _float_keys():
+    """Every float setting of the root config (and list-of-float ones), found from the dataclasses."""
+    import dataclasses
+    import typing
+
+    def walk(cls, path):
+        for f in dataclasses.fields(cls):
+            hint = typing.get_type_hints(cls)[f.name]
+            if dataclasses.is_dataclass(hint):
+                yield from walk(hint, f"{path}{f.name}.")
+            elif float in (hint, *typing.get_args(hint)):
+                yield f"{path}{f.name}", isinstance(f.default_factory(), list) if f.default is dataclasses.MISSING else False
+
+    return list(walk(Config, ""))
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf", "-inf"])
+def test_every_float_setting_must_be_finite(bad):
+    keys = _float_keys()
+    assert {"sampling.temperature", "train.lr", "refit.lr", "train.betas", "fit.temperature"} <= {k for k, _ in keys}
+    for key, is_list in keys:
+        value = f"[0.9,{bad}]" if is_list else bad
+        message = _error([f"{key}={value}"])
+        assert message.startswith(f"{key}: must be a finite number"), (key, message)
+
+
+def test_a_non_finite_value_in_a_preset_file_is_refused(tmp_path):
+    preset = tmp_path / "p.yaml"
+    preset.write_text("sampling:\n  temperature: .nan\n")
+    assert _error([], preset=str(preset)).startswith("sampling.temperature: must be a finite number")
+
+
+def test_a_preset_cannot_construct_python_objects(tmp_path):
+    """YAML is read with a safe loader: a tag naming a Python callable is an error, never a call."""
+    marker = tmp_path / "ran"
+    preset = tmp_path / "p.yaml"
+    preset.write_text(f"name: !!python/object/apply:os.system ['touch {marker}']\n")
+    assert "not valid YAML" in _error([], preset=str(preset))
+    assert not marker.exists()
+
+
+def test_library_dataclasses_refuse_non_finite_values_too():
+    import math
+
+    from learner.config import RefitConfig, TrainConfig
+    from rollout.types import SamplingParams
+
+    for make in (lambda: SamplingParams(temperature=math.nan), lambda: TrainConfig(lr=math.inf),
+                 lambda: TrainConfig(grad_clip=math.inf), lambda: TrainConfig(lr=1e6), lambda: TrainConfig(betas=[0.9, math.nan]),
+                 lambda: RefitConfig(lr=math.inf)):
+        with pytest.raises(ValueError, match="finite|in \\(0, 1\\)"):
+            make()

@@ -3,7 +3,9 @@ import json
 
 import pytest
 
-from experiments.data import DataError, QARecord, load_qa_file, parse_final
+from fractions import Fraction
+
+from experiments.data import DataError, QARecord, describe_skipped, load_qa_file, parse_final, parse_number
 
 GOOD = [
     {"question": "Tom has 3 apples and buys 4. How many?", "answer": "3 + 4 = 7\n#### 7"},
@@ -38,14 +40,14 @@ def test_parse_final():
 def test_good_jsonl_loads_in_order_with_final_numbers(tmp_path):
     path = _write_jsonl(tmp_path / "train.jsonl", GOOD[:2] + [""] + GOOD[2:])  # a blank line is fine
     records, skipped = load_qa_file(path)
-    assert skipped == 0
+    assert skipped == []
     assert [r.final for r in records] == FINALS
     assert records[0] == QARecord(GOOD[0]["question"], GOOD[0]["answer"], "7")
 
 
 def test_good_parquet_and_json_array_load(tmp_path):
     records, skipped = load_qa_file(_write_parquet(tmp_path / "train.parquet", GOOD))
-    assert skipped == 0 and [r.final for r in records] == FINALS
+    assert skipped == [] and [r.final for r in records] == FINALS
     (tmp_path / "train.json").write_text(json.dumps(GOOD, indent=1))
     assert [r.final for r in load_qa_file(tmp_path / "train.json")[0]] == FINALS
 
@@ -82,7 +84,8 @@ def test_malformed_row_names_path_row_and_problem(tmp_path, bad_row, problem):
 def test_skip_malformed_counts_what_it_skipped(tmp_path):
     lines = [GOOD[0], "{not json", {"question": "q"}, GOOD[1], {"question": "q", "answer": "no number"}]
     records, skipped = load_qa_file(_write_jsonl(tmp_path / "t.jsonl", lines), skip_malformed=True)
-    assert skipped == 3 and [r.final for r in records] == ["7", "1500"]
+    assert [s.where for s in skipped] == ["line 2", "line 3", "line 5"] and [r.final for r in records] == ["7", "1500"]
+    assert "invalid JSON" in skipped[0].problem and "missing key 'answer'" in skipped[1].problem
 
 
 def test_missing_file_and_unknown_type_name_the_path(tmp_path):
@@ -91,3 +94,55 @@ def test_missing_file_and_unknown_type_name_the_path(tmp_path):
     (tmp_path / "t.csv").write_text("question,answer\n")
     with pytest.raises(DataError, match="t.csv: unsupported file type"):
         load_qa_file(tmp_path / "t.csv")
+
+
+@pytest.mark.parametrize("text, value", [
+    ("72", 72), ("-3", -3), ("2.5", Fraction(5, 2)), ("1,234", 1234), ("1,234,567.25", Fraction(123456725, 100)),
+    ("1 000", 1000), ("1 000 000", 1000000), ("$12", 12), ("-$5", -5), ("3/4", Fraction(3, 4)),
+    ("-1/2", Fraction(-1, 2)), ("1e3", 1000), ("2.5E-2", Fraction(1, 40)), (".5", Fraction(1, 2)), ("72.", 72),
+])
+def test_numbers_parse_whole_and_exactly(text, value):
+    assert parse_number(text) == value
+    assert parse_number(f"  {text} ") == value
+
+
+@pytest.mark.parametrize("text", ["", "abc", "1 2 3", "12,34", "3 apples", "1/0", "1e999", "7 or 8", "1,2345"])
+def test_text_that_is_not_one_number_is_not_a_number(text):
+    assert parse_number(text) is None
+
+
+@pytest.mark.parametrize("final, value", [("1/2", Fraction(1, 2)), ("1 000", 1000), ("1e3", 1000), ("3,000", 3000)])
+def test_final_answers_are_read_whole_never_cut_to_their_first_number(tmp_path, final, value):
+    records, _ = load_qa_file(_write_jsonl(tmp_path / "t.jsonl", [{"question": "q", "answer": f"x\n#### {final}"}]))
+    assert parse_number(records[0].final) == value
+
+
+@pytest.mark.parametrize("final", ["3 apples", "1 2", "seven", "4 or 5"])
+def test_a_final_answer_that_is_not_one_number_rejects_its_row(tmp_path, final):
+    rows = GOOD[:2] + [{"question": "q", "answer": f"#### {final}"}]
+    path = _write_jsonl(tmp_path / "t.jsonl", rows)
+    with pytest.raises(DataError) as info:
+        load_qa_file(path)
+    message = str(info.value)
+    assert str(path) in message and "line 3" in message and "not one number" in message and repr(final) in message
+    records, skipped = load_qa_file(path, skip_malformed=True)
+    assert len(records) == 2 and [s.where for s in skipped] == ["line 3"]
+
+
+def test_empty_files_and_files_with_no_usable_row_are_clear_errors(tmp_path):
+    for name, text in [("empty.jsonl", ""), ("blank.jsonl", "\n\n"), ("empty.json", "[]")]:
+        (tmp_path / name).write_text(text)
+        with pytest.raises(DataError, match=f"{name}: no usable question/answer rows: it holds no rows"):
+            load_qa_file(tmp_path / name)
+    path = _write_jsonl(tmp_path / "bad.jsonl", ["{no", {"question": "q"}])
+    with pytest.raises(DataError, match="all 2 rows are malformed .first: line 1"):
+        load_qa_file(path, skip_malformed=True)
+
+
+def test_the_skip_report_counts_and_names_the_first_lines():
+    from experiments.data import Skipped
+
+    skipped = [Skipped("line", n, "invalid JSON") for n in (3, 8, 9, 20, 31, 40, 41)]
+    line = describe_skipped("t.jsonl", 100, skipped)
+    assert "skipped 7 malformed rows of t.jsonl (kept 100)" in line
+    assert "line 3: invalid JSON" in line and "line 31" in line and "line 40" not in line and "2 more" in line

@@ -69,7 +69,7 @@ def test_records_load_as_gsm8k_and_their_steps_check_out(tmp_path):
     path = write_jsonl(tmp_path / "sub" / "arith.jsonl", 200, seed=3)
     assert [p.name for p in path.parent.iterdir()] == ["arith.jsonl"]  # no temp file left behind
     records, skipped = load_qa_file(path)
-    assert skipped == 0 and len(records) == 200
+    assert skipped == [] and len(records) == 200
     assert len({r.question for r in records}) == 200  # distinct: none can sit in both train and eval
     for r in records:
         _check_worked_answer(r.question, r.answer, r.final)

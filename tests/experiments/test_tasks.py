@@ -3,6 +3,7 @@ import random
 
 import pytest
 
+from experiments.data import DataError
 from experiments.tasks import ArithmeticTask, Example, Gsm8kTask, TaskConfig, make_task, worked_solution
 from experiments.tokenizer import TextTokenizer, build_char_tokenizer
 from rollout.checkpoint import load_tokenizer
@@ -160,5 +161,41 @@ def test_gsm8k_task_rewards_gsm8k_style_answers(tmp_path):
 def test_gsm8k_eval_size_must_leave_training_prompts(tmp_path):
     path = tmp_path / "gsm.jsonl"
     _write_gsm8k(path, 4)
-    with pytest.raises(ValueError, match="^eval_size:"):
+    with pytest.raises(DataError, match=r"^task\.eval_size: 4 held-out prompts leave none .* \(4 usable rows\); lower"):
         make_task(TaskConfig(name="gsm8k", path=str(path), eval_size=4))
+
+
+@pytest.mark.parametrize("reference, equal_forms, wrong", [
+    ("1/2", ["1/2", "0.5", "2/4", "5e-1"], "1"),
+    ("1 000", ["1000", "1,000", "1 000", "1e3", "1000.0"], "1"),
+    ("1e3", ["1000", "1,000", "1e3"], "1"),
+    ("-2,500.5", ["-2500.5", "-2,500.50", "-5001/2"], "-2"),
+])
+def test_the_reward_and_the_loader_agree_on_what_a_number_is(tmp_path, reference, equal_forms, wrong):
+    """A reference the loader accepts is matched by the reward in any way of writing the same value,
+    and never by its first digits alone."""
+    path = tmp_path / "gsm.jsonl"
+    _write_gsm8k(path, 3)
+    with path.open("a") as f:
+        f.write(json.dumps({"question": "The odd one?", "answer": f"work\n#### {reference}"}) + "\n")
+    task = make_task(TaskConfig(name="gsm8k", path=str(path), eval_size=1, format_reward=0.2))
+    ex = next(e for e in task.eval_prompts() + task.train_prompts(50, seed=0) if e.prompt.startswith("The odd one?"))
+    assert task.reward(ex.target, ex) == 1.0
+    for form in equal_forms:
+        assert task.reward(f"so\n#### {form}", ex) == 1.0, form
+        assert task.reward(f"The answer is {form}", ex) == 1.0, form
+    assert task.reward(f"#### {wrong}", ex) == pytest.approx(0.2)
+
+
+def test_skipped_rows_are_reported_with_their_lines(tmp_path, capsys, caplog):
+    import logging
+
+    path = tmp_path / "gsm.jsonl"
+    _write_gsm8k(path, 6)
+    with path.open("a") as f:
+        f.write("{broken\n" + json.dumps({"question": "q", "answer": "#### 3 apples"}) + "\n")
+    with caplog.at_level(logging.INFO, logger="experiments.tasks"):
+        make_task(TaskConfig(name="gsm8k", path=str(path), eval_size=2, skip_malformed=True))
+    err = capsys.readouterr().err
+    assert "skipped 2 malformed rows" in err and "line 7: invalid JSON" in err and "line 8" in err
+    assert any("skipped 2 malformed rows" in r.getMessage() for r in caplog.records)

@@ -15,7 +15,7 @@ REQUIRED = ("step", "reward_mean", "reward_std", "accuracy", "response_len_mean"
             "accept_rate_per_pos", "rollout_tokens_per_s", "time_rollout_s", "time_train_s", "time_refit_s",
             "policy_version", "logprob_diff_max", "loss", "grad_norm", "kl", "clipfrac", "entropy_mean",
             "refit", "spec_mode", "depth_hist", "speedup_vs_off_est")
-TIMING = ("time_", "rollout_tokens_per_s", "speedup_vs_off_est")
+TIMING = ("time_", "rollout_", "speedup_vs_off_est")  # rollout_*: timings and per-worker lists
 
 
 def small_config(policy, out_dir, name, *overrides):
@@ -59,9 +59,12 @@ def test_train_writes_config_metrics_events_checkpoints_and_plots(policy_dir, tm
         train.run(small_config(policy_dir, tmp_path, "run"))
 
 
-def test_crash_then_resume_reproduces_the_uninterrupted_run(policy_dir, tmp_path, monkeypatch):
-    straight = small_config(policy_dir, tmp_path, "straight")
+@pytest.mark.parametrize("staleness", [0, 1])
+def test_crash_then_resume_reproduces_the_uninterrupted_run(policy_dir, tmp_path, monkeypatch, staleness):
+    """Async too: the checkpoint carries the rollouts already submitted for the next steps."""
+    straight = small_config(policy_dir, tmp_path, "straight", f"train.max_staleness={staleness}")
     train.run(straight)
+    assert [r["staleness_max"] for r in read_metrics(straight.run_dir)] == [0] + [staleness] * 2
 
     real_step = RLLoop.step
 
@@ -70,12 +73,13 @@ def test_crash_then_resume_reproduces_the_uninterrupted_run(policy_dir, tmp_path
             raise RuntimeError("simulated crash")
         return real_step(self, step)
 
-    crashed = small_config(policy_dir, tmp_path, "crashed")
+    crashed = small_config(policy_dir, tmp_path, "crashed", f"train.max_staleness={staleness}")
     monkeypatch.setattr(RLLoop, "step", crash_at_3)
     with pytest.raises(RuntimeError, match="simulated crash"):
         train.run(crashed)
     monkeypatch.setattr(RLLoop, "step", real_step)
     assert [r["step"] for r in read_metrics(crashed.run_dir)] == [1, 2]
+    assert (Path(crashed.run_dir) / "checkpoints" / "step_2" / "async_rollouts.pt").is_file() == bool(staleness)
 
     # the saved config is the base; the command line only names the run to resume
     train.run(load_config("default", [f"resume={crashed.run_dir}"]))
@@ -92,9 +96,11 @@ def test_resume_applies_command_line_overrides(policy_dir, tmp_path):
 
 @pytest.mark.ray
 def test_train_with_ray_workers_matches_in_process(policy_dir, tmp_path):
-    local = small_config(policy_dir, tmp_path, "local", "train.steps=2")
+    """Two coordinator workers with async rollouts (the next step generated while the learner
+    trains) give the in-process run's tokens, step for step."""
+    local = small_config(policy_dir, tmp_path, "local", "train.steps=2", "train.max_staleness=1")
     remote = small_config(policy_dir, tmp_path, "remote", "train.steps=2", "ray.enabled=true",
-                          "ray.num_cpus=2", "rollout.num_workers=2")
+                          "ray.num_cpus=2", "rollout.num_workers=2", "train.max_staleness=1")
     train.run(local)
     train.run(remote)
     a, b = comparable(read_metrics(remote.run_dir)), comparable(read_metrics(local.run_dir))
@@ -107,3 +113,26 @@ def test_train_with_ray_workers_matches_in_process(policy_dir, tmp_path):
             else:
                 assert ra[k] == rb[k], k
     assert (Path(remote.run_dir) / "checkpoints" / "step_2" / "state.json").is_file()
+
+
+def test_a_run_killed_before_its_first_checkpoint_restarts_from_step_0(policy_dir, tmp_path, monkeypatch, capsys):
+    real_step = RLLoop.step
+
+    def crash_at_2(self, step):
+        if step == 2:
+            raise KeyboardInterrupt  # killed by the user between step 1 and the first checkpoint
+        return real_step(self, step)
+
+    cfg = small_config(policy_dir, tmp_path, "early", "train.checkpoint_every=2")
+    monkeypatch.setattr(RLLoop, "step", crash_at_2)
+    with pytest.raises(KeyboardInterrupt):
+        train.run(cfg)
+    monkeypatch.setattr(RLLoop, "step", real_step)
+    run_dir = Path(cfg.run_dir)
+    assert [r["step"] for r in read_metrics(run_dir)] == [1] and not (run_dir / "checkpoints" / "latest").exists()
+    capsys.readouterr()
+    train.run(load_config("default", [f"resume={run_dir}"]))
+    out = capsys.readouterr().out
+    assert f"resuming {run_dir}: it stopped before its first checkpoint, so it restarts from step 0" in out
+    assert [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3]
+    assert [r["policy_version"] for r in read_metrics(run_dir)] == [1, 2, 3]

@@ -1,6 +1,7 @@
 """The learner and one RL step: micro-batching, parameter coverage, on-policy log-probs, a reward
 that rises, versioned publishing, bad rewards, non-finite updates, checkpoints and exact resume."""
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -52,11 +53,12 @@ def toy_reward(sequences, meta):
     return [sum(t == TARGET for t in s.tokens) / max(len(s.tokens), 1) for s in sequences]
 
 
-def make_loop(learner, spec=FIXED, reward=toy_reward, n_prompts=2, seed=0):
+def make_loop(learner, spec=FIXED, reward=toy_reward, n_prompts=2, seed=0, max_staleness=0):
     client = RolloutClient(learner.policy.config, cpu_state(learner.policy), learner.heads.config,
                            cpu_state(learner.heads), RolloutConfig(max_batch=8), version=learner.policy_version)
     return RLLoop(learner, client, prompt_fn=lambda s: toy_prompts(s, n_prompts), reward_fn=reward,
-                  task_name="toy", sampling=learner.sampling, spec=spec, group_size=4, seed=seed)
+                  task_name="toy", sampling=learner.sampling, spec=spec, group_size=4, seed=seed,
+                  max_staleness=max_staleness)
 
 
 def rollouts(model, heads, sampling=SAMPLING, n=8, seed=0):
@@ -144,6 +146,62 @@ def test_publish_advances_policy_and_heads_together():
         assert torch.equal(worker.engine.model.state_dict()[k], v)
 
 
+def test_async_steps_train_on_samples_at_most_n_versions_old_with_heads_and_policy_together():
+    """max_staleness 1: step s >= 2 trains on rollouts sampled by version s - 2 (submitted before
+    step s - 1 trained), each sequence carries that version, and every publish still moves
+    policy and heads together; a batch older than the bound fails the step."""
+    model, heads = make_policy()
+    learner = make_learner(model, heads, refit="every")
+    loop = make_loop(learner, max_staleness=1)
+    sampled_by = {}
+    real = loop.client.generate
+
+    def spy(prompts, ids, sampling, spec, seed):
+        batch = real(prompts, ids, sampling, spec, seed)
+        sampled_by[seed] = {s.policy_version for s in batch.sequences}
+        return batch
+
+    loop.client.generate = spy
+    metrics = [loop.step(s) for s in (1, 2, 3)]
+    assert [m["staleness_max"] for m in metrics] == [0, 1, 1]
+    assert [m["policy_version"] for m in metrics] == [1, 2, 3]
+    # steps 1 and 2 were both submitted at version 0, step 3 at version 1, step 4 at version 2
+    from learner.loop import step_seed
+    assert [sampled_by[step_seed(0, t)] for t in (1, 2, 3, 4)] == [{0}, {0}, {1}, {2}]
+    assert loop.client.versions() == [{"policy": 3, "heads": 3}]
+    worker = loop.client.workers[0]
+    for k, v in learner.heads.state_dict().items():  # the step-3 re-fit reached the worker with the policy
+        assert torch.equal(worker.engine.heads.state_dict()[k], v)
+    pending = loop.pending_rollouts()
+    assert list(pending) == [4] and {s.policy_version for s in pending[4].sequences} == {2}
+
+    stale = make_loop(make_learner(*make_policy()), max_staleness=1)
+    for s in (1, 2):
+        stale.step(s)
+    stale._ahead.clear()
+    old = [dataclasses.replace(x, policy_version=0) for x in pending[4].sequences]
+    stale.preload({3: dataclasses.replace(pending[4], sequences=old)})  # two versions behind learner version 2
+    with pytest.raises(RuntimeError, match="2 versions behind the learner"):
+        stale.step(3)
+
+
+def test_truncated_importance_weights_follow_the_behaviour_gap():
+    from learner.losses import policy_loss
+
+    old = torch.log(torch.tensor([[0.5, 0.1]]))
+    prox = torch.log(torch.tensor([[0.25, 0.4]]))  # the learner moved since the rollout
+    logprobs = prox.clone().requires_grad_(True)
+    mask = torch.ones(1, 2)
+    loss, m = policy_loss(logprobs, old, torch.tensor([1.0]), mask, 0.2, 0.2, "token-mean",
+                          prox_logprobs=prox, tis_cap=2.0)
+    loss.backward()
+    # ratio to the proximal policy is 1 (no clipping); weights min(0.5, 2) and min(4, 2)
+    assert float(m["is_weight_mean"]) == pytest.approx((0.5 + 2.0) / 2)
+    assert logprobs.grad[0].tolist() == pytest.approx([-0.5 / 2, -2.0 / 2])
+    with pytest.raises(ValueError, match="prox_logprobs"):
+        policy_loss(logprobs, old, torch.tensor([1.0]), mask, 0.2, 0.2, "token-mean", tis_cap=2.0)
+
+
 def test_bad_rewards_fail_the_step_naming_task_and_row():
     model, heads = make_policy()
 
@@ -194,8 +252,7 @@ def test_checkpoint_round_trip(tmp_path):
 
 
 def _comparable(m):
-    return {k: v for k, v in m.items() if not k.startswith("time_") and k not in ("rollout_tokens_per_s",
-                                                                                   "speedup_vs_off_est")}
+    return {k: v for k, v in m.items() if not k.startswith(("time_", "rollout_")) and k != "speedup_vs_off_est"}
 
 
 @pytest.mark.parametrize("spec", [FIXED, SpecParams(mode="off")])
@@ -328,3 +385,39 @@ def test_measure_acceptance_matches_the_fit_evaluation():
                   prompt_lens=lens, eval_sequences=seqs, eval_prompt_lens=lens)
     assert measure_acceptance(model, heads, seqs, prompt_lens=lens, batch_size=4) == pytest.approx(m["acceptance_after"])
     assert heads.measured_acceptance() == pytest.approx(m["acceptance_after"], abs=1e-6)
+
+
+def test_a_diverging_step_stops_the_run_before_it_is_published():
+    """lr 0.9 keeps every loss and gradient finite but multiplies the weights' norm many-fold: the
+    step raises before the publish, so the workers keep the last good version and the run's
+    checkpoint loop never saves these weights."""
+    model, heads = make_policy()
+    learner = make_learner(copy.deepcopy(model), copy.deepcopy(heads), lr=0.9)
+    loop = make_loop(learner)
+    with pytest.raises(NonFiniteError, match="diverging"):
+        loop.step(1)
+    assert learner.policy_version == 0 and loop.client.version == 0
+
+
+def test_non_finite_weights_after_the_step_stop_the_run(monkeypatch):
+    model, heads = make_policy()
+    learner = make_learner(copy.deepcopy(model), copy.deepcopy(heads))
+    step = learner.optimizer.step
+
+    def overflowing_step(*args, **kwargs):  # what an fp16/bf16 overflow in the update leaves behind
+        step(*args, **kwargs)
+        with torch.no_grad():
+            learner.policy.norm.weight[0] = math.inf
+
+    monkeypatch.setattr(learner.optimizer, "step", overflowing_step)
+    loop = make_loop(learner)
+    with pytest.raises(NonFiniteError, match="non-finite"):
+        loop.step(1)
+    assert learner.policy_version == 0 and loop.client.version == 0
+
+
+def test_a_healthy_step_passes_the_update_check():
+    model, heads = make_policy()
+    learner = make_learner(copy.deepcopy(model), copy.deepcopy(heads), lr=1e-2)
+    make_loop(learner).step(1)
+    assert learner.policy_version == 1

@@ -261,3 +261,12 @@ def test_gguf_without_accelerate_says_how_to_install(tmp_path, monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_accelerate)
     with pytest.raises(ImportError, match=r"model\.gguf needs .*pip install transformers gguf accelerate"):
         load_checkpoint(str(file))
+
+
+def test_a_checkpoint_with_non_finite_weights_is_refused(tmp_path):
+    model = tiny_model(tie_word_embeddings=False)
+    with torch.no_grad():
+        model.layers[1].mlp.up_proj.weight[3, 2] = float("nan")
+    save_checkpoint(model, str(tmp_path))
+    with pytest.raises(ValueError, match=r"layers\.1\.mlp\.up_proj\.weight holds NaN or inf"):
+        load_checkpoint(str(tmp_path))

@@ -335,8 +335,8 @@ def _counted_prefill_setup(pair):
 def test_heads_see_every_prompt_even_while_drafting_is_off(pair, monkeypatch):
     """Prefill runs the heads over every prompt, also where the entropy policy's budget is 0 at
     the rows in flight by its start-up cost model alone: a row admitted without it would draft
-    without its prompt for its whole life if drafting resumed (session 4 skipped it; on SmolLM2
-    at batch 1 that kept drafting off for good). Drafting resuming mid-row stays exact."""
+    without its prompt for its whole life if drafting resumed (skipping it kept drafting off for
+    good on SmolLM2 at batch 1). Drafting resuming mid-row stays exact."""
     from spec_heads.depth import DepthPolicy
 
     model, heads, prefills, prompts, sp, plain, spec = _counted_prefill_setup(pair)

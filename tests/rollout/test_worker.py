@@ -1,5 +1,6 @@
 """Rollout workers: versioned weight swaps (policy and heads together), outputs from the newest
-weights, and the same sequences in-process and through Ray actors."""
+weights, and the pull path (`serve`: items sharing one engine run give the same sequences as
+one generate call). The Ray side is in test_coordinator.py."""
 import pytest
 import torch
 
@@ -82,37 +83,28 @@ def test_client_keeps_prompt_order_and_ids():
     assert batch.stats.tokens == sum(len(s.tokens) for s in batch.sequences)
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
+def test_concurrent_serve_calls_share_a_run_and_match_one_generate_call():
+    """Items served from several threads at once join one engine run as rows free up (max_batch 4
+    for 12 rows) and give each row the tokens a single generate call gives it."""
+    from concurrent.futures import ThreadPoolExecutor
 
+    from rollout.coordinator import make_items
 
-@pytest.mark.ray
-def test_ray_and_in_process_clients_agree_and_publish_reaches_every_worker(ray_cluster):
     model, heads = make_model(0)
-    local = RolloutClient(MC, cpu_state(model), HC, cpu_state(heads), RolloutConfig(max_batch=4))
-    remote = RolloutClient(MC, cpu_state(model), HC, cpu_state(heads),
-                           RolloutConfig(max_batch=4, num_workers=2), use_ray=True)
-    try:
-        ids = list(range(len(PROMPTS)))
-        a = local.generate(PROMPTS, ids, SAMPLED, FIXED, seed=7)
-        b = remote.generate(PROMPTS, ids, SAMPLED, FIXED, seed=7)
-        assert [s.tokens for s in a.sequences] == [s.tokens for s in b.sequences]
-        for x, y in zip(a.sequences, b.sequences):
-            assert x.prompt == y.prompt
-            assert torch.allclose(torch.tensor(x.logprobs), torch.tensor(y.logprobs), atol=1e-5)
-        assert b.stats.sequences == len(PROMPTS)
-
-        new, new_heads = make_model(1)
-        remote.publish(1, cpu_state(new), cpu_state(new_heads))
-        assert remote.versions() == [{"policy": 1, "heads": 1}] * 2
-        after = remote.generate(PROMPTS, ids, GREEDY, FIXED, seed=0)
-        assert [s.tokens for s in after.sequences] == local_greedy(new, new_heads, PROMPTS)
-        assert {s.policy_version for s in after.sequences} == {1}
-        with pytest.raises(ValueError, match="policy-only"):
-            remote.publish(2, cpu_state(new), None)
-    finally:
-        remote.close()
+    worker = RolloutWorker(MC, HC, RolloutConfig(max_batch=4), policy_state=cpu_state(model),
+                           heads_state=cpu_state(heads))
+    rows = [p for p in PROMPTS for _ in range(2)]
+    ids = list(range(len(rows)))
+    whole = worker.generate(rows, SAMPLED, FIXED, seed=3, ids=ids)
+    items = make_items(1, rows, ids, SAMPLED, FIXED, seed=3, version=0)
+    assert [it.key for it in items] == list(range(0, 12, 2)) and all(len(it.ids) == 2 for it in items)
+    with ThreadPoolExecutor(len(items)) as pool:
+        results = list(pool.map(worker.serve, items))
+    assert [r.key for r in results] == [it.key for it in items]
+    served = [s for r in results for s in r.sequences]
+    assert [s.prompt_id for s in served] == ids
+    assert [s.tokens for s in served] == [s.tokens for s in whole.sequences]
+    got = worker.step_stats(1)
+    assert got["stats"].sequences == len(rows)
+    assert got["stats"].tokens == sum(len(s.tokens) for s in served)
+    assert worker.step_stats(1) is None  # taken once

@@ -404,7 +404,7 @@ def test_row_padding_follows_the_measured_times():
     assert padding_from_times(xeon) == {}
     assert padding_from_times({1: 10.0, 2: 10.4, 3: 10.0}) == {}
     assert padding_from_times({1: 10.0, 2: 30.0, 3: 12.0, 4: 11.0}) == {2: 4, 3: 4}
-    # padding's own cost counts against it (session 20's EPYC, the tiny policy's 352x128
+    # padding's own cost counts against it (the tiny policy's 352x128
     # matrices: 7 rows 25 us, 8 rows 20.5 us, the zero rows, cat and slice ~5 us a matrix)
     tiny = {6: 19.0, 7: 25.0, 8: 20.5}
     assert padding_from_times(tiny) == {7: 8}
@@ -415,7 +415,7 @@ def test_row_padding_follows_the_measured_times():
 
 def test_row_padding_is_per_weight_shape(monkeypatch):
     """Calibration times each weight shape on its own and pads each as its own times ask
-    (session 8's EPYC: MLP matrices fastest at 6 rows, the LM head at 4 or 8), and a Linear pads
+    (e.g. MLP matrices fastest at 6 rows, the LM head at 4 or 8), and a Linear pads
     by its weight's shape; a shape the table leaves out is not padded."""
     import torch.nn.functional as F
 

@@ -1,0 +1,241 @@
+"""The coordinator on the long-tail task: RL step time and rollout time per schedule, with
+speculation off and on, over two rollout workers of unequal speed; then reward curves.
+
+Modes (each with spec.mode off and entropy, the same seeds and prompts):
+  fixed        each worker gets one contiguous half of the step's GRPO groups (rollout.schedule=fixed)
+  pull         workers pull groups from one queue whenever they have free rows
+  pull+refit   pull, and an idle worker re-fits the heads while the last rows finish (refit.schedule=idle)
+  async-1      pull, and rollouts of step t+1 run while the learner trains on step t
+               (train.max_staleness=1; re-fits per the preset's refit.schedule)
+
+The workers' speeds differ for real: worker 0 runs with --threads A torch threads, worker 1 with B
+(default 1 and 2; rollout.threads_per_worker), and optionally with different row limits
+(--max-batch; rollout.max_batch_per_worker); the per-worker tokens/s the coordinator measures
+are printed, so the actual ratio on the machine is in the table. Every mode loads the draft
+heads (publishes carry them), so spec off and on run the same workers and weights.
+
+Timing: each round runs every configuration once, in turn, on that round's seed (fresh prompts),
+for --steps RL steps from the same pretrained policy and heads; a configuration's time is the
+mean over its steps after the first (the first pays the depth policy's cost probe and the
+workers' warm-up). Speedups are medians of per-round ratios against `fixed` with speculation
+off (the synchronous loop as it was), with the range over rounds. CPU timings are only ratios.
+
+Reward curves: --curve-seeds seeds x --curve-steps steps of the synchronous fixed split with
+speculation off against speculation + pull queue (+ idle re-fit) + async, reward per step.
+
+    PYTHONPATH=. python scripts/bench_coordinator.py --rounds 3 --steps 3 --json docs/bench/coordinator.json
+
+This is a script that prints a table, never a test.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import ray
+import torch
+
+from experiments.config import load_config
+from experiments.train import TaskReward, _setup
+from learner.loop import RLLoop, StepPrompts, step_seed
+from learner.trainer import cpu_state
+from rollout.coordinator import Coordinator
+
+SPEC_MODES = ("off", "entropy")
+BASELINE = ("fixed", "off")
+
+
+# ------------------------------------------------------------------------------------- modes
+
+
+def mode_config(cfg, mode: str, spec_mode: str):
+    """The run config of one mode: schedule, idle re-fit and staleness per the coordinator's keys."""
+    rollout = dataclasses.replace(cfg.rollout, schedule="fixed" if mode == "fixed" else "pull")
+    train = dataclasses.replace(cfg.train, max_staleness=1 if mode == "async-1" else 0)
+    refit = dataclasses.replace(cfg.refit, schedule="idle") if mode == "pull+refit" else cfg.refit
+    return dataclasses.replace(cfg, rollout=rollout, train=train, refit=refit,
+                               spec=dataclasses.replace(cfg.spec, mode=spec_mode))
+
+
+def measure(cfg, mode: str, spec_mode: str, seed: int, steps: int) -> list[dict]:
+    """Run `steps` RL steps of one mode from the pretrained policy; per-step metrics. `seed` picks
+    the prompts and sampling; the policy and heads are those of cfg.seed."""
+    run_cfg = mode_config(cfg, mode, spec_mode)
+    _, _, tok, task, sampling, learner = _setup(dataclasses.replace(run_cfg, spec=cfg.spec))
+    heads = learner.heads
+    client = Coordinator(learner.policy.config, cpu_state(learner.policy), heads.config, cpu_state(heads),
+                         run_cfg.rollout, version=learner.policy_version)
+
+    def prompts(step: int) -> StepPrompts:
+        examples = task.train_prompts(run_cfg.train.prompts_per_step, seed=step_seed(seed, step))
+        return StepPrompts([tok.encode(ex.prompt) for ex in examples], [ex.prompt for ex in examples], examples)
+
+    loop = RLLoop(learner, client, prompt_fn=prompts, reward_fn=TaskReward(task, tok), task_name=task.name,
+                  sampling=sampling, spec=run_cfg.spec, group_size=run_cfg.algo.group_size, seed=seed,
+                  max_staleness=run_cfg.train.max_staleness)  # async: step t+1 rolls out during every timed step
+    out = []
+    try:
+        for step in range(1, steps + 1):
+            m = loop.step(step)
+            out.append({k: m.get(k) for k in ("reward_mean", "accuracy", "response_len_mean", "mean_accepted_len",
+                                              "time_step_s", "time_rollout_s", "time_train_s", "time_refit_s",
+                                              "rollout_wall_s", "staleness_max",
+                                              "rollout_worker_tokens_per_s", "rollout_worker_idle_frac",
+                                              "rollout_tail_s")})
+    finally:
+        client.close()
+    return out
+
+
+def summarise(steps: list[dict]) -> dict:
+    """Means over the steps after the first."""
+    timed = steps[1:] or steps
+    mean = lambda key: statistics.fmean(s[key] for s in timed)  # noqa: E731
+    tps = [s["rollout_worker_tokens_per_s"] for s in timed if s.get("rollout_worker_tokens_per_s")]
+    speeds = [statistics.fmean(w[i] for w in tps) for i in range(len(tps[0]))] if tps else []
+    # rollout_s: the rollout's own wall time (async: it overlaps the step before; the step
+    # waits only time_rollout_s for it)
+    return {"step_s": mean("time_step_s"), "rollout_s": mean("rollout_wall_s"),
+            "wait_s": mean("time_rollout_s"), "train_s": mean("time_train_s"),
+            "refit_s": mean("time_refit_s"), "worker_tokens_per_s": speeds,
+            "accepted_len": mean("mean_accepted_len"), "reward": mean("reward_mean")}
+
+
+# ------------------------------------------------------------------------------------- output
+
+
+def _median_range(values: list[float]) -> str:
+    return f"{statistics.median(values):.2f}x ({min(values):.2f}-{max(values):.2f})"
+
+
+def table(results: dict, modes: list[str]) -> str:
+    """Markdown table: per configuration, median step/rollout/train seconds, per-worker tokens/s,
+    and speedups (median of per-round ratios against fixed + spec off, with their range)."""
+    base = results[BASELINE]
+    lines = ["| mode | spec | step s | rollout s | train s | re-fit s | rollout share | step / max(rollout, train) "
+             "| worker tok/s (0 / 1) | step speedup | rollout speedup |", "|---" * 11 + "|"]
+    for mode in modes:
+        for spec in SPEC_MODES:
+            rounds = results.get((mode, spec))
+            if not rounds:
+                continue
+            med = lambda key: statistics.median(r[key] for r in rounds)  # noqa: E731
+            speeds = [statistics.median(r["worker_tokens_per_s"][i] for r in rounds)
+                      for i in range(len(rounds[0]["worker_tokens_per_s"]))]
+            step_x = [b["step_s"] / r["step_s"] for b, r in zip(base, rounds)]
+            roll_x = [b["rollout_s"] / r["rollout_s"] for b, r in zip(base, rounds)]
+            lines.append(f"| {mode} | {spec} | {med('step_s'):.2f} | {med('rollout_s'):.2f} | {med('train_s'):.2f} "
+                         f"| {med('refit_s'):.2f} | {med('rollout_s') / med('step_s'):.0%} "
+                         f"| {statistics.median(r['step_s'] / max(r['rollout_s'], r['train_s'] + r['refit_s']) for r in rounds):.2f} "
+                         f"| {' / '.join(f'{s:.0f}' for s in speeds)} | {_median_range(step_x)} "
+                         f"| {_median_range(roll_x)} |")
+    return "\n".join(lines)
+
+
+def curves_table(curves: dict) -> str:
+    lines = ["| run | seed | reward per step | reward, first k -> last k steps | accuracy, last k |",
+             "|---|---|---|---|---|"]
+    for name, per_seed in curves.items():
+        for seed, steps in per_seed.items():
+            k = max(1, min(3, len(steps) // 2))
+            first = statistics.fmean(s["reward_mean"] for s in steps[:k])
+            last = statistics.fmean(s["reward_mean"] for s in steps[-k:])
+            acc = statistics.fmean(s["accuracy"] for s in steps[-k:])
+            curve = " ".join(f"{s['reward_mean']:.2f}" for s in steps)
+            lines.append(f"| {name} | {seed} | {curve} | {first:.3f} -> {last:.3f} (k={k}) | {acc:.2f} |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------- main
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default="longtail")
+    p.add_argument("--modes", default="fixed,pull,pull+refit,async-1")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=3, help="RL steps per measurement (the first is not timed)")
+    p.add_argument("--threads", default="1,2", help="torch threads of worker 0 and worker 1")
+    p.add_argument("--max-batch", default="", help="rows in flight of worker 0 and worker 1 (default: "
+                   "rollout.max_batch for both)")
+    p.add_argument("--seed", type=int, default=100, help="round r uses seed + r")
+    p.add_argument("--learner-threads", type=int, default=1,
+                   help="torch threads of the learner in this process (0: torch's default); on a shared "
+                        "CPU, spinning threads lose several-fold")
+    p.add_argument("--curve-seeds", type=int, default=3)
+    p.add_argument("--curve-steps", type=int, default=10)
+    p.add_argument("--curve-runs", default="off,spec", help="which reward curves: off (synchronous fixed "
+                   "split, speculation off), spec (speculation + coordinator + async), or both")
+    p.add_argument("--json", default=None, metavar="PATH")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    modes = [m for m in args.modes.split(",") if m]
+    if args.learner_threads:
+        torch.set_num_threads(args.learner_threads)
+    unequal = [f"rollout.threads_per_worker=[{args.threads}]"]
+    if args.max_batch:
+        unequal.append(f"rollout.max_batch_per_worker=[{args.max_batch}]")
+    cfg = load_config(args.config, ["rollout.num_workers=2", *unequal, *args.overrides])
+    if cfg.spec.mode == "off":
+        raise SystemExit(f"--config {args.config}: spec.mode is off; the benchmark runs both off and entropy "
+                         "and needs the preset's heads settings with speculation on")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # "local": a private cluster, never one another process on this machine started
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    out = {"machine": f"{os.cpu_count()}-core CPU", "threads_per_worker": cfg.rollout.threads_per_worker,
+           "max_batch_per_worker": cfg.rollout.max_batch_per_worker, "args": vars(args),
+           "rounds": {}, "curves": {}}
+    results: dict = {}
+    t0 = time.perf_counter()
+    try:
+        for r in range(args.rounds):
+            for mode in modes:
+                for spec in SPEC_MODES:
+                    steps = measure(cfg, mode, spec, args.seed + r, args.steps)
+                    s = summarise(steps)
+                    results.setdefault((mode, spec), []).append(s)
+                    out["rounds"].setdefault(f"{mode}/{spec}", []).append({"summary": s, "steps": steps})
+                    print(f"round {r} {mode:>10} spec {spec:>7}: step {s['step_s']:.2f}s rollout {s['rollout_s']:.2f}s "
+                          f"train {s['train_s']:.2f}s workers tok/s {[round(v) for v in s['worker_tokens_per_s']]} "
+                          f"({time.perf_counter() - t0:.0f}s)", flush=True)
+                    _write(out, args.json)
+        if results:
+            out["table"] = table(results, modes)
+            print(out["table"])
+            _write(out, args.json)
+        runs = {"off": ("sync fixed, spec off", "fixed", "off"), "spec": ("spec + pull + async-1", "async-1", "entropy")}
+        for name, mode, spec in (runs[r] for r in args.curve_runs.split(",") if r):
+            for seed in range(args.curve_seeds):
+                steps = measure(cfg, mode, spec, seed, args.curve_steps)
+                out["curves"].setdefault(name, {})[seed] = steps
+                print(f"curve {name} seed {seed}: reward {[round(s['reward_mean'], 3) for s in steps]}", flush=True)
+                _write(out, args.json)
+        if out["curves"]:
+            out["curves_table"] = curves_table(out["curves"])
+            print(out["curves_table"])
+            _write(out, args.json)
+    finally:
+        ray.shutdown()
+    return 0
+
+
+def _write(out: dict, path: str | None) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(path).with_suffix(".tmp")
+        tmp.write_text(json.dumps(out, indent=1, default=str))
+        os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
