@@ -62,6 +62,9 @@ class TRLRolloutConfig:
         if self.rollout.num_workers != 1:
             raise ValueError(f"rollout.num_workers: the bridge runs one in-process worker per trainer "
                              f"process, got {self.rollout.num_workers}; set it to 1")
+        if self.refit.schedule not in ("never", "every", "on_drop"):
+            raise ValueError(f"refit.schedule: {self.refit.schedule!r} needs Ray rollout workers; the bridge's "
+                             "worker runs in the trainer's process: use never, every or on_drop")
 
 
 class SpecrollRollout:
