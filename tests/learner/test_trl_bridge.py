@@ -180,3 +180,5 @@ def test_refuses_what_it_would_not_sample_exactly(tmp_path):
         trainer.train()
     with pytest.raises(ValueError, match="heads: spec.mode='entropy' needs draft heads"):
         SpecrollRollout(None)
+    with pytest.raises(ValueError, match="refit.schedule: 'idle' needs Ray rollout workers"):
+        TRLRolloutConfig(refit=RefitConfig(schedule="idle"))
