@@ -70,6 +70,33 @@ def accepted_len_at_full_depth(stats) -> float:
     return float(K + 1) if alpha >= 1.0 else (1.0 - alpha ** (K + 1)) / (1.0 - alpha)
 
 
+def heads_after_update(learner: Learner, batch: RolloutBatch, spec: SpecParams, step: int, seed: int) -> dict:
+    """The heads' side of step `step`, after the policy update: what the heads give the updated
+    policy, and a re-fit on the step's rollouts when the schedule says so (`seed` draws the
+    fit's batches). Returns {"accepted_len_full_depth", "heads_acceptance_measured", "refit",
+    and the re-fit's metrics}. Publishing is the caller's."""
+    stats = batch.stats
+    speculating = spec.mode != "off" and learner.heads is not None
+    # on_drop watches the heads, not the depth policy: the accepted length itself also moves
+    # when entropy mode drafts shallower, so use what the measured acceptance rate predicts
+    # at the heads' full depth
+    full_len = accepted_len_at_full_depth(stats)
+    measured = None
+    if speculating and 4 * sum(stats.drafted_per_pos[:1]) < stats.row_steps:
+        # The depth policy kept this rollout mostly plain (under a quarter of its row-steps
+        # drafted with the heads' context), so it says little about the heads: measure them
+        # on held-out rollouts instead, so a drop still triggers a re-fit and the workers
+        # learn what drafting would give (else a run that went plain once could stay plain
+        # for good).
+        measured = learner.measure_heads(batch.sequences)
+        if measured:
+            full_len = expected_tokens(measured, len(measured))
+    refit = learner.should_refit(step, full_len, speculating)
+    refit_metrics = learner.refit_heads(batch.sequences, seed) if refit else {}
+    return {"accepted_len_full_depth": full_len, "heads_acceptance_measured": measured,
+            "refit": bool(refit), **refit_metrics}
+
+
 class RLLoop:
     def __init__(self, learner: Learner, client, *, prompt_fn: Callable[[int], StepPrompts],
                  reward_fn: RewardFn, task_name: str, sampling: SamplingParams, spec: SpecParams,
@@ -130,26 +157,13 @@ class RLLoop:
         upd = self.learner.update(batch.sequences, rewards)
         t2 = time.perf_counter()
         stats = batch.stats
-        speculating = self.spec.mode != "off" and self.learner.heads is not None
-        # on_drop watches the heads, not the depth policy: the accepted length itself also moves
-        # when entropy mode drafts shallower, so use what the measured acceptance rate predicts
-        # at the heads' full depth
-        full_len = accepted_len_at_full_depth(stats)
-        measured = None
-        if speculating and 4 * sum(stats.drafted_per_pos[:1]) < stats.row_steps:
-            # The depth policy kept this rollout mostly plain (under a quarter of its row-steps
-            # drafted with the heads' context), so it says little about the heads: measure them
-            # on held-out rollouts instead, so a drop still triggers a re-fit and the workers
-            # learn what drafting would give (else a run that went plain once could stay plain
-            # for good).
-            measured = self.learner.measure_heads(batch.sequences)
-            if measured:
-                full_len = expected_tokens(measured, len(measured))
-        refit = self.learner.should_refit(step, full_len, speculating)
-        refit_metrics = self.learner.refit_heads(batch.sequences, step_seed(self.seed, step) + 1) if refit else {}
+        heads = heads_after_update(self.learner, batch, self.spec, step, step_seed(self.seed, step) + 1)
         done = self.client.idle_result(idle) if idle is not None else None
         if done is not None and not done.get("refit_skipped"):
-            refit, refit_metrics = True, self.learner.take_heads(done)
+            # the idle workers' fit (from the step's tail) replaces the scheduled one's report
+            heads = {"accepted_len_full_depth": heads["accepted_len_full_depth"],
+                     "heads_acceptance_measured": heads["heads_acceptance_measured"],
+                     "refit": True, **self.learner.take_heads(done)}
         t3 = time.perf_counter()
         self.client.publish(*self.learner.next_version())
         t4 = time.perf_counter()
@@ -159,10 +173,9 @@ class RLLoop:
             "accuracy": float((rewards >= 1.0).float().mean()),
             "response_len_mean": float(lengths.mean()),
             "mean_accepted_len": stats.mean_accepted_len, "accept_rate_per_pos": stats.accept_rate_per_pos,
-            "accepted_len_full_depth": full_len, "heads_acceptance_measured": measured,
             "depth_hist": stats.depth_hist, "spec_mode": self.spec.mode,
             "rollout_tokens_per_s": tokens_per_s, "speedup_vs_off_est": speedup,
-            **upd, "refit": bool(refit), **refit_metrics,
+            **upd, **heads,
             "refit_baseline": self.learner.refit_baseline, "refit_level": self.learner.refit_level,
             "policy_version": self.learner.policy_version,
             "time_rollout_s": t1 - t0, "time_train_s": t2 - t1, "time_refit_s": t3 - t2,

@@ -131,12 +131,35 @@ def _iter_safetensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
                 yield key, f.get_tensor(key)
 
 
-def _build(config: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]], device, dtype,
-           where: str) -> Transformer:
-    """Transformer with weights from (HF key, tensor) pairs, each cast as it arrives (no fp32 copy)."""
-    with torch.device("meta"):  # no random init, no memory until the real weights arrive
-        model = Transformer(config)
-    expected = set(model.state_dict())
+def policy_state_from_hf(config: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]], device=None,
+                         dtype: torch.dtype | None = None, where: str = "state_dict") -> dict[str, torch.Tensor]:
+    """A Transformer state dict from (HF key, tensor) pairs, e.g. a transformers model's
+    `state_dict().items()`: keys lose their "model." prefix, and a tied LM head is the
+    embedding (so `Transformer.load_state_dict` takes it whole). Raises ValueError naming the
+    keys when the weights do not fit `config`."""
+    state = _map_hf_tensors(config, tensors, device, dtype, where)
+    if config.tie_word_embeddings:
+        state["lm_head.weight"] = state["embed_tokens.weight"]
+    return state
+
+
+def from_hf_model(hf_model, device="cpu", dtype: torch.dtype = torch.float32) -> Transformer:
+    """A Transformer holding a copy of a `transformers` causal LM's weights (from memory, no disk)."""
+    where = type(hf_model).__name__
+    raw = hf_model.config.to_dict()  # the whole config: a diff would drop fields left at HF's defaults
+    raw.pop("quantization_config", None)  # GGUF loads are dequantised by now
+    config = _config_from_hf(raw, where=where)
+    # cloned: `.to` hands back the same tensor when nothing changes, and the copy must not move
+    # when the caller trains `hf_model`
+    tensors = ((k, v.detach().to(device=device, dtype=dtype, copy=True)) for k, v in hf_model.state_dict().items())
+    return _build(config, tensors, device, dtype, where=where)
+
+
+def _map_hf_tensors(config: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]], device, dtype,
+                    where: str) -> dict[str, torch.Tensor]:
+    """Our keys -> tensors (cast as each arrives, no fp32 copy), without the tied LM head."""
+    with torch.device("meta"):  # no random init, no memory: only the key set is needed
+        expected = set(Transformer(config).state_dict())
     state, unexpected = {}, []
     for key, tensor in tensors:
         key = key.removeprefix("model.")
@@ -160,6 +183,15 @@ def _build(config: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]], dev
                          f"{sorted(unexpected)[:5]}{' ...' if len(missing) + len(unexpected) > 10 else ''}); "
                          "the checkpoint's architecture is not one this model implements (e.g. o_proj or "
                          "MLP biases), or config.json belongs to another checkpoint")
+    return state
+
+
+def _build(config: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]], device, dtype,
+           where: str) -> Transformer:
+    """Transformer with weights from (HF key, tensor) pairs, each cast as it arrives (no fp32 copy)."""
+    state = _map_hf_tensors(config, tensors, device, dtype, where)
+    with torch.device("meta"):  # no random init, no memory until the real weights arrive
+        model = Transformer(config)
     model.load_state_dict(state, strict=False, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight

