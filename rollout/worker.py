@@ -171,15 +171,16 @@ class RolloutClient:
             if rollout.num_workers != 1:
                 raise ValueError(f"rollout.num_workers: {rollout.num_workers} workers need Ray; "
                                  "set ray.enabled=true or rollout.num_workers=1")
-            self.workers = [RolloutWorker(model_config, heads, rollout, policy_state=policy_state,
-                                          heads_state=heads_state, version=version)]
+            self.workers = [_worker_class(rollout)(model_config, heads, rollout, policy_state=policy_state,
+                                                   heads_state=heads_state, version=version)]
             return
         if not ray.is_initialized():
             raise RuntimeError("ray: not initialised; call ray.init() first (specroll train does it "
                                "when ray.enabled=true)")
         gpus = 1 if resolve_device(rollout.device).type == "cuda" else 0
         policy_ref, heads_ref = ray.put(policy_state), ray.put(heads_state)
-        actor = RolloutWorkerActor.options(num_cpus=num_cpus_per_worker, num_gpus=gpus)
+        cls = RolloutWorkerActor if rollout.backend == "specroll" else ray.remote(_worker_class(rollout))
+        actor = cls.options(num_cpus=num_cpus_per_worker, num_gpus=gpus)
         # refs as top-level arguments: Ray resolves them in each actor, one copy in the store
         self.workers = [actor.remote(model_config, heads, rollout, policy_state=policy_ref,
                                      heads_state=heads_ref, version=version)
@@ -252,6 +253,19 @@ class RolloutClient:
             for w in self.workers:
                 ray.kill(w)
         self.workers = []
+
+
+def _worker_class(rollout: RolloutConfig) -> type:
+    """RolloutWorker, or for rollout.backend=vllm the vLLM-backed worker with the same interface."""
+    if rollout.backend == "specroll":
+        return RolloutWorker
+    try:
+        from rollout.vllm_worker import VllmRolloutWorker
+    except ImportError as e:
+        raise ImportError(f"rollout.backend=vllm: vLLM is not importable ({e}); install the extra "
+                          "(pip install specroll[vllm], or scripts/test_vllm.sh's venv), or set "
+                          "rollout.backend=specroll") from None
+    return VllmRolloutWorker
 
 
 def _split(n: int, parts: int) -> list[tuple[int, int]]:

@@ -41,7 +41,7 @@ def chi2_sf(statistic: float, dof: int) -> float:
 
 
 def conditional_fit(completions: Sequence[Sequence[int]], positions: Sequence[int],
-                    target_probs: Callable[[list[list[int]]], torch.Tensor], min_expected: float = 5.0) -> FitResult:
+                    target_probs: Callable[[list[list[int]]], torch.Tensor], min_expected: float = 5.0, chunk: int = 128) -> FitResult:
     """Chi-square of the tokens at `positions` (0-based, into each completion) given their prefixes.
 
     completions: draws of one prompt (those shorter than a position skip it).
@@ -57,15 +57,16 @@ def conditional_fit(completions: Sequence[Sequence[int]], positions: Sequence[in
         if not by_prefix:
             continue
         prefixes = list(by_prefix)
-        probs = target_probs([list(p) for p in prefixes]).double()  # [N, V]
-        for row, prefix in zip(probs, prefixes):
-            tokens = torch.tensor(by_prefix[prefix])
-            counts = torch.bincount(tokens, minlength=row.numel()).double()
-            zero_hits += int(counts[row <= 0].sum())
-            s, d = _chi2(counts[row > 0], row[row > 0], min_expected)
-            stat += s
-            dof += d
-            groups += d > 0
+        for a in range(0, len(prefixes), chunk):  # [chunk, V] at a time: a vocabulary of 49k is big
+            part = prefixes[a:a + chunk]
+            probs = target_probs([list(p) for p in part]).double()
+            for row, prefix in zip(probs, part):
+                counts = torch.bincount(torch.tensor(by_prefix[prefix]), minlength=row.numel()).double()
+                zero_hits += int(counts[row <= 0].sum())
+                s, d = _chi2(counts[row > 0], row[row > 0], min_expected)
+                stat += s
+                dof += d
+                groups += d > 0
     pvalue = 0.0 if zero_hits else chi2_sf(stat, dof)
     return FitResult(pvalue, stat, dof, groups, zero_hits)
 
