@@ -190,7 +190,7 @@ class VllmRolloutWorker:
     def _load_into_engine(self) -> None:
         weights = policy_weights(self._policy)
         draft = (medusa_weights(self._heads, self._policy, self._spec_key[0])
-                 if self._spec_key[1] else None)
+                 if self._spec_key[1] and self._method == "medusa" else None)
 
         def load(worker):
             runner = worker.model_runner
@@ -213,7 +213,7 @@ class VllmRolloutWorker:
     # ------------------------------------------------------------------ engine
     def _build(self, sampling: SamplingParams, spec: SpecParams | None) -> None:
         k, speculating = self._spec_settings(spec)
-        self._start_engine(k, speculating)
+        self.start_engine(k, speculating)
         if speculating and sampling.temperature > 0:
             self.fit = self.check_speculation(sampling)
             if not self.fit.passed(self.rollout.vllm.check_alpha):
@@ -227,7 +227,7 @@ class VllmRolloutWorker:
                                        "decoding, or sampling.temperature=0")
                 print(f"warning: {what}; serving plain decoding (rollout.vllm.fallback_plain=true)", flush=True)
                 self.close()
-                self._start_engine(k, False)
+                self.start_engine(k, False)
 
     def _spec_settings(self, spec: SpecParams | None) -> tuple[int, bool]:
         if spec is None or spec.mode == "off" or self.heads_config is None:
@@ -244,7 +244,9 @@ class VllmRolloutWorker:
             raise ValueError("heads_state: speculation needs the heads' weights; pass heads_state")
         return spec.k, True
 
-    def _start_engine(self, k: int, speculating: bool) -> None:
+    def start_engine(self, k: int, speculating: bool, method: str = "medusa") -> None:
+        """Build the engine on the weights held here; method: medusa (our heads) or ngram (prompt
+        lookup, no weights: docs/vllm.md checks vLLM's sampler with it too)."""
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine lives in this process (and actor)
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{self.rollout.vllm.kv_cache_gib:g}")
         root = self._dir.name
@@ -253,7 +255,10 @@ class VllmRolloutWorker:
         save_checkpoint(policy, os.path.join(root, "policy"))
         del policy
         extra = {}
-        if speculating:
+        if speculating and method == "ngram":
+            extra["speculative_config"] = {"method": "ngram", "num_speculative_tokens": k,
+                                           "prompt_lookup_min": 1, "prompt_lookup_max": 3}
+        elif speculating:
             vllm.ModelRegistry.register_model(MEDUSA_ARCH, SpecrollMedusa)
             _save_medusa(os.path.join(root, "heads"), self.model_config, self.heads_config, k,
                          medusa_weights(self._heads, self._policy, k))
@@ -265,7 +270,7 @@ class VllmRolloutWorker:
                             logprobs_mode="processed_logprobs", max_model_len=max_len,
                             max_num_seqs=self.rollout.max_batch, enforce_eager=True, enable_prefix_caching=True,
                             seed=0, disable_log_stats=False, **extra)
-        self._spec_key, self.speculating = (k, speculating), speculating
+        self._spec_key, self.speculating, self._method = (k, speculating), speculating, method
 
     def close(self) -> None:
         if self.llm is not None:
