@@ -87,7 +87,9 @@ def _vllm_run(worker, prompts, temperature, max_new_tokens, seed, spec=None) -> 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="", help="HF folder (default: the converted smollm2-135m)")
-    ap.add_argument("--heads", default="", help="fitted parallel heads (DraftHeads.save folder); '' skips speculation")
+    ap.add_argument("--heads", default="", help="parallel heads: a DraftHeads.save folder, or 'fresh' "
+                    "(unfitted); '' skips the speculative rows")
+    ap.add_argument("--exactness", type=int, default=0, help="draws for the exactness table (0: skip it)")
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--max-new-tokens", type=int, default=48)
@@ -113,12 +115,15 @@ def main() -> None:
     rollout = RolloutConfig(backend="vllm", max_batch=max(batches), max_seq_len=512)
     plain = VllmRolloutWorker(model_dir, None, rollout)
     spec_worker, spec = None, None
+    if args.exactness:
+        exactness_table(model_dir, rollout, args)
+    if args.rounds == 0:
+        return
     if args.heads:
         policy = load_checkpoint(model_dir)
-        heads, _ = DraftHeads.load(args.heads, policy.config)
+        heads = _heads(args.heads, args.k, policy.config)
         spec_worker = VllmRolloutWorker(policy.config, heads.config, rollout,
-                                        policy_state={k: v for k, v in policy.state_dict().items()},
-                                        heads_state=heads.state_dict())
+                                        policy_state=dict(policy.state_dict()), heads_state=heads.state_dict())
         spec = SpecParams(mode="fixed", k=args.k, draft="greedy")
         del policy
     child = SpecrollChild(args.specroll_python, model_dir, max(batches), args.threads)
@@ -144,6 +149,49 @@ def main() -> None:
             print(f"round {r + 1}/{args.rounds} batch {b} done", file=sys.stderr, flush=True)
     child.close()
     _table(rows, accepted, batches, args)
+
+
+def _heads(where: str, k: int, model_config):
+    """Fitted parallel heads from a folder, or 'fresh' ones (each depth drafts the trunk's own
+    next-token guess: the blocks start as the identity), which need no fit."""
+    from spec_heads.heads import DraftHeads, HeadConfig
+
+    if where == "fresh":
+        return DraftHeads(HeadConfig("parallel", k), model_config)
+    heads, _ = DraftHeads.load(where, model_config)
+    return heads
+
+
+def exactness_table(model_dir: str, rollout, args) -> None:
+    """specroll's start-up check on vLLM's output: plain sampling, prompt-lookup (ngram) drafts and
+    the Medusa export of specroll's parallel heads, at temperature 1; plus a seeded request."""
+    import dataclasses
+
+    from rollout.checkpoint import load_checkpoint
+    from rollout.types import SamplingParams, VllmParams
+    from rollout.vllm_worker import VllmRolloutWorker
+
+    policy = load_checkpoint(model_dir)
+    heads = _heads(args.heads or "fresh", args.k, policy.config)
+    cfg = dataclasses.replace(rollout, max_batch=256, vllm=VllmParams(check_draws=args.exactness))
+    w = VllmRolloutWorker(policy.config, heads.config, cfg, policy_state=dict(policy.state_dict()),
+                          heads_state=heads.state_dict())
+    del policy
+    sp = SamplingParams(temperature=1.0, max_new_tokens=4)
+    print(f"\nexactness: {args.exactness} completions of one prompt, tokens 2-3 against the policy at "
+          f"temperature 1 (chi-square; fails below p=1e-3)")
+    print(f"{'engine':>22} | {'p-value':>9} | {'dof':>5} | {'zero-mass draws':>15} | seeded request")
+    for label, k, method in (("plain", 0, "medusa"), (f"ngram k={args.k}", args.k, "ngram"),
+                             (f"specroll heads k={args.k}", args.k, "medusa")):
+        w.start_engine(k, k > 0, method)
+        fit = w.check_speculation(sp)
+        try:
+            w.generate([[1, 2, 3]], sp, None, seed=5)  # one seeded request through this engine
+            seeded = "ok"
+        except Exception as e:  # what vLLM raises is the evidence
+            seeded = f"{type(e).__name__}: {str(e)[:60]}"
+        print(f"{label:>22} | {fit.pvalue:>9.2e} | {fit.dof:>5} | {fit.zero_mass_hits:>15} | {seeded}", flush=True)
+        w.close()
 
 
 def _ratio(rows, a, b):
