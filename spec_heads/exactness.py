@@ -41,12 +41,14 @@ def chi2_sf(statistic: float, dof: int) -> float:
 
 
 def conditional_fit(completions: Sequence[Sequence[int]], positions: Sequence[int],
-                    target_probs: Callable[[list[list[int]]], torch.Tensor], min_expected: float = 5.0, chunk: int = 128) -> FitResult:
+                    target_probs: Callable[[list[list[int]]], torch.Tensor], min_expected: float = 5.0, chunk: int = 128,
+                    min_group: int = 2) -> FitResult:
     """Chi-square of the tokens at `positions` (0-based, into each completion) given their prefixes.
 
     completions: draws of one prompt (those shorter than a position skip it).
     target_probs(prefixes) -> [N, V]: the target's sampling distribution after each completion
-    prefix (the prompt is the caller's business).
+    prefix (the prompt is the caller's business). Prefixes drawn fewer than `min_group` times are
+    not tested (nor checked for zero-mass draws).
     """
     stat, dof, groups, zero_hits = 0.0, 0, 0, 0
     for j in positions:
@@ -56,7 +58,9 @@ def conditional_fit(completions: Sequence[Sequence[int]], positions: Sequence[in
                 by_prefix[tuple(c[:j])].append(int(c[j]))
         if not by_prefix:
             continue
-        prefixes = list(by_prefix)
+        # a prefix drawn once pools into one cell (no degree of freedom): skip its target pass,
+        # the dear part for a large vocabulary and a high-entropy policy
+        prefixes = [p for p, draws in by_prefix.items() if len(draws) >= min_group]
         for a in range(0, len(prefixes), chunk):  # [chunk, V] at a time: a vocabulary of 49k is big
             part = prefixes[a:a + chunk]
             probs = target_probs([list(p) for p in part]).double()
