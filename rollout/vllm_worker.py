@@ -166,6 +166,7 @@ class VllmRolloutWorker:
         self._dir = tempfile.TemporaryDirectory(prefix="specroll-vllm-")
         self._last = RolloutStats()
         self._want = (0, False)  # (drafts per step, speculating) the engine was asked for
+        self._checked: set[tuple] = set()  # (temperature, top_k, top_p) whose check passed
 
     # ----------------------------------------------------------------- weights
     @torch.no_grad()
@@ -211,23 +212,28 @@ class VllmRolloutWorker:
         return {"policy": self.version, "heads": self.version}
 
     # ------------------------------------------------------------------ engine
-    def _build(self, sampling: SamplingParams, spec: SpecParams | None) -> None:
-        k, speculating = self._spec_settings(spec)
-        self.start_engine(k, speculating)
-        if speculating and sampling.temperature > 0:
-            self.fit = self.check_speculation(sampling)
-            if not self.fit.passed(self.rollout.vllm.check_alpha):
-                what = (f"vLLM {vllm.__version__}'s speculative sampling at temperature {sampling.temperature} "
-                        f"failed specroll's goodness-of-fit check (chi-square p={self.fit.pvalue:.2e} over "
-                        f"{self.fit.dof} degrees of freedom, {self.fit.zero_mass_hits} draws of zero-probability "
-                        f"tokens; threshold rollout.vllm.check_alpha={self.rollout.vllm.check_alpha})")
-                if not self.rollout.vllm.fallback_plain:
-                    raise RuntimeError(f"rollout.backend=vllm: {what}: its samples are not the policy's. Set "
-                                       "spec.mode=off, or rollout.vllm.fallback_plain=true to serve plain "
-                                       "decoding, or sampling.temperature=0")
-                print(f"warning: {what}; serving plain decoding (rollout.vllm.fallback_plain=true)", flush=True)
-                self.close()
-                self.start_engine(k, False)
+    def _ensure_exact(self, sampling: SamplingParams) -> None:
+        """Run the goodness-of-fit check once per sampling setting at temperature > 0 while the
+        engine speculates; on failure refuse (closing the engine, so no later call skips the
+        check) or, with rollout.vllm.fallback_plain, rebuild it plain."""
+        key = (sampling.temperature, sampling.top_k, sampling.top_p)
+        if not self.speculating or sampling.temperature == 0 or key in self._checked:
+            return
+        self.fit = self.check_speculation(sampling)
+        if self.fit.passed(self.rollout.vllm.check_alpha):
+            self._checked.add(key)
+            return
+        what = (f"vLLM {vllm.__version__}'s speculative sampling at temperature {sampling.temperature} "
+                f"failed specroll's goodness-of-fit check (chi-square p={self.fit.pvalue:.2e} over "
+                f"{self.fit.dof} degrees of freedom, {self.fit.zero_mass_hits} draws of zero-probability "
+                f"tokens; threshold rollout.vllm.check_alpha={self.rollout.vllm.check_alpha})")
+        self.close()
+        if not self.rollout.vllm.fallback_plain:
+            raise RuntimeError(f"rollout.backend=vllm: {what}: its samples are not the policy's. Set "
+                               "spec.mode=off, or rollout.vllm.fallback_plain=true to serve plain "
+                               "decoding, or sampling.temperature=0")
+        print(f"warning: {what}; serving plain decoding (rollout.vllm.fallback_plain=true)", flush=True)
+        self.start_engine(self._want[0], False)
 
     def _spec_settings(self, spec: SpecParams | None) -> tuple[int, bool]:
         if spec is None or spec.mode == "off" or self.heads_config is None:
@@ -275,6 +281,7 @@ class VllmRolloutWorker:
     def close(self) -> None:
         if self.llm is not None:
             self.llm = None
+            self.speculating = False
             import gc
 
             gc.collect()
@@ -308,11 +315,12 @@ class VllmRolloutWorker:
         want = self._spec_settings(spec)
         if self.llm is None:
             self._want = want
-            self._build(sampling, spec)
+            self.start_engine(*want)
         elif want != self._want:
             raise ValueError(f"spec: this vLLM engine was built for {self._want[0]} drafts per step "
                              f"(speculating={self._want[1]}); vLLM fixes speculation per engine, so keep "
                              "spec.mode and spec.k for the whole run")
+        self._ensure_exact(sampling)
         ids = list(range(len(prompts))) if ids is None else list(ids)
         t0 = time.perf_counter()
         before = self._spec_counters()

@@ -161,7 +161,8 @@ def test_speculation_at_temperature_one_fails_closed():
     with pytest.raises(RuntimeError, match="goodness-of-fit"):
         refuse.generate(_prompts(), sp, SPEC, seed=0)
     assert refuse.fit is not None and not refuse.fit.passed(1e-3)
-    refuse.close()
+    with pytest.raises(RuntimeError, match="goodness-of-fit"):  # refused again: no later call skips the check
+        refuse.generate(_prompts(), sp, SPEC, seed=1)
     fallback = VllmRolloutWorker(MC, HC, RolloutConfig(max_batch=64, vllm=VllmParams(fallback_plain=True)),
                                  policy_state=cpu_state(_policy(0)), heads_state=cpu_state(_heads(0)))
     batch = fallback.generate(_prompts(), sp, SPEC, seed=0)
