@@ -13,10 +13,11 @@ Ray actor wrapping this class holds it.
   vLLM, our residual blocks and a copy of the policy's LM head). vLLM's Medusa drafts each head's
   argmax and verifies as if the draft were certain (acceptance p(x)): exact for argmax drafts,
   so spec.draft must be greedy. Sequential heads have no vLLM proposer here: refused.
-- Exactness fails closed: before the first speculative rollout at temperature > 0 the worker
-  draws completions of one prompt through vLLM and checks the tokens that speculation emitted
-  against the policy's own sampling distribution (spec_heads/exactness.py). Where the check fails
-  it refuses, or serves plain decoding if rollout.vllm.fallback_plain.
+- Exactness fails closed: before it serves speculative rollouts at a sampling setting with
+  temperature > 0, the worker draws completions of one prompt through vLLM and checks the tokens
+  that speculation emitted against the policy's own sampling distribution
+  (spec_heads/exactness.py). Where the check fails it refuses, or serves plain decoding if
+  rollout.vllm.fallback_plain.
 
 Not served by vLLM: per-token entropies (NaN; vLLM returns no distribution), per-row draft
 lengths (vLLM counts acceptance per position across the batch: RolloutStats carries that).
