@@ -142,6 +142,9 @@ class Coordinator:
         if not ray.is_initialized():
             raise RuntimeError("ray: not initialised; call ray.init() first (specroll train does it "
                                "when ray.enabled=true)")
+        if rollout.backend != "specroll":
+            raise ValueError(f"rollout.backend: {rollout.backend} workers do not serve the coordinator's pull "
+                             "queue yet; set ray.enabled=false (one in-process vLLM worker) or rollout.backend=specroll")
         self.rollout, self.version, self.num_workers = rollout, int(version), rollout.num_workers
         self.pg, first, self._own_pg = reserve(rollout)
         bundle = worker_bundle(rollout)

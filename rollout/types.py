@@ -59,9 +59,31 @@ class SpecParams:
 
 
 @dataclass
+class VllmParams:
+    """The vLLM backend (rollout.backend=vllm, rollout/vllm_worker.py)."""
+
+    # start-up goodness-of-fit check of vLLM's speculative sampling at temperature > 0: draws
+    # of the first emitted token (a few seconds on a CPU; enough to catch a biased sampler)
+    check_draws: int = 2000
+    check_alpha: float = 1e-3  # the check fails below this chi-square p-value
+    # where the check fails: false refuses to start (fail closed); true serves plain decoding
+    fallback_plain: bool = False
+    kv_cache_gib: float = 1.0  # CPU KV-cache space per engine (VLLM_CPU_KVCACHE_SPACE)
+
+    def __post_init__(self):
+        if self.check_draws < 100:
+            raise ValueError(f"check_draws: must be >= 100 for a meaningful chi-square test, got {self.check_draws}")
+        if not 0.0 < self.check_alpha < 0.5:
+            raise ValueError(f"check_alpha: must be in (0, 0.5), got {self.check_alpha}")
+        if self.kv_cache_gib <= 0:
+            raise ValueError(f"kv_cache_gib: must be > 0, got {self.kv_cache_gib}")
+
+
+@dataclass
 class RolloutConfig:
     """Where and how rollouts are served."""
 
+    backend: str = "specroll"  # specroll (this repo's engine) | vllm (rollout/vllm_worker.py; pip install specroll[vllm])
     num_workers: int = 1  # RolloutWorker actors (one per GPU on a cluster)
     max_batch: int = 64  # rows in flight per engine (continuous batching refills finished rows)
     max_seq_len: int = 0  # KV-cache length per row; 0: prompt length + max_new_tokens + draft depth
@@ -90,7 +112,11 @@ class RolloutConfig:
     max_batch_per_worker: list[int] = field(default_factory=list)
     threads_per_worker: list[int] = field(default_factory=list)
 
+    vllm: VllmParams = field(default_factory=VllmParams)
+
     def __post_init__(self):
+        if self.backend not in ("specroll", "vllm"):
+            raise ValueError(f"backend: must be specroll or vllm, got {self.backend!r}")
         if self.schedule not in ("pull", "fixed"):
             raise ValueError(f"schedule: must be pull or fixed, got {self.schedule!r}")
         if self.num_cpus <= 0:
@@ -109,6 +135,16 @@ class RolloutConfig:
             raise ValueError(f"worker_timeout_s: must be >= 0 (0 waits forever), got {self.worker_timeout_s}")
         if self.max_restarts < 0:
             raise ValueError(f"max_restarts: must be >= 0, got {self.max_restarts}")
+        if self.num_workers < 1:
+            raise ValueError(f"num_workers: must be >= 1, got {self.num_workers}")
+        if self.max_batch < 1:
+            raise ValueError(f"max_batch: must be >= 1, got {self.max_batch}")
+        if self.max_seq_len < 0:
+            raise ValueError(f"max_seq_len: must be >= 0 (0 sizes it from the prompts), got {self.max_seq_len}")
+        if self.threads < 0:
+            raise ValueError(f"threads: must be >= 0 (0 divides the machine's cores among workers), got {self.threads}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype: must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         for key in ("max_batch_per_worker", "threads_per_worker"):
             values = list(getattr(self, key))
             setattr(self, key, values)
@@ -120,16 +156,6 @@ class RolloutConfig:
         """Worker w's settings, with its per-worker overrides applied."""
         return replace(self, max_batch=self.max_batch_per_worker[w] if self.max_batch_per_worker else self.max_batch,
                        threads=self.threads_per_worker[w] if self.threads_per_worker else self.threads)
-        if self.num_workers < 1:
-            raise ValueError(f"num_workers: must be >= 1, got {self.num_workers}")
-        if self.max_batch < 1:
-            raise ValueError(f"max_batch: must be >= 1, got {self.max_batch}")
-        if self.max_seq_len < 0:
-            raise ValueError(f"max_seq_len: must be >= 0 (0 sizes it from the prompts), got {self.max_seq_len}")
-        if self.threads < 0:
-            raise ValueError(f"threads: must be >= 0 (0 divides the machine's cores among workers), got {self.threads}")
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ValueError(f"dtype: must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
 
 
 @dataclass

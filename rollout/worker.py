@@ -286,7 +286,7 @@ class RolloutClient:
             raise ValueError(f"rollout.num_workers: {rollout.num_workers} workers need Ray; "
                              "set ray.enabled=true or rollout.num_workers=1")
         self.version = int(version)
-        self.worker = RolloutWorker(model_config, heads, rollout, policy_state=policy_state,
+        self.worker = _worker_class(rollout)(model_config, heads, rollout, policy_state=policy_state,
                                     heads_state=heads_state, version=version)
         self.workers = [self.worker]
         self._report: dict = {}
@@ -329,3 +329,17 @@ class RolloutClient:
 
     def close(self) -> None:
         self.workers = []
+
+
+def _worker_class(rollout: RolloutConfig) -> type:
+    """RolloutWorker, or for rollout.backend=vllm the vLLM-backed worker with the same interface."""
+    if rollout.backend == "specroll":
+        return RolloutWorker
+    try:
+        from rollout.vllm_worker import VllmRolloutWorker
+    except ImportError as e:
+        raise ImportError(f"rollout.backend=vllm: vLLM is not importable ({e}); install the extra "
+                          "(pip install specroll[vllm], or scripts/test_vllm.sh's venv), or set "
+                          "rollout.backend=specroll") from None
+    return VllmRolloutWorker
+
