@@ -23,7 +23,7 @@ off (the synchronous loop as it was), with the range over rounds. CPU timings ar
 Reward curves: --curve-seeds seeds x --curve-steps steps of the synchronous fixed split with
 speculation off against speculation + pull queue (+ idle re-fit) + async, reward per step.
 
-    PYTHONPATH=. python scripts/bench_coordinator.py --rounds 3 --steps 3 --json docs/bench/coordinator.json
+    PYTHONPATH=. python scripts/bench_coordinator.py --rounds 3 --steps 3 --json runs/coordinator.json
 
 This is a script that prints a table, never a test.
 """
