@@ -450,9 +450,7 @@ def test_entropy_mode_does_not_draft_past_a_drafted_stop_token_or_max_new_tokens
 
     # no stop token: the chain runs to max_k (the last step of a row may be cut by its room)
     assert max(draft_lengths(SamplingParams(temperature=1.0, max_new_tokens=24))) == 4
-    # a drafted stop token ends the chain at depth 1; 0 only where a row's last token has no room for a draft
-    with_stop = draft_lengths(SamplingParams(temperature=1.0, max_new_tokens=24, stop_token_ids=[eos]))
-    assert max(with_stop) == 1 and with_stop.count(1) > with_stop.count(0)
+    assert set(draft_lengths(SamplingParams(temperature=1.0, max_new_tokens=24, stop_token_ids=[eos]))) == {1}
     # two tokens of room left after prefill: one draft and the bonus fill them
     assert set(draft_lengths(SamplingParams(temperature=1.0, max_new_tokens=3))) == {1}
 
