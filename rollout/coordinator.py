@@ -152,6 +152,7 @@ class Coordinator:
         opts = dict(num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0), max_restarts=rollout.max_restarts,
                     max_task_retries=0, max_concurrency=MAX_CONCURRENCY)
         refs = (ray.put(policy_state), ray.put(heads_state))
+        self.has_heads = heads is not None  # a ref is never None: whether heads travel is kept here
         self._weights = {self.version: refs}  # version -> (policy ref, heads ref), each put once
         # what a restarted worker comes back with: Ray re-runs the constructor on these refs, so
         # they stay pinned for the coordinator's life
@@ -185,7 +186,7 @@ class Coordinator:
     def publish(self, version: int, policy_state: dict, heads_state: dict | None) -> None:
         """Policy and heads of `version`, together. Steps submitted from now on sample with it;
         workers swap to it now if no step is running, else before the next step starts."""
-        if heads_state is None and self._weights[self.version][1] is not None:
+        if heads_state is None and self.has_heads:
             raise ValueError("heads_state: a policy-only update would leave the draft heads stale; "
                              "publish policy and heads together")
         refs = (ray.put(policy_state), ray.put(heads_state))

@@ -136,6 +136,27 @@ def test_more_than_the_cluster_has_fails_at_start_naming_what_is_missing(cluster
     assert time.perf_counter() - t0 < 10  # never waits silently
 
 
+def test_a_fleet_without_heads_publishes_policy_only_updates(cluster, weights):
+    """spec.mode=off runs workers without heads: a publish carries no heads and must not be
+    mistaken for a policy-only update of a fleet that drafts."""
+    from rollout.types import SpecParams
+
+    co = Coordinator(MC, weights[0], None, None, RolloutConfig(max_batch=4, num_workers=1, start_timeout_s=60.0))
+    try:
+        co.publish(1, weights[0], None)
+        batch = co.generate(ROWS[:2], IDS[:2], SAMPLED, SpecParams(mode="off"), seed=7)
+        assert {s.policy_version for s in batch.sequences} == {1}
+        assert [v["policy"] for v in co.versions()] == [1]
+    finally:
+        co.close()
+    with_heads = Coordinator(MC, weights[0], HC, weights[1], RolloutConfig(max_batch=4, num_workers=1, start_timeout_s=60.0))
+    try:
+        with pytest.raises(ValueError, match="heads_state"):
+            with_heads.publish(1, weights[0], None)
+    finally:
+        with_heads.close()
+
+
 def test_a_worker_that_exits_mid_rollout_is_restarted_and_republished(faulty, reference, weights):
     co, plan_dir = faulty
     co.publish(co.version + 1, *weights)  # same weights, new version: the restarted worker must get it again
