@@ -26,7 +26,7 @@ import itertools
 import random
 import re
 
-from experiments.tasks import Example, Task, TaskConfig, _held_out, _norm_int
+from experiments.tasks import Example, GeneratedTask, TaskConfig, _norm_int
 
 LONGTAIL_ALPHABET = "0123456789+-*=:,>"
 _START_MAX = 99  # the chain starts at 0..99; totals stay 1-3 digits over 30 steps of +-9
@@ -51,7 +51,7 @@ def chain_weights(chain_max: int, skew: float) -> list[float]:
     return [n ** -skew for n in range(1, chain_max + 1)]
 
 
-class LongTailTask(Task):
+class LongTailTask(GeneratedTask):
     """Worked chains of `n` repeated one-digit additions (or subtractions, per task.ops), n
     long-tailed on 1..task.chain_max (see the module docstring). Eval prompts are a fixed set,
     hashed out of the training distribution like the arithmetic task's."""
@@ -72,28 +72,8 @@ class LongTailTask(Task):
         target = worked_chain(start, op, operand, n)
         return Example(prompt=f"{start}{op}{operand}*{n}=", answer=target.rsplit(">", 1)[1], target=target)
 
-    def train_prompts(self, n: int, seed: int) -> list[Example]:
-        rng, out = random.Random(seed), []
-        while len(out) < n:
-            ex = self._draw(rng)
-            if not _held_out(ex.prompt):
-                out.append(ex)
-        return out
-
-    def eval_prompts(self) -> list[Example]:
-        if self._eval is None:
-            rng, seen, out = random.Random(self._EVAL_SEED), set(), []
-            for _ in range(200 * self.eval_size):  # ample: 1 in 8 problems is held out
-                ex = self._draw(rng)
-                if _held_out(ex.prompt) and ex.prompt not in seen:
-                    seen.add(ex.prompt)
-                    out.append(ex)
-                    if len(out) == self.eval_size:
-                        break
-            else:
-                raise ValueError(f"eval_size: only {len(out)} held-out chains were found; lower task.eval_size")
-            self._eval = out
-        return list(self._eval)
+    def _exhausted(self, found: int) -> str:
+        return f"eval_size: only {found} held-out chains were found; lower task.eval_size"
 
     def reward_parts(self, completion: str, ex: Example) -> dict:
         if not isinstance(completion, str):

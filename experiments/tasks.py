@@ -150,7 +150,46 @@ def worked_solution(a: int, b: int, op: str) -> str:
     return ",".join(steps) + ">" + result
 
 
-class ArithmeticTask(Task):
+class GeneratedTask(Task):
+    """A task that draws its problems from a seeded generator (`_draw`): training prompts are
+    the draws not hashed out, eval prompts a fixed set of distinct held-out draws."""
+
+    _EVAL_SEED = 0
+    eval_size: int
+    _eval: list[Example] | None
+
+    def _draw(self, rng: random.Random) -> Example:
+        raise NotImplementedError
+
+    def _exhausted(self, found: int) -> str:
+        """The error when fewer than eval_size held-out problems turn up."""
+        raise NotImplementedError
+
+    def train_prompts(self, n: int, seed: int) -> list[Example]:
+        rng, out = random.Random(seed), []
+        while len(out) < n:
+            ex = self._draw(rng)
+            if not _held_out(ex.prompt):
+                out.append(ex)
+        return out
+
+    def eval_prompts(self) -> list[Example]:
+        if self._eval is None:
+            rng, seen, out = random.Random(self._EVAL_SEED), set(), []
+            for _ in range(200 * self.eval_size):  # ample: 1 in 8 problems is held out
+                ex = self._draw(rng)
+                if _held_out(ex.prompt) and ex.prompt not in seen:
+                    seen.add(ex.prompt)
+                    out.append(ex)
+                    if len(out) == self.eval_size:
+                        break
+            else:
+                raise ValueError(self._exhausted(len(out)))
+            self._eval = out
+        return list(self._eval)
+
+
+class ArithmeticTask(GeneratedTask):
     """Multi-digit addition (and subtraction) with a short worked format.
 
     Prompt "347+58=", target "7+8=15,4+5+1=10,3+0+1=4>405" (see `worked_solution`); each
@@ -181,29 +220,9 @@ class ArithmeticTask(Task):
         target = worked_solution(a, b, op)
         return Example(prompt=f"{a}{op}{b}=", answer=target.rsplit(">", 1)[1], target=target)
 
-    def train_prompts(self, n: int, seed: int) -> list[Example]:
-        rng, out = random.Random(seed), []
-        while len(out) < n:
-            ex = self._draw(rng)
-            if not _held_out(ex.prompt):
-                out.append(ex)
-        return out
-
-    def eval_prompts(self) -> list[Example]:
-        if self._eval is None:
-            rng, seen, out = random.Random(self._EVAL_SEED), set(), []
-            for _ in range(200 * self.eval_size):  # ample: 1 in 8 problems is held out
-                ex = self._draw(rng)
-                if _held_out(ex.prompt) and ex.prompt not in seen:
-                    seen.add(ex.prompt)
-                    out.append(ex)
-                    if len(out) == self.eval_size:
-                        break
-            else:
-                raise ValueError(f"eval_size: only {len(out)} held-out problems exist with digits="
-                                 f"{self.digits}, ops={self.ops!r}; lower task.eval_size or raise task.digits")
-            self._eval = out
-        return list(self._eval)
+    def _exhausted(self, found: int) -> str:
+        return (f"eval_size: only {found} held-out problems exist with digits={self.digits}, "
+                f"ops={self.ops!r}; lower task.eval_size or raise task.digits")
 
     def reward_parts(self, completion: str, ex: Example) -> dict:
         if not isinstance(completion, str):
