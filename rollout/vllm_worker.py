@@ -24,19 +24,18 @@ lengths (vLLM counts acceptance per position across the batch: RolloutStats carr
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import tempfile
 import time
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import torch
 import vllm
 from torch import nn
 from vllm.inputs import TokensPrompt
 
-from rollout.checkpoint import _hf_state_dict, load_checkpoint, save_checkpoint
+from rollout.checkpoint import load_checkpoint, save_checkpoint
 from rollout.model import ModelConfig, Transformer
 from rollout.types import RolloutBatch, RolloutConfig, RolloutStats, SamplingParams, Sequence, SpecParams
 from spec_heads.exactness import FitResult, conditional_fit

@@ -137,6 +137,7 @@ def main() -> None:
     ax1, ax2 = fig.subplots(1, 2)
     print("| run | steps | entropy range (nats) | alpha range | slope d alpha / d entropy | r "
           "| depth-1 slope | depth-1 r |\n|---|---|---|---|---|---|---|---|")
+    ax2b = ax2.twinx()  # acceptance on the right axis, entropy on the left
     for i, run in enumerate(args.runs):
         p = points(read(run))
         slope, icpt, r = fit_line(p["entropy"], p["alpha"])
@@ -149,7 +150,6 @@ def main() -> None:
         lo, hi = min(p["entropy"]), max(p["entropy"])
         ax1.plot([lo, hi], [icpt + slope * lo, icpt + slope * hi], color=color)
         ax2.plot(p["step"], p["entropy"], color=color, label=f"{name}: entropy")
-        ax2b = ax2.twinx() if i == 0 else ax2b  # noqa: F821 (bound on the first run)
         ax2b.plot(p["step"], p["alpha"], color=color, ls="--", label=f"{name}: alpha")
     ax1.set_xlabel("policy entropy, mean over the step's tokens (nats)")
     ax1.set_ylabel("acceptance rate alpha")
