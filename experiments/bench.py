@@ -41,10 +41,11 @@ from experiments.config import ConfigError, load_config
 from experiments.tasks import make_task
 from rollout.device import DTYPES, cpu_native_bf16, resolve_device, resolve_dtype
 from rollout.types import RolloutStats, SamplingParams, SpecParams
+from spec_heads.acceptance import MAX_DEPTH
 
 _OVERRIDE_RE = re.compile(r"^[A-Za-z_][\w.]*=")
 _SPEC_RE = re.compile(r"^(off|entropy|fixed:(\d+)(?:\.\.(\d+))?)$")
-MAX_K = 8  # deepest draft SpecParams accepts
+MAX_K = MAX_DEPTH  # deepest draft SpecParams accepts
 
 
 # ---------------------------------------------------------------------------------------------
@@ -361,7 +362,7 @@ def expected_decode_tokens(stats: RolloutStats) -> float:
     """Tokens the run's decode steps yield by its measured per-position acceptance: a row-step
     verifying d drafts yields 1 + a_1 + a_1 a_2 + ... (depth_hist counts row-steps by d); one
     token per row-step without speculation."""
-    from spec_heads.depth import expected_tokens
+    from spec_heads.acceptance import expected_tokens
 
     if not stats.depth_hist:
         return float(stats.row_steps)
@@ -389,7 +390,7 @@ def predict_from_cost_model(stats: RolloutStats, cost, plain_step_s: float, rows
     """The same prediction from the engine's online step-cost model (what the entropy policy
     decides with): a drafting step's time is cost.step_time at `rows` in flight, a plain step's
     is `plain_step_s` (the off run's). Shows how well the policy's model knows the step costs."""
-    from spec_heads.depth import expected_tokens
+    from spec_heads.acceptance import expected_tokens
 
     accept = stats.accept_rate_per_pos
     tokens = time_ = 0.0

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from experiments.config import Config, ConfigError
-from spec_heads.depth import expected_tokens
+from spec_heads.acceptance import expected_tokens
 from spec_heads.heads import CONFIG_FILE, MODEL_DIMS, WEIGHTS_FILE, DraftHeads
 
 _FIT_VERSION = 1  # bump when the fitting recipe changes, to invalidate cached heads

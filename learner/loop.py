@@ -36,7 +36,7 @@ import torch
 
 from learner.trainer import Learner, idle_refit
 from rollout.types import RolloutBatch, SamplingParams, Sequence, SpecParams
-from spec_heads.depth import expected_tokens
+from spec_heads.acceptance import expected_tokens
 
 
 class RewardError(RuntimeError):

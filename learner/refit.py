@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from rollout.types import SamplingParams, SpecParams
+from spec_heads.acceptance import acceptance_rate
 from spec_heads.losses import LOSS_NAMES, head_loss, scheduled_loss_name
 from spec_heads.sampling import sampling_probs
 
@@ -267,7 +268,7 @@ def acceptance_sums(heads, model, hidden, tokens, mask, temperature: float):
         t1 = min(T, t0 + step)
         target_probs = _target_probs(hidden, lm_head, K, t0, t1, temperature)
         draft_probs = sampling_probs(draft_lm(feats[:, :, t0:t1]).float(), temperature)  # [B, K, Tc, V]
-        alpha = torch.minimum(target_probs, draft_probs).sum(-1)  # [B, K, Tc]
+        alpha = acceptance_rate(target_probs, draft_probs)  # [B, K, Tc]
         sums += torch.where(mask[:, :, t0:t1], alpha, 0.0).sum((0, 2)).double()
     return sums, mask.sum((0, 2))
 

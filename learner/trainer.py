@@ -30,7 +30,7 @@ from learner.losses import AlgoConfig, batch_totals, gae, grpo_advantages, maske
 from learner.refit import fit_heads, measure_acceptance
 from learner.value import ValueHead
 from rollout.types import SamplingParams, Sequence
-from spec_heads.depth import expected_tokens
+from spec_heads.acceptance import expected_tokens
 
 
 _LOSS_KEYS = ("loss", "pg_loss", "value_loss")  # micro-batch shares of the full-batch loss: they add up

@@ -28,16 +28,19 @@ import logging
 import math
 import time
 from collections import deque
+from dataclasses import astuple
 
 import torch
 from torch import nn
 
 from rollout.cuda_graphs import DecodeGraphs, GraphConfig
+from rollout.head_window import HeadWindow
 from rollout.types import LengthError, RolloutBatch, RolloutStats, Sequence, SamplingParams, SpecParams
+from spec_heads.budget import choose_depths, prefix_values
 from spec_heads.depth import DepthPolicy
 from spec_heads.fused import fused_elementwise
-from spec_heads.layers import (Attention, calibrate_cpu_attention, calibrate_cpu_row_padding, cpu_attention,
-                               set_cpu_attention, set_cpu_row_padding)
+from spec_heads.layers import (Attention, CpuKernels, Ragged, attention_table, calibrate_cpu_attention,
+                               calibrate_cpu_row_padding, row_padding_table, use_cpu_kernels)
 from spec_heads.rejection import rejection_sample
 from spec_heads.sampling import (entropy_from_logprobs, row_keys, row_uniforms, sample_with_uniforms,
                                  sampling_logprobs, sampling_probs)
@@ -58,8 +61,7 @@ def _entropy(probs: torch.Tensor, logprobs: torch.Tensor | None = None) -> torch
 
     With their log-probabilities (probs = logprobs.exp()), -sum p * log p is one dot product per
     row: cut tokens (log p = -inf, p = 0) are floored to the most negative float, so they add
-    -0.0, not NaN. entr() takes a log per element: 8.5 ms of a ~140 ms plain step of SmolLM2's
-    49k vocabulary at 128 rows on the 2-core CPU, where the dot product took 3.4 ms."""
+    -0.0, not NaN. entr() takes a log per element, a real share of a step over a large vocabulary."""
     if logprobs is None:
         return torch.special.entr(probs).sum(-1)
     return -torch.linalg.vecdot(probs, logprobs.clamp_min(_LOG_FLOOR))
@@ -67,10 +69,8 @@ def _entropy(probs: torch.Tensor, logprobs: torch.Tensor | None = None) -> torch
 
 def _attention_backends(device: torch.device):
     """Decoding's attention kernels: on CUDA every SDPA backend but cuDNN's, which builds an
-    execution plan per new shape (~0.65 ms of host time per call on average, profiled on an
-    H200); a decode loop meets new (rows, tokens, kv length) shapes all the time as rows finish
-    and draft widths change, and those builds made speculative steps several times slower than
-    plain ones."""
+    execution plan per new shape; a decode loop meets new (rows, tokens, kv length) shapes all
+    the time as rows finish and draft widths change (docs/gpu.md)."""
     if device.type != "cuda":
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -82,31 +82,30 @@ def _bucket(n: int, quantum: int) -> int:
     return -(-n // quantum) * quantum
 
 
-_ROW_PADDING: dict[tuple, dict[int, int]] = {}  # (weight shapes, dtype, threads) -> table
+_ROW_PADDING: dict[tuple, dict] = {}  # (weight shapes, dtype, threads) -> measured table
 
 
-def _calibrate_row_padding(model) -> None:
-    """On a CPU, time the policy's linear weights at 1..12 rows, shape by shape, once per shape
-    set, dtype and thread count in this process, and pad row counts where the BLAS multiplies
-    more rows faster (spec_heads.layers.calibrate_cpu_row_padding): verifying 1-8 drafts at
-    batch 1 and a batch draining to its last rows multiply just such row counts."""
+def _row_padding(model) -> dict:
+    """On a CPU, the policy's linear weights timed at 1..12 rows, shape by shape (measured once
+    per shape set, dtype and thread count in this process): row counts are padded where the
+    BLAS multiplies more rows faster (spec_heads.layers.calibrate_cpu_row_padding). Verifying a
+    few drafts at batch 1, and a batch draining to its last rows, multiply just such counts."""
     weights = [m.weight for m in model.modules() if isinstance(m, nn.Linear)]
     key = (tuple(tuple(w.shape) for w in weights), weights[0].dtype if weights else None,
            torch.get_num_threads())
     if key not in _ROW_PADDING:
-        _ROW_PADDING[key] = calibrate_cpu_row_padding(weights)
+        _ROW_PADDING[key] = row_padding_table(calibrate_cpu_row_padding(weights))
         log.info("CPU row padding for this policy's matrix products (weight shape: rows -> rows): %s", _ROW_PADDING[key])
-    set_cpu_row_padding(_ROW_PADDING[key])
+    return _ROW_PADDING[key]
 
 
-_ATTENTION: dict[tuple, set] = {}  # (heads, kv heads, head dim, dtype, threads) -> grouped classes
+_ATTENTION: dict[tuple, set] = {}  # (heads, kv heads, head dim, dtype, threads) -> measured grouped classes
 
 
-def _calibrate_attention(*modules) -> None:
-    """On a CPU, time the two attention kernels at each attention shape of these modules (the
-    policy's and its heads'), once per shape, dtype and thread count in this process, and run
-    grouped_attention where it is faster (spec_heads.layers.calibrate_cpu_attention: in
-    bfloat16 SDPA took 4x its time for one query per row at 128 rows)."""
+def _attention_kernels(*modules) -> dict:
+    """On a CPU, the two attention kernels timed at each attention shape of these modules (the
+    policy's and its heads'; once per shape, dtype and thread count in this process): where
+    grouped_attention is faster it runs instead of SDPA (spec_heads.layers.calibrate_cpu_attention)."""
     threads, table = torch.get_num_threads(), {}
     for module in modules:
         for m in module.modules() if module is not None else ():
@@ -117,7 +116,7 @@ def _calibrate_attention(*modules) -> None:
                     log.info("CPU attention for %s (heads, kv heads, head dim, dtype): grouped kernel at "
                              "(rows, width) %s, SDPA elsewhere", key, sorted(_ATTENTION[key + (threads,)]))
                 table[key] = _ATTENTION[key + (threads,)]
-    set_cpu_attention({**cpu_attention(), **table})  # other engines' shapes stay
+    return attention_table(table)
 
 
 class Engine:
@@ -141,20 +140,15 @@ class Engine:
         # On a GPU, reading state back each step costs a sync; on a CPU it is free.
         self.sync_every = sync_every or (4 if self.cuda else 1)
         # Queued prompts are admitted in groups of at least min_refill (or all that are left):
-        # a prefill of one prompt costs most of what one of several costs (a 135M model on the
-        # CPU: ~500 prompt tokens/s alone, ~735 in a group of 32; on a GPU both are one
-        # launch-bound forward), and speculative rows that hit max_new_tokens finish over
-        # several steps instead of all at one, so refilling every freed slot at once made a
-        # speculative run's prefill several percent dearer than the same prompts without
-        # speculation. A slot waits a few steps at most.
+        # a prefill of one prompt costs most of what one of several costs, and speculative rows
+        # finish over several steps, not all at one. A slot waits a few steps at most.
         if min_refill is not None and not 1 <= min_refill <= max_batch:
             raise ValueError(f"min_refill: must be in 1..max_batch ({max_batch}), got {min_refill}")
         self.min_refill = min_refill or max(1, max_batch // 8)
-        if not self.cuda:
-            _calibrate_row_padding(model)
-            _calibrate_attention(model, heads)
+        # this engine's CPU kernel choices, in force only inside its generate() (and probes)
+        self.cpu_kernels = None if self.cuda else CpuKernels(_row_padding(model), _attention_kernels(model, heads))
         self.depth_policy: DepthPolicy | None = None  # the one the last generate() used
-        self._policies: dict[tuple[str, int], DepthPolicy] = {}
+        self._policies: dict[tuple, DepthPolicy] = {}  # (mode, K, control) -> policy
         self._cost = None  # spec_heads.depth.CostModel, shared by the policies
         self._cache = self._head_cache = None
         # on CUDA, plain decode steps run over row buckets, replayed from graphs (rollout.cuda_graphs)
@@ -165,7 +159,7 @@ class Engine:
     def set_heads(self, heads):
         self.heads = heads.eval() if heads is not None else None
         if not self.cuda:
-            _calibrate_attention(self.model, self.heads)
+            self.cpu_kernels.grouped = _attention_kernels(self.model, self.heads)
         self._head_cache = None
         self.reset_calibration()
 
@@ -198,7 +192,7 @@ class Engine:
                               f"{need} exceeds the engine's max_len={self.max_len}; lower "
                               "sampling.max_new_tokens, shorten prompts, or raise rollout.max_seq_len")
         fuse = self.graphs is not None and self.graphs.config.fuse
-        with _attention_backends(self.device), fused_elementwise(fuse):
+        with _attention_backends(self.device), fused_elementwise(fuse), use_cpu_kernels(self.cpu_kernels):
             run = _Run(self, prompts, ids, sampling, spec, K, seed, progress, max_prompt_len)
             run.feed, run.on_finish = feed, on_finish
             return run.loop()
@@ -225,15 +219,16 @@ class Engine:
         """The depth policy for this mode. Policies live as long as the engine (calibration is
         learned across generate calls); all modes share one cost model, probed once, because
         what a verified token costs is a property of the model and machine, not of the mode."""
-        key = (spec.mode, K)
+        key = (spec.mode, K, astuple(spec.control))
         dp = self._policies.get(key)
         if dp is None:
             dp = DepthPolicy(spec.mode, min(spec.k, K), K, spec.calibration_bins, self.model.config.vocab_size,
-                             self.max_batch, device=self.device)
+                             self.max_batch, device=self.device, control=spec.control)
             if self._cost is not None and self._cost.max_tokens >= K + 1:
                 dp.cost = self._cost
             elif spec.mode == "entropy":
-                self._probe_costs(dp, K)
+                with use_cpu_kernels(self.cpu_kernels):
+                    self._probe_costs(dp, K)
                 self._cost = dp.cost
             dp.set_measured_prior(self.heads.measured_acceptance())
             self._policies[key] = dp
@@ -262,11 +257,8 @@ class Engine:
                self.heads.draft_lm_head(m.lm_head))
         # Per rows bucket: one warm-up call per token count, then `passes` passes over every
         # token count in turn, keeping each cell's fastest (other load only ever adds time).
-        # Timing each cell's calls back to back let a slow moment of a shared machine (tens of
-        # percent, for seconds) land on one cell and decide the cost model's best depth: from
-        # process to process it put the tiny policy's at 128 rows at 1, 2 or 7, and a climb that
-        # starts where drafting loses goes plain (spec_heads.depth). In turn, a slow moment
-        # shorter than a pass reaches at most one of a cell's timings.
+        # In turn, not back to back: a slow moment of a shared machine shorter than a pass
+        # reaches at most one of a cell's timings, and cannot decide the best depth alone.
         passes = 3
         for rows in sorted({r for r, _ in plan}):
             counts = [t for r, t in plan if r == rows]
@@ -282,11 +274,9 @@ class Engine:
     def _probe_step(self, ctx, rows: int, tokens: int) -> float:
         """Seconds of one dummy step (_probe_costs) of `tokens` per row over `rows` rows, doing
         the work of a real one: each draft's entropy (the acceptance table's bin), and the
-        verify's rejection sampling and per-position entropies (over [rows, tokens, vocab]: for
-        SmolLM2's 49k vocabulary a real share of a step, and one that grows with depth). The
-        heads start from a one-position window: probes that gave them a full window of `tokens`
-        positions (what a fully accepted step leaves) cost each depth 6.3 ms at 128 rows of the
-        tiny policy on the CPU, where real steps cost ~4.5 ms, and put the best depth at 1."""
+        verify's rejection sampling and per-position entropies (over [rows, tokens, vocab], a
+        share of a step that grows with depth). The heads start from a one-position window, as
+        most real steps do (a full window of `tokens` positions overstates drafting's cost)."""
         m, heads = self.model, self.heads
         cache, hcache, g, u, draft_lm = ctx
         ids = torch.randint(0, m.config.vocab_size, (rows, tokens), generator=g).to(self.device)
@@ -340,9 +330,7 @@ class _Run:
         z = lambda *s, dt=torch.int64: torch.zeros(*s, dtype=dt, device=dev)
         persistent = lambda name, *s, dt=torch.int64: eng.buffer(name, s, dt)
         # Per-row state lives in a few buffers, each field a view of one: compaction moves rows
-        # with one copy per buffer (_compact), not one per field. On a 2-core CPU at 128 rows of
-        # the tiny policy, one copy per field and per cache layer took 98 ms of a ~1.5 s call
-        # (47 ms with these buffers and KVCache.move_rows).
+        # with one copy per buffer (_compact), not one per field.
         self.row_int = persistent("row_int", B, 8)  # per row: length, last token, tokens out, key, steps, heads' window
         self.lengths, self.last_tok, self.n_out, self.keys, self.n_steps = self.row_int[:, :5].unbind(1)
         self.done = eng.buffer("done", (B,), torch.bool, True)
@@ -353,21 +341,10 @@ class _Run:
         stops = sampling.stop_token_ids or [-1]
         self.stop_ids = eng.buffer("stop_ids", (len(stops),))
         self.stop_ids.copy_(torch.tensor(stops))
-        self.hid = None
+        self.win = None  # the heads' window (rollout.head_window)
         if eng.heads is not None and K:
-            # The heads' window: per row, the trunk's hidden states at the positions fed since
-            # the heads last ran (index t is position hstart + t, valid up to hlast) and the
-            # token that followed each. A drafting step consumes it; plain steps (no drafting
-            # this step) append to it. A window that fills during a plain stretch is dropped,
-            # not run through the heads: catching a sequential head up costs one head layer per
-            # position, a real cost at large batches, for drafts that did not pay anyway. The
-            # head then attends only from hfloor (its first valid cache position) onwards.
-            H = eng.model.config.hidden_size
-            self.window = max(K + 1, _WINDOW)
-            self.hid = torch.zeros(B, self.window, H, dtype=eng.dtype, device=dev)
-            self.nxt = z(B, self.window)
-            self.hstart, self.hlast, self.hfloor = self.row_int[:, 5:].unbind(1)
-            self.hwidth = 1  # host: upper bound of hlast + 1 over active rows
+            self.win = HeadWindow(self.row_int[:, 5:], max(K + 1, _WINDOW), eng.model.config.hidden_size,
+                                  eng.dtype, dev)
         self.slot_prompt = [-1] * B  # host: prompt index in each slot
         self.n = 0  # active rows occupy slots [0, n)
         self.len_bound = 0  # host upper bound of lengths[:n]
@@ -384,6 +361,7 @@ class _Run:
             # what a graph bakes in besides the buffers: the sampling settings and stop tokens
             self.graph_key = (sampling.temperature, sampling.top_k, sampling.top_p, sampling.max_new_tokens,
                               tuple(stops))
+        self._curve = self._curve_key = None  # _cost_curve's cache
 
     def _kv(self, n: int) -> int:
         """Attention span for a forward: a bucketed bound on the longest row (static shapes)."""
@@ -395,10 +373,8 @@ class _Run:
         self._refill()
         step = 0
         # A speculative step reads its outcome back anyway (the depth policy's timings), so its
-        # finished rows go at once: on a GPU, collected every sync_every steps, a row done at
-        # one step was drafted and verified for up to 3 more (the tiny policy at batch 1 on an
-        # H200: ~21-token answers, 8-deep steps costing ~3.4 plain ones; their zero yield also
-        # made entropy mode rate drafting below plain steps and turn it off).
+        # finished rows go at once: collected every sync_every steps, a finished row would be
+        # drafted and verified for nothing, and its zero yield would rate drafting low.
         collect_every = 1 if self.K else e.sync_every
         while self.n:
             if self.K:
@@ -418,7 +394,7 @@ class _Run:
             # a draft at depth i counts as tested only if every earlier draft was accepted, so
             # accepted/drafted is the conditional acceptance per position
             # plain steps' live row-steps: all of them but the drafting and blind ones
-            self.acc_wa[0, 0] = self.acc_rowsteps - self.acc_wa.sum() - self.acc_blind.sum()
+            self.acc_wa[0, 0] += self.acc_rowsteps - self.acc_wa.sum() - self.acc_blind.sum()
             wa = self.acc_wa.tolist()
             s.depth_hist = [sum(r) + b for r, b in zip(wa, self.acc_blind.tolist())]
             for d, row in enumerate(wa):
@@ -464,25 +440,19 @@ class _Run:
         if self.K:
             # a plain step leaves its step's column (0 drafted, 0 accepted) as zeroed here
             self.out_dl[sl], self.out_acc[sl] = 0, 0
-            # each row's heads start from its last prompt position
-            self.hid[sl, 0], self.nxt[sl, 0] = last, tok
-            self.hstart[sl], self.hlast[sl] = lens_t - 1, 0
-        if self.K and self.policy.skips_heads_prefill(self.n + m):
-            # Where real timings at these rows have switched drafting off, or it is off there
-            # and nothing has drafted for a while (DepthPolicy.skips_heads_prefill), the heads
-            # skip the prompts: the pass costs one head block per prompt token (for the tiny
-            # policy's four layers, a fifth of its prefill; the entropy run at 128 rows stayed
-            # plain and still measured 0.94x of off). Such rows draft from their last prompt
-            # position on if drafting comes back; the exploring steps that bring it back are
-            # blind anyway.
-            self.hfloor[sl] = lens_t  # no head-cache entry before the row's window
+        skip = self.K and self.policy.skips_heads_prefill(self.n + m)
+        if self.K:  # each row's heads start from its last prompt position
+            self.win.admit(sl, last, tok, lens_t, heads_saw_prompt=not skip)
+        if skip:
+            # Where drafting is measured off at these rows, or off and idle for a while
+            # (DepthPolicy.skips_heads_prefill), the heads skip the prompts: the pass costs one
+            # head block per prompt token. Such rows draft from their last prompt position on if
+            # drafting comes back; the exploring steps that bring it back are blind anyway.
             self.stats.heads_prefill_skipped += m
         elif self.K:
             # The heads catch up over the prompt (sequential heads fill their own KV cache), also
-            # while drafting is off by the start-up cost model alone: a row admitted without it drafts without
-            # its prompt for its whole life, its drafts' real yield is low, and drafting stays
-            # off (session 5: SmolLM2 at batch 1 went plain, 0.95x, where fixed 4 gave 1.49x;
-            # the pass costs ~4% of a 135M model's prefill on a CPU, ~6% on an H200).
+            # while drafting is off by the start-up cost model alone: a row admitted without it
+            # drafts without its prompt for its whole life, and its low yield keeps drafting off.
             nxt = torch.cat([ids[:, 1:], ids[:, :1]], 1).scatter(1, (lens_t - 1)[:, None], tok[:, None])
             timed = self.spec.mode == "entropy"  # the depth policy weighs drafting net of this pass
             if timed and self.e.cuda:
@@ -494,7 +464,6 @@ class _Run:
                 if self.e.cuda:
                     torch.cuda.synchronize()
                 self.policy.record_heads_prefill(m, time.perf_counter() - th)
-            self.hfloor[sl] = 0
         for r, i in enumerate(take):
             self.slot_prompt[self.n + r] = i
         self._emit(sl, tok[:, None], lp.gather(1, tok[:, None]), entropy_from_logprobs(lp)[:, None],
@@ -518,7 +487,7 @@ class _Run:
         """One plain decode step over the rows in flight; returns the tokens emitted per row [n]
         (None for a plain run on CUDA, whose steps run as a rows bucket, replayed from a graph)."""
         n, kv, graphs = self.n, self._kv(self.len_bound + 1), self.e.graphs
-        if graphs is not None and self.hid is None:
+        if graphs is not None and self.win is None:
             # Rows past n are finished (done) or empty slots: they emit nothing, and what they
             # write lands past their lengths, where nothing reads before a row's next write.
             rows = graphs.rows(n, self.e.max_batch)
@@ -526,13 +495,8 @@ class _Run:
             self.len_bound += 1
             return None
         h, tok, emitted = self._plain_device(n, kv)
-        if self.hid is not None:  # a speculative run not drafting this step: feed the window
-            if self.hwidth >= self.window:
-                self._drop_window(n)
-            idx, rows = self.hlast[:n] + 1, torch.arange(n, device=h.device)
-            self.hid[rows, idx], self.nxt[rows, idx] = h[:, 0], tok
-            self.hlast[:n] = idx
-            self.hwidth += 1
+        if self.win is not None:  # a speculative run not drafting this step: feed the window
+            self.win.append(n, h[:, 0], tok)
         self.len_bound += 1
         return emitted
 
@@ -551,106 +515,96 @@ class _Run:
         return h, tok, emitted
 
     def _begin_heads(self, n: int, K: int):
-        """Run the heads over each row's window; returns depth-1 logits and the draft state.
+        """Run the heads over each row's window; returns depth-1 logits and the draft state."""
+        e = self.e
+        hid, nxt, pos, last, floor = self.win.inputs(n, pad_to_16=e.cuda)
+        return e.heads.begin(hid, nxt, pos, last, e.model.embed_tokens, self.draft_lm, self.hcache,
+                             self._kv(self.len_bound + K + 2), floor=floor)
 
-        On a GPU the window's width is padded to 16 or to the whole window: a launch-bound
-        device runs 16 positions as fast as 2, and every new shape costs first-call work (seen
-        as 10x slower head calls on an H200 while widths varied step to step). Padding entries
-        are invalid (past hlast) and go to the head cache's scratch slot."""
-        e, w = self.e, self.hwidth
-        if e.cuda:
-            w = min(16, self.window) if w <= 16 else self.window
-        pos = self.hstart[:n, None] + torch.arange(w, device=e.device)
-        return e.heads.begin(self.hid[:n, :w], self.nxt[:n, :w], pos, self.hlast[:n],
-                             e.model.embed_tokens, self.draft_lm, self.hcache,
-                             self._kv(self.len_bound + K + 2), floor=self.hfloor[:n])
-
-    def _keep_last_window_entry(self, n: int):
-        """Shrink each row's window to its last entry (the heads then attend from there on)."""
-        rows, last = torch.arange(n, device=self.e.device), self.hlast[:n].clamp(min=0)
-        self.hid[:n, 0], self.nxt[:n, 0] = self.hid[rows, last], self.nxt[rows, last]
-        self.hstart[:n] += last
-        self.hfloor[:n] = self.hstart[:n] + 1
-        self.hlast[:n] = 0
-        self.hwidth = 1
-
-    def _drop_window(self, n: int):
-        """Forget a full window: the heads restart at the next position, attending only to
-        head-cache entries from there on (hfloor; the depth-1 entry of position p sits at p + 1)."""
-        self.hstart[:n] += self.hlast[:n] + 1
-        self.hfloor[:n] = self.hstart[:n] + 1
-        self.hlast[:n] = -1
-        self.hwidth = 0
-
-    def _draft(self, n: int, K: int, u: torch.Tensor, early_stop: bool = True):
+    def _draft(self, n: int, K: int, u: torch.Tensor, choose: bool):
         """Draft up to K tokens per row with uniforms u [n, >=K]. Returns draft_probs [n, k, V]
-        fp32, tokens [n, k] and the drafts' entropy bins in the acceptance table [n, k] (None
-        outside entropy mode), k <= K: in entropy mode on a CPU, drafting stops early once one
-        more depth is not worth its cost for the batch (depth_policy.keep_drafting).
-        """
-        e, sp = self.e, self.sp
-        # on a CPU in entropy mode the chain always stops where no row can use another draft;
-        # an exploring step (early_stop=False) skips only the policy's cost rule
-        host = self.spec.mode == "entropy" and not e.cuda
-        early_stop = early_stop and host and self.policy.stops_early(n)
-        logits, st = self._begin_heads(n, K)
-        if e.heads.kind == "parallel":
-            return self._draft_parallel(n, K, u, st, early_stop)
-        table, calibrate = self.policy.table, self.spec.mode == "entropy"
-        probs, toks, bins = [], [], []
-        all_accepted = expected = None
-        if host:
-            # A draft past a row's drafted stop token, or past what its max_new_tokens leaves
-            # room for, can never be emitted: such rows add nothing to one more depth. (Depth 0
-            # of this step emits up to 1 + drafts tokens; the row has room for `room` more.)
-            room = (self.sp.max_new_tokens - self.n_out[:n]).tolist()
-            useful = [1.0] * n
-            stop_ids = set(self.sp.stop_token_ids or ())
-        for i in range(K):
-            dp = sampling_probs(logits, sp.temperature, sp.top_k, sp.top_p)  # [n, V] fp32
-            if calibrate:  # the draft distribution's entropy, binned for the acceptance table
-                bins.append(table.bins(_entropy(dp)))
-            if self.spec.draft == "greedy":  # baseline: argmax drafts, still exact (one-hot draft)
-                dp = torch.zeros_like(dp).scatter_(1, dp.argmax(1, keepdim=True), 1.0)
-            tok = sample_with_uniforms(dp, u[:, i])
-            probs.append(dp), toks.append(tok)
-            if i + 1 == K:
-                break
-            if host:  # host floats: on a CPU reading the n predictions back is free
-                if stop_ids:
-                    useful = [0.0 if t in stop_ids else u for t, u in zip(tok.tolist(), useful)]
-                useful = [u if r >= i + 3 else 0.0 for r, u in zip(room, useful)]
-                if not any(useful):
-                    break
-            if early_stop:
-                a = table.predict_bins(bins[-1]).tolist()
-                all_accepted = a if all_accepted is None else [p * x for p, x in zip(all_accepted, a)]
-                expected = [1.0 + p for p in a] if expected is None else [e + p for e, p in zip(expected, all_accepted)]
-                gain = sum(p * u for p, u in zip(all_accepted, useful))
-                if not self.policy.keep_drafting(gain, sum(expected), n, i + 1):
-                    break
-            logits, st = e.heads.step(st, tok, e.model.embed_tokens, self.draft_lm)
-        return torch.stack(probs, 1), torch.stack(toks, 1), torch.stack(bins, 1) if calibrate else None
+        fp32, tokens [n, k], the drafts' entropy bins in the acceptance table [n, k] (None
+        outside entropy mode), the drafts each row verifies [n] (k = their maximum) and the
+        step's expected tokens per row (None without `choose`).
 
-    def _draft_parallel(self, n: int, K: int, u: torch.Tensor, st, choose: bool):
-        """Parallel heads draft every depth at once; with `choose` (entropy mode on a CPU) the
-        drafts are then cut at the depth the batch gains most from (depth_policy.best_depth)."""
+        With `choose` each row's depth comes from spec_heads.budget.choose_depths: the drafts'
+        values (prefix products of their predicted acceptance) against the step's cost curve.
+        A sequential chain re-decides after each depth, and rows whose drafts are not all worth
+        verifying drop out of the later head steps. Without it every row verifies K drafts."""
         e, sp = self.e, self.sp
-        dp = sampling_probs(e.heads.all_logits(st, self.draft_lm, K), sp.temperature, sp.top_k,
-                            sp.top_p)  # [n, K, V]
-        bins = self.policy.table.bins(_entropy(dp)) if self.spec.mode == "entropy" else None  # [n, K]
-        if self.spec.draft == "greedy":
-            dp = torch.zeros_like(dp).scatter_(-1, dp.argmax(-1, keepdim=True), 1.0)
-        toks = sample_with_uniforms(dp, u[:, :K])  # [n, K]
-        if choose and K > 1:
-            k = self.policy.best_depth(self.policy.table.predict_bins(bins), n)
-            dp, toks, bins = dp[:, :k], toks[:, :k], bins[:, :k]
-        return dp, toks, bins
+        logits, st = self._begin_heads(n, K)
+        table, calibrate = self.policy.table, self.spec.mode == "entropy"
+        dev = logits.device
+
+        def sample(logits, u_cols):  # -> draft probs (fp32), tokens, entropy bins
+            dp = sampling_probs(logits, sp.temperature, sp.top_k, sp.top_p)
+            bins = table.bins(_entropy(dp)) if calibrate else None
+            if self.spec.draft == "greedy":  # baseline: argmax drafts, still exact (one-hot draft)
+                dp = torch.zeros_like(dp).scatter_(-1, dp.argmax(-1, keepdim=True), 1.0)
+            return dp, sample_with_uniforms(dp, u_cols), bins
+
+        if choose:
+            curve = self._cost_curve(n, K)
+            room = self.sp.max_new_tokens - self.n_out[:n]  # a draft at depth j needs room >= j + 2
+        if e.heads.kind == "parallel":  # every depth at once
+            probs, toks, bins = sample(e.heads.all_logits(st, self.draft_lm, K), u[:, :K])  # [n, K, V], [n, K]
+            dlen = torch.full((n,), K, dtype=torch.int64, device=dev)
+            if choose:
+                j = torch.arange(K, device=dev)
+                # no draft after a drafted stop token, none past max_new_tokens, can be emitted
+                clear = torch.cat([torch.ones_like(toks[:, :1], dtype=torch.bool),
+                                   ~torch.isin(toks[:, :-1], self.stop_ids)], 1).cumprod(1).bool()
+                worth = table.predict_bins(bins).double() * (clear & (room[:, None] >= j + 2))
+                values = prefix_values(worth)
+                dlen = choose_depths(values, curve)
+        else:
+            probs = toks = bins = values = None
+            act, clear = torch.arange(n, device=dev), torch.ones(n, dtype=torch.bool, device=dev)
+            dlen = torch.full((n,), K, dtype=torch.int64, device=dev)
+            for i in range(K):
+                dp, tok, b = sample(logits, u[act, i])
+                if probs is None:
+                    probs = dp.new_zeros(n, K, dp.shape[-1])
+                    toks = torch.zeros(n, K, dtype=torch.int64, device=dev)
+                    bins = torch.zeros(n, K, dtype=torch.int64, device=dev) if calibrate else None
+                    values = torch.zeros(n, K, dtype=torch.float64, device=dev)
+                probs[act, i], toks[act, i] = dp, tok
+                if calibrate:
+                    bins[act, i] = b
+                if choose:
+                    worth = table.predict_bins(b).double() * (clear[act] & (room[act] >= i + 2))
+                    values[act, i] = worth * (values[act, i - 1] if i else 1.0)
+                    clear[act] &= ~torch.isin(tok, self.stop_ids)
+                    dlen = choose_depths(values[:, :i + 1], curve)
+                    more = dlen[act] == i + 1  # rows whose every draft so far is worth verifying
+                    if i + 1 == K or not bool(more.any()):
+                        break
+                    if not bool(more.all()):  # the others drop out of the later head steps
+                        keep = more.nonzero()[:, 0]
+                        act, tok, st = act[keep], tok[keep], st.take(keep)
+                elif i + 1 == K:
+                    break
+                logits, st = e.heads.step(st, tok, e.model.embed_tokens, self.draft_lm)
+        expected = None
+        if choose:
+            k = int(dlen.max())
+            probs, toks, bins, values = probs[:, :k], toks[:, :k], None if bins is None else bins[:, :k], values[:, :k]
+            expected = 1.0 + float((values * (torch.arange(k, device=dev) < dlen[:, None])).sum()) / n
+        return probs, toks, bins, dlen, expected
+
+    def _cost_curve(self, n: int, K: int) -> torch.Tensor:
+        """The depth policy's step time at n rows for n + t verified tokens, t = 0..n K (cached
+        until the cost model has taken 16 more timings)."""
+        key = (n, K, self.policy.cost.version // 16)
+        if self._curve_key != key:
+            self._curve, self._curve_key = self.policy.cost.curve(n, K).to(self.e.device), key
+        return self._curve
 
     def _spec_step(self):
-        e, sp, n, dev = self.e, self.sp, self.n, self.e.device
+        """One speculative step: plan -> draft -> verify (ragged) -> accept -> emit."""
+        e, n = self.e, self.n
         t0 = time.perf_counter()
-        # how deep this step drafts (0: a plain step), and whether it explores beyond the
+        # how deep this step may draft (0: a plain step), and whether it explores beyond the
         # policy's budget (spec_heads.depth.DepthPolicy.plan_step)
         budget, Kd, explore = self.policy.plan_step(n)
         budget, Kd = min(budget, self.K), min(Kd, self.K)
@@ -659,8 +613,8 @@ class _Run:
         # step must cost what an ordinary drafting step costs. Its drafts then lack the heads'
         # context, so it times a drafting step but its acceptance is not counted.
         blind = explore and not budget
-        if blind and self.hwidth > 1:
-            self._keep_last_window_entry(n)
+        if blind and self.win.width > 1:
+            self.win.keep_last(n)
         if Kd == 0:  # a plain step is faster than any draft: skip the heads (they catch up later)
             self.policy.depth_hist[0] += n  # acc_wa[0, 0]: loop() counts the plain row-steps
             emitted = self._plain_step()
@@ -669,66 +623,79 @@ class _Run:
             self.policy.record_step(n, 1, time.perf_counter() - t0, emitted=float(emitted.sum()) / n)
             return
         u = row_uniforms(self.keys[:n], self.n_out[:n], _S_SPEC, 2 * self.K + 1)  # [n, 2K+1]
-        draft_probs, draft_tok, draft_bins = self._draft(n, Kd, u, early_stop=not explore)
-        # Verify width W = 1 + drafts made. The forward is padded to the deepest row anyway,
-        # so every row verifies all the drafts made: a per-row choice could only waste them.
-        # (Exactness does not depend on how deep a row drafts.)
-        W = 1 + draft_tok.shape[1]
-        dlen = torch.full((n,), W - 1, dtype=torch.int64, device=dev)
-        self.policy.depth_hist[W - 1] += n
+        # per-row depths in entropy mode on a CPU (reading them back is free there; on a GPU
+        # the verify is padded anyway, and every row verifies every draft made)
+        choose = self.spec.mode == "entropy" and not explore and not e.cuda
+        draft_probs, draft_tok, draft_bins, dlen, expected = self._draft(n, Kd, u, choose)
         t1 = time.perf_counter()
-        inp = torch.cat([self.last_tok[:n, None], draft_tok], 1)  # [n, W]
-        pos = self.lengths[:n, None] + torch.arange(W, device=dev)
-        h = e.model(inp, pos, self.cache, self._kv(self.len_bound + W))  # [n, W, H]
-        tlp = sampling_logprobs(e.model.logits(h), sp.temperature, sp.top_k, sp.top_p)  # [n, W, V]
-        acc_u, fin_u = u[:, self.K: self.K + W - 1], u[:, 2 * self.K]
-        tp = tlp.exp()
-        toks, num = rejection_sample(tp, draft_probs, draft_tok, dlen,
-                                     uniforms=(acc_u, fin_u))  # [n, W], [n]
-        safe = toks.clamp(min=0)
-        lps = tlp.gather(2, safe[..., None])[..., 0]  # [n, W]
-        ents = _entropy(tp, tlp)  # [n, W]
+        h, W, toks, num, lps, ents = self._verify(n, draft_probs, draft_tok, dlen, u)
         live = ~self.done[:n]
         emitted = self._emit(slice(0, n), toks, lps, ents, num, dlen=dlen)
-        # the heads start next step from the fed positions that were accepted
-        self.hid[:n, :W], self.nxt[:n, :W] = h, safe
-        self.hstart[:n] = torch.where(live, pos[:, 0], self.hstart[:n])
-        # rows already done restart from index 0, so a narrower next step never indexes past W
-        self.hlast[:n] = torch.where(live, num - 1, torch.zeros_like(num))
-        self.hwidth = W
-        if self.spec.mode == "entropy" and not blind:
-            # The depth policy learns the heads' acceptance with their context: rows already done
-            # count for nothing, and neither do rows whose heads miss part of it (hfloor > 0:
-            # admitted without the heads' prefill where drafting was measured off, or a window
-            # dropped or trimmed in a plain stretch). Counted, such rows rated the heads low
-            # after every plain stretch (the tiny policy at 128 rows on the CPU: 0.89 / 0.88 at
-            # depths 1-2 against 0.96 / 0.92 with context), and drafting stayed off where fixed
-            # depths gained 1.18x; rows admitted while drafting is on get the pass again. The
-            # rollout's own statistics (acc_wa) count every live row.
-            seen = live & (self.hfloor[:n] == 0)
-            self.policy.observe_bins(draft_bins, dlen * seen, (num - 1) * seen)
-        # The attention span of later steps follows this bound. A row advances by the tokens
-        # it accepted, not by W: on a GPU the bound grows by W (reading lengths back costs a
-        # sync; compaction tightens it), on a CPU reading them is free and the bound is exact.
+        self.win.restart(n, h, toks, num, live, first_pos=self.lengths[:n] - num * live)
+        # A row advances by the tokens it accepted, not by W: on a GPU the bound grows by W
+        # (reading lengths back costs a sync; compaction tightens it), on a CPU it is exact.
         self.len_bound = self.len_bound + W if e.cuda else int(self.lengths[:n].max())
-        # stats: live row-steps by (drafts verified, drafts accepted), a device accumulator
-        # read once at the end (loop() derives per-position acceptance and the depth histogram)
-        if blind:  # drafts without the heads' context: their acceptance is no measure of the heads
-            self.acc_blind[W - 1] += live.sum()
-        else:
-            self.acc_wa[W - 1].index_add_(0, num - 1, live.long())
+        self._count(n, draft_bins, dlen, num, live, blind)
         if e.cuda:
             torch.cuda.synchronize()
         t2 = time.perf_counter()
         self.stats.draft_time_s += t1 - t0
         self.stats.verify_time_s += t2 - t1
-        # What the step really emitted per row, and what rejection sampling proposed per live
-        # row: the policy's yield is their ratio, what stops, max_new_tokens and done rows cost
-        # apart from this step's luck (record_step). A blind exploring step's drafts lack the
-        # heads' context: it is credited with the yield of drafting with context.
-        got, proposed, n_live = torch.stack((emitted.sum(), (num * live).sum(), live.sum())).tolist()
-        self.policy.record_step(n, W, t2 - t0, planned=Kd, emitted=got / n,
-                                proposed=proposed / n_live if n_live and not blind else None, blind=blind)
+        self._record(n, W, dlen, t2 - t0, Kd, emitted, num, live, blind, expected)
+
+    def _verify(self, n: int, draft_probs, draft_tok, dlen, u):
+        """One policy forward over every row's last token and its dlen[b] drafts (ragged on a
+        CPU: spec_heads.layers.Ragged), then exact accept/reject. Returns hidden states
+        [n, W, H], W, emitted tokens [n, W] (-1 past each row's end), their count [n], their
+        log-probabilities and the policy's entropies [n, W]."""
+        e, sp, dev = self.e, self.sp, self.e.device
+        W = 1 + draft_tok.shape[1]
+        inp = torch.cat([self.last_tok[:n, None], draft_tok], 1)  # [n, W]
+        pos = self.lengths[:n, None] + torch.arange(W, device=dev)
+        ragged = None if e.cuda or not bool((dlen < W - 1).any()) else Ragged.from_counts(1 + dlen, W)
+        h = e.model(inp, pos, self.cache, self._kv(self.len_bound + W),
+                    n_tokens=None if ragged is None else 1 + dlen)  # [n, W, H]
+        fed = h.reshape(n * W, -1) if ragged is None else ragged.pack(h)  # [T, H]
+        tlp = sampling_logprobs(e.model.logits(fed), sp.temperature, sp.top_k, sp.top_p)  # [T, V]
+        tp = tlp.exp()
+        # [n, W, V] for the sampler: a view where every row verifies W - 1 drafts, else a gather
+        # (padding repeats the row's last real token; the sampler never reads it)
+        slot = torch.arange(n * W, device=dev).view(n, W) if ragged is None else ragged.slot  # [n, W] -> T
+        toks, num = rejection_sample(tp.view(n, W, -1) if ragged is None else tp[slot], draft_probs, draft_tok,
+                                     dlen, uniforms=(u[:, self.K: self.K + W - 1], u[:, 2 * self.K]))  # [n, W], [n]
+        lps = tlp[slot, toks.clamp(min=0)]  # [n, W]
+        ents = _entropy(tp, tlp)[slot]  # [n, W]
+        return h, W, toks, num, lps, ents
+
+    def _count(self, n: int, draft_bins, dlen, num, live, blind: bool):
+        """The depth policy learns the heads' acceptance with their context: rows already done
+        count for nothing, nor do rows whose heads miss part of it (they would rate the heads
+        low after every plain stretch). The rollout's statistics count every live row: row-steps
+        by (drafts verified, drafts accepted), a device accumulator read once at the end."""
+        if self.spec.mode == "entropy" and not blind:
+            seen = live & self.win.has_context(n)
+            self.policy.observe_bins(draft_bins, dlen * seen, (num - 1) * seen)
+        if blind:  # drafts without the heads' context: their acceptance is no measure of the heads
+            self.acc_blind.index_add_(0, dlen, live.long())
+        else:
+            self.acc_wa.index_put_((dlen, num - 1), live.long(), accumulate=True)
+
+    def _record(self, n, W, dlen, seconds, planned, emitted, num, live, blind, expected):
+        """Tell the depth policy what the step cost and yielded: what it really emitted per row,
+        and what rejection sampling proposed per live row (their ratio is what stops,
+        max_new_tokens and done rows cost apart from this step's luck). A blind exploring
+        step's drafts lack the heads' context: it is credited with the yield of drafting."""
+        if self.e.cuda:
+            self.policy.depth_hist[W - 1] += n
+        else:
+            for d, c in enumerate(torch.bincount(dlen, minlength=self.K + 1).tolist()):
+                self.policy.depth_hist[d] += c
+        got, proposed, n_live, fed = torch.stack((emitted.sum(), (num * live).sum(), live.sum(),
+                                                  dlen.sum())).tolist()
+        tokens_per_row = max(2, round(1 + fed / n))  # the cost model's cell: a drafting step
+        self.policy.record_step(n, tokens_per_row, seconds, planned=planned, emitted=got / n,
+                                proposed=proposed / n_live if n_live and not blind else None, blind=blind,
+                                expected=expected)
         if self.spec.log_every and self.stats.steps % self.spec.log_every == 0:
             log.info("depth policy at step %d (rows=%d, width=%d): %s", self.stats.steps, n, W,
                      self.policy.summary())
@@ -820,8 +787,8 @@ class _Run:
             src = torch.tensor([s for s, _ in moves], device=dev)
             dst = torch.tensor([d for _, d in moves], device=dev)
             tensors = [self.row_int, self.done, self.out_int, self.out_float]
-            if self.hid is not None:
-                tensors += [self.hid, self.nxt]
+            if self.win is not None:
+                tensors += self.win.tensors()
             for t in tensors:
                 t[dst] = t[src]
             # cache entries at or past a row's length are rewritten before they are read; the

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 from torch import nn
 
-from spec_heads.layers import CacheView, DecoderBlock, KVCache, Linear, RMSNorm, Rotary, causal_mask
+from spec_heads.layers import CacheView, DecoderBlock, KVCache, Linear, Ragged, RMSNorm, Rotary, causal_mask
 from spec_heads.rope import RopeSpec, rope_inv_freq, rope_position_limit
 
 
@@ -128,19 +128,28 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                 cache: KVCache | None = None, kv_len: int | None = None,
-                slots: torch.Tensor | None = None) -> torch.Tensor:
+                slots: torch.Tensor | None = None, n_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids [B, T] -> final-normed hidden states [B, T, H].
 
         Without a cache: full sequences, positions default to 0..T-1 (right padding is safe:
         attention is causal). With a cache: the new tokens of each row sit at `positions`
         [B, T] (each row its own start), K/V are written there, and queries attend over cache
         positions [0, kv_len). `slots` [B] picks cache rows (default 0..B-1).
+
+        `n_tokens` [B] (1..T, a ragged step with a cache): row b's real tokens are its first n_tokens[b].
+        On a CPU the projections and MLPs then run on the real tokens only (spec_heads.layers.
+        Ragged); hidden states in padding are zeros. On CUDA the step runs padded (same values
+        at real tokens, no host sync).
         """
         B, T = input_ids.shape
         if positions is None:
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
+        ragged = None
+        if n_tokens is not None and cache is not None and not input_ids.is_cuda:
+            ragged = Ragged.from_counts(n_tokens, T)
+            input_ids = ragged.pack(input_ids)
         x = self.embed_tokens(input_ids)
-        cos, sin = self.rotary(positions, x.dtype)
+        cos, sin = self.rotary(positions if ragged is None else ragged.pack(positions)[None], x.dtype)
         view = None
         if cache is not None:
             kv_len = kv_len or cache.max_len
@@ -151,8 +160,9 @@ class Transformer(nn.Module):
         if x.is_cuda:  # additive once here: SDPA would convert a boolean mask in every layer (3 kernels)
             mask = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill_(~mask, float("-inf"))
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, mask, i, view)
-        return self.norm(x)
+            x = layer(x, cos, sin, mask, i, view, ragged)
+        x = self.norm(x)
+        return x if ragged is None else ragged.unpack(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)

@@ -8,6 +8,9 @@ from dataclasses import dataclass, field, replace
 class LengthError(ValueError):
     """A request that does not fit the engine's KV cache; the message names the setting to change."""
 
+from spec_heads.acceptance import MAX_DEPTH
+from spec_heads.depth_config import DepthControl
+
 
 @dataclass
 class SamplingParams:
@@ -40,16 +43,17 @@ class SpecParams:
     draft: str = "sampled"  # sampled | greedy (greedy drafts are a baseline; still exact)
     calibration_bins: int = 16  # entropy bins of the online acceptance table
     log_every: int = 0  # log the calibration table and chosen depths every N steps (0: never)
+    control: DepthControl = field(default_factory=DepthControl)  # entropy mode's tuning (spec.control.*)
 
     def __post_init__(self):
         if self.mode not in ("off", "fixed", "entropy"):
             raise ValueError(f"mode: must be off, fixed or entropy, got {self.mode!r}")
         if self.draft not in ("sampled", "greedy"):
             raise ValueError(f"draft: must be sampled or greedy, got {self.draft!r}")
-        if not 1 <= self.k <= 8:
-            raise ValueError(f"k: must be in 1..8, got {self.k}")
-        if not 1 <= self.max_k <= 8:
-            raise ValueError(f"max_k: must be in 1..8, got {self.max_k}")
+        if not 1 <= self.k <= MAX_DEPTH:
+            raise ValueError(f"k: must be in 1..{MAX_DEPTH}, got {self.k}")
+        if not 1 <= self.max_k <= MAX_DEPTH:
+            raise ValueError(f"max_k: must be in 1..{MAX_DEPTH}, got {self.max_k}")
         if self.calibration_bins < 2:
             raise ValueError(f"calibration_bins: must be >= 2, got {self.calibration_bins}")
 

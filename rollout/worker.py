@@ -31,7 +31,7 @@ from rollout.engine import Engine
 from rollout.model import ModelConfig, Transformer
 from rollout.types import (ItemResult, RolloutBatch, RolloutConfig, RolloutStats, SamplingParams, SpecParams,
                            WorkItem)
-from spec_heads.depth import CostModel
+from spec_heads.estimators import CostModel
 from spec_heads.heads import DraftHeads, HeadConfig
 
 def cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -96,6 +96,16 @@ class DraftState:
     packed: "_Packed | None" = None  # sequential: the decode weights the chain runs on (None: the modules)
     cache_rows: torch.Tensor | None = None  # sequential, packed: the head-cache rows as a column [B, 1]
 
+    def take(self, index: torch.Tensor) -> "DraftState":
+        """The chain of rows `index` [m] only (rows that stop drafting drop out of later depths);
+        they keep writing their own head-cache rows."""
+        slots = index if self.slots is None else self.slots[index]
+        chain = None if self.chain is None else tuple(t[index] for t in self.chain)
+        return replace(self, hidden=self.hidden[index],
+                       positions=None if self.positions is None else self.positions[index],
+                       slots=slots if self.positions is not None else self.slots, chain=chain,
+                       cache_rows=None if self.cache_rows is None else self.cache_rows[index])
+
 
 class ResBlock(nn.Module):
     """h + W2(SiLU(W1 h)), W2 zero-initialised so a fresh block is the identity."""
@@ -119,27 +129,24 @@ class _Packed:
     """The sequential head's weights as drafting multiplies them (MTPModule.packed).
 
     A draft step at one row is launch-bound; this path runs one in ~40 ops and no module calls,
-    against 61 ops and 13 module calls through the modules (scripts/time_head_step.py: 136 against
-    313 us for the tiny policy on the 2-core EPYC, `begin` over 5 positions 370 against 540). How:
+    against 61 ops and 13 module calls through the modules (scripts/time_head_step.py times
+    both). How:
     - every RMSNorm weight that feeds a matrix is folded into that matrix's columns; q|k|v and
       gate|up are one matrix each; the residual adds ride in addmm;
     - the residual stream runs as rows of H + E, E = 8 extra columns: the first holds
       sqrt(H * eps), the others 0, and every matrix ignores them (zero rows) and leaves them as
       they are (zero columns). An RMSNorm is then one fused op, `torch._weight_norm` with gain
       sqrt(H): x sqrt(H) / |[x, sqrt(H eps), 0..]| = x / sqrt(mean(x^2) + eps), RMSNorm's own
-      formula, eps included (F.rms_norm runs as ~8 ops on a CPU: 10 us at H=128 against 2 us).
-      E = 8, not 1, keeps every matrix dimension a multiple of 8 where H is: with H+1 on an H100
-      in bf16, rows' drafts changed with the batch's size (other GEMM kernels), and the engine's
-      batch-independence test failed.
+      formula, eps included (F.rms_norm runs as ~8 ops on a CPU).
+      E = 8, not 1, keeps every matrix dimension a multiple of 8 where H is: with H+1, GPU GEMM
+      kernels can change with the batch's size, and with them a row's drafts.
     Draft distributions need only be the ones drafts are sampled from (rejection sampling is
     exact for any), so the float rounding this moves is no error; tests hold it to the
     modules' logits within 1e-5 all the same."""
 
     table: torch.Tensor  # [V, H+E]: proj's embedding half of norm_e(embedding) for every token, then `column`
     # Matrices are stored [in, out], contiguous: products x @ W in the BLAS's NN layout, which
-    # at 1-8 rows ran 10-25% faster than F.linear's x @ W^T for the tiny policy's 128-wide
-    # matrices on the 2-core EPYC (MKL); for SmolLM2's shapes the two layouts were within ~15%
-    # either way.
+    # for a few rows of small matrices is faster than F.linear's x @ W^T on a CPU.
     w_h: torch.Tensor  # [H+E, H+E]: proj's hidden half (norm_h's weight folded in)
     w_qkv: torch.Tensor  # [H+E, (heads + 2 kv_heads) * D], input_layernorm's weight folded in
     b_qkv: torch.Tensor | None

@@ -9,9 +9,11 @@ before that, because attention is causal on absolute positions.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from dataclasses import dataclass
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -37,22 +39,45 @@ class RMSNorm(nn.Module):
 
 class Linear(nn.Linear):
     """nn.Linear that, on a CPU, multiplies a few rows as more where the BLAS is faster so
-    (zero padding, dropped after): see `calibrate_cpu_row_padding`."""
+    (zero padding, dropped after) while an engine's CpuKernels are in force."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
 
 
-# rows -> rows to multiply them as, on a CPU (calibrate_cpu_row_padding; empty: as they are):
-# under a weight shape (out, in) for that shape, under None for every other shape
-_CPU_ROW_PAD: dict[tuple[int, int] | None, dict[int, int]] = {}
+@dataclass
+class CpuKernels:
+    """One engine's CPU kernel choices, measured when it starts (calibrate_cpu_row_padding,
+    calibrate_cpu_attention) and in force only inside its `use_cpu_kernels` block: other code
+    (the learner's forward, other engines) runs the plain kernels.
+
+    row_pad: rows -> rows to multiply them as, under a weight shape (out, in) for that shape or
+    under None for every shape (row_padding_table). grouped: (heads, kv heads, head dim, dtype)
+    -> the (rows class, width class) pairs that run grouped_attention (attention_table)."""
+
+    row_pad: dict = field(default_factory=dict)
+    grouped: dict = field(default_factory=dict)
+
+
+_KERNELS: ContextVar[CpuKernels | None] = ContextVar("specroll_cpu_kernels", default=None)
+
+
+@contextlib.contextmanager
+def use_cpu_kernels(kernels: CpuKernels | None):
+    """Run the block with `kernels` in force (None: the plain kernels)."""
+    token = _KERNELS.set(kernels)
+    try:
+        yield
+    finally:
+        _KERNELS.reset(token)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, multiplying `rows` rows as the padding table says for this weight's shape on a
-    CPU (see Linear)."""
-    if _CPU_ROW_PAD and x.is_cpu and x.dim() >= 2 and x.shape[-1]:
-        table = _CPU_ROW_PAD.get(weight.shape) or _CPU_ROW_PAD.get(None)
+    """F.linear, multiplying `rows` rows as the padding table in force says for this weight's
+    shape on a CPU (see Linear)."""
+    kernels = _KERNELS.get()
+    if kernels is not None and kernels.row_pad and x.is_cpu and x.dim() >= 2 and x.shape[-1]:
+        table = kernels.row_pad.get(weight.shape) or kernels.row_pad.get(None)
         rows = x.numel() // x.shape[-1]
         pad = table.get(rows, rows) if table else rows
         if pad > rows:
@@ -77,17 +102,9 @@ def _unpad_rows(out: torch.Tensor, x: torch.Tensor, rows: int) -> torch.Tensor:
     return out[:rows].reshape(*x.shape[:-1], out.shape[-1])
 
 
-def cpu_row_padding() -> dict:
-    """The padding in force (a copy): rows -> rows where one table serves every weight shape,
-    else weight shape (out, in) -> {rows -> rows}."""
-    if set(_CPU_ROW_PAD) <= {None}:
-        return dict(_CPU_ROW_PAD.get(None, {}))
-    return {k: dict(v) for k, v in _CPU_ROW_PAD.items()}
-
-
-def set_cpu_row_padding(table: dict) -> None:
-    """Use `table` from now on, in every Linear of this process: rows -> rows >= them for every
-    weight shape, or weight shape (out, in) -> such a table (a shape not in it is not padded)."""
+def row_padding_table(table: dict) -> dict:
+    """`table` checked and cleaned for CpuKernels.row_pad: rows -> rows >= them for every weight
+    shape, or weight shape (out, in) -> such a table; entries that pad nothing are dropped."""
     by_shape = table if table and all(isinstance(k, tuple) for k in table) else {None: table}
     clean = {}
     for shape, rows_to in by_shape.items():
@@ -98,8 +115,7 @@ def set_cpu_row_padding(table: dict) -> None:
             raise ValueError(f"table: each entry must map rows >= 1 to at least as many rows, got {bad}")
         if any(p > r for r, p in rows_to.items()):
             clean[None if shape is None else tuple(shape)] = {r: p for r, p in rows_to.items() if p > r}
-    _CPU_ROW_PAD.clear()
-    _CPU_ROW_PAD.update(clean)
+    return clean
 
 
 @torch.inference_mode()
@@ -108,30 +124,24 @@ def calibrate_cpu_row_padding(weights: list[torch.Tensor], max_rows: int = 12, r
     """Time x @ W.T for 1..max_rows rows over each weight shape's matrices (a model's linear
     weights, read from memory as a decode step reads them), and map each row count to the row
     count >= it that was fastest for that shape, by at least min_gain (only padding up is
-    possible: the rows are real). Returns the table for set_cpu_row_padding: weight shape ->
+    possible: the rows are real). Returns the table for CpuKernels.row_pad: weight shape ->
     {rows -> rows}, shapes that pad nothing left out.
 
-    The BLAS's speed by row count differs from machine to machine and from shape to shape. On a
-    2-core AMD EPYC (session 4) MKL ran 2 or 3 rows as that many matrix-vector products, each
-    reading the whole matrix (SmolLM2-135M's 49k-token LM head 9.4 ms at 1 row, 32 ms at 3, 16 ms
-    at 4); on a 2-core Intel Xeon (AVX-512, session 7) 1-3 rows cost about the same and 4 rows
-    1.8x. On a 2-core AMD EPYC with AVX-512 (session 8) SmolLM2's 60 MLP up/gate matrices took
-    19, 29, 36, 24, 21, 19 ms at 1-6 rows, its LM head 9.7, 23, 33, 17, 17, 27, 39, 16 ms at 1-8
-    rows: one table for all shapes (session 7's) swung between padding 2-4 rows to 5 and to 8
-    from run to run, and a 1-draft verify cost 1.6x a plain step. Rows are interleaved within
-    each repeat, so drift in the machine's speed affects every row count alike."""
+    The BLAS's speed by row count differs from machine to machine and from shape to shape (some
+    run 2-3 rows as that many matrix-vector products, each reading the whole matrix), so it is
+    measured per shape. Rows are interleaved within each repeat, so drift in the machine's speed
+    affects every row count alike (docs/bench.md has the tables measured here)."""
     groups: dict[tuple[int, int], list[torch.Tensor]] = {}
     for w in weights:
         if w.dim() == 2 and w.is_cpu:
             groups.setdefault(tuple(w.shape), []).append(w.detach())
     table = {}
     for shape, ws in groups.items():
-        xs = {rows: torch.randn(rows, shape[1], dtype=ws[0].dtype) for rows in range(1, max_rows + 1)}
+        gen = torch.Generator().manual_seed(0)  # the same inputs in every process
+        xs = {rows: torch.randn(rows, shape[1], generator=gen).to(ws[0].dtype) for rows in range(1, max_rows + 1)}
         times = dict.fromkeys(xs, math.inf)
-        # What padding itself costs (the zero rows, the cat, the slice back), per matrix: for the
-        # tiny policy's 128-wide matrices on the 2-core EPYC (session 20) it was ~5 us against
-        # 2-3 us saved by multiplying 7 rows as 8, and padding made a 7-token verify forward 10%
-        # slower. Timed as _padded_linear's ops around the product, from 1 row to max_rows.
+        # What padding itself costs (the zero rows, the cat, the slice back), per matrix: for
+        # small matrices it can exceed what padding saves. Timed as _padded_linear's ops.
         extra = math.inf
         for rep in range(repeats + 1):
             for rows, x in xs.items():
@@ -229,9 +239,8 @@ class KVCache:
         moves' (src, dst) as tensors on the buffer's device, where the caller has them. A row's entries
         at or past its length are never read before a forward writes them, so callers pass a
         bound on the rows' lengths. On a CPU, one plain slice copy per row over the shared
-        buffer: 6 rows of the tiny policy's 8 buffers took 55 us this way, 94 us as one indexed
-        copy and 276 us as one indexed copy per buffer. On a GPU (launch-bound), and for more than
-        32 rows (where the per-row Python calls add up), one indexed copy."""
+        buffer (cheaper than an indexed copy for a few rows); on a GPU (launch-bound), and for
+        more than 32 rows (where the per-row Python calls add up), one indexed copy."""
         upto = self.max_len if upto is None else min(upto, self.max_len)
         if self.buf.is_cuda or len(moves) > 32:
             if index is None:
@@ -256,6 +265,45 @@ class CacheView:
     positions: torch.Tensor
     kv_len: int
     slots: torch.Tensor | None = None
+
+
+@dataclass
+class Ragged:
+    """Which tokens of a padded [B, W] step are real: row b feeds its first counts[b] (1..W).
+
+    Linear layers, norms, rotary and MLPs run on the T real tokens packed row-major ([T, ...]),
+    so their cost follows T, not B * W; only the attention scores run padded (each query sees
+    its own row's cache, where its row's earlier new tokens were just written). Padding
+    queries are zeros and write nothing to the cache."""
+
+    index: torch.Tensor  # [T] flat indices into B * W of the real tokens
+    slot: torch.Tensor  # [B, W] the packed index of each padded slot (padding: its row's last real token)
+    B: int
+    W: int
+
+    @property
+    def row(self) -> torch.Tensor:
+        """[T] the row of each real token."""
+        return self.index // self.W
+
+    @classmethod
+    def from_counts(cls, counts: torch.Tensor, width: int) -> "Ragged":
+        """counts [B] int64 in 1..width. Reads T back to the host (free on a CPU)."""
+        B = counts.shape[0]
+        real = torch.arange(width, device=counts.device)[None, :] < counts[:, None]  # [B, W]
+        index = real.flatten().nonzero()[:, 0]
+        start = counts.cumsum(0) - counts  # [B] packed index of each row's first token
+        j = torch.minimum(torch.arange(width, device=counts.device)[None, :], counts[:, None] - 1)
+        return cls(index, start[:, None] + j, B, width)
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, W, ...] -> [T, ...]."""
+        return x.reshape(self.B * self.W, *x.shape[2:])[self.index]
+
+    def unpack(self, y: torch.Tensor) -> torch.Tensor:
+        """[T, ...] -> [B, W, ...], zeros in padding."""
+        out = y.new_zeros(self.B * self.W, *y.shape[1:])
+        return out.index_copy_(0, self.index, y).view(self.B, self.W, *y.shape[1:])
 
 
 def causal_mask(query_pos: torch.Tensor, kv_len: int) -> torch.Tensor:
@@ -290,9 +338,6 @@ def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
     return torch.matmul(probs, v).view(B, H, T, D)
 
 
-# (heads, kv heads, head dim, dtype) -> the (rows class, width class) pairs whose masked
-# attention runs grouped_attention on a CPU (calibrate_cpu_attention; absent: SDPA throughout)
-_CPU_GROUPED: dict[tuple, frozenset] = {}
 _ATTN_ROWS, _ATTN_WIDTHS = (1, 4, 16, 64), (1, 4)  # the classes' calibration points
 _ATTN_MAX_WIDTH = 16  # wider queries (prefills of longer prompts, training) always run SDPA
 
@@ -304,9 +349,9 @@ def attention_class(rows: int, width: int) -> tuple[int, int]:
     return r, 1 if width == 1 else 4
 
 
-def set_cpu_attention(table: dict) -> None:
-    """Use `table` from now on, in every Attention of this process: (heads, kv heads, head dim,
-    dtype) -> the (rows class, width class) pairs (attention_class) to run grouped_attention."""
+def attention_table(table: dict) -> dict:
+    """`table` checked and cleaned for CpuKernels.grouped: (heads, kv heads, head dim, dtype) ->
+    the (rows class, width class) pairs (attention_class) that run grouped_attention."""
     clean = {}
     for key, classes in table.items():
         if not (isinstance(key, tuple) and len(key) == 4 and isinstance(key[3], torch.dtype)):
@@ -317,13 +362,7 @@ def set_cpu_attention(table: dict) -> None:
                              f"width in {_ATTN_WIDTHS}, got {bad}")
         if classes:
             clean[key] = frozenset(classes)
-    _CPU_GROUPED.clear()
-    _CPU_GROUPED.update(clean)
-
-
-def cpu_attention() -> dict:
-    """The attention kernel table in force (a copy; see set_cpu_attention)."""
-    return {k: set(v) for k, v in _CPU_GROUPED.items()}
+    return clean
 
 
 @torch.inference_mode()
@@ -331,23 +370,21 @@ def calibrate_cpu_attention(n_heads: int, n_kv: int, head_dim: int, dtype: torch
                             kv_len: int = 128, repeats: int = 5, min_gain: float = 0.10) -> set:
     """Time SDPA and grouped_attention on a CPU at each (rows, width) calibration point, with
     a causal boolean mask and K/V laid out as a KV cache holds them; returns the points where
-    grouped_attention was faster by at least min_gain (the set for set_cpu_attention).
+    grouped_attention was faster by at least min_gain (a value of CpuKernels.grouped).
 
-    CPU SDPA with a mask is fast in fp32 but slow in bfloat16, worst for one query per row: on a
-    2-core AMD EPYC with AVX512-BF16 (torch 2.13, session 13), SmolLM2-135M's attention shape
-    (9 heads, 3 KV heads, 64 dims) at 128 rows over 256 positions took 24.4 ms per layer for
-    one query and 11.2 ms for two; grouped_attention took 5.9 ms and 5.3 ms. That made a plain
-    decode step of SmolLM2 at 32 rows 1.4x slower than it had to be, and speculative steps
-    (several queries per row) look faster against it than they are. In fp32 SDPA won at every
-    point. The kernels interleave within each repeat, so drift hits both alike."""
+    CPU SDPA with a mask is fast in fp32 but can be several times slower in bfloat16, worst for
+    one query per row (docs/bench.md), which would also flatter speculative steps against plain
+    ones. The kernels interleave within each repeat, so drift hits both alike."""
     times: dict[tuple[int, int, str], float] = {}
     inputs = {}
+    gen = torch.Generator().manual_seed(0)  # the same inputs in every process
+    randn = lambda *shape: torch.randn(*shape, generator=gen).to(dtype)
     for rows in _ATTN_ROWS:
         for width in _ATTN_WIDTHS:
-            q = torch.randn(rows, n_heads, width, head_dim, dtype=dtype)
-            k = torch.randn(rows, kv_len, n_kv, head_dim, dtype=dtype).transpose(1, 2)
-            v = torch.randn(rows, kv_len, n_kv, head_dim, dtype=dtype).transpose(1, 2)
-            pos = torch.randint(width, kv_len, (rows, 1)) - width + 1 + torch.arange(width)
+            q = randn(rows, n_heads, width, head_dim)
+            k = randn(rows, kv_len, n_kv, head_dim).transpose(1, 2)
+            v = randn(rows, kv_len, n_kv, head_dim).transpose(1, 2)
+            pos = torch.randint(width, kv_len, (rows, 1), generator=gen) - width + 1 + torch.arange(width)
             inputs[rows, width] = (q, k, v, causal_mask(pos, kv_len))
     gqa = n_kv != n_heads
     kernels = {"sdpa": lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=gqa),
@@ -369,8 +406,9 @@ def attention(q, k, v, mask, expand_masked_gqa_on_cuda: bool = True) -> torch.Te
     where the CPU calibration chose it for this shape, else SDPA (see Attention)."""
     B, n_heads, T, head_dim = q.shape
     n_kv = k.shape[1]
-    if _CPU_GROUPED and mask is not None and T <= _ATTN_MAX_WIDTH and not q.is_cuda:
-        classes = _CPU_GROUPED.get((n_heads, n_kv, head_dim, q.dtype))
+    kernels = _KERNELS.get()
+    if kernels is not None and kernels.grouped and mask is not None and T <= _ATTN_MAX_WIDTH and not q.is_cuda:
+        classes = kernels.grouped.get((n_heads, n_kv, head_dim, q.dtype))
         if classes and attention_class(B, T) in classes:
             out = grouped_attention(q, k.to(q.dtype), v.to(q.dtype), mask)
             return out.transpose(1, 2).reshape(B, T, -1)
@@ -420,17 +458,22 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         return apply_rope(q.transpose(1, 2), cos, sin), apply_rope(k.transpose(1, 2), cos, sin), v.transpose(1, 2)
 
-    # On CUDA, SDPA's fused kernels take a mask or enable_gqa but not both: masked GQA ran the
-    # math path (several kernels and a repeat_interleave of its own: 0.94 s of 3.7 s of GPU time
-    # in a SmolLM2-shaped profile on an H200). Expanding the KV heads here lets the
-    # memory-efficient kernel run. (A class flag, so a benchmark can time both ways.)
+    # On CUDA, SDPA's fused kernels take a mask or enable_gqa but not both: masked GQA runs the
+    # math path (several kernels and a repeat_interleave of its own; docs/gpu.md). Expanding the
+    # KV heads here lets the memory-efficient kernel run. (A class flag, so a benchmark can time
+    # both ways.)
     expand_masked_gqa_on_cuda = True
 
     def attend(self, q, k, v, mask):
         """q [B, heads, T, D], k/v [B, kv_heads, S, D], boolean mask -> o_proj output [B, T, H]."""
         return self.o_proj(attention(q, k, v, mask, self.expand_masked_gqa_on_cuda))
 
-    def forward(self, x, cos, sin, mask, layer: int = 0, view: CacheView | None = None):
+    def forward(self, x, cos, sin, mask, layer: int = 0, view: CacheView | None = None,
+                ragged: Ragged | None = None):
+        """x [B, T, H], or packed [T_real, H] with `ragged` and a cache (then cos/sin
+        [1, 1, T_real, rot] are the packed tokens', and the output is packed too)."""
+        if ragged is not None:
+            return self._forward_ragged(x, cos, sin, mask, layer, view, ragged)
         B = x.shape[0]
         q, k, v = self.project(x, cos, sin)  # [B, H, T, D], [B, Hkv, T, D] x2
         if view is not None:
@@ -445,6 +488,30 @@ class Attention(nn.Module):
                 k, v = ck[view.slots, :view.kv_len], cv[view.slots, :view.kv_len]
             k, v = k.transpose(1, 2), v.transpose(1, 2)  # [B, Hkv, S, D]
         return self.attend(q, k, v, mask)
+
+    def _forward_ragged(self, x, cos, sin, mask, layer: int, view: CacheView, ragged: Ragged):
+        """forward() over packed tokens x [T, H]: projections, rotary and the cache write per
+        real token; the queries padded to [B, heads, W, D] for the attention scores."""
+        T, D = x.shape[0], self.head_dim
+        q = self.q_proj(x).view(T, self.n_heads, D)
+        k = self.k_proj(x).view(T, self.n_kv, D)
+        v = self.v_proj(x).view(T, self.n_kv, D)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(q.transpose(0, 1)[None], cos, sin)[0].transpose(0, 1)  # [T, heads, D]
+        k = apply_rope(k.transpose(0, 1)[None], cos, sin)[0].transpose(0, 1)
+        ck, cv = view.cache.k[layer], view.cache.v[layer]
+        rows = ragged.row if view.slots is None else view.slots[ragged.row]
+        at = (rows, ragged.pack(view.positions))
+        ck[at], cv[at] = k.to(ck.dtype), v.to(cv.dtype)
+        B = ragged.B
+        if view.slots is None:
+            k, v = ck[:B, :view.kv_len], cv[:B, :view.kv_len]
+        else:
+            k, v = ck[view.slots, :view.kv_len], cv[view.slots, :view.kv_len]
+        out = attention(ragged.unpack(q).transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask,
+                        self.expand_masked_gqa_on_cuda)  # [B, W, heads * D]
+        return self.o_proj(ragged.pack(out))
 
 
 class SwiGLU(nn.Module):
@@ -469,6 +536,8 @@ class DecoderBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(hidden, eps)
         self.mlp = SwiGLU(hidden, intermediate)
 
-    def forward(self, x, cos, sin, mask, layer: int = 0, view: CacheView | None = None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, layer, view)
+    def forward(self, x, cos, sin, mask, layer: int = 0, view: CacheView | None = None,
+                ragged: Ragged | None = None):
+        """x [B, T, H], or packed [T_real, H] with `ragged` (Ragged: norms and MLP on packed tokens)."""
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, layer, view, ragged)
         return x + self.mlp(self.post_attention_layernorm(x))

@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import torch
 
+from spec_heads.acceptance import acceptance_rate
+
 LOSS_NAMES = ("tv", "e2e_tv", "kl", "ce")
 
 
-def acceptance(target_probs: torch.Tensor, draft_probs: torch.Tensor) -> torch.Tensor:
-    """sum_v min(target, draft): [..., V] -> [...]."""
-    return torch.minimum(target_probs, draft_probs).sum(-1)
+acceptance = acceptance_rate  # sum_v min(target, draft), under the name the losses use
 
 
 def _prepare(target_probs: torch.Tensor, draft_logits: torch.Tensor, mask: torch.Tensor):

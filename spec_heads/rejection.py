@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from spec_heads.acceptance import acceptance_rate, expected_tokens_per_step  # noqa: F401 (re-exported)
 from spec_heads.sampling import sample_with_uniforms
 
 # torch.rand draws from [0, 1); a uniform of exactly 0 would accept a draft the target gives
@@ -143,17 +144,3 @@ def rejection_sample_reference(target_probs: torch.Tensor, draft_probs: torch.Te
         tokens[b, :len(emitted)] = torch.tensor(emitted)
         num_emitted[b] = len(emitted)
     return tokens.to(target_probs.device), num_emitted.to(target_probs.device)
-
-
-def expected_tokens_per_step(alpha: float, k: int) -> float:
-    """Expected tokens emitted per verify with i.i.d. acceptance `alpha` and draft depth k:
-    1 + alpha + ... + alpha^k = (1 - alpha^(k+1)) / (1 - alpha)."""
-    if alpha == 1.0:
-        return float(k + 1)
-    return (1.0 - alpha ** (k + 1)) / (1.0 - alpha)
-
-
-def acceptance_rate(target_probs: torch.Tensor, draft_probs: torch.Tensor) -> torch.Tensor:
-    """Probability that a draft x ~ draft_probs is accepted for target_probs:
-    sum_v min(target, draft) = 1 - TV(target, draft). [..., V] -> [...]."""
-    return torch.minimum(target_probs, draft_probs).sum(-1)

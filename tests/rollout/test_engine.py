@@ -16,6 +16,7 @@ from scipy.stats import chi2_contingency
 from rollout.engine import Engine
 from rollout.model import ModelConfig, Transformer
 from rollout.types import SamplingParams, SpecParams
+from spec_heads.depth_config import DepthControl
 from spec_heads.heads import DraftHeads, HeadConfig
 from spec_heads.sampling import entropy_from_logprobs, sampling_logprobs
 
@@ -190,12 +191,11 @@ def test_grouped_attention_runs_where_the_engine_calibrated_it_faster_and_keeps_
     chosen = {(1, 1), (4, 1), (4, 4)}
     timed = []
     monkeypatch.setattr(engine_mod, "_ATTENTION", {})
-    monkeypatch.setattr(layers, "_CPU_GROUPED", {})
     monkeypatch.setattr(engine_mod, "calibrate_cpu_attention", lambda *key: timed.append(key) or chosen)
     eng = Engine(model, heads, max_batch=4)
-    # one calibration per attention shape (the trunk's and the head's are the same one), installed
+    # one calibration per attention shape (the trunk's and the head's are the same one), the engine's own
     assert timed == [(4, 2, 16, DTYPE)]
-    assert layers.cpu_attention() == {(4, 2, 16, DTYPE): chosen}
+    assert eng.cpu_kernels.grouped == {(4, 2, 16, DTYPE): chosen}
     Engine(model, heads, max_batch=4).set_heads(heads)
     assert len(timed) == 1  # and not again in this process
     widths = []
@@ -207,9 +207,9 @@ def test_grouped_attention_runs_where_the_engine_calibrated_it_faster_and_keeps_
         got = eng.generate(prompts, sp, spec, seed=5)
         # plain steps and the head's drafting steps (1 query per row), verify steps (4 per row)
         assert 1 in widths and (spec.mode == "off" or 4 in widths)
-        layers.set_cpu_attention({})
+        eng.cpu_kernels.grouped = {}
         ref = eng.generate(prompts, sp, spec, seed=5)
-        layers.set_cpu_attention({(4, 2, 16, DTYPE): chosen})
+        eng.cpu_kernels.grouped = {(4, 2, 16, DTYPE): chosen}
         assert [s.tokens for s in got.sequences] == [s.tokens for s in ref.sequences]
         for s in got.sequences:
             lp, ent = _recompute(model, s, sp)
@@ -377,8 +377,8 @@ def test_rows_skip_the_heads_prefill_once_drafting_has_idled(pair, monkeypatch):
         return 0, 2, True
     monkeypatch.setattr(DepthPolicy, "_plan", every_fifth_explores)
     eng = Engine(model, heads, max_batch=3)
+    spec = SpecParams(mode="entropy", max_k=4, control=DepthControl(idle_prefill_steps=10))
     policy = eng.ensure_depth_policy(spec, 4)
-    policy.idle_prefill_steps = 10
     out = eng.generate(prompts, sp, spec)
     assert out.stats.depth_hist[2] > 20, out.stats.depth_hist  # it explored throughout
     assert prefills == [3]  # the first refill, at step 0; every later one came after 10 idle steps
@@ -426,11 +426,16 @@ def test_entropy_mode_does_not_draft_past_a_drafted_stop_token_or_max_new_tokens
     """A draft after a row's drafted stop token, or beyond the tokens max_new_tokens leaves it,
     can never be emitted: entropy mode stops the chain there (any depth is exact, so this is
     only time). Heads biased to draft the stop token first make that visible. The policy's
-    timing-based choices are pinned (always draft, never stop for cost), so only this rule acts."""
+    timing-based choices are pinned (always draft, every draft predicted accepted, verifying
+    free), so only this rule acts."""
+    from rollout import engine as engine_mod
+    from spec_heads.budget import choose_depths
     from spec_heads.depth import DepthPolicy
+    from spec_heads.estimators import AcceptanceTable
 
     monkeypatch.setattr(DepthPolicy, "plan_step", lambda self, rows: (self.max_k, self.max_k, False))
-    monkeypatch.setattr(DepthPolicy, "keep_drafting", lambda self, *a: True)
+    monkeypatch.setattr(AcceptanceTable, "predict_bins", lambda self, bins: torch.ones(bins.shape, device=bins.device))
+    monkeypatch.setattr(engine_mod, "choose_depths", lambda values, cost: choose_depths(values, torch.ones_like(cost)))
     _, model = pair
     heads = _heads(model, "sequential", noise=0.05)
     eos = 7
@@ -606,9 +611,10 @@ def test_depth_policy_is_told_what_each_step_really_emitted(pair, monkeypatch):
     seen = []
     real = DepthPolicy.record_step
 
-    def spy(self, rows, tokens_per_row, seconds, planned=None, emitted=None, proposed=None, blind=False):
+    def spy(self, rows, tokens_per_row, seconds, planned=None, emitted=None, proposed=None, blind=False,
+            expected=None):
         seen.append((rows, tokens_per_row, emitted, proposed))
-        return real(self, rows, tokens_per_row, seconds, planned, emitted, proposed, blind)
+        return real(self, rows, tokens_per_row, seconds, planned, emitted, proposed, blind, expected)
 
     monkeypatch.setattr(DepthPolicy, "record_step", spy)
     prompts, sp = _prompts(7, seed=3), SamplingParams(temperature=1.0, max_new_tokens=30)

@@ -4,8 +4,9 @@ import math
 import pytest
 import torch
 
-from spec_heads.depth import (AcceptanceTable, CostModel, DepthPolicy, isotonic_decreasing,
-                              predicted_speedup)
+from spec_heads.depth import DepthPolicy
+from spec_heads.depth_config import DepthControl
+from spec_heads.estimators import AcceptanceTable, CostModel, isotonic_decreasing, predicted_speedup
 
 VOCAB, MAX_BATCH = 1000, 64
 
@@ -32,59 +33,6 @@ def policy_with(accept_of_bin, slope: float, mode="entropy", max_k=6, bins=8) ->
     fill_table(policy.table, accept_of_bin, 4000)
     linear_cost(policy.cost, lambda r: 1.0 - slope, lambda r: slope, 1 + max_k)
     return policy
-
-
-def test_off_and_fixed_depths():
-    entropy = torch.rand(5, 4)
-    off = DepthPolicy("off", k=3, max_k=6, num_bins=8, vocab_size=VOCAB, max_batch=MAX_BATCH)
-    assert off.choose(entropy, 5).tolist() == [0] * 5
-    fixed = DepthPolicy("fixed", k=3, max_k=6, num_bins=8, vocab_size=VOCAB, max_batch=MAX_BATCH)
-    assert fixed.choose(entropy, 5).tolist() == [3] * 5
-    assert fixed.choose(entropy[:, :2], 5).tolist() == [2] * 5  # capped at the drafts available
-    assert fixed.choose(entropy, 5).dtype == torch.int64
-    assert fixed.summary()["depth_hist"] == [0, 0, 5, 10, 0, 0, 0]
-
-
-def test_entropy_drafts_deep_when_acceptance_high_and_cost_low():
-    policy = policy_with([0.97] * 8, slope=0.02)
-    depth = policy.choose(torch.full((4, 6), 0.05), rows_in_flight=4)
-    assert depth.tolist() == [6] * 4
-
-
-def test_entropy_drafts_nothing_when_compute_bound():
-    # t proportional to tokens: the first extra token costs a whole step (marginal ratio 1).
-    policy = DepthPolicy("entropy", k=3, max_k=6, num_bins=8, vocab_size=VOCAB, max_batch=MAX_BATCH)
-    fill_table(policy.table, [0.99] * 8, 4000)
-    linear_cost(policy.cost, lambda r: 0.0, lambda r: 0.01 * r, 7)
-    assert policy.cost.marginal_ratio(64, 1) == pytest.approx(1.0)
-    assert policy.choose(torch.zeros(8, 6), rows_in_flight=64).tolist() == [0] * 8
-    # start-up probes alone never switch drafting off: a real plain step must have been timed
-    assert policy.draft_budget(64) > 0
-    policy.record_step(64, 1, 0.01 * 64)
-    policy.cost.version += 16  # next refresh
-    assert policy.draft_budget(64) == 0
-
-
-def test_high_entropy_rows_draft_less_than_low_entropy_rows():
-    policy = policy_with([0.95, 0.9, 0.8, 0.65, 0.5, 0.35, 0.2, 0.1], slope=0.05)
-    edges = policy.table.edges
-    low, high = float(edges[0] + edges[1]) / 2, float(edges[6] + edges[7]) / 2
-    entropy = torch.tensor([[low] * 6, [high] * 6, [low] * 6, [high] * 6])
-    depth = policy.choose(entropy, rows_in_flight=4)
-    assert depth[0] == depth[2] and depth[1] == depth[3]
-    assert depth[0] >= 3 and depth[1] < depth[0]
-
-
-def test_depth_monotone_in_entropy_for_identical_rows():
-    # Noisy, non-monotone observations: the fitted table (and so depth) is still monotone.
-    accept = [0.9, 0.95, 0.7, 0.75, 0.4, 0.5, 0.2, 0.3]
-    policy = DepthPolicy("entropy", k=3, max_k=6, num_bins=8, vocab_size=VOCAB, max_batch=MAX_BATCH)
-    fill_table(policy.table, accept, 300, seed=3)
-    linear_cost(policy.cost, lambda r: 1.0, lambda r: 0.03, 7)
-    levels = torch.linspace(0.0, math.log(VOCAB), 200)  # [200]
-    depth = policy.choose(levels[:, None].expand(200, 6), rows_in_flight=2)
-    assert (depth[1:] <= depth[:-1]).all()
-    assert depth[0] > depth[-1]
 
 
 def test_isotonic_fit_matches_pool_adjacent_violators():
@@ -189,26 +137,6 @@ def test_cost_model_prior_and_single_point():
         cost.step_time(65, 1)
 
 
-def test_choose_deterministic_and_row_independent():
-    policy = policy_with([0.95, 0.9, 0.8, 0.65, 0.5, 0.35, 0.2, 0.1], slope=0.04)
-    entropy = torch.rand(16, 6, generator=torch.Generator().manual_seed(5)) * 4
-    first = policy.choose(entropy, rows_in_flight=16)
-    assert torch.equal(first, policy.choose(entropy.clone(), rows_in_flight=16))
-    alone = torch.cat([policy.choose(entropy[i:i + 1], rows_in_flight=16) for i in range(16)])
-    assert torch.equal(first, alone)
-    assert len(set(first.tolist())) > 1  # the batch mixes depths, so the check is not vacuous
-
-
-def test_drafting_deepens_as_the_batch_drains():
-    policy = DepthPolicy("entropy", k=3, max_k=6, num_bins=8, vocab_size=VOCAB, max_batch=MAX_BATCH)
-    fill_table(policy.table, [0.8] * 8, 4000)
-    linear_cost(policy.cost, lambda r: 1.0, lambda r: 0.01 * r, 7)  # verify dearer with more rows
-    entropy = torch.full((1, 6), 0.5)
-    depths = [int(policy.choose(entropy, rows)) for rows in (64, 16, 4, 1)]
-    assert depths == sorted(depths) and depths[0] < depths[-1]
-    assert policy.draft_budget(1) == 6
-
-
 @pytest.mark.parametrize("a,k", [(0.7, 4), (0.9, 2), (0.5, 6)])
 def test_predicted_speedup_iid(a, k):
     cost = CostModel(max_batch=8, max_tokens=7)
@@ -224,17 +152,20 @@ def test_config_errors_name_the_input():
     with pytest.raises(ValueError, match="^k"):
         DepthPolicy("fixed", k=7, max_k=6, num_bins=8, vocab_size=VOCAB, max_batch=8)
     policy = DepthPolicy("entropy", k=3, max_k=4, num_bins=8, vocab_size=VOCAB, max_batch=8)
-    with pytest.raises(ValueError, match="^draft_entropy"):
-        policy.choose(torch.zeros(2, 5), 2)
+    with pytest.raises(ValueError, match="^per_row_depths"):
+        DepthControl(per_row_depths="sometimes")
+    with pytest.raises(ValueError, match="^clear_advantage"):
+        DepthControl(clear_advantage=1.01)
     with pytest.raises(ValueError, match="^accept_rate_per_pos"):
         predicted_speedup([0.5], policy.cost, rows=2, k=3)
 
 
-def observed_policy(accept_per_pos, plain_s: float, draft_s, max_k=4, device="cpu") -> DepthPolicy:
+def observed_policy(accept_per_pos, plain_s: float, draft_s, max_k=4, device="cpu",
+                    control: DepthControl | None = None) -> DepthPolicy:
     """Entropy policy that observed `accept_per_pos` (conditional, per draft position) and timed a
     plain step at plain_s and a step verifying d drafts at draft_s(d)."""
     policy = DepthPolicy("entropy", k=1, max_k=max_k, num_bins=4, vocab_size=VOCAB, max_batch=MAX_BATCH,
-                         device=device)
+                         device=device, control=control)
     gen = torch.Generator().manual_seed(0)
     n = 20000
     accepted = torch.zeros(n, dtype=torch.int64)  # accepted drafts per row, all rows drafting max_k
@@ -262,12 +193,12 @@ def test_budget_is_zero_when_drafting_delivers_less_than_plain_steps():
     # poor heads: a drafting step costs 1.6x a plain one and yields ~1.2 tokens
     poor = observed_policy([0.2, 0.2, 0.2, 0.2], 1.0, lambda d: 1.5 + 0.1 * d)
     assert poor.draft_budget(1) == 0
-    # good heads, same costs: drafting pays, and on a CPU the whole depth is open (early stop)
+    # good heads, same costs: drafting pays, and on a CPU the whole depth is open (per-row depths)
     good = observed_policy([0.95] * 4, 1.0, lambda d: 1.5 + 0.1 * d)
     assert good.draft_budget(1) == 4
-    # without early stop (a GPU), the budget is the depth with the best tokens per second
-    gpu = observed_policy([0.9, 0.9, 0.05, 0.05], 1.0, lambda d: 1.5 + 0.1 * d)
-    gpu.early_stop = False
+    # one depth per step (a GPU), the budget is the depth with the best tokens per second
+    gpu = observed_policy([0.9, 0.9, 0.05, 0.05], 1.0, lambda d: 1.5 + 0.1 * d,
+                          control=DepthControl(per_row_depths="off"))
     assert gpu.draft_budget(1) == 2
     fixed = DepthPolicy("fixed", k=3, max_k=6, num_bins=8, vocab_size=VOCAB, max_batch=MAX_BATCH)
     assert fixed.draft_budget(1) == 3
@@ -277,7 +208,7 @@ def test_budget_is_zero_where_drafting_only_ties_with_plain_steps():
     # always accepted (E(d) = d + 1) and a step verifying d drafts costs (d + 1) / 1.03 plain
     # steps: 3% more tokens per second than plain steps, inside the 5% margin
     tie = observed_policy([1.0] * 4, 1.0, lambda d: (d + 1) / 1.03)
-    assert tie.draft_margin == 0.05 and tie.draft_budget(1) == 0
+    assert tie.control.draft_margin == 0.05 and tie.draft_budget(1) == 0
     clear = observed_policy([1.0] * 4, 1.0, lambda d: (d + 1) / 1.10)  # 10% more: draft
     assert clear.draft_budget(1) == 4
 
@@ -408,7 +339,7 @@ def test_budget_follows_the_paired_advantage_at_once():
     slow machine stops drafting at a loss within a step (at 32 rows of a 135M model on a CPU,
     the 16 steps until the refresh cost seconds)."""
     policy = observed_policy([0.95] * 4, 1.0, lambda d: 1.5 + 0.1 * d)
-    bar = 1.0 + policy.draft_margin
+    bar = 1.0 + policy.control.draft_margin
     assert policy.draft_budget(1) == 4
     for _ in range(4):  # (so the switch does not fall on a refresh by chance)
         policy.record_step(1, 1, 1.0)
@@ -418,25 +349,6 @@ def test_budget_follows_the_paired_advantage_at_once():
         assert (policy.draft_budget(1) == 0) == (policy._advantage[0] < bar)
         flips += policy.draft_budget(1) == 0
     assert flips > 10
-
-
-def test_keep_drafting_compares_expected_gain_with_marginal_cost():
-    # step time 1 + 0.25 * (tokens - 1): one more token costs 0.25 / (1 + 0.25 * depth) of the step
-    policy = observed_policy([0.9] * 4, 1.0, lambda d: 1.0 + 0.25 * d)
-    ratio = policy.marginal_ratios(1)[1]  # from 2 to 3 tokens per row
-    a = policy.position_acceptance()[1]
-    p_yes = (ratio * 1.9 / a) * 1.1  # just above the break-even probability
-    assert policy.keep_drafting(p_yes, 1.9, 1, 1)
-    assert not policy.keep_drafting(p_yes / 1.25, 1.9, 1, 1)
-    assert policy.keep_drafting(4 * p_yes, 4 * 1.9, 4, 1) == policy.keep_drafting(p_yes, 1.9, 4, 1)  # sums
-
-
-def test_best_depth_maximises_batch_tokens_per_second():
-    policy = observed_policy([0.9] * 4, 1.0, lambda d: 1.0 + 0.5 * d)
-    # two rows: confident then hopeless at depth 3; tokens/time: d=1 2.8/1.5, d=2 4.42/2.0, d=3 4.5/2.5
-    accept = torch.tensor([[0.9, 0.9, 0.05, 0.05], [0.9, 0.9, 0.05, 0.05]])
-    assert policy.best_depth(accept, 1) == 2
-    assert policy.best_depth(torch.full((2, 4), 0.99), 1) == 4
 
 
 def test_plan_step_explores_a_plain_stretch_ever_less_often_per_bucket():
@@ -452,7 +364,7 @@ def test_plan_step_explores_a_plain_stretch_ever_less_often_per_bucket():
     # exploring steps come in bursts of two (explore_burst); with no burst timed, the wait keeps
     # two 1.6x steps (1.2 plain steps extra) within 1% of the stretch (120 steps), then the
     # back-off doubles up to 1024 once it is the longer wait
-    assert poor.explore_overhead == 0.01
+    assert poor.control.explore_overhead == 0.01
     starts = explored[::2]
     assert explored[1::2] == [s + 1 for s in starts]
     assert starts[0] >= 120
@@ -467,9 +379,20 @@ def test_plan_step_explores_a_plain_stretch_ever_less_often_per_bucket():
         for d in range(1, 5):
             poor.record_step(64, 1 + d, 1.5 + 0.1 * d)
     assert poor.draft_budget(64) == 0
-    # its own first burst: at 64 rows (no early stop) the burst's second step tries the next
-    # depth, and the wait keeps both steps' extra time (0.6 + 0.7 plain steps) within 1%
+    # its own first burst: with per-row depths (a CPU) both of its steps draft the best depth,
+    # and the wait keeps their extra time (0.6 + 0.6 plain steps) within 1%
     plans64 = [poor.plan_step(64) for _ in range(200)]
+    first = [explore for _, _, explore in plans64].index(True)
+    assert first == 119
+    assert [depth for _, depth, _ in plans64[first:first + 2]] == [1, 1]
+    # with one depth per step (a GPU) the burst's second step tries the next depth, and the
+    # wait covers 0.6 + 0.7 plain steps
+    gpu = observed_policy([0.2] * 4, 1.0, lambda d: 1.5 + 0.1 * d, control=DepthControl(per_row_depths="off"))
+    for _ in range(40):
+        gpu.record_step(64, 1, 1.0)
+        for d in range(1, 5):
+            gpu.record_step(64, 1 + d, 1.5 + 0.1 * d)
+    plans64 = [gpu.plan_step(64) for _ in range(200)]
     first = [explore for _, _, explore in plans64].index(True)
     assert first == 129
     assert [depth for _, depth, _ in plans64[first:first + 2]] == [1, 2]
@@ -675,8 +598,8 @@ def test_budget_climbs_to_the_depth_real_steps_deliver_most_at_without_early_sto
     """One depth per step (no early stop, the GPU): the start-up cost model says 4 drafts pay
     best, real steps say 2 (deeper drafts cost more than probes showed). Exploring one deeper
     and one shallower in turn, the budget walks down to 2 and stays there."""
-    policy = DepthPolicy("entropy", k=1, max_k=4, num_bins=4, vocab_size=VOCAB, max_batch=MAX_BATCH)
-    policy.early_stop = False
+    policy = DepthPolicy("entropy", k=1, max_k=4, num_bins=4, vocab_size=VOCAB, max_batch=MAX_BATCH,
+                         control=DepthControl(per_row_depths="off"))
     linear_cost(policy.cost, lambda r: 1.0, lambda r: 0.02, 5)  # probes: drafts nearly free
     policy.set_measured_prior([0.9] * 4)
     real = {0: 1.0, 1: 1.3, 2: 1.5, 3: 2.1, 4: 2.8}  # real step times by depth: 2 is best
@@ -689,17 +612,17 @@ def test_budget_climbs_to_the_depth_real_steps_deliver_most_at_without_early_sto
     assert policy.draft_budget(32) == 2
     late = depths[-500:]
     assert late.count(2) >= 0.9 * len(late), {d: late.count(d) for d in set(late)}
-    # on the CPU at few rows the engine stops each chain early: the budget stays max_k there;
-    # at more rows it climbs as on the GPU
+    # with per-row depths (a CPU by default) the budget stays max_k at every rows count: the
+    # rows' depths are chosen within each step (spec_heads.budget)
     cpu = DepthPolicy("entropy", k=1, max_k=4, num_bins=4, vocab_size=VOCAB, max_batch=MAX_BATCH)
-    assert cpu.early_stop and cpu.stops_early(cpu.early_stop_rows) and not cpu.stops_early(32)
+    assert cpu.stops_early(1) and cpu.stops_early(MAX_BATCH)
     linear_cost(cpu.cost, lambda r: 1.0, lambda r: 0.02, 5)
     cpu.set_measured_prior([0.9] * 4)
-    for rows in (cpu.early_stop_rows, 32):
+    for rows in (8, 32):
         for _ in range(1500):
             _, depth, _ = cpu.plan_step(rows)
             cpu.record_step(rows, 1 + depth, real[depth], planned=depth)
-    assert cpu.draft_budget(cpu.early_stop_rows) == 4 and cpu.draft_budget(32) == 2
+    assert cpu.draft_budget(8) == 4 and cpu.draft_budget(32) == 4
 
 
 def test_budget_climb_weighs_each_explored_depth_against_the_budget_timed_next_to_it():
@@ -707,8 +630,8 @@ def test_budget_climb_weighs_each_explored_depth_against_the_budget_timed_next_t
     deliver most at 2 drafts. Per-depth averages let a neighbour timed before a slowdown look
     1.6x better than the budget timed after it, and the climb wandered; weighed against the
     budget's step next to it, the explored depths lose in every phase and the budget stays at 2."""
-    policy = DepthPolicy("entropy", k=1, max_k=4, num_bins=4, vocab_size=VOCAB, max_batch=MAX_BATCH)
-    policy.early_stop = False
+    policy = DepthPolicy("entropy", k=1, max_k=4, num_bins=4, vocab_size=VOCAB, max_batch=MAX_BATCH,
+                         control=DepthControl(per_row_depths="off"))
     real = {0: 1.0, 1: 1.3, 2: 1.5, 3: 2.1, 4: 2.8}
     for rows, tokens in CostModel.probe_plan(MAX_BATCH, 5):  # probes timing real steps (the
         policy.cost.record(rows, tokens, real[tokens - 1])  # cost model's line starts it at 1)
@@ -729,8 +652,8 @@ def test_budget_climb_gets_from_a_poor_start_to_the_best_depth_within_a_few_doze
     going on the way it moved, the budget gets to 4 within 100 steps (at 128 rows a rollout
     batch of the tiny task has ~50 drafting steps: a climb of one depth per 64 steps left the
     drafting gate judging the start depth, and it switched drafting off)."""
-    policy = DepthPolicy("entropy", k=1, max_k=6, num_bins=4, vocab_size=VOCAB, max_batch=MAX_BATCH)
-    policy.early_stop = False
+    policy = DepthPolicy("entropy", k=1, max_k=6, num_bins=4, vocab_size=VOCAB, max_batch=MAX_BATCH,
+                         control=DepthControl(per_row_depths="off"))
     real = {0: 1.0, 1: 1.6, 2: 2.0, 3: 2.1, 4: 2.2, 5: 3.6, 6: 4.2}  # drafting has a fixed cost
     probes = {0: 1.0, 1: 1.6, 2: 3.0, 3: 4.0, 4: 5.0, 5: 6.0, 6: 7.0}
     for rows, tokens in CostModel.probe_plan(MAX_BATCH, 7):
@@ -750,7 +673,8 @@ def test_exploring_from_a_plain_stretch_drafts_at_the_depth_the_climb_stood_on()
     """Without early stop, once the budget climbed to the depth real steps deliver most at (2,
     where probes said 4), a plain stretch explores at that depth (and its neighbours): the cost model's best depth
     measures a rate drafting would not use, and deep exploring steps cost several plain steps."""
-    policy = DepthPolicy("entropy", k=1, max_k=4, num_bins=4, vocab_size=VOCAB, max_batch=MAX_BATCH)
+    policy = DepthPolicy("entropy", k=1, max_k=4, num_bins=4, vocab_size=VOCAB, max_batch=MAX_BATCH,
+                         control=DepthControl(per_row_depths="off"))
     rows = 32
     assert not policy.stops_early(rows)
     linear_cost(policy.cost, lambda r: 1.0, lambda r: 0.02, 5)  # probes: drafts nearly free
@@ -785,7 +709,8 @@ def test_a_plain_stretch_climbs_out_of_a_start_depth_where_drafting_loses():
     for good (0.94x where fixed depths gained 1.2x). Each burst's second step tries a neighbour
     depth, weighed against the first: the climb goes on while plain, and drafting comes back at
     the depths that pay."""
-    policy = DepthPolicy("entropy", k=1, max_k=6, num_bins=4, vocab_size=VOCAB, max_batch=MAX_BATCH)
+    policy = DepthPolicy("entropy", k=1, max_k=6, num_bins=4, vocab_size=VOCAB, max_batch=MAX_BATCH,
+                         control=DepthControl(per_row_depths="off"))
     rows = 64
     assert not policy.stops_early(rows)
     probes = {0: 1.0, 1: 1.6, 2: 3.0, 3: 4.0, 4: 5.0, 5: 6.0, 6: 7.0}
@@ -880,7 +805,7 @@ def test_one_slow_first_plain_step_does_not_keep_drafting_on():
             seconds = policy.expected_tokens(depth) * plain
         policy.record_step(rows, 1 + depth, seconds, planned=depth)
         depths.append(depth)
-    assert policy._advantage[policy.cost.bucket(rows)] < 1.0 + policy.draft_margin
+    assert policy._advantage[policy.cost.bucket(rows)] < 1.0 + policy.control.draft_margin
     assert sum(d > 0 for d in depths[100:]) <= 0.05 * len(depths[100:])
 
 
@@ -902,7 +827,7 @@ def test_drafting_is_weighed_against_plain_steps_that_followed_plain_steps():
         policy.record_step(rows, 1 + depth, seconds, planned=depth)
         depths.append(depth)
         prev = depth
-    assert policy._advantage[policy.cost.bucket(rows)] < 1.0 + policy.draft_margin
+    assert policy._advantage[policy.cost.bucket(rows)] < 1.0 + policy.control.draft_margin
     assert sum(d > 0 for d in depths[300:]) <= 0.05 * len(depths[300:])
 
 
@@ -968,7 +893,7 @@ def test_heads_prefill_is_skipped_once_drafting_has_idled_where_it_is_off():
     assert policy.draft_budget(64) == 0 and not policy.measured_plain(64)
     assert policy.draft_budget(1) > 0
     assert not policy.skips_heads_prefill(64)  # a fresh policy: the pass runs
-    plans = [policy.plan_step(64) for _ in range(policy.idle_prefill_steps - 1)]
+    plans = [policy.plan_step(64) for _ in range(policy.control.idle_prefill_steps - 1)]
     assert not any(depth and not explore for _, depth, explore in plans)
     assert not policy.skips_heads_prefill(64)
     policy.plan_step(64)

@@ -375,21 +375,20 @@ def test_cpu_linear_pads_rows_as_the_table_says(rows, monkeypatch):
     seen = []
     linear = F.linear
     monkeypatch.setattr(layers.F, "linear", lambda a, w, b=None: (seen.append(a.shape[0]), linear(a, w, b))[1])
-    monkeypatch.setattr(layers, "_CPU_ROW_PAD", {})
-    layers.set_cpu_row_padding({2: 4, 3: 4, 4: 4})
-    assert layers.cpu_row_padding() == {2: 4, 3: 4}
-    out = lin(x)
+    table = layers.row_padding_table({2: 4, 3: 4, 4: 4})
+    assert table == {None: {2: 4, 3: 4}}
+    with layers.use_cpu_kernels(layers.CpuKernels(row_pad=table)):
+        out = lin(x)
     assert seen == [4 if rows in (2, 3) else rows]
     assert out.shape == (rows, 1, 5)
     torch.testing.assert_close(out, ref(x), atol=1e-6, rtol=1e-6)
     (grad,) = torch.autograd.grad(out.square().sum(), x)
     torch.testing.assert_close(grad, torch.autograd.grad(ref(x).square().sum(), x)[0], atol=1e-6, rtol=1e-6)
-    layers.set_cpu_row_padding({})
     seen.clear()
-    lin(x)
+    lin(x)  # outside an engine's block (the learner's forward): no padding
     assert seen == [rows]
     with pytest.raises(ValueError, match="table"):
-        layers.set_cpu_row_padding({3: 2})
+        layers.row_padding_table({3: 2})
 
 
 def test_row_padding_follows_the_measured_times():
@@ -437,18 +436,17 @@ def test_row_padding_is_per_weight_shape(monkeypatch):
     table = layers.calibrate_cpu_row_padding(weights, max_rows=6)
     assert table == {(6, 4): {2: 6, 3: 6, 4: 6, 5: 6}, (9, 4): {2: 4, 3: 4}}
     monkeypatch.setattr(layers.F, "linear", linear)
-    monkeypatch.setattr(layers, "_CPU_ROW_PAD", {})
-    layers.set_cpu_row_padding(table)
-    assert layers.cpu_row_padding() == table
+    assert layers.row_padding_table(table) == table
     seen = []
     monkeypatch.setattr(layers.F, "linear", lambda a, w, b=None: (seen.append((tuple(w.shape), a.shape[0])), linear(a, w, b))[1])
     x = torch.randn(3, 4)
     for shape in costs:
         lin = layers.Linear(4, shape[0])
-        torch.testing.assert_close(lin(x), linear(x, lin.weight, lin.bias))
+        with layers.use_cpu_kernels(layers.CpuKernels(row_pad=table)):
+            torch.testing.assert_close(lin(x), linear(x, lin.weight, lin.bias))
     assert seen == [((6, 4), 6), ((9, 4), 4), ((3, 4), 3)]
     with pytest.raises(ValueError, match="table"):
-        layers.set_cpu_row_padding({(6, 4): {3: 2}})
+        layers.row_padding_table({(6, 4): {3: 2}})
 
 
 def test_row_padding_calibration_counts_what_padding_costs(monkeypatch):
@@ -484,8 +482,8 @@ def test_row_padding_calibration_counts_what_padding_costs(monkeypatch):
 
 
 def test_engine_calibrates_row_padding_on_the_cpu(monkeypatch):
-    """An engine on a CPU times its policy's weights (once per shape set) and installs the
-    padding the times ask for."""
+    """An engine on a CPU times its policy's weights (once per shape set) and keeps the padding
+    the times ask for as its own state: other code in the process runs unpadded."""
     from rollout import engine as engine_mod
     from rollout.engine import Engine
     from rollout.model import ModelConfig, Transformer
@@ -493,14 +491,13 @@ def test_engine_calibrates_row_padding_on_the_cpu(monkeypatch):
 
     calls = []
     monkeypatch.setattr(engine_mod, "_ROW_PADDING", {})
-    monkeypatch.setattr(layers, "_CPU_ROW_PAD", {})
     monkeypatch.setattr(engine_mod, "calibrate_cpu_row_padding", lambda ws: (calls.append(len(ws)), {3: 4})[1])
     model = Transformer(ModelConfig(vocab_size=16, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                     num_attention_heads=2, num_key_value_heads=1))
-    Engine(model, max_batch=2)
-    Engine(model, max_batch=4)
+    a, b = Engine(model, max_batch=2), Engine(model, max_batch=4)
     assert calls == [8]  # q, k, v, o, gate, up, down, LM head; the second engine reuses the table
-    assert layers.cpu_row_padding() == {3: 4}
+    assert a.cpu_kernels.row_pad == b.cpu_kernels.row_pad == {None: {3: 4}}
+    assert layers._KERNELS.get() is None  # nothing installed process-wide
 
 
 def test_measured_acceptance_travels_with_the_heads(tmp_path):

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from spec_heads import layers
 from spec_heads.layers import (Attention, attention_class, calibrate_cpu_attention, causal_mask, expand_kv,
-                               grouped_attention, set_cpu_attention)
+                               grouped_attention, attention_table)
 
 
 def test_expanded_kv_heads_equal_sdpa_gqa_with_a_mask():
@@ -58,19 +58,16 @@ def test_attention_runs_the_grouped_kernel_just_where_the_table_says(monkeypatch
     calls = []
     real = layers.grouped_attention
     monkeypatch.setattr(layers, "grouped_attention", lambda *a: calls.append(a[0].shape) or real(*a))
-    monkeypatch.setattr(layers, "_CPU_GROUPED", {})
+    kernels = layers.CpuKernels(grouped=attention_table({(4, 2, 8, torch.float64): {(1, 1), (64, 4)}}))
 
     def both(B, T):
-        """attend() under the table, and by SDPA alone, on the same inputs."""
+        """attend() under the table, and by SDPA alone (outside the block), on the same inputs."""
         q, k, v, mask = _qkv_mask(B, 4, 2, T, 40, 8)
-        got = attn.attend(q, k, v, mask)
-        saved = dict(layers._CPU_GROUPED)
-        layers._CPU_GROUPED.clear()
+        with layers.use_cpu_kernels(kernels):
+            got = attn.attend(q, k, v, mask)
         ref = attn.attend(q, k, v, mask)
-        layers._CPU_GROUPED.update(saved)
         return got, ref
 
-    set_cpu_attention({(4, 2, 8, torch.float64): {(1, 1), (64, 4)}})
     for B, T, grouped in [(1, 1, True), (2, 1, True), (1, 3, False), (64, 1, False), (100, 9, True),
                           (64, 17, False), (16, 4, False)]:
         calls.clear()
@@ -79,14 +76,15 @@ def test_attention_runs_the_grouped_kernel_just_where_the_table_says(monkeypatch
         assert torch.allclose(got, ref, atol=1e-12)
     # another shape or dtype has its own entry: none here, so SDPA
     calls.clear()
-    Attention(32, 4, 4, 8).double().attend(*_qkv_mask(1, 4, 4, 1, 40, 8))
+    with layers.use_cpu_kernels(kernels):
+        Attention(32, 4, 4, 8).double().attend(*_qkv_mask(1, 4, 4, 1, 40, 8))
     assert not calls
     assert attention_class(1, 1) == (1, 1) and attention_class(3, 2) == (4, 4)
     assert attention_class(20, 16) == (16, 4) and attention_class(500, 1) == (64, 1)
     with pytest.raises(ValueError, match="rows in"):
-        set_cpu_attention({(4, 2, 8, torch.float64): {(8, 1)}})
+        attention_table({(4, 2, 8, torch.float64): {(8, 1)}})
     with pytest.raises(ValueError, match="dtype"):
-        set_cpu_attention({(4, 2, 8): {(1, 1)}})
+        attention_table({(4, 2, 8): {(1, 1)}})
 
 
 def test_attention_calibration_keeps_the_kernel_that_wins_by_min_gain():
