@@ -28,12 +28,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from rollout.cuda_graphs import GraphConfig  # noqa: E402
 from rollout.engine import Engine, _attention_backends  # noqa: E402
 from rollout.model import ModelConfig, Transformer  # noqa: E402
 from rollout.types import SamplingParams  # noqa: E402
 from spec_heads.fused import fused_elementwise  # noqa: E402
+from bench_gpu_spec import print_spec_table, run_spec  # noqa: E402
 
 # Hugging Face config fields of the published models (weights random here)
 SHAPES = {
@@ -198,10 +200,26 @@ def main(argv=None):
     ap.add_argument("--verify", nargs="*", type=int, default=[1, 2, 4, 8], help="verify widths (empty: skip)")
     ap.add_argument("--variants", nargs="+", default=["fused"], choices=list(VARIANTS),
                     help="engine variants: CUDA graphs with fused elementwise kernels, graphs alone, eager")
+    ap.add_argument("--spec", action="store_true",
+                    help="instead: speculation with controlled acceptance against off (scripts/bench_gpu_spec.py)")
+    ap.add_argument("--agree", nargs="+", type=float, default=[0.6, 0.8, 0.9], help="--spec: draft acceptance")
+    ap.add_argument("--depths", nargs="+", type=int, default=[1, 2, 3, 4, 5, 6], help="--spec: fixed depths")
+    ap.add_argument("--rounds", type=int, default=3, help="--spec: paired rounds")
+    ap.add_argument("--draft-vocab", type=int, default=8192, help="--spec: the heads' draft vocabulary")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     dtype = getattr(torch, args.dtype)
     card = torch.cuda.get_device_name()
+    if args.spec:
+        rows = []
+        for shape in args.shapes:
+            rows += run_spec(build(shape, dtype), card, args.batch, args.agree, args.depths, args.prompt, args.new,
+                             args.rounds, args.draft_vocab, log=lambda s: print(f"{shape} {s}", flush=True))
+            if args.json:
+                Path(args.json).write_text(json.dumps(rows, indent=1))
+        print(f"{card}, torch {torch.__version__}, {args.dtype}")
+        print_spec_table(rows)
+        return
     bw = copy_bandwidth()
     print(f"{card}: copy bandwidth {bw / 1e12:.2f} TB/s (read + written), torch {torch.__version__}", flush=True)
     rows = []
