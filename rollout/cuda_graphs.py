@@ -1,16 +1,19 @@
-"""CUDA graphs of the engine's plain decode step.
+"""CUDA graphs of the engine's decode steps: plain, and speculative (draft + verify + accept).
 
-A plain decode step of a small policy is a chain of ~30 kernels per layer, each a few
-microseconds of GPU work: launched one by one from Python, the GPU waits on the host (SmolLM2-135M
-ran at the same 57.6 tokens/s as `transformers` `generate` on an H100, docs/gpu.md). A graph
-replays the whole step (forward, sampling, appending the token) with one launch.
+A decode step of a small policy is a chain of ~30 kernels per layer, each a few microseconds of
+GPU work: launched one by one from Python, the GPU waits on the host (SmolLM2-135M ran at the
+same 57.6 tokens/s as `transformers` `generate` on an H100, docs/gpu.md). A graph replays the
+whole step (forward, sampling, appending the token; for a speculative step the heads' drafts,
+the verify forward and rejection sampling too) with one launch.
 
-A graph is captured per (rows bucket, attention span, sampling settings) on its first use and
-replayed after that. The step runs over a bucket of rows, padded with finished rows, whether it
-is replayed or launched eagerly, so that both run the same kernels on the same shapes: a graph's
-tokens equal the eager step's token for token. The graph reads and writes the engine's
-persistent buffers (the KV cache, the per-row state) in place, so nothing is copied in or out;
-buffers that are reallocated, and weights loaded into new storage, make every graph stale.
+A graph is captured per key (the engine's: rows bucket, attention spans, draft depth, sampling
+settings) on its first use and replayed after that. The step runs over a bucket of rows, padded
+with finished rows, whether it is replayed or launched eagerly, so that both run the same
+kernels on the same shapes: a graph's tokens equal the eager step's token for token. The graph
+reads and writes the engine's persistent buffers (the KV caches, the per-row state) in place;
+buffers that are reallocated, and weights loaded into new storage, make every graph stale. What
+a step returns (small tensors the engine reads back afterwards) is the captured outputs, which
+each replay overwrites.
 
 This module knows nothing about sampling or the engine's bookkeeping: it captures and replays
 whatever device work it is handed.
@@ -28,7 +31,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class GraphConfig:
-    """How the engine runs its plain decode step on CUDA."""
+    """How the engine runs its decode steps on CUDA."""
 
     enabled: bool = True  # replay captured graphs (False: launch the same bucketed step eagerly)
     # fuse the decoder block's elementwise chains (spec_heads.fused: torch.compile, once per
@@ -46,11 +49,11 @@ class GraphConfig:
 
 
 class DecodeGraphs:
-    """Captured decode steps, keyed by the caller (rows bucket, attention span, settings)."""
+    """Captured decode steps, keyed by the caller (rows bucket, attention spans, settings)."""
 
     def __init__(self, config: GraphConfig | None = None):
         self.config = config or GraphConfig()
-        self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
+        self._graphs: dict[tuple, tuple] = {}  # key -> (graph, its captured outputs)
         self._failed: set[tuple] = set()
         self._fingerprint: tuple | None = None
         self._pool = None
@@ -75,19 +78,18 @@ class DecodeGraphs:
             self._failed.clear()
             self._fingerprint = fp
 
-    def run(self, key: tuple, step) -> None:
-        """Run `step` (device work only: no host reads, no Python state changed) for `key`: the
-        first time eagerly, which is also the warm-up the capture needs, then captured; later
-        calls replay the graph."""
+    def run(self, key: tuple, step):
+        """Run `step` (device work only: no host reads, no Python state changed) for `key` and
+        return what it returns: the first time eagerly, which is also the warm-up the capture
+        needs, then captured; later calls replay the graph and return the captured outputs."""
         if not self.config.enabled or key in self._failed:
-            step()
-            return
-        graph = self._graphs.get(key)
-        if graph is not None:
-            graph.replay()
+            return step()
+        entry = self._graphs.get(key)
+        if entry is not None:
+            entry[0].replay()
             self.replays += 1
-            return
-        step()  # the real step, and the capture's warm-up (lazy initialisation, cuBLAS workspaces)
+            return entry[1]
+        out = step()  # the real step, and the capture's warm-up (lazy initialisation, cuBLAS workspaces)
         graph = torch.cuda.CUDAGraph()
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
@@ -95,13 +97,14 @@ class DecodeGraphs:
             # capturing records kernels without running them, so the state `step` updates moves
             # only once, in the eager call above
             with torch.cuda.graph(graph, pool=self._pool):
-                step()
+                captured = step()
         except RuntimeError as err:  # an op that cannot be captured: this key stays eager
             log.warning("CUDA graphs: capture of %s failed (%s); running it eagerly", key, err)
             self._failed.add(key)
-            return
-        self._graphs[key] = graph
+            return out
+        self._graphs[key] = (graph, captured)
         self.captures += 1
+        return out
 
     def __len__(self) -> int:
         return len(self._graphs)

@@ -154,10 +154,12 @@ class Engine:
         # on CUDA, plain decode steps run over row buckets, replayed from graphs (rollout.cuda_graphs)
         self.graphs = DecodeGraphs(graphs) if self.cuda else None
         self._buffers: dict[str, torch.Tensor] = {}
+        self._draft_lm = None  # the heads' LM head, kept in one storage across runs (draft_lm)
 
     # ------------------------------------------------------------------ public
     def set_heads(self, heads):
         self.heads = heads.eval() if heads is not None else None
+        self._draft_lm = None
         if not self.cuda:
             self.cpu_kernels.grouped = _attention_kernels(self.model, self.heads)
         self._head_cache = None
@@ -214,6 +216,30 @@ class Engine:
         if t is None or t.shape[:-1] != shape[:-1] or t.shape[-1] < shape[-1] or t.dtype != dtype:
             t = self._buffers[name] = torch.empty(shape, dtype=dtype, device=self.device)
         return t[..., :shape[-1]].fill_(fill)
+
+    def draft_lm(self):
+        """The heads' LM head (heads.draft_lm_head), built once and refreshed in place from the
+        policy's LM head at each run: captured drafting steps read its storage."""
+        lm = self._draft_lm
+        if lm is None or lm is not self.model.lm_head and lm.ids is not getattr(self.heads, "draft_tokens", None):
+            lm = self._draft_lm = self.heads.draft_lm_head(self.model.lm_head)
+        elif lm is not self.model.lm_head:
+            lm.refresh(self.model.lm_head)
+        return lm
+
+    def graph_tensors(self, cache, head_cache) -> list[torch.Tensor]:
+        """Every tensor a captured step reads or writes in place: weights (the heads' packed
+        decode weights too), caches, the persistent per-run buffers, the heads' LM head. One list
+        for plain and speculative runs, so runs of either kind keep each other's graphs."""
+        m = self.model
+        tensors = [*m.parameters(), *m.buffers(), cache.buf, *(self._buffers[k] for k in sorted(self._buffers))]
+        if self.heads is not None:
+            tensors += self.heads.decode_tensors(m.embed_tokens)
+            if head_cache is not None:
+                tensors.append(head_cache.buf)
+            if self._draft_lm is not None:
+                tensors.append(self._draft_lm.weight)
+        return tensors
 
     def ensure_depth_policy(self, spec: SpecParams, K: int) -> DepthPolicy:
         """The depth policy for this mode. Policies live as long as the engine (calibration is
@@ -325,7 +351,7 @@ class _Run:
         self.cache, self.hcache = eng.caches(_bucket(self.max_len, 64))
         self.policy = eng.ensure_depth_policy(spec, K) if K else None
         # the heads' LM head: the policy's, or its rows of the heads' draft vocabulary
-        self.draft_lm = eng.heads.draft_lm_head(eng.model.lm_head) if K else None
+        self.draft_lm = eng.draft_lm() if K else None
         cap = sampling.max_new_tokens + K + 1
         z = lambda *s, dt=torch.int64: torch.zeros(*s, dtype=dt, device=dev)
         persistent = lambda name, *s, dt=torch.int64: eng.buffer(name, s, dt)
@@ -343,8 +369,9 @@ class _Run:
         self.stop_ids.copy_(torch.tensor(stops))
         self.win = None  # the heads' window (rollout.head_window)
         if eng.heads is not None and K:
-            self.win = HeadWindow(self.row_int[:, 5:], max(K + 1, _WINDOW), eng.model.config.hidden_size,
-                                  eng.dtype, dev)
+            cap, H = max(K + 1, _WINDOW), eng.model.config.hidden_size
+            self.win = HeadWindow(self.row_int[:, 5:], cap, H, eng.dtype, dev,
+                                  buffers=(eng.buffer("win_hid", (B, cap, H), eng.dtype), eng.buffer("win_nxt", (B, cap))))
         self.slot_prompt = [-1] * B  # host: prompt index in each slot
         self.n = 0  # active rows occupy slots [0, n)
         self.len_bound = 0  # host upper bound of lengths[:n]
@@ -354,10 +381,9 @@ class _Run:
         self.acc_wa = z(K + 1, K + 1)  # [drafts verified, drafts accepted] -> live row-steps
         self.acc_blind = z(K + 1)  # [drafts verified] -> live row-steps of blind exploring steps
         self.acc_tokens, self.acc_rowsteps = persistent("acc", 2).unbind()
-        if eng.graphs is not None and not K:
-            # what a plain run's graphs read and write; any of it in new storage drops them
-            eng.graphs.bind([*eng.model.parameters(), *eng.model.buffers(), self.cache.buf, self.row_int, self.done,
-                             self.out_int, self.out_float, self.stop_ids, self.acc_tokens])
+        if eng.graphs is not None:
+            # what the graphs read and write; any of it in new storage drops them
+            eng.graphs.bind(eng.graph_tensors(self.cache, self.hcache))
             # what a graph bakes in besides the buffers: the sampling settings and stop tokens
             self.graph_key = (sampling.temperature, sampling.top_k, sampling.top_p, sampling.max_new_tokens,
                               tuple(stops))
@@ -622,6 +648,9 @@ class _Run:
                 torch.cuda.synchronize()
             self.policy.record_step(n, 1, time.perf_counter() - t0, emitted=float(emitted.sum()) / n)
             return
+        if e.cuda:
+            self._spec_step_cuda(n, Kd, blind, t0)
+            return
         u = row_uniforms(self.keys[:n], self.n_out[:n], _S_SPEC, 2 * self.K + 1)  # [n, 2K+1]
         # per-row depths in entropy mode on a CPU (reading them back is free there; on a GPU
         # the verify is padded anyway, and every row verifies every draft made)
@@ -636,12 +665,44 @@ class _Run:
         # (reading lengths back costs a sync; compaction tightens it), on a CPU it is exact.
         self.len_bound = self.len_bound + W if e.cuda else int(self.lengths[:n].max())
         self._count(n, draft_bins, dlen, num, live, blind)
-        if e.cuda:
-            torch.cuda.synchronize()
         t2 = time.perf_counter()
         self.stats.draft_time_s += t1 - t0
         self.stats.verify_time_s += t2 - t1
         self._record(n, W, dlen, t2 - t0, Kd, emitted, num, live, blind, expected)
+
+    def _spec_step_cuda(self, n: int, Kd: int, blind: bool, t0: float):
+        """A drafting step on CUDA: draft Kd per row, verify Kd + 1 per row, accept, emit, as one
+        piece of device work over a rows bucket (padded with finished rows), replayed from a
+        CUDA graph per (rows bucket, depth, attention spans, window width, settings); then the
+        depth policy's bookkeeping and one read-back. Draft and verify time count as verify time."""
+        e, W = self.e, Kd + 1
+        rows = e.graphs.rows(n, e.max_batch)
+        spans = (self._kv(self.len_bound + W), self._kv(self.len_bound + Kd + 2), self.win.padded_width(True))
+        table = self.policy.table._inner_edges.data_ptr() if self.spec.mode == "entropy" else None
+        key = ("spec", rows, Kd, self.K, self.spec.draft, table) + spans + self.graph_key
+        bins, dlen, num, live, sums = e.graphs.run(key, lambda: self._spec_device(rows, Kd))
+        self.win.width = W  # HeadWindow.restart's host side, which a replay does not run
+        self.len_bound += W  # lengths grow by what each row accepted: compaction tightens the bound
+        self._count(n, None if bins is None else bins[:n], dlen[:n], num[:n], live[:n], blind)
+        torch.cuda.synchronize()
+        got, proposed, n_live = sums.tolist()
+        seconds = time.perf_counter() - t0
+        self.stats.verify_time_s += seconds
+        self.policy.depth_hist[W - 1] += n
+        self._record_step(n, W, seconds, Kd, got, proposed, n_live, blind, None)
+
+    def _spec_device(self, n: int, Kd: int):
+        """A drafting step's device work over slots [0, n) (no host reads, no host state but the
+        window's width: rollout.cuda_graphs captures it). Returns the drafts' entropy bins (None
+        outside entropy mode), draft lengths, tokens emitted by rejection sampling and liveness
+        [n] each, and (tokens appended, tokens proposed to live rows, live rows)."""
+        u = row_uniforms(self.keys[:n], self.n_out[:n], _S_SPEC, 2 * self.K + 1)  # [n, 2K+1]
+        draft_probs, draft_tok, draft_bins, dlen, _ = self._draft(n, Kd, u, False)
+        h, W, toks, num, lps, ents = self._verify(n, draft_probs, draft_tok, dlen, u)
+        live = ~self.done[:n]
+        emitted = self._emit(slice(0, n), toks, lps, ents, num, dlen=dlen)
+        self.win.restart(n, h, toks, num, live, first_pos=self.lengths[:n] - num * live)
+        return draft_bins, dlen, num, live, torch.stack((emitted.sum(), (num * live).sum(), live.sum()))
 
     def _verify(self, n: int, draft_probs, draft_tok, dlen, u):
         """One policy forward over every row's last token and its dlen[b] drafts (ragged on a
@@ -685,19 +746,19 @@ class _Run:
         and what rejection sampling proposed per live row (their ratio is what stops,
         max_new_tokens and done rows cost apart from this step's luck). A blind exploring
         step's drafts lack the heads' context: it is credited with the yield of drafting."""
-        if self.e.cuda:
-            self.policy.depth_hist[W - 1] += n
-        else:
-            for d, c in enumerate(torch.bincount(dlen, minlength=self.K + 1).tolist()):
-                self.policy.depth_hist[d] += c
+        for d, c in enumerate(torch.bincount(dlen, minlength=self.K + 1).tolist()):
+            self.policy.depth_hist[d] += c
         got, proposed, n_live, fed = torch.stack((emitted.sum(), (num * live).sum(), live.sum(),
                                                   dlen.sum())).tolist()
-        tokens_per_row = max(2, round(1 + fed / n))  # the cost model's cell: a drafting step
+        self._record_step(n, max(2, round(1 + fed / n)), seconds, planned, got, proposed, n_live, blind, expected)
+
+    def _record_step(self, n, tokens_per_row, seconds, planned, got, proposed, n_live, blind, expected):
+        """_record's host half: tokens_per_row is the cost model's cell (a drafting step's)."""
         self.policy.record_step(n, tokens_per_row, seconds, planned=planned, emitted=got / n,
                                 proposed=proposed / n_live if n_live and not blind else None, blind=blind,
                                 expected=expected)
         if self.spec.log_every and self.stats.steps % self.spec.log_every == 0:
-            log.info("depth policy at step %d (rows=%d, width=%d): %s", self.stats.steps, n, W,
+            log.info("depth policy at step %d (rows=%d, width=%d): %s", self.stats.steps, n, tokens_per_row,
                      self.policy.summary())
 
     # ----------------------------------------------------------- bookkeeping

@@ -17,12 +17,17 @@ import torch
 
 
 class HeadWindow:
-    def __init__(self, row_state: torch.Tensor, capacity: int, hidden: int, dtype, device):
-        """row_state [B, 3] int64: a view of the engine's per-row buffer (start, last, floor)."""
+    def __init__(self, row_state: torch.Tensor, capacity: int, hidden: int, dtype, device,
+                 buffers: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """row_state [B, 3] int64: a view of the engine's per-row buffer (start, last, floor).
+        buffers: zeroed (hidden [B, capacity, H], tokens [B, capacity]) to hold the window in
+        (the engine's persistent buffers, which its CUDA graphs read in place); default new ones."""
         B = row_state.shape[0]
         self.capacity = capacity
-        self.hid = torch.zeros(B, capacity, hidden, dtype=dtype, device=device)  # [B, capacity, H]
-        self.nxt = torch.zeros(B, capacity, dtype=torch.int64, device=device)  # [B, capacity]
+        if buffers is None:
+            buffers = (torch.zeros(B, capacity, hidden, dtype=dtype, device=device),
+                       torch.zeros(B, capacity, dtype=torch.int64, device=device))
+        self.hid, self.nxt = buffers  # [B, capacity, H], [B, capacity]
         self.start, self.last, self.floor = row_state.unbind(1)
         self.width = 1  # host: an upper bound of last + 1 over the rows in flight
 
@@ -51,11 +56,15 @@ class HeadWindow:
         """(hidden [n, w, H], next tokens [n, w], positions [n, w], last index [n], floor [n])
         for heads.begin. pad_to_16 (a GPU): w is 16 or the whole window, so shapes rarely
         change (each new one costs first-call work); padding entries lie past `last`."""
-        w = self.width
-        if pad_to_16:
-            w = min(16, self.capacity) if w <= 16 else self.capacity
+        w = self.padded_width(pad_to_16)
         pos = self.start[:n, None] + torch.arange(w, device=self.hid.device)
         return self.hid[:n, :w], self.nxt[:n, :w], pos, self.last[:n], self.floor[:n]
+
+    def padded_width(self, pad_to_16: bool) -> int:
+        """The window width `inputs` hands out (see there)."""
+        if not pad_to_16:
+            return self.width
+        return min(16, self.capacity) if self.width <= 16 else self.capacity
 
     def keep_last(self, n: int) -> None:
         """Shrink each row's window to its last entry (the heads then attend from there on)."""

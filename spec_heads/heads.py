@@ -382,6 +382,17 @@ class DraftHeads(nn.Module):
             return lm_head
         return _SubsetLMHead(lm_head, self.draft_tokens)
 
+    def decode_tensors(self, embed) -> list[torch.Tensor]:
+        """Every tensor drafting reads besides its inputs and cache: the weights, and the packed
+        decode weights derived from them (rebuilt into new storage when the weights change),
+        for callers that replay captured drafting steps (rollout.cuda_graphs)."""
+        tensors = [*self.parameters(), *self.buffers()]
+        if self.kind == "sequential":
+            packed = self.mtp.packed(embed, self._param().dtype)
+            if packed is not None:
+                tensors += [t for t in vars(packed).values() if isinstance(t, torch.Tensor)]
+        return tensors
+
     def measured_acceptance(self) -> list[float] | None:
         """The held-out per-depth acceptance recorded with the heads, or None if unmeasured."""
         values = self.acceptance.float().tolist()
@@ -667,6 +678,13 @@ class _SubsetLMHead:
         self.ids, self.vocab = ids, lm_head.weight.shape[0]
         self.weight = lm_head.weight.detach().index_select(0, ids).contiguous()  # [N, H]
         self.bias = lm_head.bias.detach()[ids] if lm_head.bias is not None else None
+
+    def refresh(self, lm_head: nn.Linear) -> None:
+        """Copy the rows of `lm_head` (updated weights) into this head's storage, in place."""
+        with torch.no_grad():
+            self.weight.copy_(lm_head.weight.detach().index_select(0, self.ids))
+            if self.bias is not None:
+                self.bias.copy_(lm_head.bias.detach()[self.ids])
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         sub = linear(hidden.to(self.weight.dtype), self.weight, self.bias)  # [..., N]
