@@ -652,9 +652,9 @@ class _Run:
             self._spec_step_cuda(n, Kd, blind, t0)
             return
         u = row_uniforms(self.keys[:n], self.n_out[:n], _S_SPEC, 2 * self.K + 1)  # [n, 2K+1]
-        # per-row depths in entropy mode on a CPU (reading them back is free there; on a GPU
-        # the verify is padded anyway, and every row verifies every draft made)
-        choose = self.spec.mode == "entropy" and not explore and not e.cuda
+        # per-row depths in entropy mode where the control says so (spec.control.per_row_depths:
+        # by default on a CPU, where reading them back is free; a GPU's verify is padded anyway)
+        choose = self.spec.mode == "entropy" and not explore and self.policy.stops_early(n)
         draft_probs, draft_tok, draft_bins, dlen, expected = self._draft(n, Kd, u, choose)
         t1 = time.perf_counter()
         h, W, toks, num, lps, ents = self._verify(n, draft_probs, draft_tok, dlen, u)

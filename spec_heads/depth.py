@@ -65,6 +65,7 @@ class DepthPolicy:
         self._refreshed_at = -1  # the cost model's version // 16 at the last refresh
         self._budgets: dict[int, int] = {}  # bucket -> deepest useful draft
         self._draft_rate: dict[int, float] = {}  # bucket -> EMA of expected tokens per row per second drafting
+        self._draft_tokens: dict[int, float] = {}  # bucket -> EMA of the tokens per row a drafting step yields
         self._plain_timed: set[int] = set()  # buckets where a real plain step was timed
         # Drafting against plain steps, paired in time (record_step): a shared machine's speed
         # drifts by tens of percent over minutes and plain steps are rare while drafting, so only
@@ -514,6 +515,7 @@ class DepthPolicy:
                 self._yield[key] = old_yield + 0.1 * (ratio - old_yield)
             rate = expected * self._yield.get(key, 1.0) / seconds
             self._draft_rate[key] = _ema(self._draft_rate.get(key), rate, 0.1)
+            self._draft_tokens[key] = _ema(self._draft_tokens.get(key), expected * self._yield.get(key, 1.0), 0.1)
             # The drafting rate that pairs is the faster of the last 2 drafting steps at near rows,
             # as the plain timing is the faster of the last 2 plain steps: the same estimator on
             # both sides of the ratio (the latest rate alone against the best of 2 plain steps
@@ -605,6 +607,9 @@ class DepthPolicy:
         the advantage for the whole stretch. The first samples of a bucket move from the
         advantage its start-up probes predict, so one slow first drafting step cannot keep
         drafting off for a whole run."""
+        # a drafting step does all of a plain step's work: it cannot deliver more than the tokens
+        # it yields per plain step's time, however a busy machine stretched the plain timing
+        advantage = min(advantage, self._draft_tokens.get(key, advantage))
         old = self._advantage.get(key)
         held = self._anchor.get(key)
         if held is None or held[0] != anchor:
@@ -652,6 +657,7 @@ class DepthPolicy:
         if acceptance is not None:
             self.set_measured_prior(acceptance)
         self._pos_accept, self._budgets, self._draft_rate, self._advantage, self._anchor = None, {}, {}, {}, {}
+        self._draft_tokens = {}
         self._draft_recent, self._draft_samples, self._depth_rel, self._climbed = {}, {}, {}, {}
         self._budget_recent = {}
 

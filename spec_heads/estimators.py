@@ -258,7 +258,9 @@ class CostModel:
             # depth choices by several tokens. tokens == 1 (no drafting) keeps its own
             # measurement: the first draft also pays the heads' fixed start-up cost.
             slope = max(0.0, (sxy * n - sx * sy) / var)
-            return max((sy - slope * sx) / n + slope * tokens, 1e-12)
+            # never below the plain step's own time: a drafting step does all of its work
+            plain = points[0][1] if points and points[0][0] == 1 else 1e-12
+            return max((sy - slope * sx) / n + slope * tokens, plain)
         if len(points) == 1:  # one anchor: take the slope from the prior
             (t0, s0), r = points[0], prior_marginal_ratio(self.bucket_rows(bucket))
             return s0 * (1 + r * (tokens - 1)) / (1 + r * (t0 - 1))
@@ -291,6 +293,7 @@ class CostModel:
         all, t = 0..rows * drafts: linear in t between whole tokens per row (a ragged step costs
         what a uniform one of the same total does)."""
         whole = torch.tensor([self.step_time(rows, 1 + d) for d in range(drafts + 1)], dtype=torch.float64)
+        whole = whole.cummax(0).values  # verifying more tokens never costs less
         x = torch.arange(rows * drafts + 1, dtype=torch.float64) / rows  # drafts per row
         lo = x.floor().long().clamp(max=max(drafts - 1, 0))
         hi = (lo + 1).clamp(max=drafts)

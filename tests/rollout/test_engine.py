@@ -262,17 +262,31 @@ def test_speculative_sampling_matches_plain_two_sample(kind, draft_vocab):
     assert chi2_contingency(table(plain, hot, lambda t: (t[0], t[1])))[1] < 1e-6
 
 
+def free_verify(monkeypatch):
+    """The per-row choice (spec_heads.budget.choose_depths) sees a flat cost curve: verifying
+    costs nothing more per token, so every row of a drafting step verifies each of its drafts
+    that can be emitted, whatever this machine's timings."""
+    from rollout import engine as engine_mod
+    from spec_heads.budget import choose_depths
+
+    monkeypatch.setattr(engine_mod, "choose_depths", lambda values, cost: choose_depths(values, torch.ones_like(cost)))
+
+
 def scripted_budget(monkeypatch, plain_steps: int, depth: int = 3):
-    """Make every depth policy take `plain_steps` plain steps, then draft `depth` throughout."""
+    """Make every depth policy plan `plain_steps` plain steps, then drafting `depth` deep
+    throughout (DepthPolicy.plan_step, what the engine asks each step; in entropy mode every
+    row drafts each draft that can be emitted: free_verify)."""
     from spec_heads.depth import DepthPolicy
 
     calls = []
 
     def scripted(self, rows):
         calls.append(rows)
-        return 0 if len(calls) <= plain_steps else depth
+        d = 0 if len(calls) <= plain_steps else depth
+        return d, d, False
 
-    monkeypatch.setattr(DepthPolicy, "draft_budget", scripted)
+    monkeypatch.setattr(DepthPolicy, "plan_step", scripted)
+    free_verify(monkeypatch)
 
 
 def test_heads_catch_up_over_plain_steps_as_if_they_had_run_every_step(pair, monkeypatch):
@@ -428,14 +442,12 @@ def test_entropy_mode_does_not_draft_past_a_drafted_stop_token_or_max_new_tokens
     only time). Heads biased to draft the stop token first make that visible. The policy's
     timing-based choices are pinned (always draft, every draft predicted accepted, verifying
     free), so only this rule acts."""
-    from rollout import engine as engine_mod
-    from spec_heads.budget import choose_depths
     from spec_heads.depth import DepthPolicy
     from spec_heads.estimators import AcceptanceTable
 
     monkeypatch.setattr(DepthPolicy, "plan_step", lambda self, rows: (self.max_k, self.max_k, False))
     monkeypatch.setattr(AcceptanceTable, "predict_bins", lambda self, bins: torch.ones(bins.shape, device=bins.device))
-    monkeypatch.setattr(engine_mod, "choose_depths", lambda values, cost: choose_depths(values, torch.ones_like(cost)))
+    free_verify(monkeypatch)
     _, model = pair
     heads = _heads(model, "sequential", noise=0.05)
     eos = 7
@@ -455,9 +467,15 @@ def test_entropy_mode_does_not_draft_past_a_drafted_stop_token_or_max_new_tokens
 
     # no stop token: the chain runs to max_k (the last step of a row may be cut by its room)
     assert max(draft_lengths(SamplingParams(temperature=1.0, max_new_tokens=24))) == 4
-    assert set(draft_lengths(SamplingParams(temperature=1.0, max_new_tokens=24, stop_token_ids=[eos]))) == {1}
-    # two tokens of room left after prefill: one draft and the bonus fill them
-    assert set(draft_lengths(SamplingParams(temperature=1.0, max_new_tokens=3))) == {1}
+    # a drafted stop token ends the chain at depth 1; 0 only where a row's last token has no room for a draft
+    with_stop = draft_lengths(SamplingParams(temperature=1.0, max_new_tokens=24, stop_token_ids=[eos]))
+    assert max(with_stop) == 1 and with_stop.count(1) > with_stop.count(0)
+    # two tokens of room left after prefill: one draft and the bonus fill them; a row whose
+    # draft was rejected has one token of room left, and its last step drafts nothing
+    for seq in Engine(model, heads, max_batch=1).generate(prompts, SamplingParams(temperature=1.0, max_new_tokens=3),
+                                                          spec, seed=1).sequences:
+        assert seq.draft_lengths in ([1], [1, 0]), seq.draft_lengths
+        assert len(seq.draft_lengths) == 2 - seq.accepted[0]
 
 
 def test_depth_policy_starts_from_the_heads_measured_acceptance(pair):
@@ -520,6 +538,7 @@ def test_blind_exploring_steps_count_in_the_depth_histogram_not_in_acceptance(pa
         assert [s.tokens for s in out.sequences] == [s.tokens for s in plain.sequences]
     # the same steps drafted with context count
     monkeypatch.setattr(DepthPolicy, "plan_step", lambda self, rows: (2, 2, False))
+    free_verify(monkeypatch)
     out = Engine(model, heads, max_batch=2).generate(prompts, sp, spec)
     assert out.stats.drafted_per_pos[0] == sum(out.stats.depth_hist[1:]) > 10
 
@@ -565,12 +584,17 @@ def test_each_sequence_records_zero_drafts_for_its_plain_steps_in_a_reused_slot(
 
     monkeypatch.setattr(DepthPolicy, "plan_step", plan)
     monkeypatch.setattr(engine_mod._Run, "_refill", refill)
+    free_verify(monkeypatch)
     out = Engine(model, heads, max_batch=2).generate(prompts, sp, SpecParams(mode="entropy", max_k=2), seed=3)
     late = 0
     for i, seq in enumerate(out.sequences):
         steps = [admitted[i] + 1 + j for j in range(len(seq.draft_lengths))]
-        # drafting steps verify 1-2 drafts (a chain stops short where no row has room for more)
-        assert [d > 0 for d in seq.draft_lengths] == [t <= 16 for t in steps], (i, admitted[i], seq.draft_lengths)
+        # tokens out before each step (the prefill gave one): a draft needs room for itself and the bonus
+        out_before = [1 + sum(a + 1 for a in seq.accepted[:j]) for j in range(len(steps))]
+        room = [sp.max_new_tokens - k >= 2 for k in out_before]
+        # drafting steps verify 1-2 drafts in every row that has room for one
+        assert [d > 0 for d in seq.draft_lengths] == [t <= 16 and r for t, r in zip(steps, room)], \
+            (i, admitted[i], seq.draft_lengths)
         assert all(a == 0 for a, t in zip(seq.accepted, steps) if t > 16)
         late += admitted[i] > 16
     assert sum(out.stats.depth_hist[1:]) > 20 and late >= 2  # rows admitted into slots that drafted
@@ -636,7 +660,7 @@ def test_depth_policy_is_told_what_each_step_really_emitted(pair, monkeypatch):
 
 
 @pytest.mark.parametrize("spec", [None, SpecParams(mode="fixed", k=3, max_k=4)])
-def test_freed_slots_are_refilled_in_groups_without_changing_any_row(pair, spec):
+def test_freed_slots_are_refilled_in_groups_without_changing_any_row(pair, spec, monkeypatch):
     """Queued prompts are admitted once min_refill slots are free (or the rest of the queue
     fits): fewer, larger prefills than one per freed slot, and every row's output is the same
     as with min_refill=1 (its random stream is its own, whenever it is admitted)."""
@@ -652,14 +676,14 @@ def test_freed_slots_are_refilled_in_groups_without_changing_any_row(pair, spec)
         sizes = []
         forward = eng.model.forward
 
-        def counting(ids, pos=None, cache=None, kv_len=None, slots=None):
+        def counting(ids, pos=None, cache=None, kv_len=None, slots=None, **kwargs):
             if slots is not None:  # a prefill writes the cache rows of its new slots
                 sizes.append(ids.shape[0])
-            return forward(ids, pos, cache, kv_len, slots)
+            return forward(ids, pos, cache, kv_len, slots, **kwargs)
 
-        eng.model.forward = counting
-        out = eng.generate(prompts, sp, spec, seed=3)
-        del eng.model.forward
+        with monkeypatch.context() as m:  # the model is the module's: its forward comes back
+            m.setattr(eng.model, "forward", counting)
+            out = eng.generate(prompts, sp, spec, seed=3)
         runs[min_refill] = (out, sizes)
     (one, one_sizes), (grouped, sizes) = runs[1], runs[4]
     assert sum(sizes) == sum(one_sizes) == len(prompts)
