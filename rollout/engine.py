@@ -648,13 +648,13 @@ class _Run:
                 torch.cuda.synchronize()
             self.policy.record_step(n, 1, time.perf_counter() - t0, emitted=float(emitted.sum()) / n)
             return
-        if e.cuda:
-            self._spec_step_cuda(n, Kd, blind, t0)
-            return
-        u = row_uniforms(self.keys[:n], self.n_out[:n], _S_SPEC, 2 * self.K + 1)  # [n, 2K+1]
         # per-row depths in entropy mode where the control says so (spec.control.per_row_depths:
         # by default on a CPU, where reading them back is free; a GPU's verify is padded anyway)
         choose = self.spec.mode == "entropy" and not explore and self.policy.stops_early(n)
+        if e.cuda and not choose:  # one replayed graph, no host reads inside
+            self._spec_step_cuda(n, Kd, blind, t0)
+            return
+        u = row_uniforms(self.keys[:n], self.n_out[:n], _S_SPEC, 2 * self.K + 1)  # [n, 2K+1]
         draft_probs, draft_tok, draft_bins, dlen, expected = self._draft(n, Kd, u, choose)
         t1 = time.perf_counter()
         h, W, toks, num, lps, ents = self._verify(n, draft_probs, draft_tok, dlen, u)
@@ -665,6 +665,8 @@ class _Run:
         # (reading lengths back costs a sync; compaction tightens it), on a CPU it is exact.
         self.len_bound = self.len_bound + W if e.cuda else int(self.lengths[:n].max())
         self._count(n, draft_bins, dlen, num, live, blind)
+        if e.cuda:
+            torch.cuda.synchronize()
         t2 = time.perf_counter()
         self.stats.draft_time_s += t1 - t0
         self.stats.verify_time_s += t2 - t1
@@ -746,8 +748,11 @@ class _Run:
         and what rejection sampling proposed per live row (their ratio is what stops,
         max_new_tokens and done rows cost apart from this step's luck). A blind exploring
         step's drafts lack the heads' context: it is credited with the yield of drafting."""
-        for d, c in enumerate(torch.bincount(dlen, minlength=self.K + 1).tolist()):
-            self.policy.depth_hist[d] += c
+        if self.e.cuda:  # the verify is padded: every row verifies W - 1 drafts
+            self.policy.depth_hist[W - 1] += n
+        else:
+            for d, c in enumerate(torch.bincount(dlen, minlength=self.K + 1).tolist()):
+                self.policy.depth_hist[d] += c
         got, proposed, n_live, fed = torch.stack((emitted.sum(), (num * live).sum(), live.sum(),
                                                   dlen.sum())).tolist()
         self._record_step(n, max(2, round(1 + fed / n)), seconds, planned, got, proposed, n_live, blind, expected)
