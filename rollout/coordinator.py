@@ -175,6 +175,7 @@ class Coordinator:
                                 f"{rollout.start_timeout_s}; raise it (large models load slowly)") from None
         self.events: list[dict] = []  # faults: {"step", "worker", "event", "detail"}
         self.idle_work = None  # see set_idle_work
+        self._idle_last = None  # the ref of the last idle-time work handed out
         self._lock = threading.Lock()
         self._pending = 0  # steps submitted and not finished
         self._step = 0
@@ -390,6 +391,15 @@ class Coordinator:
         while others still finish the step (e.g. a head re-fit on the rows finished so far). Its
         ref comes back in the step's batch.report["idle_work"]; `idle_result` waits for it."""
         self.idle_work = fn
+
+    def idle_ready(self, ref) -> bool:
+        """Whether idle-time work has finished (its result is there, or its worker died)."""
+        return bool(ray.wait([ref], timeout=0)[0])
+
+    def idle_running(self) -> bool:
+        """Whether the last idle-time work handed out still runs (one at a time: a fit that
+        outlasts its step's tail goes on beside the next steps, never twice at once)."""
+        return self._idle_last is not None and not self.idle_ready(self._idle_last)
 
     def idle_result(self, ref):
         """What the step's idle-time work returned (waits for it); None if its worker died."""

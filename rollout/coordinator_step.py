@@ -206,13 +206,13 @@ class StepRun:
         """The first worker out of work while others still have rows in flight takes the idle work
         (on the rows finished so far); it runs beside the worker's next engine run, if any."""
         co = self.co
-        if co.idle_work is None or self.idle_ref is not None or not self.inflight:
+        if co.idle_work is None or self.idle_ref is not None or not self.inflight or co.idle_running():
             return
         sequences = [s for r in self.results.values() for s in r.sequences]
         if len(sequences) < 2:
             return
         fn, args = co.idle_work(sequences, self.items[0].seed + 1)
-        self.idle_ref = co.workers[w].run_idle.remote(fn, *args)
+        self.idle_ref = co._idle_last = co.workers[w].run_idle.remote(fn, *args)
         self.idle_worker = w
 
     def check_hangs(self) -> None:

@@ -16,6 +16,7 @@ This module knows nothing about tokenizers, tasks, rewards or optimisers.
 """
 from __future__ import annotations
 
+import copy
 import math
 import os
 import threading
@@ -106,7 +107,7 @@ class RolloutWorker:
         if self.engine.heads is None and heads_state is not None:
             raise ValueError("heads_state: this worker was built without draft heads (heads=None); "
                              "build it with a HeadConfig to receive heads")
-        with self._idle_lock:  # an idle-time fit reads these weights: swap after it
+        with self._idle_lock:  # an idle-time job copies these weights as it starts: swap after the copy
             return self._set_weights(version, policy_state, heads_state, rewind)
 
     def _set_weights(self, version: int, policy_state: dict, heads_state: dict | None, rewind: bool) -> int:
@@ -234,10 +235,12 @@ class RolloutWorker:
         return {"stats": got[0], "speedup": self._speedup_estimate(*got)}
 
     def run_idle(self, fn, *args):
-        """Idle-time work the coordinator hands a worker whose queue ran dry: fn(self, *args).
-        Weights stay as they are until it returns."""
+        """Idle-time work the coordinator hands a worker whose queue ran dry: fn(policy, heads,
+        *args) on copies of the worker's policy and heads as they are now, so the worker takes new
+        weights and new rows while it runs (a copy of the policy is the memory this costs)."""
         with self._idle_lock:
-            return fn(self, *args)
+            policy, heads = copy.deepcopy(self.engine.model), copy.deepcopy(self.engine.heads)
+        return fn(policy, heads, *args)
 
     def throughput(self) -> dict:
         """Numbers of the last generate call: tokens, time_s, tokens_per_s, mean_accepted_len,
