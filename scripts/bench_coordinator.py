@@ -27,6 +27,7 @@ Reward curves: --curve-seeds seeds x --curve-steps steps of the synchronous fixe
 speculation off against speculation + pull queue (+ idle re-fit) + async, reward per step.
 
     PYTHONPATH=. python scripts/bench_coordinator.py --rounds 3 --steps 3 --json runs/coordinator.json
+    PYTHONPATH=. python scripts/bench_coordinator.py --plot-from runs/coordinator.json   # the reward plot
 
 This is a script that prints a table, never a test.
 """
@@ -162,6 +163,27 @@ def curves_table(curves: dict) -> str:
     return "\n".join(lines)
 
 
+def plot_curves(curves: dict, path: str) -> str:
+    """Reward per step, one line per seed, one colour per run (the 'curves' of a --json file)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 3.6), dpi=80, layout="constrained")
+    ax = fig.add_subplot()
+    for i, (name, per_seed) in enumerate(curves.items()):
+        for j, (seed, steps) in enumerate(sorted(per_seed.items())):
+            xs = list(range(1, len(steps) + 1))
+            ax.plot(xs, [s["reward_mean"] for s in steps], color=f"C{i}", marker="o", markersize=3, alpha=0.8,
+                    linestyle=("-", "--", ":")[j % 3], label=f"{name}, seed {seed}")
+    ax.set_xlabel("RL step")
+    ax.set_ylabel("mean reward")
+    ax.set_title("Long-tail task: reward per step")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="x-small", ncol=2)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path
+
+
 # ------------------------------------------------------------------------------------- main
 
 
@@ -186,12 +208,22 @@ def parse_args(argv):
     p.add_argument("--curve-runs", default="off,spec", help="which reward curves: off (synchronous fixed "
                    "split, speculation off), spec (speculation + coordinator + async), or both")
     p.add_argument("--json", default=None, metavar="PATH")
+    p.add_argument("--plot-from", default=None, metavar="JSON", help="draw the reward curves of an earlier "
+                   "--json file into --plot and print its tables; runs nothing")
+    p.add_argument("--plot", default="docs/training/coordinator_reward.png", metavar="PNG")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.plot_from:
+        saved = json.loads(Path(args.plot_from).read_text())
+        print(saved.get("table", ""))
+        if saved.get("curves"):
+            print(curves_table(saved["curves"]))
+            print("wrote", plot_curves(saved["curves"], args.plot))
+        return 0
     modes = [m for m in args.modes.split(",") if m]
     spec_modes = [m for m in args.spec_modes.split(",") if m]
     configs = [(m, s) for m in modes for s in spec_modes]

@@ -32,6 +32,19 @@ def comparable(records):
     return [{k: v for k, v in r.items() if not k.startswith(TIMING)} for r in records]
 
 
+def assert_same_run(a, b):
+    """Same keys and values, step for step; floats up to their last bits (Ray actors run other
+    batch shapes and threads than the driver, and than another run's actors)."""
+    a, b = comparable(a), comparable(b)
+    assert [r.keys() for r in a] == [r.keys() for r in b]
+    for ra, rb in zip(a, b):
+        for k in ra:
+            if isinstance(ra[k], float):
+                assert ra[k] == pytest.approx(rb[k], rel=1e-4, abs=1e-5), k
+            else:
+                assert ra[k] == rb[k], k
+
+
 def test_train_writes_config_metrics_events_checkpoints_and_plots(policy_dir, tmp_path):
     cfg = small_config(policy_dir, tmp_path, "run")
     summary = train.run(cfg)
@@ -88,7 +101,10 @@ def test_crash_then_resume_reproduces_the_uninterrupted_run(policy_dir, tmp_path
 
     # the saved config is the base; the command line only names the run to resume
     train.run(load_config("default", [f"resume={crashed.run_dir}"]))
-    assert comparable(read_metrics(crashed.run_dir)) == comparable(read_metrics(straight.run_dir))
+    if extra:  # Ray workers: the same tokens, floats up to their last bits
+        assert_same_run(read_metrics(crashed.run_dir), read_metrics(straight.run_dir))
+    else:
+        assert comparable(read_metrics(crashed.run_dir)) == comparable(read_metrics(straight.run_dir))
 
 
 def test_resume_applies_command_line_overrides(policy_dir, tmp_path):
@@ -111,16 +127,8 @@ def test_train_with_ray_workers_matches_in_process(policy_dir, tmp_path, partial
                           f"rollout.partial={str(partial).lower()}")
     train.run(local)
     train.run(remote)
-    a, b = comparable(read_metrics(remote.run_dir)), comparable(read_metrics(local.run_dir))
-    # same tokens; floats may differ in the last bits (actors run other batch shapes and threads)
-    assert [r.keys() for r in a] == [r.keys() for r in b]
-    for ra, rb in zip(a, b):
-        for k in ra:
-            if isinstance(ra[k], float):
-                assert ra[k] == pytest.approx(rb[k], rel=1e-4, abs=1e-5), k
-            else:
-                assert ra[k] == rb[k], k
-    assert [r["staleness_max"] for r in a] == [0, 1, 1]
+    assert_same_run(read_metrics(remote.run_dir), read_metrics(local.run_dir))  # same tokens, nothing lost or twice
+    assert [r["staleness_max"] for r in read_metrics(remote.run_dir)] == [0, 1, 1]
     assert (Path(remote.run_dir) / "checkpoints" / "step_3" / "state.json").is_file()
 
 
