@@ -125,7 +125,7 @@ def _median_range(values: list[float]) -> str:
 def table(results: dict, modes: list[str]) -> str:
     """Markdown table: per configuration, median step/rollout/train seconds, per-worker tokens/s,
     and speedups (median of per-round ratios against fixed + spec off, with their range)."""
-    base = results[BASELINE]
+    base = {r["round"]: r for r in results[BASELINE]}
     lines = ["| mode | spec | step s | rollout s | train s | re-fit s | rollout share | step / max(rollout, train) "
              "| worker tok/s (0 / 1) | worker idle (0 / 1) | tail s | step speedup | rollout speedup |",
              "|---" * 13 + "|"]
@@ -138,8 +138,8 @@ def table(results: dict, modes: list[str]) -> str:
             speeds = [statistics.median(r["worker_tokens_per_s"][i] for r in rounds)
                       for i in range(len(rounds[0]["worker_tokens_per_s"]))]
             idle = [statistics.median(r["worker_idle"][i] for r in rounds) for i in range(len(rounds[0]["worker_idle"]))]
-            step_x = [b["step_s"] / r["step_s"] for b, r in zip(base, rounds)]
-            roll_x = [b["rollout_s"] / r["rollout_s"] for b, r in zip(base, rounds)]
+            step_x = [base[r["round"]]["step_s"] / r["step_s"] for r in rounds if r["round"] in base]
+            roll_x = [base[r["round"]]["rollout_s"] / r["rollout_s"] for r in rounds if r["round"] in base]
             lines.append(f"| {mode} | {spec} | {med('step_s'):.2f} | {med('rollout_s'):.2f} | {med('train_s'):.2f} "
                          f"| {med('refit_s'):.2f} | {med('rollout_s') / med('step_s'):.0%} "
                          f"| {statistics.median(r['step_s'] / max(r['rollout_s'], r['train_s'] + r['refit_s']) for r in rounds):.2f} "
@@ -147,6 +147,26 @@ def table(results: dict, modes: list[str]) -> str:
                          f"| {med('tail_s'):.1f} | {_median_range(step_x)} "
                          f"| {_median_range(roll_x)} |")
     return "\n".join(lines)
+
+
+def paired(results: dict, pairs: list[tuple[tuple, tuple]]) -> str:
+    """Markdown table: for each (config, against) pair, the median (range) over rounds of the
+    per-round ratios against's step time / config's step time, the same for rollout time, and
+    the rounds paired."""
+    lines = ["| config | against | step speedup | rollout speedup | rounds |", "|---|---|---|---|---|"]
+    for a, b in pairs:
+        other = {r["round"]: r for r in results.get(b, [])}
+        both = [(other[r["round"]], r) for r in results.get(a, []) if r["round"] in other]
+        if both:
+            lines.append(f"| {'/'.join(a)} | {'/'.join(b)} | {_median_range([o['step_s'] / r['step_s'] for o, r in both])} "
+                         f"| {_median_range([o['rollout_s'] / r['rollout_s'] for o, r in both])} | {len(both)} |")
+    return "\n".join(lines)
+
+
+PAIRS = [(("pull", "off"), ("fixed", "off")), (("pull", "entropy"), ("fixed", "entropy")),
+         (("pull+refit", "entropy"), ("pull", "entropy")), (("async-1", "off"), ("pull", "off")),
+         (("async-1+partial", "off"), ("async-1", "off")), (("async-1+partial", "entropy"), ("async-1", "entropy")),
+         (("pull", "entropy"), ("pull", "off")), (("async-1+partial", "entropy"), ("fixed", "off"))]
 
 
 def curves_table(curves: dict) -> str:
@@ -217,12 +237,22 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    if args.plot_from:
-        saved = json.loads(Path(args.plot_from).read_text())
-        print(saved.get("table", ""))
-        if saved.get("curves"):
-            print(curves_table(saved["curves"]))
-            print("wrote", plot_curves(saved["curves"], args.plot))
+    if args.plot_from:  # one or more --json files of earlier runs (comma-separated): tables and the plot
+        results, curves, modes = {}, {}, []
+        for path in args.plot_from.split(","):
+            saved = json.loads(Path(path).read_text())
+            for key, rounds in saved["rounds"].items():
+                mode, spec = key.split("/")
+                modes.append(mode)
+                seed = saved["args"]["seed"]
+                results.setdefault((mode, spec), []).extend({"round": seed + i, **r["summary"]} for i, r in enumerate(rounds))
+            curves.update(saved.get("curves", {}))
+        if results:
+            print(table(results, list(dict.fromkeys(modes))))
+            print(paired(results, PAIRS))
+        if curves:
+            print(curves_table(curves))
+            print("wrote", plot_curves(curves, args.plot))
         return 0
     modes = [m for m in args.modes.split(",") if m]
     spec_modes = [m for m in args.spec_modes.split(",") if m]
@@ -252,7 +282,7 @@ def main(argv=None) -> int:
         for r in range(args.rounds):
             for mode, spec in configs:
                 steps = measure(cfg, mode, spec, args.seed + r, args.steps)
-                s = summarise(steps)
+                s = {**summarise(steps), "round": args.seed + r}
                 results.setdefault((mode, spec), []).append(s)
                 out["rounds"].setdefault(f"{mode}/{spec}", []).append({"summary": s, "steps": steps})
                 print(f"round {r} {mode:>10} spec {spec:>7}: step {s['step_s']:.2f}s rollout {s['rollout_s']:.2f}s "
