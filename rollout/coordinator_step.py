@@ -50,7 +50,9 @@ class StepRun:
         self.inflight: dict = {}  # ref -> (worker, item, worker incarnation); items of later steps too
         self.rows = [0] * n  # rows in flight per worker, of any step
         self.results: dict[int, ItemResult] = {}  # item key -> result, the first one that came back
-        self.tokens = [0] * n  # tokens each worker finished during this step (any step's groups)
+        # tokens of the groups each worker started and finished within this step's window (any
+        # step's groups): a group carried in from the step before ran mostly before it
+        self.tokens = [0] * n
         self.idle_since: dict[int, float] = {w: t0 for w in range(n)}  # worker -> idle since (while idle)
         self.idle_s = [0.0] * n
         self.out_at: dict[int, float] = {}  # worker -> when it first ran out of this step's work
@@ -61,8 +63,10 @@ class StepRun:
         self.idle_ref = None  # the step's idle-time work (one per step), if any
         self.idle_worker: int | None = None
         self.early = 0  # groups of this step started while an earlier step ran
+        self.carried: set = set()  # refs started before this step's window
         for ref, (w, item, gen) in co.early.pop(step, {}).items():
             self.inflight[ref] = (w, item, gen)
+            self.carried.add(ref)
             self.rows[w] += len(item.ids)
             self.busy(w, t0)
             self.progress[w] = t0
@@ -186,7 +190,8 @@ class StepRun:
         kept = self.results if item.step == self.step else co.early_done.setdefault(item.step, {})
         if res.key not in kept:  # at-least-once calls: keep the first copy, never count
             kept[res.key] = res if kept is self.results else (w, res)
-            self.tokens[w] += sum(len(s.tokens) for s in res.sequences)
+            if ref not in self.carried:
+                self.tokens[w] += sum(len(s.tokens) for s in res.sequences)
         self.progress[w] = now
         self.went_idle(w)
 

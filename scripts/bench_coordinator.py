@@ -63,7 +63,9 @@ def mode_config(cfg, mode: str, spec_mode: str):
     rollout = dataclasses.replace(cfg.rollout, schedule="fixed" if mode == "fixed" else "pull",
                                   partial=mode == "async-1+partial")
     train = dataclasses.replace(cfg.train, max_staleness=1 if mode.startswith("async-1") else 0)
-    refit = dataclasses.replace(cfg.refit, schedule="idle") if mode == "pull+refit" else cfg.refit
+    # the learner's own scheduled re-fits (the preset's on_drop: ~2 min on this CPU when it fires)
+    # would land in random steps of random modes; only pull+refit re-fits, on an idle worker
+    refit = dataclasses.replace(cfg.refit, schedule="idle" if mode == "pull+refit" else "never")
     return dataclasses.replace(cfg, rollout=rollout, train=train, refit=refit,
                                spec=dataclasses.replace(cfg.spec, mode=spec_mode))
 

@@ -28,11 +28,14 @@ KEYS = list(range(0, 12, 2))
 
 def planned_worker(plan_dir: str):
     """A worker that misbehaves as plan_dir/plan.json says: a list of {"seed", "key", "kind"};
-    the first call serving group `key` of the step with `seed` sleeps 2 s first (kind slow) or
-    exits the process (kind exit). Each plan fires once (plan_dir/fired_<i>)."""
+    the first call serving group `key` of the step with `seed` exits the process (kind exit) or
+    holds the group until a group of the step with seed 8 has been served, then 5 s more (kind
+    hold: the tail that lets the other worker start the next step, however loaded the machine).
+    Each plan fires once (plan_dir/fired_<i>); each served step leaves plan_dir/served_<seed>."""
 
     class PlannedWorker(RolloutWorker):
         def serve(self, item):
+            (Path(plan_dir) / f"served_{item.seed}").write_text("1")
             plan_file = Path(plan_dir) / "plan.json"
             for i, plan in enumerate(json.loads(plan_file.read_text()) if plan_file.is_file() else []):
                 fired = Path(plan_dir) / f"fired_{i}"
@@ -40,7 +43,10 @@ def planned_worker(plan_dir: str):
                     fired.write_text("1")
                     if plan["kind"] == "exit":
                         os._exit(1)
-                    time.sleep(2.0)
+                    deadline = time.monotonic() + 120
+                    while not (Path(plan_dir) / "served_8").exists() and time.monotonic() < deadline:
+                        time.sleep(0.05)
+                    time.sleep(5.0)
             return super().serve(item)
 
     return PlannedWorker
@@ -61,7 +67,7 @@ def fleet(tmp_path_factory):
 
 
 def arm(plan_dir: Path, plans: list[dict]) -> None:
-    for f in plan_dir.glob("fired_*"):
+    for f in [*plan_dir.glob("fired_*"), *plan_dir.glob("served_*")]:
         f.unlink()
     (plan_dir / "plan.json").write_text(json.dumps(plans))
 
@@ -87,13 +93,13 @@ def assert_step(batch, version):
 
 def test_an_idle_worker_starts_the_next_steps_groups_and_they_return_in_their_own_step(fleet):
     co, plan_dir = fleet
-    arm(plan_dir, [{"seed": 7, "key": 10, "kind": "slow"}])  # step A's last group holds one worker
+    arm(plan_dir, [{"seed": 7, "key": 10, "kind": "hold"}])  # step A's last group holds one worker
     a, b, v, step_b = two_steps(co, model_seed=1)
     assert_step(a, v)
     assert_step(b, v + 1)
     assert a.stats.sequences == b.stats.sequences == len(ROWS)  # every worker's engine stats, merged per step
     early = co.early_keys[step_b]
-    # the other worker started step B's groups while group 10 of step A slept: at least one,
+    # the other worker started step B's groups while group 10 of step A was held: at least one,
     # each once, and every one of them came back with step B (not A) at B's version
     assert early and len(set(early)) == len(early) and set(early) <= set(KEYS)
     assert b.report["rollout_early_groups"] == len(early)
@@ -105,7 +111,7 @@ def test_an_idle_worker_starts_the_next_steps_groups_and_they_return_in_their_ow
 def test_a_worker_that_dies_holding_a_next_step_group_loses_nothing(fleet):
     co, plan_dir = fleet
     before = len(co.events)
-    arm(plan_dir, [{"seed": 7, "key": 10, "kind": "slow"}, {"seed": 8, "key": 0, "kind": "exit"}])
+    arm(plan_dir, [{"seed": 7, "key": 10, "kind": "hold"}, {"seed": 8, "key": 0, "kind": "exit"}])
     a, b, v, step_b = two_steps(co, model_seed=2)
     assert (plan_dir / "fired_1").exists()
     assert_step(a, v)
