@@ -114,6 +114,10 @@ class Config:
         if self.refit.schedule == "idle" and (not self.ray.enabled or self.rollout.num_workers < 2):
             raise ValueError("refit.schedule: idle re-fits run on a rollout worker that ran out of work while "
                              "others finish; set ray.enabled=true and rollout.num_workers>=2, or use on_drop")
+        if self.rollout.partial and (self.train.max_staleness < 1 or not self.ray.enabled):
+            raise ValueError("rollout.partial: idle workers start the next step's prompts, which exist only with "
+                             "async rollouts on Ray workers; set train.max_staleness>=1 and ray.enabled=true, "
+                             "or rollout.partial=false")
         if self.rollout.num_workers > 1 and not self.ray.enabled:
             raise ValueError(f"rollout.num_workers: {self.rollout.num_workers} workers need Ray; "
                              f"set ray.enabled=true or rollout.num_workers=1")

@@ -20,7 +20,9 @@ from matplotlib.ticker import MaxNLocator
 from experiments.metrics import MetricsError, Run, load_runs
 
 PANEL_FILES = ("reward.png", "accepted_len.png", "acceptance.png", "tokens_per_s.png", "time_split.png",
-               "logprob_diff.png")
+               "logprob_diff.png", "workers.png")
+WORKER_PANELS = (("rollout_worker_tokens_per_s", "tokens / s (busy time)"),
+                 ("rollout_worker_idle_frac", "idle fraction of the rollout"))
 COMPARE_DIR = "plots-compare"
 MARKER_MAX_STEPS = 30  # short runs get point markers, so a 1-step run still shows its value
 TIME_PARTS = (("time_rollout_s", "rollout", "tab:blue"), ("time_train_s", "train", "tab:orange"),
@@ -47,6 +49,7 @@ def plot_runs(run_dirs: list[str], out_dir: str | None = None) -> list[str]:
         "logprob_diff.png": _line_figure(runs, "logprob_diff_max",
                                          "Rollout vs learner log-prob mismatch (on-policy check)",
                                          "max |logprob diff| (nats)", logy=True),
+        "workers.png": _workers_figure(runs),
     }
     written = []
     for name in PANEL_FILES:
@@ -193,6 +196,42 @@ def _time_split_figure(runs: list[Run]) -> Figure | None:
     axes[-1].set_ylim(0, 1.25 * top if top > 0 else 1.0)  # headroom for the legend, over the bars
     axes[-1].set_xlabel("RL step")
     _integer_steps(axes[-1])
+    return fig
+
+
+def worker_series(run: Run, key: str) -> dict[int, tuple[list[int], list[float]]]:
+    """A per-worker list metric (rollout_worker_*) as worker -> (steps, values)."""
+    out: dict[int, tuple[list[int], list[float]]] = {}
+    for r in run.records:
+        values = r.get(key)
+        if isinstance(values, list):
+            for w, v in enumerate(values):
+                steps, ys = out.setdefault(w, ([], []))
+                steps.append(r["step"])
+                ys.append(_number(v))
+    return out
+
+
+def _workers_figure(runs: list[Run]) -> Figure | None:
+    """Per rollout worker, by step: tokens/s over its busy time and its idle fraction; one row of
+    two subplots per run with two or more workers (the coordinator's runs)."""
+    runs = [r for r in runs if len(worker_series(r, WORKER_PANELS[0][0])) >= 2]
+    if not runs:
+        return None
+    fig = Figure(figsize=(12, 3.2 * len(runs) + 0.8), layout="constrained")
+    axes = fig.subplots(len(runs), 2, squeeze=False)
+    fig.suptitle("Rollout workers")
+    for row, run in zip(axes, runs):
+        for ax, (key, ylabel) in zip(row, WORKER_PANELS):
+            for w, (steps, values) in sorted(worker_series(run, key).items()):
+                ax.plot(steps, values, color=_color(w), label=f"worker {w}", **_markers(steps))
+            ax.set_title(run.name, fontsize="medium")
+            ax.set_ylabel(ylabel)
+            ax.set_xlabel("RL step")
+            ax.grid(alpha=0.3)
+            _integer_steps(ax)
+        row[1].set_ylim(-0.02, 1.02)
+        row[0].legend(fontsize="small")
     return fig
 
 

@@ -106,8 +106,9 @@ class RLLoop:
         self.sampling, self.spec, self.group_size, self.seed = sampling, spec, group_size, seed
         self.max_staleness, self.last_step = max_staleness, last_step  # last_step: submit nothing past it
         self._ahead: dict[int, Future] = {}  # step -> its submitted rollout
+        self._idle: list = []  # idle-time head fits handed out and not yet taken, oldest first
         r = learner.refit_cfg
-        if r.schedule == "idle" and learner.heads is not None:
+        if r.schedule == "idle" and learner.heads is not None and spec.mode != "off":  # off: nothing drafts
             if not hasattr(client, "set_idle_work"):
                 raise ValueError("refit.schedule: idle re-fits run on idle Ray rollout workers; set "
                                  "ray.enabled=true and rollout.num_workers >= 2, or another schedule")
@@ -129,6 +130,17 @@ class RLLoop:
                 self._ahead[t] = self.client.generate_async(rows_t, list(range(len(rows_t))), self.sampling,
                                                             self.spec, step_seed(self.seed, t))
         return self._ahead.pop(step).result()
+
+    def _take_idle(self, new) -> dict | None:
+        """The newest finished idle-time fit, if any; never waits for one still running (it goes
+        out with a later version): the fit stays off the learner's critical path."""
+        if new is not None:
+            self._idle.append(new)
+        done = None
+        while self._idle and self.client.idle_ready(self._idle[0]):
+            got = self.client.idle_result(self._idle.pop(0))
+            done = got if got is not None else done
+        return done
 
     def pending_rollouts(self) -> dict[int, RolloutBatch]:
         """The submitted rollouts of later steps (waits for them): a checkpoint's async state."""
@@ -158,7 +170,7 @@ class RLLoop:
         t2 = time.perf_counter()
         stats = batch.stats
         heads = heads_after_update(self.learner, batch, self.spec, step, step_seed(self.seed, step) + 1)
-        done = self.client.idle_result(idle) if idle is not None else None
+        done = self._take_idle(idle)
         if done is not None and not done.get("refit_skipped"):
             # the idle workers' fit (from the step's tail) replaces the scheduled one's report
             heads = {"accepted_len_full_depth": heads["accepted_len_full_depth"],

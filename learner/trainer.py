@@ -312,17 +312,14 @@ def fit_with_holdout(policy, heads, sequences: list[Sequence], r: RefitConfig, t
             "refit_accept_before": before, "refit_accept_after": after, "refit_kept": kept}
 
 
-def idle_refit(worker, sequences: list[Sequence], r: RefitConfig, temperature: float, seed: int) -> dict:
-    """Run on an idle rollout worker (refit.schedule=idle): fit a copy of its heads to its policy
-    (the version that sampled `sequences`) and return the re-fit metrics plus "state", the fitted
-    heads' CPU state. Off the learner's critical path; the heads trail the learner's update by one
-    step, as the next rollout's heads always do."""
-    model, heads = worker.engine.model, copy.deepcopy(worker.engine.heads).float()
-    try:
-        with torch.enable_grad():
-            out = fit_with_holdout(model, heads, sequences, r, temperature, seed)
-    finally:
-        model.eval()
+def idle_refit(policy, heads, sequences: list[Sequence], r: RefitConfig, temperature: float, seed: int) -> dict:
+    """Run on an idle rollout worker (refit.schedule=idle) on its copies of its policy (the version
+    that sampled `sequences`) and heads: fit the heads and return the re-fit metrics plus "state",
+    the fitted heads' CPU state. Off the learner's critical path; the heads trail the learner's
+    update by one step or more, as the next rollout's heads always do."""
+    heads = heads.float()
+    with torch.enable_grad():
+        out = fit_with_holdout(policy, heads, sequences, r, temperature, seed)
     return {**out, "state": cpu_state(heads), "refit_where": "idle"}
 
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import ray
@@ -174,11 +175,19 @@ class Coordinator:
                                 f"{rollout.start_timeout_s}; raise it (large models load slowly)") from None
         self.events: list[dict] = []  # faults: {"step", "worker", "event", "detail"}
         self.idle_work = None  # see set_idle_work
+        self._idle_last = None  # the ref of the last idle-time work handed out
         self._lock = threading.Lock()
         self._pending = 0  # steps submitted and not finished
         self._step = 0
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="coordinator")
         self._report: dict = {}
+        # rollout.partial: per submitted step, its groups not yet started (`upcoming`), those
+        # started while an earlier step ran (`early`: ref -> (worker, item, incarnation)), the
+        # results of those already back (`early_done`), and their keys (`early_keys`, kept)
+        self.upcoming: dict[int, deque[WorkItem]] = {}
+        self.early: dict[int, dict] = {}
+        self.early_done: dict[int, dict] = {}
+        self.early_keys: dict[int, list[int]] = {}
         self._throughput: dict = {"tokens": 0, "tokens_per_s": 0.0, "mean_accepted_len": 1.0,
                                   "speedup_vs_off_est": 1.0}
 
@@ -209,15 +218,55 @@ class Coordinator:
             del self._weights[v]
 
     def _push(self, version: int, step: int) -> None:
-        """Swap every live worker that holds another version to `version` (between steps only)."""
-        calls = {w: self.workers[w].set_weights.remote(version, *self._weights[version])
-                 for w in range(self.num_workers) if self.alive[w] and self.worker_version[w] != version}
+        """Swap every live worker that holds another version to `version` (between steps only);
+        workers still running a later step's groups (rollout.partial) swap when they run out."""
+        busy = {w for refs in self.early.values() for w, _, _ in refs.values()}
+        calls = {w: self.workers[w].set_weights.remote(version, *self._weights[version],
+                                                       rewind=version < self.worker_version[w])
+                 for w in range(self.num_workers)
+                 if self.alive[w] and self.worker_version[w] != version and w not in busy}
         for w, ref in calls.items():
             try:
                 ray.get(ref)
                 self.worker_version[w] = version
             except RayActorError as e:
                 self._recover(w, step, f"died while taking weights: {e}", version)
+
+    def swap(self, w: int, version: int, step: int) -> bool:
+        """Give worker w (no rows in flight) `version`; False if it died and was dropped. An older
+        version than it holds only comes back for a step's re-queued group after a fault."""
+        try:
+            ray.get(self.workers[w].set_weights.remote(version, *self._weights[version],
+                                                       rewind=version < self.worker_version[w]))
+            self.worker_version[w] = version
+            return True
+        except RayActorError as e:
+            return self._recover(w, step, f"died while taking weights: {e}", version)
+
+    # ------------------------------------------------------- over-provisioning
+    def take_upcoming(self, step: int, items: list[WorkItem]) -> deque[WorkItem]:
+        """Step `step`'s queue as it starts: its groups no earlier step has started."""
+        with self._lock:
+            q = self.upcoming.pop(step, None)
+        return q if q is not None else deque(items)
+
+    def next_upcoming(self, step: int, version: int | None) -> WorkItem | None:
+        """The next group of the earliest step submitted after `step` that has groups waiting (of
+        `version` only, if given: a worker that runs a later step's groups keeps their version)."""
+        with self._lock:
+            waiting = [t for t in sorted(self.upcoming) if t > step and self.upcoming[t]]
+            if not waiting:
+                return None
+            q = self.upcoming[waiting[0]]
+            return q.popleft() if version is None or q[0].version == version else None
+
+    def return_upcoming(self, item: WorkItem) -> None:
+        """A later step's group whose worker failed goes back to the front of its step's queue."""
+        with self._lock:
+            self.upcoming.setdefault(item.step, deque()).appendleft(item)
+            keys = self.early_keys.get(item.step, [])
+            if item.key in keys:
+                keys.remove(item.key)
 
     # -------------------------------------------------------------- generation
     def generate(self, prompts: list[list[int]], ids: list[int], sampling: SamplingParams,
@@ -239,6 +288,9 @@ class Coordinator:
             with self._lock:
                 self._pending -= 1
             raise
+        if self.rollout.partial:
+            with self._lock:
+                self.upcoming[step] = deque(items)
         return self._executor.submit(self._step_guarded, step, version, items)
 
     def _step_guarded(self, step: int, version: int, items: list[WorkItem]) -> RolloutBatch:
@@ -250,6 +302,8 @@ class Coordinator:
 
     def _run_step(self, step: int, version: int, items: list[WorkItem]) -> RolloutBatch:
         if not items:
+            with self._lock:
+                self.upcoming.pop(step, None)
             return RolloutBatch([], RolloutStats())
         with self._lock:
             self._push(version, step)
@@ -258,6 +312,7 @@ class Coordinator:
         run = StepRun(self, step, items, t0)
         results = run.loop()
         t_end = time.perf_counter()
+        run.handoff()
         sequences = [s for it in items for s in results[it.key].sequences]
         stale = {s.policy_version for s in sequences} - {version}
         if stale:
@@ -336,6 +391,15 @@ class Coordinator:
         while others still finish the step (e.g. a head re-fit on the rows finished so far). Its
         ref comes back in the step's batch.report["idle_work"]; `idle_result` waits for it."""
         self.idle_work = fn
+
+    def idle_ready(self, ref) -> bool:
+        """Whether idle-time work has finished (its result is there, or its worker died)."""
+        return bool(ray.wait([ref], timeout=0)[0])
+
+    def idle_running(self) -> bool:
+        """Whether the last idle-time work handed out still runs (one at a time: a fit that
+        outlasts its step's tail goes on beside the next steps, never twice at once)."""
+        return self._idle_last is not None and not self.idle_ready(self._idle_last)
 
     def idle_result(self, ref):
         """What the step's idle-time work returned (waits for it); None if its worker died."""

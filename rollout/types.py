@@ -93,6 +93,9 @@ class RolloutConfig:
     # pull: workers take GRPO groups from one queue whenever they have free rows (fast workers
     # take more); fixed: one contiguous share per worker, kept only as a baseline to measure against
     schedule: str = "pull"
+    # over-provisioning (async only): a worker left with no rows while others finish the step's
+    # tail starts the next submitted step's groups (at that step's version) instead of idling
+    partial: bool = False
     num_cpus: float = 1.0  # Ray CPUs reserved per worker (its placement-group bundle)
     # GPUs per worker; -1: one when rollout.device resolves to CUDA, else none. A fraction
     # (e.g. 0.5) shares a card, with the learner too under placement=colocated
@@ -119,6 +122,9 @@ class RolloutConfig:
             raise ValueError(f"backend: must be specroll or vllm, got {self.backend!r}")
         if self.schedule not in ("pull", "fixed"):
             raise ValueError(f"schedule: must be pull or fixed, got {self.schedule!r}")
+        if self.partial and self.schedule != "pull":
+            raise ValueError("partial: the next step's groups are handed out by the pull queue; set "
+                             "rollout.schedule=pull or rollout.partial=false")
         if self.num_cpus <= 0:
             raise ValueError(f"num_cpus: must be > 0 (a Ray placement bundle cannot be empty), got {self.num_cpus}")
         if self.num_gpus < 0 and self.num_gpus != -1:

@@ -16,6 +16,7 @@ This module knows nothing about tokenizers, tasks, rewards or optimisers.
 """
 from __future__ import annotations
 
+import copy
 import math
 import os
 import threading
@@ -33,6 +34,10 @@ from rollout.types import (ItemResult, RolloutBatch, RolloutConfig, RolloutStats
                            WorkItem)
 from spec_heads.estimators import CostModel
 from spec_heads.heads import DraftHeads, HeadConfig
+
+# how long a weight swap waits for the engine thread to close its last run (its groups are back)
+SWAP_WAIT_S = 30.0
+
 
 def cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """A detached CPU copy of a module's state, what a publish ships to the workers."""
@@ -88,9 +93,11 @@ class RolloutWorker:
 
     # ----------------------------------------------------------------- weights
     @torch.no_grad()
-    def set_weights(self, version: int, policy_state: dict, heads_state: dict | None) -> int:
+    def set_weights(self, version: int, policy_state: dict, heads_state: dict | None, *,
+                    rewind: bool = False) -> int:
         """Swap policy and heads together to `version` (which must be newer than the current
-        one). Returns the new version."""
+        one, unless `rewind`: the coordinator's re-queue of an older step's group after a fault,
+        rollout.partial). Returns the new version."""
         if policy_state is None:
             raise ValueError("policy_state: a heads-only update would leave the heads one version "
                              "ahead of the policy; publish policy and heads together")
@@ -100,14 +107,16 @@ class RolloutWorker:
         if self.engine.heads is None and heads_state is not None:
             raise ValueError("heads_state: this worker was built without draft heads (heads=None); "
                              "build it with a HeadConfig to receive heads")
-        with self._idle_lock:  # an idle-time fit reads these weights: swap after it
-            return self._set_weights(version, policy_state, heads_state)
+        with self._idle_lock:  # an idle-time job copies these weights as it starts: swap after the copy
+            return self._set_weights(version, policy_state, heads_state, rewind)
 
-    def _set_weights(self, version: int, policy_state: dict, heads_state: dict | None) -> int:
-        if self._draining:
-            raise RuntimeError(f"set_weights: version {version} arrived while this worker is generating; "
-                               "weights swap only between steps (a coordinator bug)")
-        if int(version) <= self.version:
+    def _set_weights(self, version: int, policy_state: dict, heads_state: dict | None, rewind: bool) -> int:
+        with self._cond:  # the engine thread may still be closing the run whose last group just returned
+            self._cond.wait_for(lambda: not self._draining, timeout=SWAP_WAIT_S)
+            if self._draining:
+                raise RuntimeError(f"set_weights: version {version} arrived while this worker is generating; "
+                                   "weights swap only between steps (a coordinator bug)")
+        if int(version) <= self.version and not (rewind and int(version) != self.version):
             raise ValueError(f"version: {version} is not newer than the worker's {self.version}; "
                              "versions must increase with every publish")
         self.engine.model.load_state_dict(policy_state)
@@ -226,10 +235,12 @@ class RolloutWorker:
         return {"stats": got[0], "speedup": self._speedup_estimate(*got)}
 
     def run_idle(self, fn, *args):
-        """Idle-time work the coordinator hands a worker whose queue ran dry: fn(self, *args).
-        Weights stay as they are until it returns."""
+        """Idle-time work the coordinator hands a worker whose queue ran dry: fn(policy, heads,
+        *args) on copies of the worker's policy and heads as they are now, so the worker takes new
+        weights and new rows while it runs (a copy of the policy is the memory this costs)."""
         with self._idle_lock:
-            return fn(self, *args)
+            policy, heads = copy.deepcopy(self.engine.model), copy.deepcopy(self.engine.heads)
+        return fn(policy, heads, *args)
 
     def throughput(self) -> dict:
         """Numbers of the last generate call: tokens, time_s, tokens_per_s, mean_accepted_len,

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from experiments import compare, plots
-from experiments.metrics import MetricsLogger, read_metrics
+from experiments.metrics import MetricsLogger, load_runs, read_metrics
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 ALL_PANELS = ["reward.png", "accepted_len.png", "acceptance.png", "tokens_per_s.png", "time_split.png",
@@ -84,6 +84,19 @@ def test_plot_skips_panels_of_absent_metrics_and_handles_one_step(tmp_path):
     assert names == ["reward.png", "accepted_len.png", "time_split.png"]
     for path in paths:
         _assert_png(path)
+
+
+def test_worker_panels_follow_each_worker_of_a_coordinator_run(tmp_path):
+    records = [dict(_record(s, 1.0), rollout_worker_tokens_per_s=[100.0 * s, 50.0 * s],
+                    rollout_worker_idle_frac=[0.1, 0.4 / s]) for s in (1, 2, 3)]
+    run = _write_run(tmp_path, "two-workers", records)
+    paths = plots.plot_runs([str(run)], str(tmp_path / "out"))
+    assert [p.rsplit("/", 1)[1] for p in paths] == ALL_PANELS + ["workers.png"]
+    _assert_png(paths[-1])
+    loaded = load_runs([str(run)])[0]
+    assert plots.worker_series(loaded, "rollout_worker_tokens_per_s") == {
+        0: ([1, 2, 3], [100.0, 200.0, 300.0]), 1: ([1, 2, 3], [50.0, 100.0, 150.0])}
+    assert plots.worker_series(loaded, "rollout_worker_idle_frac")[1] == ([1, 2, 3], [0.4, 0.2, 0.4 / 3])
 
 
 def test_plot_missing_run_dir_exits_2_naming_it(tmp_path, capsys):
