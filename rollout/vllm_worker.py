@@ -31,7 +31,7 @@ import tempfile
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import ray
 import torch
@@ -85,25 +85,28 @@ class VllmRolloutWorker:
         self._want = (0, False)  # (drafts per step, speculating) the engine was asked for
         self._checked: set[tuple] = set()  # (temperature, top_k, top_p) whose check passed
         # the pull path (serve): items wait in an inbox; one engine thread runs them in batches
-        self._lock = threading.RLock()  # one engine call or weight swap at a time
         self._cond = threading.Condition()
         self._inbox: deque[tuple[WorkItem, Future]] = deque()
         self._draining = False
         self._run_step: int | None = None  # the step an engine call is serving now
         self._step_stats: dict[int, RolloutStats] = {}
-        if ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None:
-            # a Ray actor starts with OMP_NUM_THREADS=1; vLLM's CPU backend reads it when it binds threads
-            threads = rollout.threads or max(1, (os.cpu_count() or 1) // rollout.num_workers)
-            os.environ["OMP_NUM_THREADS"] = str(threads)
-            torch.set_num_threads(threads)
+        threads = rollout.threads
+        if not threads and ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None:
+            # a Ray actor starts with OMP_NUM_THREADS=1: give it its share of the cores
+            threads = max(1, (os.cpu_count() or 1) // rollout.num_workers)
+        # every engine call runs on this one thread: OpenMP's thread count is per calling thread,
+        # and vLLM's CPU attention fails when the thread that plans a step and the one that runs
+        # it see different counts; one at a time also keeps weight swaps between generate calls
+        self._engine_thread = None
+        self._engine = ThreadPoolExecutor(1, thread_name_prefix="vllm-engine", initializer=self._init_engine_thread,
+                                          initargs=(threads,))
 
     # ----------------------------------------------------------------- weights
-    @torch.no_grad()
     def set_weights(self, version: int, policy_state: dict, heads_state: dict | None) -> int:
         """Swap policy and heads together to `version` (newer than the current one)."""
-        with self._lock:
-            return self._set_weights(version, policy_state, heads_state)
+        return self._on_engine(self._set_weights, version, policy_state, heads_state)
 
+    @torch.no_grad()  # (grad mode is per thread: this runs on the engine thread)
     def _set_weights(self, version: int, policy_state: dict, heads_state: dict | None) -> int:
         if policy_state is None:
             raise ValueError("policy_state: a heads-only update would leave the heads one version "
@@ -160,11 +163,10 @@ class VllmRolloutWorker:
             return ({k: v.detach().clone() for k, v in runner.model.state_dict().items()},
                     None if drafter is None else {k: v.detach().clone() for k, v in drafter.state_dict().items()})
 
-        with self._lock:
-            if self.llm is None:
-                raise RuntimeError("vllm: no engine yet; it is built at the first generate call")
-            policy, drafter = self.llm.collective_rpc(read)[0]
-            return {"version": self.version, "policy": policy, "drafter": drafter, "heads": self._heads}
+        if self.llm is None:
+            raise RuntimeError("vllm: no engine yet; it is built at the first generate call")
+        policy, drafter = self._on_engine(self.llm.collective_rpc, read)[0]
+        return {"version": self.version, "policy": policy, "drafter": drafter, "heads": self._heads}
 
     # ------------------------------------------------------------------ engine
     def _ensure_exact(self, sampling: SamplingParams) -> None:
@@ -174,7 +176,7 @@ class VllmRolloutWorker:
         key = (sampling.temperature, sampling.top_k, sampling.top_p)
         if not self.speculating or sampling.temperature == 0 or key in self._checked:
             return
-        self.fit = self.check_speculation(sampling)
+        self.fit = self._check_speculation(sampling)
         if self.fit.passed(self.rollout.vllm.check_alpha):
             self._checked.add(key)
             return
@@ -188,7 +190,7 @@ class VllmRolloutWorker:
                                "spec.mode=off, or rollout.vllm.fallback_plain=true to serve plain "
                                "decoding, or sampling.temperature=0")
         print(f"warning: {what}; serving plain decoding (rollout.vllm.fallback_plain=true)", flush=True)
-        self.start_engine(self._want[0], False)
+        self._start_engine(self._want[0], False)
 
     def _spec_settings(self, spec: SpecParams | None) -> tuple[int, bool]:
         if spec is None or spec.mode == "off" or self.heads_config is None:
@@ -208,6 +210,9 @@ class VllmRolloutWorker:
     def start_engine(self, k: int, speculating: bool, method: str = "medusa") -> None:
         """Build the engine on the weights held here; method: medusa (our heads) or ngram (prompt
         lookup, no weights: docs/vllm.md checks vLLM's sampler with it too)."""
+        self._on_engine(self._start_engine, k, speculating, method)
+
+    def _start_engine(self, k: int, speculating: bool, method: str = "medusa") -> None:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine lives in this process (and actor)
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{self.rollout.vllm.kv_cache_gib:g}")
         root = self._dir.name
@@ -241,10 +246,13 @@ class VllmRolloutWorker:
 
             gc.collect()
 
-    @torch.no_grad()
     def check_speculation(self, sampling: SamplingParams) -> FitResult:
         """Draw rollout.vllm.check_draws completions of one fixed prompt through the engine and test
         the tokens its verify steps emitted against the policy's sampling distribution."""
+        return self._on_engine(self._check_speculation, sampling)
+
+    @torch.no_grad()
+    def _check_speculation(self, sampling: SamplingParams) -> FitResult:
         vocab = self.model_config.vocab_size
         g = torch.Generator().manual_seed(0)
         prompt = torch.randint(vocab, (CHECK_PROMPT_LEN,), generator=g).tolist()
@@ -267,14 +275,13 @@ class VllmRolloutWorker:
     # -------------------------------------------------------------- generation
     def generate(self, prompts: list[list[int]], sampling: SamplingParams, spec: SpecParams | None,
                  seed: int, ids: list[int] | None = None) -> RolloutBatch:
-        with self._lock:
-            return self._generate(prompts, sampling, spec, seed, ids)
+        return self._on_engine(self._generate, prompts, sampling, spec, seed, ids)
 
     def _generate(self, prompts, sampling, spec, seed, ids) -> RolloutBatch:
         want = self._spec_settings(spec)
         if self.llm is None:
             self._want = want
-            self.start_engine(*want)
+            self._start_engine(*want)
         elif want != self._want:
             raise ValueError(f"spec: this vLLM engine was built for {self._want[0]} drafts per step "
                              f"(speculating={self._want[1]}); vLLM fixes speculation per engine, so keep "
@@ -304,6 +311,19 @@ class VllmRolloutWorker:
                                   steps=after[2] - before[2], row_steps=after[2] - before[2])
         return RolloutBatch(sequences, self._last)
 
+    def _init_engine_thread(self, threads: int) -> None:
+        """The engine thread's CPU threads (0: as the process has them), set before vLLM binds them."""
+        self._engine_thread = threading.current_thread()
+        if threads:
+            os.environ["OMP_NUM_THREADS"] = str(threads)
+            torch.set_num_threads(threads)
+
+    def _on_engine(self, fn, *args):
+        """fn(*args) on the engine thread (directly when already there)."""
+        if threading.current_thread() is self._engine_thread:
+            return fn(*args)
+        return self._engine.submit(fn, *args).result()
+
     # ---------------------------------------------------- pull work (rollout/coordinator.py)
     def serve(self, item: WorkItem) -> ItemResult:
         """Generate one work item (a GRPO group); blocks until its rows are done. Items that
@@ -314,7 +334,7 @@ class VllmRolloutWorker:
             self._inbox.append((item, fut))
             if not self._draining:
                 self._draining = True
-                threading.Thread(target=self._drain, daemon=True, name="vllm-engine").start()
+                threading.Thread(target=self._drain, daemon=True, name="vllm-serve").start()
         return fut.result()
 
     def _drain(self) -> None:
