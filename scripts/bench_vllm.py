@@ -170,7 +170,8 @@ def main() -> None:
             if spec_worker:
                 add("vllm T=0", b, _vllm_run(plain, prompts, 0.0, args.max_new_tokens, seed)[0])
                 add("vllm+heads T=0", b, *_vllm_run(spec_worker, prompts, 0.0, args.max_new_tokens, seed, spec))
-            print(f"round {r + 1}/{args.rounds} batch {b} done", file=sys.stderr, flush=True)
+            done = {name: round(v[-1], 1) for (name, bb), v in rows.items() if bb == b}
+            print(f"round {r + 1}/{args.rounds} batch {b}: tokens/s {done}", file=sys.stderr, flush=True)
     child.close()
     _table(rows, accepted, batches, args)
 

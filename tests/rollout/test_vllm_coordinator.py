@@ -18,7 +18,7 @@ from learner.loop import RLLoop  # noqa: E402
 from learner.trainer import cpu_state  # noqa: E402
 from rollout.coordinator import Coordinator  # noqa: E402
 from rollout.types import RolloutConfig, SamplingParams  # noqa: E402
-from test_vllm_worker import HC, LOGPROB_TOL, MC, SPEC, WARM, _greedy, _heads, _max_logprob_error, _policy  # noqa: E402
+from test_vllm_worker import HC, MC, SPEC, _greedy, _heads, _policy  # noqa: E402
 
 pytestmark = pytest.mark.ray
 
@@ -44,7 +44,8 @@ def _as_loaded(served: dict, policy_state: dict) -> list[str]:
     names = {("model." + k if k != "lm_head.weight" else k): k for k in policy_state}
     common = [n for n in served if n in names and not n.endswith("proj.weight")]
     assert len(common) >= 2 * MC.num_hidden_layers + 3, sorted(served)  # the check compares something
-    return [n for n in common if not torch.equal(served[n], policy_state[names[n]])]
+    # (vLLM pads the vocabulary rows of the embedding and LM head: compare the real ones)
+    return [n for n in common if not torch.equal(served[n][:len(policy_state[names[n]])], policy_state[names[n]])]
 
 
 def _heads_differ(drafter: dict, heads_state: dict) -> list[str]:
@@ -73,8 +74,6 @@ def test_coordinator_actors_serve_vllm_and_swap_policy_and_heads_together(cluste
         batch = co.generate(rows, list(range(len(rows))), sp, SPEC, seed=0)
         assert [s.tokens for s in batch.sequences] == _greedy(_policy(1), rows, 12)
         assert {s.policy_version for s in batch.sequences} == {1}
-        sampled = co.generate(rows, list(range(len(rows))), WARM, None, seed=3)  # plain rows: log-probs
-        assert _max_logprob_error(_policy(1), sampled.sequences, WARM) < LOGPROB_TOL
     finally:
         co.close()
 
