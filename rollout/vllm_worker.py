@@ -13,7 +13,8 @@ Ray actor wrapping this class holds it: rollout/coordinator.py runs it as its wo
 - Speculation: parallel heads run as vLLM's Medusa proposer (rollout/vllm_export.py's
   `SpecrollMedusa`, registered with vLLM: our residual blocks and a copy of the policy's LM
   head). vLLM's Medusa drafts each head's argmax and verifies as if the draft were certain
-  (acceptance p(x)): exact for argmax drafts, so spec.draft must be greedy. Sequential heads have no vLLM proposer here: refused.
+  (acceptance p(x)): exact for argmax drafts, so spec.draft must be greedy. Sequential heads
+  have no vLLM proposer here: refused (docs/vllm.md says why).
 - Exactness fails closed: before it serves speculative rollouts at a sampling setting with
   temperature > 0, the worker draws completions of one prompt through vLLM and checks the tokens
   that speculation emitted against the policy's own sampling distribution

@@ -126,7 +126,8 @@ def test_train_through_the_coordinator_on_vllm_never_samples_stale_weights(clust
         checks.append({"version": (served["version"], self.learner.policy_version),
                        "policy_differs": _as_loaded(served["policy"], policy),
                        "held_heads_differ": _heads_differ(served["heads"], heads),
-                       "drafter_differs": None if served["drafter"] is None else _heads_differ(served["drafter"], heads)})
+                       "drafter_differs": (None if served["drafter"] is None
+                                           else _heads_differ(served["drafter"], heads))})
         return metrics
 
     monkeypatch.setattr(RLLoop, "step", step_then_check)
