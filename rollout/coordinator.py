@@ -44,7 +44,7 @@ from rollout.coordinator_step import StepRun
 from rollout.device import resolve_device
 from rollout.model import ModelConfig
 from rollout.types import RolloutBatch, RolloutConfig, RolloutStats, SamplingParams, SpecParams, WorkItem
-from rollout.worker import RolloutWorker
+from rollout.worker import worker_class
 from spec_heads.heads import HeadConfig
 
 log = logging.getLogger("specroll.coordinator")
@@ -134,18 +134,18 @@ class Coordinator:
     """N rollout worker actors behind RolloutClient's interface (generate / publish / throughput),
     plus `generate_async` (a Future of the step's RolloutBatch) and `report()` (per-step numbers).
 
-    worker_cls: the worker class to run as actors (tests pass a subclass that fails on purpose).
+    worker_cls: the worker class to run as actors; default: rollout.backend's (RolloutWorker, or
+    the vLLM worker, whose actors then run in vLLM's venv like the driver). Tests pass a subclass
+    that fails on purpose.
     """
 
     def __init__(self, model_config: ModelConfig, policy_state: dict, heads: HeadConfig | None,
                  heads_state: dict | None, rollout: RolloutConfig, *, version: int = 0,
-                 worker_cls: type = RolloutWorker):
+                 worker_cls: type | None = None):
         if not ray.is_initialized():
             raise RuntimeError("ray: not initialised; call ray.init() first (specroll train does it "
                                "when ray.enabled=true)")
-        if rollout.backend != "specroll":
-            raise ValueError(f"rollout.backend: {rollout.backend} workers do not serve the coordinator's pull "
-                             "queue yet; set ray.enabled=false (one in-process vLLM worker) or rollout.backend=specroll")
+        worker_cls = worker_cls or worker_class(rollout)
         self.rollout, self.version, self.num_workers = rollout, int(version), rollout.num_workers
         self.pg, first, self._own_pg = reserve(rollout)
         bundle = worker_bundle(rollout)
@@ -390,6 +390,9 @@ class Coordinator:
         """fn(sequences, seed) -> (remote fn, args): work for the first worker that runs out of rows
         while others still finish the step (e.g. a head re-fit on the rows finished so far). Its
         ref comes back in the step's batch.report["idle_work"]; `idle_result` waits for it."""
+        if self.rollout.backend != "specroll":  # the idle re-fit trains the worker's own engine copy
+            raise ValueError(f"refit.schedule: idle re-fits run on specroll's engine; with rollout.backend="
+                             f"{self.rollout.backend} use refit.schedule=every or on_drop")
         self.idle_work = fn
 
     def idle_ready(self, ref) -> bool:

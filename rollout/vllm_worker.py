@@ -4,15 +4,17 @@
 rollout/worker.py's RolloutWorker (tokens, behaviour log-probs of the sampling distribution,
 the policy version), so the learner, head re-fit and client stay specroll's. The only module
 that imports vLLM; the engine runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0), so a
-Ray actor wrapping this class holds it.
+Ray actor wrapping this class holds it: rollout/coordinator.py runs it as its worker actors
+(`serve`, `step_stats`, `node_id`, as RolloutWorker), the driver and actors in vLLM's venv.
 
 - Weights: policy and heads go in together under one version. The policy's through the model
   runner's `reload_weights`, the heads' through the drafter's `load_weights`, then the prefix
   cache is dropped: cached KV of a prompt was computed with the old weights.
-- Speculation: parallel heads run as vLLM's Medusa proposer (`SpecrollMedusa`, registered with
-  vLLM, our residual blocks and a copy of the policy's LM head). vLLM's Medusa drafts each head's
-  argmax and verifies as if the draft were certain (acceptance p(x)): exact for argmax drafts,
-  so spec.draft must be greedy. Sequential heads have no vLLM proposer here: refused.
+- Speculation: parallel heads run as vLLM's Medusa proposer (rollout/vllm_export.py's
+  `SpecrollMedusa`, registered with vLLM: our residual blocks and a copy of the policy's LM
+  head). vLLM's Medusa drafts each head's argmax and verifies as if the draft were certain
+  (acceptance p(x)): exact for argmax drafts, so spec.draft must be greedy. Sequential heads
+  have no vLLM proposer here: refused (docs/vllm.md says why).
 - Exactness fails closed: before it serves speculative rollouts at a sampling setting with
   temperature > 0, the worker draws completions of one prompt through vLLM and checks the tokens
   that speculation emitted against the policy's own sampling distribution
@@ -27,111 +29,27 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+import threading
 import time
-from typing import Iterable
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 
+import ray
 import torch
 import vllm
-from torch import nn
 from vllm.inputs import TokensPrompt
 
 from rollout.checkpoint import load_checkpoint, save_checkpoint
 from rollout.model import ModelConfig, Transformer
-from rollout.types import RolloutBatch, RolloutConfig, RolloutStats, SamplingParams, Sequence, SpecParams
+from rollout.types import (ItemResult, RolloutBatch, RolloutConfig, RolloutStats, SamplingParams, Sequence,
+                           SpecParams, WorkItem)
+from rollout.vllm_export import MEDUSA_ARCH, SpecrollMedusa, medusa_weights, policy_weights, save_medusa
 from spec_heads.exactness import FitResult, conditional_fit
 from spec_heads.heads import HeadConfig
 from spec_heads.sampling import sampling_probs
 
-MEDUSA_ARCH = "SpecrollMedusa"
 CHECK_PROMPT_LEN = 8  # tokens of the check's fixed prompt
 CHECK_POSITIONS = (1, 2)  # completion tokens the check tests: the first two a verify step emits
-
-
-class _ResBlock(nn.Module):
-    """spec_heads.heads.ResBlock: h + W2(SiLU(W1 h)) (vLLM's Medusa block is h + SiLU(W h))."""
-
-    def __init__(self, hidden: int):
-        super().__init__()
-        self.w1 = nn.Linear(hidden, hidden)
-        self.w2 = nn.Linear(hidden, hidden)
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return h + self.w2(nn.functional.silu(self.w1(h)))
-
-
-class SpecrollMedusa(nn.Module):
-    """specroll's parallel heads as a vLLM Medusa draft model: blocks.i.w{1,2} and lm_head (a copy
-    of the policy's, re-sent with every sync), draft_tokens when the heads draft from a subset."""
-
-    def __init__(self, *, vllm_config, prefix: str = ""):
-        super().__init__()
-        c = vllm_config.speculative_config.draft_model_config.hf_config
-        self.blocks = nn.ModuleList(_ResBlock(c.hidden_size) for _ in range(c.num_heads))
-        self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
-        draft_vocab = int(getattr(c, "specroll_draft_vocab", 0))
-        self.register_buffer("draft_tokens", torch.zeros(draft_vocab, dtype=torch.long) if draft_vocab else None)
-
-    def forward(self, hidden_states: torch.Tensor) -> list[torch.Tensor]:
-        return [block(hidden_states) for block in self.blocks]
-
-    def compute_logits(self, hidden_states: list[torch.Tensor]) -> list[torch.Tensor]:
-        out = []
-        for h in hidden_states:
-            logits = self.lm_head(h)
-            if self.draft_tokens is not None:  # drafts only from the draft vocabulary, as specroll's
-                masked = torch.full_like(logits, -math.inf)
-                masked[:, self.draft_tokens] = logits[:, self.draft_tokens]
-                logits = masked
-            out.append(logits)
-        return out
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        own = dict(self.named_parameters()) | dict(self.named_buffers())
-        loaded = set()
-        for name, tensor in weights:
-            if name not in own:
-                raise ValueError(f"heads: unexpected tensor {name!r} for the vLLM Medusa export "
-                                 f"(expected {sorted(own)})")
-            own[name].data.copy_(tensor.to(own[name].dtype))
-            loaded.add(name)
-        return loaded
-
-
-def policy_weights(policy_state: dict) -> list[tuple[str, torch.Tensor]]:
-    """specroll's Transformer state -> (HF name, tensor), what vLLM's Llama/Qwen loaders read."""
-    out = []
-    for key, tensor in policy_state.items():
-        if key.endswith("rotary.inv_freq") or key.startswith("rotary."):
-            continue
-        out.append((key if key == "lm_head.weight" else "model." + key, tensor))
-    return out
-
-
-def medusa_weights(heads_state: dict, policy_state: dict, k: int) -> list[tuple[str, torch.Tensor]]:
-    """The first k parallel heads plus the policy's LM head, as SpecrollMedusa names them."""
-    lm = policy_state.get("lm_head.weight", policy_state["embed_tokens.weight"])
-    out = [("lm_head.weight", lm)]
-    for i in range(k):
-        for part in ("w1", "w2"):
-            out += [(f"blocks.{i}.{part}.{p}", heads_state[f"blocks.{i}.{part}.{p}"]) for p in ("weight", "bias")]
-    if "draft_tokens" in heads_state:
-        out.append(("draft_tokens", heads_state["draft_tokens"]))
-    return out
-
-
-def _save_medusa(folder: str, mc: ModelConfig, heads: HeadConfig, k: int, tensors) -> None:
-    import json
-
-    from safetensors.torch import save_file
-
-    os.makedirs(folder, exist_ok=True)
-    config = {"model_type": "medusa", "architectures": [MEDUSA_ARCH], "hidden_size": mc.hidden_size,
-              "vocab_size": mc.vocab_size, "num_heads": k, "num_hidden_layers": 1,
-              "specroll_draft_vocab": heads.draft_vocab}
-    with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
-    save_file({n: t.detach().contiguous().cpu() for n, t in tensors}, os.path.join(folder, "model.safetensors"),
-              metadata={"format": "pt"})
 
 
 class VllmRolloutWorker:
@@ -167,11 +85,30 @@ class VllmRolloutWorker:
         self._last = RolloutStats()
         self._want = (0, False)  # (drafts per step, speculating) the engine was asked for
         self._checked: set[tuple] = set()  # (temperature, top_k, top_p) whose check passed
+        # the pull path (serve): items wait in an inbox; one engine thread runs them in batches
+        self._cond = threading.Condition()
+        self._inbox: deque[tuple[WorkItem, Future]] = deque()
+        self._draining = False
+        self._run_step: int | None = None  # the step an engine call is serving now
+        self._step_stats: dict[int, RolloutStats] = {}
+        threads = rollout.threads
+        if not threads and ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None:
+            # a Ray actor starts with OMP_NUM_THREADS=1: give it its share of the cores
+            threads = max(1, (os.cpu_count() or 1) // rollout.num_workers)
+        # every engine call runs on this one thread: OpenMP's thread count is per calling thread,
+        # and vLLM's CPU attention fails when the thread that plans a step and the one that runs
+        # it see different counts; one at a time also keeps weight swaps between generate calls
+        self._engine_thread = None
+        self._engine = ThreadPoolExecutor(1, thread_name_prefix="vllm-engine", initializer=self._init_engine_thread,
+                                          initargs=(threads,))
 
     # ----------------------------------------------------------------- weights
-    @torch.no_grad()
     def set_weights(self, version: int, policy_state: dict, heads_state: dict | None) -> int:
         """Swap policy and heads together to `version` (newer than the current one)."""
+        return self._on_engine(self._set_weights, version, policy_state, heads_state)
+
+    @torch.no_grad()  # (grad mode is per thread: this runs on the engine thread)
+    def _set_weights(self, version: int, policy_state: dict, heads_state: dict | None) -> int:
         if policy_state is None:
             raise ValueError("policy_state: a heads-only update would leave the heads one version "
                              "ahead of the policy; publish policy and heads together")
@@ -211,6 +148,27 @@ class VllmRolloutWorker:
     def versions(self) -> dict:
         return {"policy": self.version, "heads": self.version}
 
+    def node_id(self) -> str | None:
+        """The Ray node this worker runs on (None outside Ray)."""
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+
+    @torch.no_grad()
+    def served_weights(self) -> dict:
+        """What the engine computes with now: {"version", "policy": the model runner's tensors
+        (vLLM's names; q/k/v and gate/up are fused there), "drafter": the Medusa draft model's
+        tensors (None when the engine does not speculate), "heads": the heads' state this worker
+        holds for that version}. To check that a sync reached the engine."""
+        def read(worker):
+            runner = worker.model_runner
+            drafter = getattr(getattr(runner, "drafter", None), "model", None)
+            return ({k: v.detach().clone() for k, v in runner.model.state_dict().items()},
+                    None if drafter is None else {k: v.detach().clone() for k, v in drafter.state_dict().items()})
+
+        if self.llm is None:
+            raise RuntimeError("vllm: no engine yet; it is built at the first generate call")
+        policy, drafter = self._on_engine(self.llm.collective_rpc, read)[0]
+        return {"version": self.version, "policy": policy, "drafter": drafter, "heads": self._heads}
+
     # ------------------------------------------------------------------ engine
     def _ensure_exact(self, sampling: SamplingParams) -> None:
         """Run the goodness-of-fit check once per sampling setting at temperature > 0 while the
@@ -219,7 +177,7 @@ class VllmRolloutWorker:
         key = (sampling.temperature, sampling.top_k, sampling.top_p)
         if not self.speculating or sampling.temperature == 0 or key in self._checked:
             return
-        self.fit = self.check_speculation(sampling)
+        self.fit = self._check_speculation(sampling)
         if self.fit.passed(self.rollout.vllm.check_alpha):
             self._checked.add(key)
             return
@@ -233,7 +191,7 @@ class VllmRolloutWorker:
                                "spec.mode=off, or rollout.vllm.fallback_plain=true to serve plain "
                                "decoding, or sampling.temperature=0")
         print(f"warning: {what}; serving plain decoding (rollout.vllm.fallback_plain=true)", flush=True)
-        self.start_engine(self._want[0], False)
+        self._start_engine(self._want[0], False)
 
     def _spec_settings(self, spec: SpecParams | None) -> tuple[int, bool]:
         if spec is None or spec.mode == "off" or self.heads_config is None:
@@ -253,6 +211,9 @@ class VllmRolloutWorker:
     def start_engine(self, k: int, speculating: bool, method: str = "medusa") -> None:
         """Build the engine on the weights held here; method: medusa (our heads) or ngram (prompt
         lookup, no weights: docs/vllm.md checks vLLM's sampler with it too)."""
+        self._on_engine(self._start_engine, k, speculating, method)
+
+    def _start_engine(self, k: int, speculating: bool, method: str = "medusa") -> None:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine lives in this process (and actor)
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{self.rollout.vllm.kv_cache_gib:g}")
         root = self._dir.name
@@ -266,7 +227,7 @@ class VllmRolloutWorker:
                                            "prompt_lookup_min": 1, "prompt_lookup_max": 3}
         elif speculating:
             vllm.ModelRegistry.register_model(MEDUSA_ARCH, SpecrollMedusa)
-            _save_medusa(os.path.join(root, "heads"), self.model_config, self.heads_config, k,
+            save_medusa(os.path.join(root, "heads"), self.model_config, self.heads_config, k,
                          medusa_weights(self._heads, self._policy, k))
             extra["speculative_config"] = {"method": "medusa", "model": os.path.join(root, "heads"),
                                            "num_speculative_tokens": k}
@@ -286,10 +247,13 @@ class VllmRolloutWorker:
 
             gc.collect()
 
-    @torch.no_grad()
     def check_speculation(self, sampling: SamplingParams) -> FitResult:
         """Draw rollout.vllm.check_draws completions of one fixed prompt through the engine and test
         the tokens its verify steps emitted against the policy's sampling distribution."""
+        return self._on_engine(self._check_speculation, sampling)
+
+    @torch.no_grad()
+    def _check_speculation(self, sampling: SamplingParams) -> FitResult:
         vocab = self.model_config.vocab_size
         g = torch.Generator().manual_seed(0)
         prompt = torch.randint(vocab, (CHECK_PROMPT_LEN,), generator=g).tolist()
@@ -312,10 +276,13 @@ class VllmRolloutWorker:
     # -------------------------------------------------------------- generation
     def generate(self, prompts: list[list[int]], sampling: SamplingParams, spec: SpecParams | None,
                  seed: int, ids: list[int] | None = None) -> RolloutBatch:
+        return self._on_engine(self._generate, prompts, sampling, spec, seed, ids)
+
+    def _generate(self, prompts, sampling, spec, seed, ids) -> RolloutBatch:
         want = self._spec_settings(spec)
         if self.llm is None:
             self._want = want
-            self.start_engine(*want)
+            self._start_engine(*want)
         elif want != self._want:
             raise ValueError(f"spec: this vLLM engine was built for {self._want[0]} drafts per step "
                              f"(speculating={self._want[1]}); vLLM fixes speculation per engine, so keep "
@@ -345,13 +312,88 @@ class VllmRolloutWorker:
                                   steps=after[2] - before[2], row_steps=after[2] - before[2])
         return RolloutBatch(sequences, self._last)
 
+    def _init_engine_thread(self, threads: int) -> None:
+        """The engine thread's CPU threads (0: as the process has them), set before vLLM binds them."""
+        self._engine_thread = threading.current_thread()
+        if threads:
+            os.environ["OMP_NUM_THREADS"] = str(threads)
+            torch.set_num_threads(threads)
+
+    def _on_engine(self, fn, *args):
+        """fn(*args) on the engine thread (directly when already there)."""
+        if threading.current_thread() is self._engine_thread:
+            return fn(*args)
+        return self._engine.submit(fn, *args).result()
+
+    # ---------------------------------------------------- pull work (rollout/coordinator.py)
+    def serve(self, item: WorkItem) -> ItemResult:
+        """Generate one work item (a GRPO group); blocks until its rows are done. Items that
+        arrive while an engine call runs wait, and those of one run (same step, seed, sampling,
+        spec and version) go into the next engine call together, one vLLM batch."""
+        fut: Future = Future()
+        with self._cond:
+            self._inbox.append((item, fut))
+            if not self._draining:
+                self._draining = True
+                threading.Thread(target=self._drain, daemon=True, name="vllm-serve").start()
+        return fut.result()
+
+    def _drain(self) -> None:
+        while True:
+            with self._cond:
+                if not self._inbox:
+                    self._draining = False
+                    self._cond.notify_all()
+                    return
+                first = self._inbox[0][0]
+                run = [(it, f) for it, f in self._inbox if _run_key(it) == _run_key(first)]
+                self._inbox = deque((it, f) for it, f in self._inbox if _run_key(it) != _run_key(first))
+                self._run_step = first.step
+            try:
+                self._serve_run(first, run)
+            finally:
+                with self._cond:
+                    self._run_step = None
+                    self._cond.notify_all()
+
+    def _serve_run(self, first: WorkItem, run: list[tuple[WorkItem, Future]]) -> None:
+        try:
+            if first.version != self.version:
+                raise RuntimeError(f"rollout: item {first.key} needs version {first.version}, this worker "
+                                   f"serves {self.version}; the coordinator publishes before a step")
+            batch = self.generate([p for it, _ in run for p in it.prompts], first.sampling, first.spec,
+                                  first.seed, [i for it, _ in run for i in it.ids])
+        except BaseException as e:  # every waiting caller learns why
+            for _, fut in run:
+                fut.set_exception(e)
+            if not isinstance(e, Exception):
+                raise
+            return
+        with self._cond:
+            old = self._step_stats.get(first.step)
+            self._step_stats[first.step] = batch.stats if old is None else old.merge(batch.stats)
+        done = 0
+        for it, fut in run:
+            fut.set_result(ItemResult(it.key, batch.sequences[done:done + len(it.ids)]))
+            done += len(it.ids)
+
+    def step_stats(self, step: int) -> dict | None:
+        """{"stats": `step`'s merged engine stats on this worker, "speedup": 1.0 (vLLM gives no
+        cost model to estimate one)}, once its engine calls have ended; then forgotten."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._run_step != step)
+            got = self._step_stats.pop(step, None)
+        return None if got is None else {"stats": got, "speedup": 1.0}
+
     def _params(self, sampling: SamplingParams, seed: int, pid: int):
-        # a seed per row (prompt id), so a row's tokens do not depend on its batch neighbours
+        # a seed per row (prompt id), so a row's tokens do not depend on its batch neighbours;
+        # ignore_eos: rows stop at sampling.stop_token_ids only, as in specroll's engine (vLLM
+        # would also stop at the checkpoint's EOS)
         row_seed = (int(seed) * 1_000_003 + int(pid)) % (2**63 - 1)
         return vllm.SamplingParams(temperature=sampling.temperature, top_k=sampling.top_k or -1,
                                    top_p=sampling.top_p, max_tokens=sampling.max_new_tokens,
-                                   stop_token_ids=list(sampling.stop_token_ids), logprobs=0, seed=row_seed,
-                                   detokenize=False)
+                                   stop_token_ids=list(sampling.stop_token_ids), ignore_eos=True, logprobs=0,
+                                   seed=row_seed, detokenize=False)
 
     def _spec_counters(self) -> tuple[list[int], list[int], int]:
         """(drafts per position, accepted per position, verify steps summed over requests) so far."""
@@ -372,3 +414,8 @@ class VllmRolloutWorker:
         mean_len = 1.0 + accepted / drafted if drafted else 1.0
         return {"tokens": s.tokens, "time_s": s.time_s, "tokens_per_s": s.tokens_per_s,
                 "mean_accepted_len": mean_len, "speedup_vs_off_est": 1.0}
+
+
+def _run_key(item: WorkItem) -> tuple:
+    """Items with equal keys share one engine call: one step, seed, sampling, spec and version."""
+    return (item.step, item.seed, item.version, item.sampling, item.spec)

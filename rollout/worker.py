@@ -297,7 +297,7 @@ class RolloutClient:
             raise ValueError(f"rollout.num_workers: {rollout.num_workers} workers need Ray; "
                              "set ray.enabled=true or rollout.num_workers=1")
         self.version = int(version)
-        self.worker = _worker_class(rollout)(model_config, heads, rollout, policy_state=policy_state,
+        self.worker = worker_class(rollout)(model_config, heads, rollout, policy_state=policy_state,
                                     heads_state=heads_state, version=version)
         self.workers = [self.worker]
         self._report: dict = {}
@@ -342,7 +342,7 @@ class RolloutClient:
         self.workers = []
 
 
-def _worker_class(rollout: RolloutConfig) -> type:
+def worker_class(rollout: RolloutConfig) -> type:
     """RolloutWorker, or for rollout.backend=vllm the vLLM-backed worker with the same interface."""
     if rollout.backend == "specroll":
         return RolloutWorker

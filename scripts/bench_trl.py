@@ -72,8 +72,9 @@ class Turns:
 class StepClock(TrainerCallback):
     """Wall time of each step (turn taken at on_step_begin, released once the step's logs are out)."""
 
-    def __init__(self, arm: int, name: str, turns: Turns, records: list):
+    def __init__(self, arm: int, name: str, turns: Turns, records: list, gen_times: list):
         self.arm, self.name, self.turns, self.records, self.t0 = arm, name, turns, records, None
+        self.gen_times = gen_times
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.turns.wait(self.arm)
@@ -83,7 +84,7 @@ class StepClock(TrainerCallback):
         if self.t0 is None or "loss" not in (logs or {}):
             return
         self.records.append({"step": state.global_step, "step_s": time.perf_counter() - self.t0,
-                             "reward": logs.get("reward"), **{k: v for k, v in logs.items() if "specroll/" in k}})
+                             "rollout_s": self.gen_times[-1] if self.gen_times else None, "reward": logs.get("reward"), **{k: v for k, v in logs.items() if "specroll/" in k}})
         print(f"step record: {self.name} {json.dumps(self.records[-1])}", flush=True)  # survives a cut-short run
         self.t0 = None
         self.turns.release(self.arm)
@@ -230,7 +231,7 @@ def main(argv=None) -> int:
     for i, n in enumerate(arms):
         trainer, _ = build_arm(n, a, folder, data, reward)
         timed_generate(trainer, gen_times[n])
-        trainer.add_callback(StepClock(i, n, turns, records[n]))
+        trainer.add_callback(StepClock(i, n, turns, records[n], gen_times[n]))
         trainers.append(trainer)
     errors = []
 

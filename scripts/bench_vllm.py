@@ -6,11 +6,13 @@ Per round, fresh prompts and seeds, every configuration at every batch size, in 
 gives medians of tokens/s and of the per-round paired ratios with their range. All rows emit
 exactly max_new_tokens per prompt (no stop tokens), so tokens/s compare like for like.
 
-Configurations: plain decoding at temperature 1 (vLLM and specroll), and, where vLLM's speculative
+Configurations: plain decoding at temperature 1 (vLLM and specroll); specroll's engine with its
+sequential heads at temperature 1 (--spec-heads; exact there); and, where vLLM's speculative
 sampling is exact (temperature 0; at temperature 1 it fails the goodness-of-fit check), vLLM with
-specroll's parallel heads exported as a Medusa draft against vLLM plain at temperature 0.
+specroll's parallel heads exported as a Medusa draft against vLLM plain at temperature 0 (--heads).
 
-  scripts/test_vllm.sh --bench    # or: .venv-vllm/bin/python scripts/bench_vllm.py --heads DIR
+  .venv-vllm/bin/python scripts/bench_vllm.py --spec-heads SEQ_DIR --heads PAR_DIR \
+      --specroll-python .venv/bin/python
 """
 from __future__ import annotations
 
@@ -36,38 +38,47 @@ def _prompts(model_dir: str, n: int, seed: int) -> list[list[int]]:
     return [tok.encode(ex.prompt) for ex in task.train_prompts(n, seed=seed)]
 
 
-def serve_specroll(model_dir: str, max_batch: int, threads: int) -> None:
-    """Child process: one JSON request per stdin line -> one JSON line of tokens and seconds."""
+def serve_specroll(model_dir: str, heads_dir: str, max_batch: int, threads: int) -> None:
+    """Child process: one JSON request per stdin line -> one JSON line of tokens, seconds and
+    accepted length. A request's "spec" (entropy / fixed:K / off) needs --spec-heads."""
     import torch
 
     from rollout.checkpoint import load_checkpoint
     from rollout.engine import Engine
-    from rollout.types import SamplingParams
+    from rollout.types import SamplingParams, SpecParams
+    from spec_heads.heads import DraftHeads
 
     torch.set_num_threads(threads)
-    engine = Engine(load_checkpoint(model_dir), None, max_batch=max_batch)
+    model = load_checkpoint(model_dir)
+    heads = DraftHeads.load(heads_dir, model.config)[0] if heads_dir else None
+    engine = Engine(model, heads, max_batch=max_batch)
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
         req = json.loads(line)
         sp = SamplingParams(temperature=req["temperature"], max_new_tokens=req["max_new_tokens"])
-        batch = engine.generate(req["prompts"], sp, None, seed=req["seed"])
-        print(json.dumps({"tokens": batch.stats.tokens, "time_s": batch.stats.time_s}), flush=True)
+        mode, _, k = req.get("spec", "off").partition(":")
+        spec = None if mode == "off" else SpecParams(mode=mode, k=int(k or 0) or 2)
+        batch = engine.generate(req["prompts"], sp, spec, seed=req["seed"])
+        print(json.dumps({"tokens": batch.stats.tokens, "time_s": batch.stats.time_s,
+                          "accepted_len": batch.stats.mean_accepted_len}), flush=True)
 
 
 class SpecrollChild:
-    def __init__(self, python: str, model_dir: str, max_batch: int, threads: int):
+    def __init__(self, python: str, model_dir: str, heads_dir: str, max_batch: int, threads: int):
         env = dict(os.environ, PYTHONPATH=str(ROOT))
         self.proc = subprocess.Popen([python, __file__, "--serve-specroll", "--model", model_dir,
-                                      "--max-batch", str(max_batch), "--threads", str(threads)],
+                                      "--spec-heads", heads_dir, "--max-batch", str(max_batch),
+                                      "--threads", str(threads)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         assert json.loads(self.proc.stdout.readline())["ready"]
 
-    def run(self, prompts, temperature, max_new_tokens, seed) -> float:
+    def run(self, prompts, temperature, max_new_tokens, seed, spec="off") -> tuple[float, float]:
+        """(tokens/s, mean accepted length) of one engine call."""
         self.proc.stdin.write(json.dumps({"prompts": prompts, "temperature": temperature, "seed": seed,
-                                          "max_new_tokens": max_new_tokens}) + "\n")
+                                          "max_new_tokens": max_new_tokens, "spec": spec}) + "\n")
         self.proc.stdin.flush()
         out = json.loads(self.proc.stdout.readline())
-        return out["tokens"] / out["time_s"]
+        return out["tokens"] / out["time_s"], out["accepted_len"]
 
     def close(self):
         self.proc.stdin.close()
@@ -98,11 +109,14 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=3, help="drafts per step for vLLM's Medusa proposer")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--specroll-python", default=sys.executable, help="python for the specroll side (no vLLM needed)")
+    ap.add_argument("--spec-heads", default="", help="sequential heads for specroll's engine (specroll fit-heads "
+                    "folder); '' skips the specroll+heads rows")
+    ap.add_argument("--spec", default="entropy", help="specroll's drafting with --spec-heads: entropy or fixed:K")
     ap.add_argument("--serve-specroll", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--max-batch", type=int, default=32, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve_specroll:
-        return serve_specroll(args.model, args.max_batch, args.threads)
+        return serve_specroll(args.model, args.spec_heads, args.max_batch, args.threads)
 
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))  # vLLM otherwise serves on one thread
     from rollout.checkpoint import resolve_model
@@ -112,8 +126,6 @@ def main() -> None:
     from rollout.checkpoint import load_checkpoint
     from rollout.types import RolloutConfig, SpecParams
     from rollout.vllm_worker import VllmRolloutWorker
-    from spec_heads.heads import DraftHeads
-
     rollout = RolloutConfig(backend="vllm", max_batch=max(batches), max_seq_len=512)
     plain = VllmRolloutWorker(model_dir, None, rollout)
     spec_worker, spec = None, None
@@ -128,27 +140,38 @@ def main() -> None:
                                         policy_state=dict(policy.state_dict()), heads_state=heads.state_dict())
         spec = SpecParams(mode="fixed", k=args.k, draft="greedy")
         del policy
-    child = SpecrollChild(args.specroll_python, model_dir, max(batches), args.threads)
-    rows: dict[tuple, list[float]] = {}
-    accepted: dict[int, list[float]] = {}
-    # warm-up: every engine once at the largest batch (vLLM builds lazily; first calls allocate)
-    warm = _prompts(model_dir, max(batches), seed=10_000)
-    _vllm_run(plain, warm, 1.0, 8, 0)
-    child.run(warm, 1.0, 8, 0)
-    if spec_worker:
-        _vllm_run(spec_worker, warm, 0.0, 8, 0, spec)
+    child = SpecrollChild(args.specroll_python, model_dir, args.spec_heads, max(batches), args.threads)
+    rows: dict[tuple, list[float]] = {}  # (engine, batch) -> tokens/s per round
+    accepted: dict[tuple, list[float]] = {}  # (engine, batch) -> mean accepted length per round
+    # warm-up at every batch size (vLLM builds lazily, first calls allocate, entropy mode
+    # measures its step costs per batch size)
+    for b in batches:
+        warm = _prompts(model_dir, b, seed=10_000 + b)
+        _vllm_run(plain, warm, 1.0, 8, 0)
+        child.run(warm, 1.0, 8, 0)
+        if args.spec_heads:
+            child.run(warm, 1.0, 16, 0, args.spec)
+        if spec_worker:
+            _vllm_run(spec_worker, warm, 0.0, 8, 0, spec)
+
+    def add(name, b, tps, acc=None):
+        rows.setdefault((name, b), []).append(tps)
+        if acc is not None:
+            accepted.setdefault((name, b), []).append(acc)
+
     for r in range(args.rounds):
         for b in batches:
             prompts = _prompts(model_dir, b, seed=1000 * r + b)
             seed = 7 * r + b
-            rows.setdefault(("vllm", 1.0, b), []).append(_vllm_run(plain, prompts, 1.0, args.max_new_tokens, seed)[0])
-            rows.setdefault(("specroll", 1.0, b), []).append(child.run(prompts, 1.0, args.max_new_tokens, seed))
+            add("vllm T=1", b, _vllm_run(plain, prompts, 1.0, args.max_new_tokens, seed)[0])
+            add("specroll T=1", b, child.run(prompts, 1.0, args.max_new_tokens, seed)[0])
+            if args.spec_heads:
+                add("specroll+heads T=1", b, *child.run(prompts, 1.0, args.max_new_tokens, seed, args.spec))
             if spec_worker:
-                rows.setdefault(("vllm", 0.0, b), []).append(_vllm_run(plain, prompts, 0.0, args.max_new_tokens, seed)[0])
-                tps, acc = _vllm_run(spec_worker, prompts, 0.0, args.max_new_tokens, seed, spec)
-                rows.setdefault(("vllm+heads", 0.0, b), []).append(tps)
-                accepted.setdefault(b, []).append(acc)
-            print(f"round {r + 1}/{args.rounds} batch {b} done", file=sys.stderr, flush=True)
+                add("vllm T=0", b, _vllm_run(plain, prompts, 0.0, args.max_new_tokens, seed)[0])
+                add("vllm+heads T=0", b, *_vllm_run(spec_worker, prompts, 0.0, args.max_new_tokens, seed, spec))
+            done = {name: round(v[-1], 1) for (name, bb), v in rows.items() if bb == b}
+            print(f"round {r + 1}/{args.rounds} batch {b}: tokens/s {done}", file=sys.stderr, flush=True)
     child.close()
     _table(rows, accepted, batches, args)
 
@@ -201,24 +224,29 @@ def exactness_table(model_dir: str, rollout, args) -> None:
 
 def _ratio(rows, a, b):
     ratios = [x / y for x, y in zip(rows[a], rows[b])]
-    return f"{statistics.median(ratios):.2f}x [{min(ratios):.2f}-{max(ratios):.2f}]"
+    return f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"
 
 
 def _table(rows, accepted, batches, args) -> None:
+    """Markdown: tokens/s medians per engine, then medians (ranges) of per-round paired ratios."""
+    engines = list(dict.fromkeys(name for name, _ in rows))
+    pairs = [(a, b) for a, b in (("vllm T=1", "specroll T=1"), ("specroll+heads T=1", "specroll T=1"),
+                                 ("specroll+heads T=1", "vllm T=1"), ("vllm+heads T=0", "vllm T=0"))
+             if a in engines and b in engines]
     print(f"\nSmolLM2-135M-Instruct fp32, {args.max_new_tokens} new tokens per prompt, {args.rounds} rounds, "
-          f"{args.threads} threads; tokens/s medians, ratios: median of per-round ratios [range]")
-    print(f"{'batch':>5} | {'vllm T=1':>9} | {'specroll T=1':>12} | {'vllm/specroll':>19}"
-          + (f" | {'vllm T=0':>9} | {'vllm+heads T=0':>14} | {'heads/plain':>19} | {'accepted len':>12}"
-             if accepted else ""))
+          f"{args.threads} threads; tokens/s medians; ratios: median of per-round ratios (range); "
+          f"specroll+heads: spec {args.spec}; vllm+heads: Medusa k={args.k}, greedy drafts\n")
+    head = ["batch"] + [f"{e} tok/s" for e in engines] + [f"{a} / {b}" for a, b in pairs]
+    head += [f"{e} accepted len" for e in engines if any((e, b) in accepted for b in batches)]
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
     for b in batches:
-        med = lambda key: statistics.median(rows[key])  # noqa: E731
-        line = (f"{b:>5} | {med(('vllm', 1.0, b)):>9.1f} | {med(('specroll', 1.0, b)):>12.1f} | "
-                f"{_ratio(rows, ('vllm', 1.0, b), ('specroll', 1.0, b)):>19}")
-        if accepted:
-            line += (f" | {med(('vllm', 0.0, b)):>9.1f} | {med(('vllm+heads', 0.0, b)):>14.1f} | "
-                     f"{_ratio(rows, ('vllm+heads', 0.0, b), ('vllm', 0.0, b)):>19} | "
-                     f"{statistics.median(accepted[b]):>12.2f}")
-        print(line)
+        cells = [str(b)] + [f"{statistics.median(rows[(e, b)]):.1f}" for e in engines]
+        cells += [_ratio(rows, (a, b), (c, b)) for a, c in pairs]
+        cells += [f"{statistics.median(accepted[(e, b)]):.2f}" for e in engines if (e, b) in accepted]
+        print("| " + " | ".join(cells) + " |")
+    print(json.dumps({"rows": {f"{e}|{b}": v for (e, b), v in rows.items()},
+                      "accepted": {f"{e}|{b}": v for (e, b), v in accepted.items()}}))
 
 
 if __name__ == "__main__":

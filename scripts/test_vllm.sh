@@ -16,7 +16,8 @@ if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import vllm" 2>/dev/n
 fi
 export PYTHONPATH="$ROOT" HF_HUB_OFFLINE=1 RAY_AUTH_MODE=disabled TOKENIZERS_PARALLELISM=false
 cd "$ROOT"
-"$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/rollout/test_vllm_worker.py tests/spec_heads/test_exactness.py
+"$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/rollout/test_vllm_worker.py tests/rollout/test_vllm_coordinator.py \
+  tests/spec_heads/test_exactness.py
 if [ "${1:-}" = "--bench" ]; then
   shift
   "$VENV/bin/python" scripts/bench_vllm.py "$@"

@@ -34,3 +34,17 @@ def test_vllm_backend_without_vllm_names_the_fix():
     torch.manual_seed(0)
     with pytest.raises(ImportError, match=r"rollout\.backend=vllm.*specroll\[vllm\]"):
         RolloutClient(mc, cpu_state(Transformer(mc)), None, None, RolloutConfig(backend="vllm"))
+
+
+def test_idle_refits_are_refused_for_vllm_workers():
+    """refit.schedule=idle trains the worker's own engine copy, which a vLLM worker does not hold."""
+    from types import SimpleNamespace
+
+    pytest.importorskip("ray")
+    from rollout.coordinator import Coordinator
+
+    with pytest.raises(ValueError, match=r"refit\.schedule: idle .*rollout\.backend=vllm"):
+        Coordinator.set_idle_work(SimpleNamespace(rollout=RolloutConfig(backend="vllm")), lambda s, seed: None)
+    accepting = SimpleNamespace(rollout=RolloutConfig(), idle_work=None)
+    Coordinator.set_idle_work(accepting, print)
+    assert accepting.idle_work is print
