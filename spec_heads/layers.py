@@ -111,14 +111,10 @@ def calibrate_cpu_row_padding(weights: list[torch.Tensor], max_rows: int = 12, r
     possible: the rows are real). Returns the table for set_cpu_row_padding: weight shape ->
     {rows -> rows}, shapes that pad nothing left out.
 
-    The BLAS's speed by row count differs from machine to machine and from shape to shape. On a
-    2-core AMD EPYC (session 4) MKL ran 2 or 3 rows as that many matrix-vector products, each
-    reading the whole matrix (SmolLM2-135M's 49k-token LM head 9.4 ms at 1 row, 32 ms at 3, 16 ms
-    at 4); on a 2-core Intel Xeon (AVX-512, session 7) 1-3 rows cost about the same and 4 rows
-    1.8x. On a 2-core AMD EPYC with AVX-512 (session 8) SmolLM2's 60 MLP up/gate matrices took
-    19, 29, 36, 24, 21, 19 ms at 1-6 rows, its LM head 9.7, 23, 33, 17, 17, 27, 39, 16 ms at 1-8
-    rows: one table for all shapes (session 7's) swung between padding 2-4 rows to 5 and to 8
-    from run to run, and a 1-draft verify cost 1.6x a plain step. Rows are interleaved within
+    The BLAS's speed by row count differs from machine to machine and from shape to shape (some
+    CPU BLAS builds run 2-3 rows as that many matrix-vector products, each reading the whole
+    matrix, so 3 rows can cost more than 4), and one table for all shapes swings from run to run:
+    hence a table per weight shape, measured on the machine. Rows are interleaved within
     each repeat, so drift in the machine's speed affects every row count alike."""
     groups: dict[tuple[int, int], list[torch.Tensor]] = {}
     for w in weights:
@@ -128,10 +124,9 @@ def calibrate_cpu_row_padding(weights: list[torch.Tensor], max_rows: int = 12, r
     for shape, ws in groups.items():
         xs = {rows: torch.randn(rows, shape[1], dtype=ws[0].dtype) for rows in range(1, max_rows + 1)}
         times = dict.fromkeys(xs, math.inf)
-        # What padding itself costs (the zero rows, the cat, the slice back), per matrix: for the
-        # tiny policy's 128-wide matrices on the 2-core EPYC (session 20) it was ~5 us against
-        # 2-3 us saved by multiplying 7 rows as 8, and padding made a 7-token verify forward 10%
-        # slower. Timed as _padded_linear's ops around the product, from 1 row to max_rows.
+        # What padding itself costs (the zero rows, the cat, the slice back), per matrix: on small
+        # matrices it can exceed what padding saves, so it is timed as _padded_linear's ops around
+        # the product, from 1 row to max_rows, and charged against the gain.
         extra = math.inf
         for rep in range(repeats + 1):
             for rows, x in xs.items():
@@ -333,13 +328,10 @@ def calibrate_cpu_attention(n_heads: int, n_kv: int, head_dim: int, dtype: torch
     a causal boolean mask and K/V laid out as a KV cache holds them; returns the points where
     grouped_attention was faster by at least min_gain (the set for set_cpu_attention).
 
-    CPU SDPA with a mask is fast in fp32 but slow in bfloat16, worst for one query per row: on a
-    2-core AMD EPYC with AVX512-BF16 (torch 2.13, session 13), SmolLM2-135M's attention shape
-    (9 heads, 3 KV heads, 64 dims) at 128 rows over 256 positions took 24.4 ms per layer for
-    one query and 11.2 ms for two; grouped_attention took 5.9 ms and 5.3 ms. That made a plain
-    decode step of SmolLM2 at 32 rows 1.4x slower than it had to be, and speculative steps
-    (several queries per row) look faster against it than they are. In fp32 SDPA won at every
-    point. The kernels interleave within each repeat, so drift hits both alike."""
+    CPU SDPA with a mask is fast in fp32 but can be several times slower in bfloat16, worst for
+    one query per row, which slows plain decode steps and flatters speculative ones (several
+    queries per row) against them; in fp32 SDPA usually wins at every point. The kernels
+    interleave within each repeat, so drift hits both alike."""
     times: dict[tuple[int, int, str], float] = {}
     inputs = {}
     for rows in _ATTN_ROWS:
