@@ -24,7 +24,8 @@ from pathlib import Path
 from _common import OUT_DIR, new_figure, save_figure
 
 # (drop_fraction, drop_smoothing): smoothing 1.0 is one step alone against the best step
-TRIGGERS = [(0.85, 1.0), (0.95, 1.0), (0.95, 0.3), (0.97, 0.3), (0.97, 0.2), (0.98, 0.2), (0.93, 0.3)]
+TRIGGERS = [(0.85, 1.0), (0.95, 1.0), (0.95, 0.3), (0.97, 0.3), (0.95, 0.1), (0.93, 0.3), (0.90, 0.3), (0.90, 0.2),
+            (0.90, 0.1), (0.85, 0.3)]
 
 
 def read(run_dir: str) -> list[dict]:
@@ -71,6 +72,8 @@ def summary(records: list[dict]) -> dict:
         "steps": len(records),
         "first10": statistics.fmean(lengths[:10]), "last10": statistics.fmean(lengths[-10:]),
         "mean": statistics.fmean(lengths),
+        # tokens per verify step at the depths drafted: what the rollout's forward passes yield
+        "accepted_len_mean": statistics.fmean(r.get("mean_accepted_len", 0.0) for r in records),
         "refits": len(refits), "kept": sum(1 for r in refits if r.get("refit_kept", True)),
         "refit_s": sum(r.get("time_refit_s", 0.0) for r in records),
         "rollout_s": sum(r.get("time_rollout_s", 0.0) for r in records),
@@ -89,7 +92,8 @@ def main() -> None:
     fig = new_figure(9.0, 3.8)
     ax = fig.subplots()
     print("| run | re-fits (kept) | accepted length at full depth: first 10 -> last 10 steps (run mean) "
-          "| re-fit s | rollout s | step s | reward, last 10 |\n|---|---|---|---|---|---|---|")
+          "| tokens per verify step (run mean) | re-fit s | rollout s | step s | reward, last 10 |"
+          "\n|---|---|---|---|---|---|---|---|")
     summaries = {}
     for i, run in enumerate(args.runs):
         records = read(run)
@@ -97,7 +101,7 @@ def main() -> None:
         name = Path(run).name
         summaries[name] = s
         print(f"| {name} | {s['refits']} ({s['kept']}) | {s['first10']:.2f} -> {s['last10']:.2f} ({s['mean']:.2f}) "
-              f"| {s['refit_s']:.1f} | {s['rollout_s']:.1f} | {s['step_s']:.1f} | {s['reward_last10']:.3f} |")
+              f"| {s['accepted_len_mean']:.2f} | {s['refit_s']:.1f} | {s['rollout_s']:.1f} | {s['step_s']:.1f} | {s['reward_last10']:.3f} |")
         steps = [r["step"] for r in records]
         ax.plot(steps, [r.get("accepted_len_full_depth", 0.0) for r in records], color=f"C{i}",
                 label=f"{name} ({s['refits']} re-fits)")
