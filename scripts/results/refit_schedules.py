@@ -28,6 +28,10 @@ TRIGGERS = [(0.85, 1.0), (0.95, 1.0), (0.95, 0.3), (0.97, 0.3), (0.95, 0.1), (0.
             (0.90, 0.1), (0.85, 0.3)]
 
 
+# the triggers marked on the figure: the earlier default and the current one
+MARKED = [(0.95, 0.3), (0.90, 0.2)]
+
+
 def read(run_dir: str) -> list[dict]:
     lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
     return [json.loads(line) for line in lines if line.strip()]
@@ -108,6 +112,13 @@ def main() -> None:
         for r in records:
             if r.get("refit") is True:
                 ax.axvline(r["step"], color=f"C{i}", ls=":" if r.get("refit_kept", True) else "-.", lw=1)
+    if args.replay:  # where each replayed trigger first fires on the never-re-fitted trace
+        lengths = [r.get("accepted_len_full_depth", 0.0) for r in read(args.replay)]
+        marked = [r for r in replayed if r["first_fire"] and (r["drop_fraction"], r["drop_smoothing"]) in MARKED]
+        for j, r in enumerate(marked):
+            at = r["first_fire"]
+            ax.plot([at], [lengths[at - 1]], marker="v^sD"[j % 4], ms=9, ls="none", color="k", alpha=0.7,
+                    label=f"on_drop {r['drop_fraction']} / smoothing {r['drop_smoothing']}: fires at step {at}")
     ax.set_xlabel("RL step (dotted: a kept re-fit, dash-dot: a re-fit that was rejected)")
     ax.set_ylabel("accepted length at full depth")
     ax.legend(fontsize=8)
