@@ -84,8 +84,8 @@ class RefitConfig:
     # drop_fraction * its best since the last fit. A stale head can drop acceptance to ~0
     # silently, or slide over tens of steps within one step's noise. The raw mean accepted
     # length is not used: in entropy mode it also moves with the chosen depths.
-    # 10%: far enough below the best that a step's noise (several % at small batches) does not
-    # reach it once smoothed; 5% fired on noise in an RL run (docs/results.md, finding 4)
+    # 10%: far enough below the best that one step's noise (6% at 32 rows a step) does not
+    # reach it once smoothed; 5% does (docs/results.md, finding 4)
     drop_fraction: float = 0.90
     # weight of the newest step in the moving average on_drop watches; a collapse to
     # (1 - (1 - drop_fraction) / drop_smoothing) of the level (half, at the defaults) fires at once
