@@ -90,6 +90,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+")
     ap.add_argument("--replay", help="a run without re-fits to replay the on_drop triggers on")
+    ap.add_argument("--steps", type=int, default=0, help="compare the runs over their first N steps (0: all)")
     ap.add_argument("--out", default=str(OUT_DIR / "refit_schedules.png"))
     args = ap.parse_args()
     replayed = replay(args.replay) if args.replay else []
@@ -100,7 +101,7 @@ def main() -> None:
           "\n|---|---|---|---|---|---|---|---|")
     summaries = {}
     for i, run in enumerate(args.runs):
-        records = read(run)
+        records = read(run)[:args.steps or None]
         s = summary(records)
         name = Path(run).name
         summaries[name] = s
