@@ -82,13 +82,14 @@ class RefitConfig:
     # on_drop: re-fit when the accepted length the heads give at full depth (from the step's
     # measured acceptance rate; metric accepted_len_full_depth), smoothed over steps, falls below
     # drop_fraction * its best since the last fit. A stale head can drop acceptance to ~0
-    # silently, or slide a few percent over tens of steps, within one step's noise; the choice
-    # is in docs/results.md (finding 4). The raw mean accepted length is not used: in entropy
-    # mode it also moves with the chosen depths.
-    drop_fraction: float = 0.95
+    # silently, or slide over tens of steps within one step's noise. The raw mean accepted
+    # length is not used: in entropy mode it also moves with the chosen depths.
+    # 10%: far enough below the best that one step's noise (6% at 32 rows a step) does not
+    # reach it once smoothed; 5% does (docs/results.md, finding 4)
+    drop_fraction: float = 0.90
     # weight of the newest step in the moving average on_drop watches; a collapse to
-    # (1 - (1 - drop_fraction) / drop_smoothing) of the level fires at once
-    drop_smoothing: float = 0.3
+    # (1 - (1 - drop_fraction) / drop_smoothing) of the level (half, at the defaults) fires at once
+    drop_smoothing: float = 0.2
     steps: int = 60  # optimiser steps per re-fit
     lr: float = 3e-4  # a re-fit sees one step's rollouts; at 1e-3 it overfits them
     loss: str = "tv"  # tv | e2e_tv | kl | ce
@@ -101,7 +102,7 @@ class RefitConfig:
                  f"schedule: must be one of {', '.join(REFIT_SCHEDULES)}, got {self.schedule!r}")
         _require(self.every >= 1, f"every: must be >= 1 (RL steps between re-fits), got {self.every}")
         _require(0.0 < self.drop_fraction < 1.0,
-                 f"drop_fraction: must be in (0, 1), e.g. 0.95 re-fits after a 5% drop, got {self.drop_fraction}")
+                 f"drop_fraction: must be in (0, 1), e.g. 0.90 re-fits after a 10% drop, got {self.drop_fraction}")
         _require(0.0 < self.drop_smoothing <= 1.0,
                  f"drop_smoothing: must be in (0, 1] (1: no smoothing, each step alone), got {self.drop_smoothing}")
         _require(self.steps >= 1, f"steps: must be >= 1, got {self.steps}")

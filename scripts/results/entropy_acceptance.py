@@ -58,6 +58,15 @@ def fit_line(xs: list[float], ys: list[float]) -> tuple[float, float, float]:
     return slope, my - slope * mx, r
 
 
+def slope_at_fixed_step(entropy: list[float], alpha: list[float], step: list[int]) -> float:
+    """d alpha / d entropy from the least-squares plane alpha = a + b entropy + c step: the
+    entropy effect with the heads' staleness (which grows with the step) held apart."""
+    import numpy as np
+
+    X = np.column_stack([np.ones(len(step)), entropy, step])
+    return float(np.linalg.lstsq(X, np.asarray(alpha), rcond=None)[0][1])
+
+
 def points(records: list[dict]) -> dict:
     steps = [r for r in records if r.get("spec_mode") != "off" and r.get("accepted_len_full_depth", 0) > 0
              and r.get("accept_rate_per_pos")]
@@ -136,15 +145,19 @@ def main() -> None:
     fig = new_figure(9.0, 3.6)
     ax1, ax2 = fig.subplots(1, 2)
     print("| run | steps | entropy range (nats) | alpha range | slope d alpha / d entropy | r "
-          "| depth-1 slope | depth-1 r |\n|---|---|---|---|---|---|---|---|")
+          "| slope, step held fixed | depth-1 slope | depth-1 r |\n|---|---|---|---|---|---|---|---|---|")
+    table = {}
     ax2b = ax2.twinx()  # acceptance on the right axis, entropy on the left
     for i, run in enumerate(args.runs):
         p = points(read(run))
         slope, icpt, r = fit_line(p["entropy"], p["alpha"])
         slope1, icpt1, r1 = fit_line(p["entropy"], p["depth1"])
+        fixed = slope_at_fixed_step(p["entropy"], p["alpha"], p["step"])
         name = Path(run).name
+        table[name] = {"steps": len(p["step"]), "slope": slope, "intercept": icpt, "r": r, "slope_step_fixed": fixed,
+                       "depth1_slope": slope1, "depth1_r": r1, "points": p}
         print(f"| {name} | {len(p['step'])} | {min(p['entropy']):.3f}-{max(p['entropy']):.3f} | "
-              f"{min(p['alpha']):.3f}-{max(p['alpha']):.3f} | {slope:.3f} | {r:.2f} | {slope1:.3f} | {r1:.2f} |")
+              f"{min(p['alpha']):.3f}-{max(p['alpha']):.3f} | {slope:.3f} | {r:.2f} | {fixed:.3f} | {slope1:.3f} | {r1:.2f} |")
         color = f"C{i}"
         ax1.scatter(p["entropy"], p["alpha"], s=12, color=color, label=f"{name}: slope {slope:.2f}, r {r:.2f}")
         lo, hi = min(p["entropy"]), max(p["entropy"])
@@ -159,6 +172,7 @@ def main() -> None:
     ax2.set_ylabel("policy entropy (solid)")
     ax2b.set_ylabel("alpha (dashed)")
     ax2.set_title("over the run")
+    Path(args.out).with_suffix(".json").write_text(json.dumps(table, indent=1))
     save_figure(fig, Path(args.out).name, Path(args.out).parent)
 
 

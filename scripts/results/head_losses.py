@@ -17,6 +17,11 @@ drafting the full depth on fresh task prompts.
 
     python scripts/results/head_losses.py        # 150 KL steps, then 450 per loss (the default fit's budget)
     python scripts/results/head_losses.py --warm-start 30 --steps 60 --sequences 256 --micro-batch 16
+    python scripts/results/head_losses.py ... --losses kl ce --merge   # add losses to an earlier run's table
+
+With `--merge`, the rows and curves of other losses already in the JSON beside `--out`
+(docs/results/head_losses.json) are kept when that run had the same budget (the same warm start, steps and samples: the
+fitting is seeded, so the warm start and the batches are the same).
 
 One loss through the CLI: `specroll fit-heads fit.loss=e2e_tv heads_path=DIR`.
 """
@@ -49,6 +54,19 @@ def fit_one(cfg, model, heads, data, loss: str, steps: int, eval_every: int) -> 
     return result, curve
 
 
+def earlier(args) -> tuple[list[dict], dict]:
+    """The rows and curves of docs/results/head_losses.json from a run with this budget, losses of this run left out."""
+    path = Path(args.out).with_suffix(".json")
+    if not path.exists():
+        return [], {}
+    old = json.loads(path.read_text())
+    if (old["steps"], old["warm_start"], old["sequences"]) != (args.steps, args.warm_start, args.sequences):
+        raise SystemExit(f"error: {path}: fitted with another budget ({old['steps']} steps after {old['warm_start']} "
+                         f"KL, {old['sequences']} samples); run without --merge or with that budget")
+    rows = [r for r in old["rows"] if r["loss"] not in args.losses]
+    return rows, {r["loss"]: old["curves"][r["loss"]] for r in rows}
+
+
 def report(rows: list[dict], curves: dict, args) -> None:
     """Print the table and write the JSON and the figure (after every recipe, so a long run keeps what it has)."""
     from spec_heads.depth import expected_tokens
@@ -59,7 +77,7 @@ def report(rows: list[dict], curves: dict, args) -> None:
     for r in rows:
         print(f"| {r['loss']} | " + " | ".join(f"{a:.3f}" for a in r["acceptance"])
               + f" | {r['predicted_len']:.2f} | {r['engine_len']:.2f} |")
-    (OUT_DIR / "head_losses.json").write_text(json.dumps(
+    Path(args.out).with_suffix(".json").write_text(json.dumps(
         {"steps": args.steps, "warm_start": args.warm_start, "sequences": args.sequences, "rows": rows,
          "curves": curves}, indent=1))
 
@@ -90,6 +108,7 @@ def main() -> None:
     ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--micro-batch", type=int, default=32, help="sequences per optimiser step (the default fit's)")
     ap.add_argument("--prompts", type=int, default=256, help="fresh task prompts for the engine's accepted length")
+    ap.add_argument("--merge", action="store_true", help="keep other losses' rows from the earlier JSON")
     ap.add_argument("--save-tv", default="", help="also save the heads fitted with tv to this folder")
     ap.add_argument("--out", default=str(OUT_DIR / "head_losses.png"))
     args = ap.parse_args()
@@ -122,7 +141,7 @@ def main() -> None:
         result, warm = fit_one(cfg, model, start, data, "kl", args.warm_start, args.eval_every)
         print(f"warm start ({args.warm_start} KL steps): acceptance "
               f"{' '.join(f'{a:.3f}' for a in result['acceptance_after'])}", flush=True)
-    rows, curves = [], {}
+    rows, curves = earlier(args) if args.merge else ([], {})
     for loss in args.losses:
         heads = copy.deepcopy(start)
         result, curve = fit_one(cfg, model, heads, data, loss, args.steps, args.eval_every)
