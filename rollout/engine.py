@@ -840,7 +840,7 @@ class _Run:
         if self.K and self.spec.mode == "entropy":  # what a row yields, against its heads' prefill
             self.policy.record_finished(len(fin), sum(n_out))
         # read back only the columns written: the buffers are max_new_tokens + K + 1 wide, answers
-        # are often far shorter (the tiny task's ~21 tokens of 73 columns)
+        # are often far shorter than max_new_tokens
         k_max, s_max = max(n_out), max(n_steps)
         toks, lps, ents = (t[idx, :k_max].tolist() for t in (self.out_tok, self.out_lp, self.out_ent))
         dls, accs = self.out_dl[idx, :s_max].tolist(), self.out_acc[idx, :s_max].tolist()

@@ -106,8 +106,8 @@ class DepthPolicy:
 
     def _refresh(self) -> None:
         """Re-derive host-side caches once per 16 timings: every step records one, and the
-        derivation is host Python (and, on a GPU, one read-back of the acceptance counts)
-        that would otherwise cost ~10% of a small model's step."""
+        derivation is host Python (and, on a GPU, one read-back of the acceptance counts),
+        a real share of a small model's step if done every step."""
         epoch = self.cost.version // 16
         if self._refreshed_at != epoch:
             self._budgets, self._pos_accept, self._refreshed_at = {}, None, epoch
@@ -368,8 +368,8 @@ class DepthPolicy:
         """(depth, gap) of an exploring step: budget + 1 while drafting (on the GPU, budget - 1
         every other time), else explore_depth; the gap to the next one is the back-off, but
         from a plain stretch never shorter than keeps the exploring steps' extra time
-        (step_time(rows, 1 + depth) - one plain step) within explore_overhead of the stretch
-        (at 64 rows a 7-token step is ~4 plain ones: every 32nd step would cost ~10%)."""
+        (step_time(rows, 1 + depth) - one plain step) within explore_overhead of the stretch:
+        where verifying is dear, one exploring step costs several plain ones."""
         if budget:
             key = self.cost.bucket(rows_in_flight)
             down = self._explores_down(budget, rows_in_flight) and (budget >= self.max_k or self._explore_down.get(key, False))
@@ -597,8 +597,8 @@ class DepthPolicy:
         """One sample of drafting's advantage over plain steps from timings near in time;
         `anchor` names the older timing of the pair (its kind and step). Where it moves the
         bucket's advantage across the drafting threshold, the bucket's cached budget goes at
-        once (not at the next refresh, up to 16 steps later: on a CPU at 32 rows of a 135M
-        model, 16 drafting steps at a loss cost several seconds).
+        once (not at the next refresh, up to 16 steps later: where verifying is dear, 16
+        drafting steps at a loss cost many plain steps).
 
         Samples that share an anchor move the advantage as one: towards their mean, by at most
         1 - 0.9^pair_anchor_cap of the way. The rare side of a regime (a plain timing while

@@ -128,7 +128,7 @@ def test_mixed_row_depths_sample_exactly_two_sample(kind, row_local_depths, monk
     plain = Engine(model, max_batch=n).generate(prompts, sp, seed=11)
     spec = Engine(model, _heads(model, kind, 0.15, seed=2), max_batch=n).generate(
         prompts, sp, SpecParams(mode="entropy", max_k=3), seed=12)
-    assert spec.stats.mean_accepted_len > 1.2
+    assert spec.stats.mean_accepted_len > 1.1  # drafts were accepted (a third of row-steps draft none)
     d = torch.cat(row_local_depths)
     assert all((d == k).sum() > 1000 for k in range(4)), torch.bincount(d)  # every depth 0..3, many times
 
