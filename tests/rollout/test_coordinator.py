@@ -30,7 +30,7 @@ ALL_KEYS = set(range(0, 12, 2))
 def faulty_worker(plan_dir: str):
     """A worker class that misbehaves once per plan: plan_dir/plan.json = {"key", "kind"}; the
     first call that serves group `key` writes plan_dir/fired (its actor id) and then exits the
-    process (kind exit), sleeps 2 s and goes on (kind slow) or sleeps (kind hang / wait, until
+    process (kind exit), sleeps 4 s and goes on (kind slow) or sleeps (kind hang / wait, until
 the coordinator or the test kills it). Defined in a function,
     so Ray ships the class by value."""
 
@@ -43,7 +43,7 @@ the coordinator or the test kills it). Defined in a function,
                     fired.write_text(ray.get_runtime_context().get_actor_id())
                     if plan["kind"] == "exit":
                         os._exit(1)
-                    time.sleep(2.0 if plan["kind"] == "slow" else 600)
+                    time.sleep(4.0 if plan["kind"] == "slow" else 600)
             return super().serve(item)
 
     return FaultyWorker
