@@ -388,7 +388,6 @@ class _Run:
             self.graph_key = (sampling.temperature, sampling.top_k, sampling.top_p, sampling.max_new_tokens,
                               tuple(stops))
         self._curve = self._curve_key = None  # _cost_curve's cache
-        self._collect_due = True  # False: the last step's read-back showed that no row finished
 
     def _kv(self, n: int) -> int:
         """Attention span for a forward: a bucketed bound on the longest row (static shapes)."""
@@ -411,9 +410,7 @@ class _Run:
             step += 1
             self.stats.steps += 1
             if step % collect_every == 0 or self.len_bound + self.K + 1 >= self.max_len:
-                if self._collect_due:
-                    self._collect()
-                self._collect_due = True
+                self._collect()
                 self._refill()
         s = self.stats
         s.time_s = time.perf_counter() - t0
@@ -516,28 +513,17 @@ class _Run:
         """One plain decode step over the rows in flight; returns the tokens emitted per row [n]
         (None for a plain run on CUDA, whose steps run as a rows bucket, replayed from a graph)."""
         n, kv, graphs = self.n, self._kv(self.len_bound + 1), self.e.graphs
-        if graphs is not None:
+        if graphs is not None and self.win is None:
             # Rows past n are finished (done) or empty slots: they emit nothing, and what they
             # write lands past their lengths, where nothing reads before a row's next write.
             rows = graphs.rows(n, self.e.max_batch)
+            graphs.run((rows, kv) + self.graph_key, lambda: self._plain_device(rows, kv))
             self.len_bound += 1
-            if self.win is None:
-                graphs.run((rows, kv) + self.graph_key, lambda: self._plain_device(rows, kv))
-                return None
-            self.win.make_room(n)  # a speculative run's plain step also feeds the heads' window
-            emitted = graphs.run(("window", rows, kv) + self.graph_key, lambda: self._plain_window(rows, kv))
-            self.win.width += 1
-            return emitted
+            return None
         h, tok, emitted = self._plain_device(n, kv)
         if self.win is not None:  # a speculative run not drafting this step: feed the window
             self.win.append(n, h[:, 0], tok)
         self.len_bound += 1
-        return emitted
-
-    def _plain_window(self, n: int, kv: int) -> torch.Tensor:
-        """_plain_device, then the heads' window takes the position fed (device work only)."""
-        h, tok, emitted = self._plain_device(n, kv)
-        self.win.write(n, h[:, 0], tok)
         return emitted
 
     def _plain_device(self, n: int, kv: int):
@@ -698,12 +684,10 @@ class _Run:
         key = ("spec", rows, Kd, self.K, self.spec.draft, table) + spans + self.graph_key
         bins, dlen, num, live, sums = e.graphs.run(key, lambda: self._spec_device(rows, Kd))
         self.win.width = W  # HeadWindow.restart's host side, which a replay does not run
+        self.len_bound += W  # lengths grow by what each row accepted: compaction tightens the bound
         self._count(n, None if bins is None else bins[:n], dlen[:n], num[:n], live[:n], blind)
         torch.cuda.synchronize()
-        got, proposed, n_live, longest, finished = sums.tolist()
-        # the step's one read-back also gives the exact length bound (the attention spans of
-        # later steps, and their graphs' keys, follow real lengths) and whether any row finished
-        self.len_bound, self._collect_due = int(longest), finished > 0
+        got, proposed, n_live = sums.tolist()
         seconds = time.perf_counter() - t0
         self.stats.verify_time_s += seconds
         self.policy.depth_hist[W - 1] += n
@@ -720,10 +704,7 @@ class _Run:
         live = ~self.done[:n]
         emitted = self._emit(slice(0, n), toks, lps, ents, num, dlen=dlen)
         self.win.restart(n, h, toks, num, live, first_pos=self.lengths[:n] - num * live)
-        longest = (self.lengths[:n] * live).max()  # rows in flight were live when the step began
-        finished = (live & self.done[:n]).sum()
-        return draft_bins, dlen, num, live, torch.stack((emitted.sum(), (num * live).sum(), live.sum(), longest,
-                                                         finished))
+        return draft_bins, dlen, num, live, torch.stack((emitted.sum(), (num * live).sum(), live.sum()))
 
     def _verify(self, n: int, draft_probs, draft_tok, dlen, u):
         """One policy forward over every row's last token and its dlen[b] drafts (ragged on a
@@ -734,8 +715,6 @@ class _Run:
         W = 1 + draft_tok.shape[1]
         inp = torch.cat([self.last_tok[:n, None], draft_tok], 1)  # [n, W]
         pos = self.lengths[:n, None] + torch.arange(W, device=dev)
-        if e.cuda:  # finished rows of a padded bucket may sit past the cache: they write in its last slot
-            pos = pos.clamp(max=self.cache.max_len - 1)
         ragged = None if e.cuda or not bool((dlen < W - 1).any()) else Ragged.from_counts(1 + dlen, W)
         h = e.model(inp, pos, self.cache, self._kv(self.len_bound + W),
                     n_tokens=None if ragged is None else 1 + dlen)  # [n, W, H]

@@ -45,21 +45,12 @@ class HeadWindow:
 
     def append(self, n: int, hidden: torch.Tensor, token: torch.Tensor) -> None:
         """A plain step fed one position per row: hidden [n, H], the token sampled after it [n]."""
-        self.make_room(n)
-        self.write(n, hidden, token)
-        self.width += 1
-
-    def make_room(self, n: int) -> None:
-        """append's first half: drop a full window."""
         if self.width >= self.capacity:
             self.drop(n)
-
-    def write(self, n: int, hidden: torch.Tensor, token: torch.Tensor) -> None:
-        """append's device half (no host state: a captured plain step runs it). Rows of a
-        padded bucket past the rows in flight may hold a full window: they write in its last slot."""
-        rows, idx = torch.arange(n, device=hidden.device), (self.last[:n] + 1).clamp(max=self.capacity - 1)
+        rows, idx = torch.arange(n, device=hidden.device), self.last[:n] + 1
         self.hid[rows, idx], self.nxt[rows, idx] = hidden, token
         self.last[:n] = idx
+        self.width += 1
 
     def inputs(self, n: int, pad_to_16: bool):
         """(hidden [n, w, H], next tokens [n, w], positions [n, w], last index [n], floor [n])
@@ -67,9 +58,7 @@ class HeadWindow:
         change (each new one costs first-call work); padding entries lie past `last`."""
         w = self.padded_width(pad_to_16)
         pos = self.start[:n, None] + torch.arange(w, device=self.hid.device)
-        # (rows of a padded bucket past the rows in flight may hold a longer window than w)
-        last = self.last[:n].clamp(max=w - 1) if pad_to_16 else self.last[:n]
-        return self.hid[:n, :w], self.nxt[:n, :w], pos, last, self.floor[:n]
+        return self.hid[:n, :w], self.nxt[:n, :w], pos, self.last[:n], self.floor[:n]
 
     def padded_width(self, pad_to_16: bool) -> int:
         """The window width `inputs` hands out (see there)."""
