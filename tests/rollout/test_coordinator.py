@@ -30,7 +30,7 @@ ALL_KEYS = set(range(0, 12, 2))
 def faulty_worker(plan_dir: str):
     """A worker class that misbehaves once per plan: plan_dir/plan.json = {"key", "kind"}; the
     first call that serves group `key` writes plan_dir/fired (its actor id) and then exits the
-    process (kind exit), sleeps 4 s and goes on (kind slow) or sleeps (kind hang / wait, until
+    process (kind exit), sleeps 2 s and goes on (kind slow) or sleeps (kind hang / wait, until
 the coordinator or the test kills it). Defined in a function,
     so Ray ships the class by value."""
 
@@ -43,7 +43,7 @@ the coordinator or the test kills it). Defined in a function,
                     fired.write_text(ray.get_runtime_context().get_actor_id())
                     if plan["kind"] == "exit":
                         os._exit(1)
-                    time.sleep(4.0 if plan["kind"] == "slow" else 600)
+                    time.sleep(2.0 if plan["kind"] == "slow" else 600)
             return super().serve(item)
 
     return FaultyWorker
@@ -207,7 +207,9 @@ def test_an_idle_worker_refits_the_heads_in_the_tail_and_they_go_out_with_the_ne
     fitted = result["state"]
     _, heads = make_model(0)
     assert fitted.keys() == heads.state_dict().keys()
-    assert any(not torch.equal(fitted[k], v) for k, v in heads.state_dict().items()) == result["refit_kept"]
+    # the weights change iff the fit was kept; the acceptance buffer records the measurement either way
+    weights_changed = any(not torch.equal(fitted[k], v) for k, v in heads.state_dict().items() if k != "acceptance")
+    assert weights_changed == result["refit_kept"]
     policy = make_model(0)[0]
     v = co.version + 1
     co.publish(v, cpu_state(policy), fitted)
