@@ -601,9 +601,11 @@ class _Run:
                     worth = table.predict_bins(b).double() * (clear[act] & (room[act] >= i + 2))
                     values[act, i] = worth * (values[act, i - 1] if i else 1.0)
                     clear[act] &= ~torch.isin(tok, self.stop_ids)
-                    dlen = choose_depths(values[:, :i + 1], curve)
-                    more = dlen[act] == i + 1  # rows whose every draft so far is worth verifying
+                    if i + 1 < K:  # go on where the drafts still to come are worth their cost
+                        plan = choose_depths(torch.cat([values[:, :i + 1], self._ahead(values[:, i], clear, room, i, K)], 1), curve)
+                        more = plan[act] > i + 1
                     if i + 1 == K or not bool(more.any()):
+                        dlen = choose_depths(values[:, :i + 1], curve)  # what was drafted, at its real worth
                         break
                     if not bool(more.all()):  # the others drop out of the later head steps
                         keep = more.nonzero()[:, 0]
@@ -617,6 +619,15 @@ class _Run:
             probs, toks, bins, values = probs[:, :k], toks[:, :k], None if bins is None else bins[:, :k], values[:, :k]
             expected = 1.0 + float((values * (torch.arange(k, device=dev) < dlen[:, None])).sum()) / n
         return probs, toks, bins, dlen, expected
+
+    def _ahead(self, last: torch.Tensor, clear: torch.Tensor, room: torch.Tensor, i: int, K: int) -> torch.Tensor:
+        """Predicted values [n, K - i - 1] of the drafts at depths i + 2..K not yet made: the last
+        draft's value times the heads' per-position acceptance (DepthPolicy.position_acceptance).
+        Deciding on the drafts made so far alone would stop where the first draft does not pay
+        for the drafting step's fixed cost although a deeper one would."""
+        acc = torch.tensor(self.policy.position_acceptance()[i + 1:K], dtype=torch.float64, device=last.device)
+        j = torch.arange(i + 1, K, device=last.device)
+        return last[:, None] * acc.cumprod(0) * (clear[:, None] & (room[:, None] >= j + 2))
 
     def _cost_curve(self, n: int, K: int) -> torch.Tensor:
         """The depth policy's step time at n rows for n + t verified tokens, t = 0..n K (cached

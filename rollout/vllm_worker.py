@@ -40,6 +40,7 @@ import vllm
 from vllm.inputs import TokensPrompt
 
 from rollout.checkpoint import load_checkpoint, save_checkpoint
+from rollout.inbox import ItemInbox
 from rollout.model import ModelConfig, Transformer
 from rollout.types import (ItemResult, RolloutBatch, RolloutConfig, RolloutStats, SamplingParams, Sequence,
                            SpecParams, WorkItem)
@@ -52,7 +53,7 @@ CHECK_PROMPT_LEN = 8  # tokens of the check's fixed prompt
 CHECK_POSITIONS = (1, 2)  # completion tokens the check tests: the first two a verify step emits
 
 
-class VllmRolloutWorker:
+class VllmRolloutWorker(ItemInbox):
     """RolloutWorker's interface over a vLLM engine (see the module docstring).
 
     The engine is built at the first `generate`, when the speculation settings are known (vLLM
@@ -86,10 +87,7 @@ class VllmRolloutWorker:
         self._want = (0, False)  # (drafts per step, speculating) the engine was asked for
         self._checked: set[tuple] = set()  # (temperature, top_k, top_p) whose check passed
         # the pull path (serve): items wait in an inbox; one engine thread runs them in batches
-        self._cond = threading.Condition()
-        self._inbox: deque[tuple[WorkItem, Future]] = deque()
-        self._draining = False
-        self._run_step: int | None = None  # the step an engine call is serving now
+        self._init_inbox()
         self._step_stats: dict[int, RolloutStats] = {}
         threads = rollout.threads
         if not threads and ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None:
@@ -326,35 +324,13 @@ class VllmRolloutWorker:
         return self._engine.submit(fn, *args).result()
 
     # ---------------------------------------------------- pull work (rollout/coordinator.py)
-    def serve(self, item: WorkItem) -> ItemResult:
-        """Generate one work item (a GRPO group); blocks until its rows are done. Items that
-        arrive while an engine call runs wait, and those of one run (same step, seed, sampling,
-        spec and version) go into the next engine call together, one vLLM batch."""
-        fut: Future = Future()
-        with self._cond:
-            self._inbox.append((item, fut))
-            if not self._draining:
-                self._draining = True
-                threading.Thread(target=self._drain, daemon=True, name="vllm-serve").start()
-        return fut.result()
-
-    def _drain(self) -> None:
-        while True:
-            with self._cond:
-                if not self._inbox:
-                    self._draining = False
-                    self._cond.notify_all()
-                    return
-                first = self._inbox[0][0]
-                run = [(it, f) for it, f in self._inbox if _run_key(it) == _run_key(first)]
-                self._inbox = deque((it, f) for it, f in self._inbox if _run_key(it) != _run_key(first))
-                self._run_step = first.step
-            try:
-                self._serve_run(first, run)
-            finally:
-                with self._cond:
-                    self._run_step = None
-                    self._cond.notify_all()
+    def _take(self) -> tuple[WorkItem, list[tuple[WorkItem, Future]]]:
+        """Every waiting item of the first one's run (same step, seed, sampling, spec and version)
+        goes into one engine call together, one vLLM batch."""
+        first = self._inbox[0][0]
+        run = [(it, f) for it, f in self._inbox if _run_key(it) == _run_key(first)]
+        self._inbox = deque((it, f) for it, f in self._inbox if _run_key(it) != _run_key(first))
+        return first, run
 
     def _serve_run(self, first: WorkItem, run: list[tuple[WorkItem, Future]]) -> None:
         try:

@@ -20,7 +20,6 @@ import copy
 import math
 import os
 import threading
-from collections import deque
 from concurrent.futures import Future
 
 import ray
@@ -29,6 +28,7 @@ import torch
 from rollout.checkpoint import load_checkpoint
 from rollout.device import resolve_device, resolve_dtype
 from rollout.engine import Engine
+from rollout.inbox import ItemInbox
 from rollout.model import ModelConfig, Transformer
 from rollout.types import (ItemResult, RolloutBatch, RolloutConfig, RolloutStats, SamplingParams, SpecParams,
                            WorkItem)
@@ -44,7 +44,7 @@ def cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
 
 
-class RolloutWorker:
+class RolloutWorker(ItemInbox):
     """One Engine serving rollouts for one policy version.
 
     model: a checkpoint folder / named model, or a ModelConfig with its `policy_state`.
@@ -84,10 +84,7 @@ class RolloutWorker:
         self._last_speedup = 1.0
         # the pull path: items waiting for rows, whether the engine thread runs, which step it
         # serves, and each step's merged engine stats until the coordinator takes them
-        self._cond = threading.Condition()
-        self._inbox: deque[tuple[WorkItem, Future]] = deque()
-        self._draining = False
-        self._run_step: int | None = None
+        self._init_inbox()
         self._step_stats: dict[int, tuple[RolloutStats, SpecParams | None]] = {}
         self._idle_lock = threading.Lock()
 
@@ -151,37 +148,13 @@ class RolloutWorker:
         self._last_speedup = self._speedup_estimate(batch.stats, spec)
         return batch
 
-    # ------------------------------------------------------------ pull work
-    def serve(self, item: WorkItem) -> ItemResult:
-        """Generate one work item; blocks until its rows are done. Concurrent calls share one
-        engine run (the engine thread's): items join it while they fit its run (same step,
-        sampling and version) as rows free up."""
-        fut: Future = Future()
-        with self._cond:
-            self._inbox.append((item, fut))
-            if not self._draining:
-                self._draining = True
-                threading.Thread(target=self._drain, daemon=True, name="rollout-engine").start()
-        return fut.result()
+    # ------------------------------------------------------------ pull work (rollout.inbox)
+    def _take(self) -> tuple[WorkItem, Future]:
+        """A run starts from the first waiting item; more join it while they fit (`_run`'s feed):
+        concurrent items share one engine run as rows free up."""
+        return self._inbox.popleft()
 
-    def _drain(self) -> None:
-        """The engine thread: one engine run per batch of compatible waiting items, until none wait."""
-        while True:
-            with self._cond:
-                if not self._inbox:
-                    self._draining = False
-                    self._cond.notify_all()
-                    return
-                first, fut = self._inbox.popleft()
-                self._run_step = first.step
-            try:
-                self._run(first, fut)
-            finally:
-                with self._cond:
-                    self._run_step = None
-                    self._cond.notify_all()
-
-    def _run(self, first: WorkItem, first_fut: Future) -> None:
+    def _serve_run(self, first: WorkItem, first_fut: Future) -> None:
         pending: dict[int, tuple[WorkItem, Future, dict]] = {}  # item key -> (item, future, rows done)
         owner: dict[int, int] = {}  # row id -> item key
 

@@ -17,14 +17,12 @@ from rollout.worker import RolloutClient, RolloutWorker, cpu_state
 from test_worker import FIXED, HC, MC, SAMPLED, make_model
 
 ray = pytest.importorskip("ray")
+from fleet import IDS, KEYS, ROWS, local_ray  # noqa: E402
 from rollout.coordinator import Coordinator, ResourceError  # noqa: E402
 
 pytestmark = pytest.mark.ray
 
-# 6 GRPO groups of 2 rows, row ids 0..11 (group keys 0, 2, ..., 10)
-ROWS = [p for p in ([1, 2, 3], [4, 5], [6, 7, 8, 9], [10], [11, 12], [13, 14, 15]) for _ in range(2)]
-IDS = list(range(len(ROWS)))
-ALL_KEYS = set(range(0, 12, 2))
+ALL_KEYS = set(KEYS)
 
 
 def faulty_worker(plan_dir: str):
@@ -51,9 +49,8 @@ the coordinator or the test kills it). Defined in a function,
 
 @pytest.fixture(scope="module")
 def cluster():
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+    with local_ray():
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -16,14 +16,10 @@ from rollout.worker import RolloutWorker, cpu_state
 from test_worker import FIXED, HC, MC, SAMPLED, make_model
 
 ray = pytest.importorskip("ray")
+from fleet import IDS, KEYS, ROWS, local_ray  # noqa: E402
 from rollout.coordinator import Coordinator  # noqa: E402
 
 pytestmark = pytest.mark.ray
-
-# 6 GRPO groups of 2 rows, row ids 0..11 (group keys 0, 2, ..., 10)
-ROWS = [p for p in ([1, 2, 3], [4, 5], [6, 7, 8, 9], [10], [11, 12], [13, 14, 15]) for _ in range(2)]
-IDS = list(range(len(ROWS)))
-KEYS = list(range(0, 12, 2))
 
 
 def planned_worker(plan_dir: str):
@@ -54,16 +50,15 @@ def planned_worker(plan_dir: str):
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory):
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     plan_dir = tmp_path_factory.mktemp("plans")
     model, heads = make_model(0)
-    co = Coordinator(MC, cpu_state(model), HC, cpu_state(heads),
-                     RolloutConfig(max_batch=4, num_workers=2, partial=True, max_restarts=3,
-                                   worker_timeout_s=30.0, start_timeout_s=60.0),
-                     worker_cls=planned_worker(str(plan_dir)))
-    yield co, plan_dir
-    co.close()
-    ray.shutdown()
+    with local_ray():
+        co = Coordinator(MC, cpu_state(model), HC, cpu_state(heads),
+                         RolloutConfig(max_batch=4, num_workers=2, partial=True, max_restarts=3,
+                                       worker_timeout_s=30.0, start_timeout_s=60.0),
+                         worker_cls=planned_worker(str(plan_dir)))
+        yield co, plan_dir
+        co.close()
 
 
 def arm(plan_dir: Path, plans: list[dict]) -> None:

@@ -143,3 +143,25 @@ def test_mixed_row_depths_sample_exactly_two_sample(kind, row_local_depths, monk
 
     for key in (lambda t: t[0], lambda t: t[1], lambda t: t[2], lambda t: (t[0], t[1]), lambda t: (t[1], t[2])):
         assert chi2_contingency(table(key))[1] > 1e-3
+
+
+def test_rows_draft_deep_where_only_the_deeper_drafts_pay_for_the_drafting_step(monkeypatch):
+    """A drafting step has a fixed cost (the heads' first pass, the sampler) that one sure draft
+    alone does not repay, while four do. Each row must look past its first draft (the heads'
+    per-position acceptance for the drafts still to come) and verify four, not stop at none."""
+    from spec_heads.estimators import CostModel
+
+    model = _model()
+    heads = _heads(model, "sequential", noise=0.0, depths=4)
+    monkeypatch.setattr(DepthPolicy, "plan_step", lambda self, rows: (self.max_k, self.max_k, False))
+    monkeypatch.setattr(DepthPolicy, "position_acceptance", lambda self: [0.95] * self.max_k)
+    monkeypatch.setattr(AcceptanceTable, "predict_bins", lambda self, bins: torch.full(bins.shape, 0.95))
+    monkeypatch.setattr(Engine, "_probe_costs", lambda self, dp, K: None)
+    # 1 for a plain step; any draft adds 1.0 (the step's fixed cost), each drafted token 0.05 / row
+    monkeypatch.setattr(CostModel, "curve", lambda self, rows, drafts: torch.cat(
+        [torch.ones(1, dtype=torch.float64), 2.0 + 0.05 * torch.arange(1, rows * drafts + 1, dtype=torch.float64) / rows]))
+    eng = Engine(model, heads, max_batch=4)
+    eng.generate(_prompts(4), SamplingParams(temperature=1.0, max_new_tokens=40), SpecParams(mode="entropy", k=1, max_k=4),
+                 seed=3)
+    hist = eng.depth_policy.depth_hist  # row-steps by verified depth
+    assert hist[4] >= 0.8 * sum(hist), hist  # (short of four only where max_new_tokens leaves no room)
