@@ -630,11 +630,22 @@ class _Run:
         return last[:, None] * acc.cumprod(0) * (clear[:, None] & (room[:, None] >= j + 2))
 
     def _cost_curve(self, n: int, K: int) -> torch.Tensor:
-        """The depth policy's step time at n rows for n + t verified tokens, t = 0..n K (cached
-        until the cost model has taken 16 more timings)."""
+        """The depth policy's step time at n rows for n + t verified tokens, t = 0..n K, as a
+        drafting step sees it (cached until the cost model has taken 16 more timings).
+
+        Once a step drafts, its fixed cost (the heads' first pass, the sampler's) is paid
+        whatever the rows then verify: a row's first draft costs what a later one does, so the
+        curve runs back from t = n to t = 0 at the slope between n and 2n (where that is dearer
+        than a plain step). Whether to draft at
+        all is the depth policy's plan (plan_step), weighed on real steps."""
         key = (n, K, self.policy.cost.version // 16)
         if self._curve_key != key:
-            self._curve, self._curve_key = self.policy.cost.curve(n, K).to(self.e.device), key
+            curve = self.policy.cost.curve(n, K)
+            if K >= 2:
+                sunk = float(2 * curve[n] - curve[2 * n])  # a step that drafted but verifies no draft
+                if sunk > float(curve[0]):
+                    curve[:n + 1] = torch.linspace(sunk, float(curve[n]), n + 1, dtype=curve.dtype)
+            self._curve, self._curve_key = curve.to(self.e.device), key
         return self._curve
 
     def _spec_step(self):

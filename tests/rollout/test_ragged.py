@@ -145,23 +145,38 @@ def test_mixed_row_depths_sample_exactly_two_sample(kind, row_local_depths, monk
         assert chi2_contingency(table(key))[1] > 1e-3
 
 
-def test_rows_draft_deep_where_only_the_deeper_drafts_pay_for_the_drafting_step(monkeypatch):
-    """A drafting step has a fixed cost (the heads' first pass, the sampler) that one sure draft
-    alone does not repay, while four do. Each row must look past its first draft (the heads'
-    per-position acceptance for the drafts still to come) and verify four, not stop at none."""
+
+def _depths_when_every_step_drafts(monkeypatch, accept: float) -> list[int]:
+    """Row-steps by verified depth (of 4) when every step drafts, every draft's predicted
+    acceptance is `accept`, and a step's cost is 1 plain, 2 once it drafts at all (the heads'
+    first pass, the sampler), plus 0.05 per drafted token per row."""
     from spec_heads.estimators import CostModel
 
     model = _model()
     heads = _heads(model, "sequential", noise=0.0, depths=4)
     monkeypatch.setattr(DepthPolicy, "plan_step", lambda self, rows: (self.max_k, self.max_k, False))
-    monkeypatch.setattr(DepthPolicy, "position_acceptance", lambda self: [0.95] * self.max_k)
-    monkeypatch.setattr(AcceptanceTable, "predict_bins", lambda self, bins: torch.full(bins.shape, 0.95))
+    monkeypatch.setattr(DepthPolicy, "position_acceptance", lambda self: [accept] * self.max_k)
+    monkeypatch.setattr(AcceptanceTable, "predict_bins", lambda self, bins: torch.full(bins.shape, accept))
     monkeypatch.setattr(Engine, "_probe_costs", lambda self, dp, K: None)
-    # 1 for a plain step; any draft adds 1.0 (the step's fixed cost), each drafted token 0.05 / row
     monkeypatch.setattr(CostModel, "curve", lambda self, rows, drafts: torch.cat(
         [torch.ones(1, dtype=torch.float64), 2.0 + 0.05 * torch.arange(1, rows * drafts + 1, dtype=torch.float64) / rows]))
     eng = Engine(model, heads, max_batch=4)
     eng.generate(_prompts(4), SamplingParams(temperature=1.0, max_new_tokens=40), SpecParams(mode="entropy", k=1, max_k=4),
                  seed=3)
-    hist = eng.depth_policy.depth_hist  # row-steps by verified depth
+    return eng.depth_policy.depth_hist
+
+
+def test_rows_draft_deep_where_only_the_deeper_drafts_pay_for_the_drafting_step(monkeypatch):
+    """One sure draft alone does not repay a drafting step's fixed cost, four do. Each row must
+    look past its first draft (the heads' per-position acceptance for the drafts still to come)
+    and verify four, not stop at none."""
+    hist = _depths_when_every_step_drafts(monkeypatch, 0.95)
     assert hist[4] >= 0.8 * sum(hist), hist  # (short of four only where max_new_tokens leaves no room)
+
+
+def test_a_drafting_step_verifies_each_draft_worth_its_own_cost(monkeypatch):
+    """Once a step drafts, its fixed cost is paid: a row verifies each draft worth more than
+    what one more token costs (here its first two of acceptance 0.3, 0.09), not none because the
+    first would not have repaid the whole drafting step."""
+    hist = _depths_when_every_step_drafts(monkeypatch, 0.3)
+    assert hist[2] >= 0.8 * sum(hist), hist
