@@ -128,7 +128,7 @@ class DepthPolicy:
             est = []
             for i, (trials, accepts) in enumerate(zip(self.pos_trials.tolist(), self.pos_accepts.tolist())):  # one read-back
                 if measured is not None and i < len(measured):
-                    prior = measured[i]
+                    prior, w = measured[i], self.control.measured_prior_weight
                 prior = (accepts + prior * w) / (trials + w)
                 est.append(prior)
             self._pos_accept = est

@@ -14,6 +14,10 @@ class DepthControl:
     # what a draft is expected to be accepted
     prior_pos_accept: float = 0.8  # optimistic start per draft position, so fresh heads get tried
     prior_pos_weight: float = 8.0  # observations that prior weighs: weak heads lose it within a few steps
+    # observations the heads' held-out acceptance weighs: rows admitted together draft at the
+    # same point of their answers, so a step's outcomes are one correlated sample, and one hard
+    # token there must not put drafting off for the run
+    measured_prior_weight: float = 128.0
     pos_window: float = 4096.0  # outcomes a position remembers, so estimates follow a moving policy
     table_prior_weight: float = 4.0  # pseudo-observations per entropy bin before any outcome
     table_window: float = 4096.0  # outcomes an entropy bin remembers

@@ -560,14 +560,26 @@ def test_measured_heads_acceptance_is_the_prior_and_decides_the_first_budget():
     # at 0.8 one draft yields 1.8 tokens for 1.75 steps' time (under the 5% margin); at 0.97, 1.97
     assert default.draft_budget(8) == 0 and poor.draft_budget(8) == 0
     assert good.draft_budget(8) == 4  # max_k: on a CPU the engine stops drafting early
-    # observed outcomes take over from the measurement
-    n = 400
+    # observed outcomes take over from the measurement (measured_prior_weight: 128 observations)
+    n = 2000
     good.observe(torch.zeros(n, 4), torch.full((n,), 4), torch.zeros(n, dtype=torch.int64))
     for _ in range(16):  # host estimates refresh every 16 timed steps
         good.record_step(1, 1, 1.0)
     assert good.position_acceptance()[0] < 0.1
     with pytest.raises(ValueError, match="acceptance"):
         good.set_measured_prior([0.5, 1.5])
+
+
+def test_one_steps_outcomes_do_not_override_the_heads_measurement():
+    """Rows admitted together draft at the same point of their answers: one step where 8 of 31
+    first drafts were accepted (a hard token there) is one sample, not 31, against heads measured
+    at 0.75 on held-out text; it must not sink the estimate (at the plain prior's weight of 8 it
+    fell to 0.36, and drafting went off for the run)."""
+    policy = DepthPolicy("entropy", k=1, max_k=4, num_bins=4, vocab_size=VOCAB, max_batch=MAX_BATCH)
+    policy.set_measured_prior([0.75] * 4)
+    accepted = torch.tensor([1] * 8 + [0] * 23)
+    policy.observe(torch.zeros(31, 4), torch.full((31,), 3), accepted)
+    assert policy.position_acceptance()[0] > 0.6
 
 
 def test_reset_calibration_with_a_measurement_forgets_old_outcomes():
