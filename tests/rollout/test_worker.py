@@ -21,8 +21,10 @@ FIXED = SpecParams(mode="fixed", k=2)
 
 def make_model(seed: int, std: float = 0.3):
     g = torch.Generator().manual_seed(seed)
-    model = Transformer(MC)
-    heads = DraftHeads(HC, MC)
+    with torch.random.fork_rng():  # the parameters not drawn below (biases) take a seeded default init
+        torch.manual_seed(seed)
+        model = Transformer(MC)
+        heads = DraftHeads(HC, MC)
     with torch.no_grad():
         for p in list(model.parameters()) + list(heads.parameters()):
             if p.dim() == 2:
