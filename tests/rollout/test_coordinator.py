@@ -28,7 +28,8 @@ ALL_KEYS = set(KEYS)
 def faulty_worker(plan_dir: str):
     """A worker class that misbehaves once per plan: plan_dir/plan.json = {"key", "kind"}; the
     first call that serves group `key` writes plan_dir/fired (its actor id) and then exits the
-    process (kind exit), sleeps 2 s and goes on (kind slow) or sleeps (kind hang / wait, until
+    process (kind exit), holds the group until plan_dir/idle exists (kind slow: the other worker
+    ran out of work) or sleeps (kind hang / wait, until
 the coordinator or the test kills it). Defined in a function,
     so Ray ships the class by value."""
 
@@ -41,7 +42,12 @@ the coordinator or the test kills it). Defined in a function,
                     fired.write_text(ray.get_runtime_context().get_actor_id())
                     if plan["kind"] == "exit":
                         os._exit(1)
-                    time.sleep(2.0 if plan["kind"] == "slow" else 600)
+                    if plan["kind"] == "slow":  # until the other worker went idle (or 20 s)
+                        deadline = time.monotonic() + 20
+                        while not (Path(plan_dir) / "idle").exists() and time.monotonic() < deadline:
+                            time.sleep(0.05)
+                    else:
+                        time.sleep(600)
             return super().serve(item)
 
     return FaultyWorker
@@ -189,9 +195,13 @@ def test_an_idle_worker_refits_the_heads_in_the_tail_and_they_go_out_with_the_ne
 
     def idle_work(sequences, seed):
         got["rows"] = sorted(s.prompt_id for s in sequences)
+        (plan_dir / "idle").write_text("1")  # the slow group may go on
         return idle_refit, (sequences, refit, 1.0, seed)
 
     co.set_idle_work(idle_work)
+    (plan_dir / "idle").unlink(missing_ok=True)
+    timeout = co.rollout.worker_timeout_s  # the slow group waits on the other worker, however loaded the machine
+    co.rollout = dataclasses.replace(co.rollout, worker_timeout_s=60.0)
     try:
         arm(plan_dir, key=10, kind="slow")
         batch = co.generate(ROWS, IDS, SAMPLED, FIXED, seed=7)
@@ -200,6 +210,7 @@ def test_an_idle_worker_refits_the_heads_in_the_tail_and_they_go_out_with_the_ne
         result = co.idle_result(batch.report["idle_work"])
     finally:
         co.set_idle_work(None)
+        co.rollout = dataclasses.replace(co.rollout, worker_timeout_s=timeout)
     assert result["refit_where"] == "idle" and len(result["refit_accept_after"]) == HC.num_depths
     fitted = result["state"]
     _, heads = make_model(0)
