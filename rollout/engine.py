@@ -636,8 +636,8 @@ class _Run:
         Once a step drafts, its fixed cost (the heads' first pass, the sampler's) is paid
         whatever the rows then verify: a row's first draft costs what a later one does, so the
         curve runs back from t = n to t = 0 at the slope between n and 2n (where that is dearer
-        than a plain step). Whether to draft at
-        all is the depth policy's plan (plan_step), weighed on real steps."""
+        than a plain step). Whether to draft at all is the depth policy's plan (plan_step),
+        weighed on real steps."""
         key = (n, K, self.policy.cost.version // 16)
         if self._curve_key != key:
             curve = self.policy.cost.curve(n, K)

@@ -124,9 +124,10 @@ class DepthPolicy:
             # measured, not reset to a fixed guess that would keep it from ever being tried.
             # Where the heads come with a held-out measurement (set_measured_prior), that is
             # each position's prior instead.
-            w, prior, measured = self.control.prior_pos_weight, self.control.prior_pos_accept, self.measured_prior
+            prior, measured = self.control.prior_pos_accept, self.measured_prior
             est = []
             for i, (trials, accepts) in enumerate(zip(self.pos_trials.tolist(), self.pos_accepts.tolist())):  # one read-back
+                w = self.control.prior_pos_weight
                 if measured is not None and i < len(measured):
                     prior, w = measured[i], self.control.measured_prior_weight
                 prior = (accepts + prior * w) / (trials + w)
