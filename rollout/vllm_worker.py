@@ -101,19 +101,21 @@ class VllmRolloutWorker(ItemInbox):
                                           initargs=(threads,))
 
     # ----------------------------------------------------------------- weights
-    def set_weights(self, version: int, policy_state: dict, heads_state: dict | None) -> int:
-        """Swap policy and heads together to `version` (newer than the current one)."""
-        return self._on_engine(self._set_weights, version, policy_state, heads_state)
+    def set_weights(self, version: int, policy_state: dict, heads_state: dict | None, *,
+                    rewind: bool = False) -> int:
+        """Swap policy and heads together to `version` (newer than the current one, unless
+        `rewind`: the coordinator's re-queue of an older step's group, as RolloutWorker.set_weights)."""
+        return self._on_engine(self._set_weights, version, policy_state, heads_state, rewind)
 
     @torch.no_grad()  # (grad mode is per thread: this runs on the engine thread)
-    def _set_weights(self, version: int, policy_state: dict, heads_state: dict | None) -> int:
+    def _set_weights(self, version: int, policy_state: dict, heads_state: dict | None, rewind: bool = False) -> int:
         if policy_state is None:
             raise ValueError("policy_state: a heads-only update would leave the heads one version "
                              "ahead of the policy; publish policy and heads together")
         if self.heads_config is not None and heads_state is None:
             raise ValueError("heads_state: a policy-only update would leave the draft heads stale "
                              f"(version {self.version}); publish policy and heads together")
-        if int(version) <= self.version:
+        if int(version) <= self.version and not (rewind and int(version) != self.version):
             raise ValueError(f"version: {version} is not newer than the worker's {self.version}; "
                              "versions must increase with every publish")
         self._policy = {k: v.detach().cpu() for k, v in policy_state.items()}
